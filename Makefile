@@ -1,0 +1,33 @@
+# README's quick start: `make demo` and `make test` do all set-up themselves.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test unit integration kernel e2e bench clean
+
+setup:
+	@VENV=$(VENV) scripts/setup.sh
+
+demo: setup
+	$(PY) -m nodeagent.demo
+
+test: setup
+	$(PY) -m pytest -q -ra tests
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+integration: setup
+	$(PY) -m pytest -q tests/integration
+
+kernel: setup
+	$(PY) -m pytest -q tests/kernel
+
+e2e: setup
+	$(PY) -m pytest -q tests/e2e
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

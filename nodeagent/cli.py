@@ -1,0 +1,54 @@
+"""The `nodeagent` command line: one argparse tree, one module per command group.
+
+Each module in COMMAND_MODULES exposes ``register(subparsers)``, which adds its
+subcommands and sets ``func`` (taking the parsed args, returning an exit code).
+Errors a user can act on are raised as ``UserError`` and printed without a
+traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMAND_MODULES = [
+    "nodeagent.commands.config",
+]
+
+
+class UserError(Exception):
+    """An error whose message is the whole story for the user (no traceback)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nodeagent",
+        description="Sidecarless service mesh node agent (Istio configuration, one proxy per node).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"nodeagent: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

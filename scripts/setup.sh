@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what nodeagent needs on a Debian 12 machine, only what is missing:
+# Debian packages (kernel tools, bcc, load tools) and a virtualenv with the
+# pinned Python dependencies. Idempotent; safe to run before every `make`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+DEB_PKGS=(python3 python3-venv python3-bpfcc bpfcc-tools iproute2 nftables iptables
+          conntrack haproxy wrk curl procps psmisc openssl)
+
+missing=()
+for p in "${DEB_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "setup: missing Debian packages (${missing[*]}); run as root to install them" >&2
+        exit 1
+    fi
+    echo "setup: installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Debian's python3, so that bcc (python3-bpfcc, in /usr/lib/python3/dist-packages)
+# is importable from the venv through --system-site-packages.
+stamp="$VENV/.deps-$(sha256sum requirements.lock | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+    if [ ! -x "$VENV/bin/python" ]; then
+        echo "setup: creating virtualenv $VENV"
+        /usr/bin/python3 -m venv --system-site-packages "$VENV"
+    fi
+    echo "setup: installing pinned Python dependencies"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.lock
+    "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+    rm -f "$VENV"/.deps-*
+    touch "$stamp"
+fi

@@ -1,0 +1,28 @@
+"""systemd's sd_notify protocol: one datagram to $NOTIFY_SOCKET, no library.
+
+``@name`` is a socket in the abstract namespace. Without $NOTIFY_SOCKET (not
+run by systemd with Type=notify) every call is a no-op that returns False.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+log = logging.getLogger("nodeagent.agent.sdnotify")
+
+
+def notify(state: str, environ: dict[str, str] | None = None) -> bool:
+    """Send ``state`` (``READY=1``, ``STATUS=...``, ``STOPPING=1``); True if sent."""
+    address = (environ if environ is not None else os.environ).get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("systemd notify %r to %s failed: %s", state, address.replace("\0", "@"), exc)
+        return False
+    return True

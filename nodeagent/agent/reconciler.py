@@ -59,7 +59,7 @@ class Reconciler:
         self._desired = desired
         self.capture = capture
         self.clock = clock
-        self.retry = retry or RetrySet()
+        self.retry = retry if retry is not None else RetrySet()
         self.resync_interval = resync_interval
         self.applied: dict[tuple[str, str], WorkloadSpec] = {}
         # The first step is a full resync: it adopts what the registry holds.

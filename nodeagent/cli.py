@@ -14,6 +14,7 @@ import sys
 
 COMMAND_MODULES = [
     "nodeagent.commands.config",
+    "nodeagent.commands.run",
 ]
 
 

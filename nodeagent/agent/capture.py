@@ -41,3 +41,18 @@ class NoCapture:
 
     def sweep(self, keep: Iterable[WorkloadSpec]) -> list[str]:
         return []
+
+
+def select_capture(mode: str, state_dir) -> Capture:
+    """The backend for ``--capture MODE``; CaptureError says why one is unavailable."""
+    if mode == "none":
+        return NoCapture()
+    raise CaptureError(
+        f"--capture {mode}: the kernel capture backends are not wired into this build yet; "
+        "run with --capture none (explicit proxy only) for now"
+    )
+
+
+def uninstall_backends() -> list[Capture]:
+    """Every backend that may have left rules behind (uninstall removes all of them)."""
+    return []

@@ -97,6 +97,14 @@ class Registry:
             return Change(Outcome.ABSENT, None, None)
         return Change(Outcome.REMOVED, None, current)
 
+    def undo(self, change: Change) -> None:
+        """Revert ``change`` (the persist step failed)."""
+        key = (change.spec or change.previous).key
+        if change.previous is None:
+            self._by_key.pop(key, None)
+        else:
+            self._by_key[key] = change.previous
+
     # -- the state file -------------------------------------------------
 
     def dumps(self, extra: dict[str, Any] | None = None) -> str:

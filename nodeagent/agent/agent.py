@@ -1,0 +1,270 @@
+"""The composition root: one ``Agent`` per node.
+
+It owns the persisted workload registry, the capture reconciler, the
+enrollment socket, and the admin / metrics / readiness servers, and wires the
+config store, identities and proxy runtime into them. Startup order:
+state dir and registry -> enrollment socket (re-adopted workloads keep their
+capture; the first reconcile step re-applies it idempotently) -> config ->
+identities -> proxy listeners -> readiness (HTTP 200 and systemd READY=1).
+SIGTERM stops the servers and the proxy but leaves capture rules in place:
+a stopped agent fails closed, and the next start re-adopts its workloads.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from nodeagent.agent import protocol, sdnotify
+from nodeagent.agent.admin import HttpFace, admin_app, metrics_app, readiness_app
+from nodeagent.agent.capture import Capture
+from nodeagent.agent.persist import ensure_state_dir, load_registry, save_registry
+from nodeagent.agent.reconciler import Clock, MonotonicClock, Reconciler
+from nodeagent.agent.registry import Change, EnrollConflict, Outcome, Registry, RetrySet
+from nodeagent.agent.server import SOCKET_NAME, EnrollmentServer
+from nodeagent.agent.workload import WorkloadSpec, merge_workloads
+
+log = logging.getLogger("nodeagent.agent")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentOptions:
+    node: str
+    state_dir: Path
+    config_dir: Path | None = None
+    trust_domain: str = "cluster.local"
+    ca_url: str | None = None
+    node_credential: Path | None = None
+    admin: tuple[str, int] = ("127.0.0.1", 15000)
+    metrics: tuple[str, int] = ("0.0.0.0", 15020)
+    readiness: tuple[str, int] = ("0.0.0.0", 15021)
+    resync_interval: float = 60.0
+
+
+class Readiness:
+    """Named conditions; ready when every one holds."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self._conditions: dict[str, tuple[bool, str]] = {n: (False, "not yet") for n in names}
+
+    def set(self, name: str, ok: bool, detail: str = "") -> None:
+        self._conditions[name] = (ok, detail)
+
+    @property
+    def ready(self) -> bool:
+        return all(ok for ok, _ in self._conditions.values())
+
+    def view(self) -> dict[str, Any]:
+        return {name: {"ok": ok, "detail": detail} for name, (ok, detail) in self._conditions.items()}
+
+
+class Agent:
+    def __init__(self, options: AgentOptions, capture: Capture, clock: Clock | None = None) -> None:
+        self.options = options
+        self.capture = capture
+        self.clock = clock or MonotonicClock()
+        self.state_dir = ensure_state_dir(options.state_dir)
+        self.registry, _ = load_registry(self.state_dir)
+        self.reconciler = Reconciler(lambda: list(self.registry), capture, self.clock, RetrySet(),
+                                     resync_interval=options.resync_interval)
+        self.readiness = Readiness(("state", "capture"))
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.started_at = time.time()
+        self.socket_path = self.state_dir / SOCKET_NAME
+        self.enrollment = EnrollmentServer(self.socket_path, self.handle_request)
+        self.faces = [
+            HttpFace("admin", admin_app(self), *options.admin),
+            HttpFace("metrics", metrics_app(self), *options.metrics),
+            HttpFace("readiness", readiness_app(self), *options.readiness),
+        ]
+        self.metrics_registry = CollectorRegistry(auto_describe=True)
+        self._m_enrolled = Gauge("nodeagent_workloads_enrolled", "Workloads enrolled on this node",
+                                 registry=self.metrics_registry)
+        self._m_pending = Gauge("nodeagent_workloads_capture_pending",
+                                "Enrolled workloads whose capture is not applied (in the retry set)",
+                                registry=self.metrics_registry)
+        self._m_ready = Gauge("nodeagent_ready", "1 once the agent is ready", registry=self.metrics_registry)
+        self._save()  # the state file exists from the first start (uninstall recognises the dir by it)
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.enrollment.start()
+        self.readiness.set("state", True, f"{len(self.registry)} workload(s) re-adopted from {self.state_dir}")
+        for face in self.faces:
+            await face.start()
+        async with self._lock:
+            await asyncio.get_running_loop().run_in_executor(None, self.reconciler.step)
+        self.readiness.set("capture", True, f"mode {self.capture.mode}")
+        self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconcile"))
+        self._announce_ready()
+        log.info("agent on node %s ready: state %s, capture %s, admin %s:%d, readiness %s:%d, metrics %s:%d",
+                 self.options.node, self.state_dir, self.capture.mode,
+                 self.faces[0].host, self.faces[0].port, self.faces[2].host, self.faces[2].port,
+                 self.faces[1].host, self.faces[1].port)
+
+    def _announce_ready(self) -> None:
+        if self.readiness.ready:
+            self._m_ready.set(1)
+            sdnotify.notify(f"READY=1\nSTATUS=serving {len(self.registry)} workload(s)\nMAINPID={os.getpid()}")
+
+    async def run(self) -> None:
+        """Start, serve until ``stop()``, then shut down."""
+        try:
+            await self.start()
+            await self._stop.wait()
+        finally:
+            await self.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def close(self) -> None:
+        sdnotify.notify("STOPPING=1")
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self.enrollment.close()
+        for face in self.faces:
+            await face.close()
+
+    async def _reconcile_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            async with self._lock:
+                wake_at = await loop.run_in_executor(None, self.reconciler.step)
+            self._update_gauges()
+            delay = max(0.0, wake_at - self.clock.now())
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    # -- enrollment ------------------------------------------------------
+
+    async def handle_request(self, request: protocol.Request) -> dict[str, Any]:
+        if request.op == "list":
+            return protocol.ok(workloads=self.workloads_view()["enrolled"])
+        if request.op == "enroll":
+            return await self.enroll(request.spec)
+        return await self.unenroll(*request.key)
+
+    async def enroll(self, spec: WorkloadSpec) -> dict[str, Any]:
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            try:
+                change = self.registry.enroll(spec)
+            except EnrollConflict as exc:
+                return protocol.error(str(exc))
+            if change.outcome is not Outcome.UNCHANGED:
+                error = await self._persist(change)
+                if error:
+                    return protocol.error(error)
+            status = self.reconciler.status_of(spec.key)
+            if change.outcome is not Outcome.UNCHANGED or status.state == "pending":
+                status = await loop.run_in_executor(None, self.reconciler.sync_one, spec.key)
+        self._update_gauges()
+        self._wake.set()  # a failure scheduled a retry: let the loop pick the new wake time
+        log.info("enroll %s: %s, capture %s%s", spec.ref, change.outcome.value, status.state,
+                 f" ({status.error})" if status.error else "")
+        reply = protocol.ok(result=change.outcome.value, workload=spec.to_json(),
+                            identity=spec.identity(self.options.trust_domain), capture=status.state,
+                            elapsed_ms=round((time.perf_counter() - started) * 1000, 3))
+        if status.error:
+            reply["capture_error"] = status.error
+        return reply
+
+    async def unenroll(self, kind: str, target: str) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            change = self.registry.unenroll(kind, target)
+            if change.outcome is Outcome.REMOVED:
+                error = await self._persist(change)
+                if error:
+                    return protocol.error(error)
+            status = await loop.run_in_executor(None, self.reconciler.sync_one, (kind, target))
+        self._update_gauges()
+        log.info("unenroll %s %s: %s", kind, target, change.outcome.value)
+        reply = protocol.ok(result=change.outcome.value)
+        if status.error:
+            reply["capture_error"] = status.error
+        return reply
+
+    async def _persist(self, change: Change) -> str:
+        """Write the registry; on failure undo the change in memory and say why."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._save)
+        except OSError as exc:
+            self.registry.undo(change)
+            return f"cannot write the registry in {self.state_dir}: {exc.strerror or exc}; nothing changed"
+        return ""
+
+    def _save(self) -> None:
+        save_registry(self.state_dir, self.registry, {"node": self.options.node, "capture": self.capture.mode})
+
+    def _update_gauges(self) -> None:
+        self._m_enrolled.set(len(self.registry))
+        self._m_pending.set(len(self.reconciler.retry))
+
+    # -- views (admin API) -------------------------------------------------
+
+    def _snapshot_workloads(self) -> tuple:
+        return ()
+
+    def workloads_view(self) -> dict[str, Any]:
+        td = self.options.trust_domain
+        enrolled = []
+        for spec in self.registry:
+            status = self.reconciler.status_of(spec.key)
+            item = {**spec.to_json(), "identity": spec.identity(td), "capture": status.state}
+            if status.error:
+                item["capture_error"] = status.error
+            enrolled.append(item)
+        retry = []
+        now = self.clock.now()
+        for (kind, target), entry in self.reconciler.retry.items():
+            retry.append({"kind": kind, "target": target, "attempts": entry.attempts,
+                          "last_error": entry.last_error, "retry_in_s": round(max(0.0, entry.next_at - now), 3)})
+        merged = [
+            {"name": w.name, "namespace": w.namespace, "service_account": w.service_account,
+             "identity": w.identity(td), "labels": dict(w.labels), "addresses": list(w.addresses),
+             "ports": dict(w.ports), "sources": list(w.sources)}
+            for w in merge_workloads(self._snapshot_workloads(), self.registry)
+        ]
+        return {"node": self.options.node, "capture_mode": self.capture.mode, "enrolled": enrolled,
+                "retry": retry, "workloads": merged}
+
+    def config_dump_view(self) -> dict[str, Any]:
+        return {"config_dir": str(self.options.config_dir) if self.options.config_dir else None}
+
+    def certs_view(self) -> dict[str, Any]:
+        return {"trust_domain": self.options.trust_domain}
+
+    def endpoints_view(self) -> dict[str, Any]:
+        return {"services": []}
+
+    def health_view(self) -> dict[str, Any]:
+        health = self.reconciler.health()
+        return {"status": health.status, "reasons": list(health.reasons), "ready": self.readiness.ready,
+                "node": self.options.node, "uptime_s": round(time.time() - self.started_at, 3)}
+
+    def readiness_view(self) -> tuple[bool, dict[str, Any]]:
+        ready = self.readiness.ready
+        return ready, {"ready": ready, "conditions": self.readiness.view()}
+
+    def metrics_text(self) -> tuple[bytes, str]:
+        return generate_latest(self.metrics_registry), CONTENT_TYPE_LATEST

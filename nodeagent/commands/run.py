@@ -1,0 +1,246 @@
+"""`nodeagent run` (the daemon) and the commands that talk to it through its
+enrollment socket: `enroll`, `unenroll`, `workloads`; and `uninstall`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from nodeagent.cli import UserError
+
+DEFAULT_STATE_DIR = "/var/lib/nodeagent"
+CAPTURE_MODES = ("auto", "nftables", "iptables", "ebpf", "none")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="run the node agent (capture, proxy, identities, enrollment socket)",
+                         description="Run the node agent. Admin API on --admin (localhost), Prometheus "
+                                     "metrics on --metrics, readiness at /healthz/ready on --readiness; "
+                                     "enrollment socket <state-dir>/agent.sock.")
+    run.add_argument("--node", default=os.environ.get("NODE_NAME") or os.uname().nodename,
+                     help="this node's name (default: $NODE_NAME, else the host name)")
+    run.add_argument("--config-dir", type=Path, help="directory of Istio YAML to load and watch")
+    _state_dir(run)
+    run.add_argument("--capture", choices=CAPTURE_MODES, default="auto",
+                     help="how traffic is captured: nftables, iptables, ebpf, auto (pick what the "
+                          "kernel has), none (explicit proxy only: nothing is redirected)")
+    run.add_argument("--ca-url", help="URL of `nodeagent ca serve` (default: an embedded CA in the state dir)")
+    run.add_argument("--node-credential", type=Path,
+                     help="directory with this node's key and certificate for --ca-url")
+    run.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
+    run.add_argument("--admin", default="127.0.0.1:15000", help="admin API address (default 127.0.0.1:15000)")
+    run.add_argument("--metrics", default="0.0.0.0:15020", help="Prometheus metrics address (default 0.0.0.0:15020)")
+    run.add_argument("--readiness", default="0.0.0.0:15021",
+                     help="readiness address, path /healthz/ready (default 0.0.0.0:15021)")
+    run.add_argument("--resync-interval", type=float, default=60.0,
+                     help="seconds between full capture resyncs (default 60)")
+    run.set_defaults(func=cmd_run)
+
+    enroll = sub.add_parser("enroll", help="enroll a workload (a netns or a cgroup) with the running agent")
+    _target(enroll)
+    enroll.add_argument("--name", required=True, help="workload name (the pod name)")
+    enroll.add_argument("--namespace", required=True, help="Kubernetes namespace of the workload")
+    enroll.add_argument("--service-account", default="default", help="service account (the identity)")
+    enroll.add_argument("--labels", default="", help="labels, k=v,k2=v2")
+    enroll.add_argument("--ip", action="append", default=[], help="workload IP address (repeatable)")
+    enroll.add_argument("--json", action="store_true", help="print the agent's reply as JSON")
+    _state_dir(enroll)
+    enroll.set_defaults(func=cmd_enroll)
+
+    unenroll = sub.add_parser("unenroll", help="unenroll a workload (its capture rules are removed)")
+    _target(unenroll)
+    _state_dir(unenroll)
+    unenroll.set_defaults(func=cmd_unenroll)
+
+    workloads = sub.add_parser("workloads", help="list the workloads enrolled with the running agent")
+    workloads.add_argument("--json", action="store_true", help="print JSON")
+    _state_dir(workloads)
+    workloads.set_defaults(func=cmd_workloads)
+
+    uninstall = sub.add_parser("uninstall", help="remove every capture rule nodeagent installed, and its state")
+    _state_dir(uninstall)
+    uninstall.add_argument("--keep-state", action="store_true", help="remove the rules but keep the state dir")
+    uninstall.set_defaults(func=cmd_uninstall)
+
+
+def _state_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", type=Path, default=Path(os.environ.get("NODEAGENT_STATE_DIR", DEFAULT_STATE_DIR)),
+                        help=f"agent state directory (default $NODEAGENT_STATE_DIR or {DEFAULT_STATE_DIR})")
+
+
+def _target(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--netns", help="network namespace: a name in /var/run/netns or a path (/proc/PID/ns/net)")
+    group.add_argument("--cgroup", help="cgroup v2 path (e.g. /system.slice/web.service)")
+
+
+def _kind_target(args: argparse.Namespace) -> tuple[str, str]:
+    return ("netns", args.netns) if args.netns else ("cgroup", args.cgroup)
+
+
+# -- the daemon --------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from nodeagent.agent.admin import parse_listen
+    from nodeagent.agent.agent import Agent, AgentOptions
+    from nodeagent.agent.capture import select_capture
+    from nodeagent.agent.capture import CaptureError
+    from nodeagent.agent.registry import StateFileError
+    from nodeagent.agent.server import SocketInUse
+
+    try:
+        options = AgentOptions(
+            node=args.node, state_dir=args.state_dir, config_dir=args.config_dir,
+            trust_domain=args.trust_domain, ca_url=args.ca_url, node_credential=args.node_credential,
+            admin=parse_listen(args.admin, "--admin"), metrics=parse_listen(args.metrics, "--metrics"),
+            readiness=parse_listen(args.readiness, "--readiness"), resync_interval=args.resync_interval,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if args.config_dir is not None and not args.config_dir.is_dir():
+        raise UserError(f"--config-dir {args.config_dir} is not a directory")
+    if args.resync_interval <= 0:
+        raise UserError("--resync-interval must be positive")
+
+    async def main() -> None:
+        capture = select_capture(args.capture, args.state_dir)
+        agent = Agent(options, capture)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.stop)
+        await agent.run()
+
+    try:
+        asyncio.run(main())
+    except (StateFileError, SocketInUse, CaptureError) as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:
+        raise UserError(str(exc)) from None
+    return 0
+
+
+# -- clients of the enrollment socket ------------------------------------------
+
+def _call(args: argparse.Namespace, message: dict) -> dict:
+    from nodeagent.agent.server import SOCKET_NAME, AgentClient, AgentNotRunning
+
+    client = AgentClient(args.state_dir / SOCKET_NAME, args.state_dir)
+    try:
+        reply = client.call(message)
+    except AgentNotRunning as exc:
+        raise UserError(str(exc)) from None
+    if not reply.get("ok"):
+        raise UserError(reply.get("error") or "the agent refused the request without a reason")
+    return reply
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from nodeagent.agent.protocol import enroll_request
+    from nodeagent.agent.workload import SpecError, parse_labels, spec_from_json
+
+    kind, target = _kind_target(args)
+    try:
+        spec = spec_from_json({"kind": kind, "target": target, "name": args.name, "namespace": args.namespace,
+                               "service_account": args.service_account, "labels": parse_labels(args.labels),
+                               "ips": args.ip})
+    except SpecError as exc:
+        raise UserError(f"enroll: {exc}") from None
+    reply = _call(args, enroll_request(spec.to_json()))
+    if args.json:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+    else:
+        print(f"{reply['result']}: {spec.namespace}/{spec.name} on {kind} {spec.target} as {reply['identity']} "
+              f"(capture {reply['capture']}, {reply['elapsed_ms']:.1f} ms)")
+    if reply.get("capture") == "pending":
+        print(f"nodeagent: enrolled, but capture is not applied yet (the agent retries): "
+              f"{reply.get('capture_error', '')}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_unenroll(args: argparse.Namespace) -> int:
+    from nodeagent.agent.protocol import unenroll_request
+
+    kind, target = _kind_target(args)
+    reply = _call(args, unenroll_request(kind, target))
+    if reply["result"] == "absent":
+        print(f"not enrolled: {kind} {target} (nothing to do)")
+    else:
+        print(f"removed: {kind} {target}")
+    if reply.get("capture_error"):
+        print(f"nodeagent: capture rules not removed yet (the agent retries): {reply['capture_error']}",
+              file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_workloads(args: argparse.Namespace) -> int:
+    reply = _call(args, {"op": "list"})
+    workloads = reply["workloads"]
+    if args.json:
+        print(json.dumps(workloads, indent=2, sort_keys=True))
+        return 0
+    if not workloads:
+        print("no workloads enrolled")
+        return 0
+    rows = [("NAMESPACE", "NAME", "KIND", "TARGET", "IPS", "CAPTURE", "IDENTITY")]
+    for w in workloads:
+        rows.append((w["namespace"], w["name"], w["kind"], w["target"], ",".join(w["ips"]) or "-",
+                     w["capture"], w["identity"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+# -- uninstall -------------------------------------------------------------------
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    from nodeagent.agent.capture import CaptureError, uninstall_backends
+    from nodeagent.agent.persist import STATE_FILE, load_registry
+    from nodeagent.agent.registry import StateFileError
+    from nodeagent.agent.server import SOCKET_NAME, socket_alive
+
+    state_dir: Path = args.state_dir
+    if socket_alive(state_dir / SOCKET_NAME):
+        raise UserError(f"an agent is running on {state_dir / SOCKET_NAME}; stop it first "
+                        "(systemctl stop nodeagent, or delete the DaemonSet)")
+    specs = []
+    if state_dir.is_dir():
+        try:
+            registry, _ = load_registry(state_dir)
+            specs = list(registry)
+        except StateFileError as exc:
+            print(f"nodeagent: {exc}; sweeping every nodeagent rule instead", file=sys.stderr)
+    failures = 0
+    for backend in uninstall_backends():
+        for spec in specs:
+            try:
+                backend.remove(spec)
+            except CaptureError as exc:
+                failures += 1
+                print(f"nodeagent: {backend.mode}: {spec.ref}: {exc}", file=sys.stderr)
+        try:
+            for leftover in backend.sweep(()):
+                print(f"removed leftover {backend.mode} capture: {leftover}")
+        except CaptureError as exc:
+            failures += 1
+            print(f"nodeagent: {backend.mode} sweep: {exc}", file=sys.stderr)
+    print(f"removed capture of {len(specs)} enrolled workload(s)")
+    if failures:
+        raise UserError(f"{failures} removal(s) failed (see above); state kept in {state_dir} so you can retry")
+    if args.keep_state or not state_dir.exists():
+        return 0
+    resolved = state_dir.resolve()
+    if not (resolved / STATE_FILE).exists() or resolved == Path("/") or resolved == Path.home():
+        raise UserError(f"{state_dir} does not look like a nodeagent state dir (no {STATE_FILE}); "
+                        "not deleting it")
+    shutil.rmtree(resolved)
+    print(f"removed state dir {state_dir}")
+    return 0

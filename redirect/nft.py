@@ -1,0 +1,190 @@
+"""Render a capture plan to a native nftables table owned by nodeagent (pure).
+
+The default backend: one table (``inet nodeagent``, or ``ip nodeagent`` when
+IPv6 is off) that nodeagent alone owns, so it never edits anyone else's rules
+and never depends on the iptables legacy/nft split. ``render`` returns ``nft -f``
+text that is ONE transaction: ``add table`` (a no-op if it exists), ``delete
+table`` (drops whatever was there), then the full table. Loading it any number
+of times leaves exactly one copy of the rules; a failure leaves the old table.
+
+Every rule carries the comment ``nodeagent:<name>:<digest>``; ``parse_state``
+reads ``nft -j list table`` output back into the same shape ``desired_state``
+builds from the plan, so drift (a rule deleted, added, reordered or changed by
+nodeagent's own newer plan) is a plain comparison.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+from typing import Mapping
+
+from .plan import OWNER, CaptureError, CapturePlan, Hook, Rule, HOOKS
+
+# nft 1.0.6 refuses the symbolic ``dstnat`` for a nat output chain: use numbers.
+NAT_PRIORITY = -100
+# nft resolves `socket cgroupv2` paths relative to this directory, whatever the mount.
+NFT_CGROUP_BASE = "/sys/fs/cgroup"
+TABLE_FAMILIES = ("inet", "ip")
+
+
+def table_family(plan: CapturePlan) -> str:
+    return "inet" if plan.ipv6 else "ip"
+
+
+def nft_cgroup_path(plan: CapturePlan, cgroup: str) -> str:
+    """The string nft needs for a cgroup: its path relative to /sys/fs/cgroup."""
+    full = posixpath.normpath(posixpath.join(plan.cgroup2_mount, cgroup))
+    rel = posixpath.relpath(full, NFT_CGROUP_BASE)
+    if rel.startswith(".."):
+        raise CaptureError(
+            f"nftables resolves cgroup paths under {NFT_CGROUP_BASE} only, but cgroup v2 is mounted at "
+            f"{plan.cgroup2_mount}: use the iptables backend for host mode, or mount cgroup2 below {NFT_CGROUP_BASE}")
+    return rel
+
+
+def _set(items: tuple) -> str:
+    return str(items[0]) if len(items) == 1 else "{ " + ", ".join(str(i) for i in items) + " }"
+
+
+def render_rule(plan: CapturePlan, rule: Rule) -> str:
+    parts: list[str] = []
+    if rule.mark is not None:
+        value, mask = rule.mark
+        parts.append(f"meta mark & {mask:#x} == {value:#x}")
+    if rule.iif:
+        parts.append(f'iifname "{rule.iif}"')
+    if rule.oif:
+        parts.append(f'oifname "{rule.oif}"')
+    proto = "ip" if rule.family == "ipv4" else "ip6"
+    if rule.saddrs:
+        parts.append(f"{proto} saddr {_set(rule.saddrs)}")
+    if rule.daddrs:
+        parts.append(f"{proto} daddr {_set(rule.daddrs)}")
+    if rule.cgroup is not None:
+        parts.append(f'socket cgroupv2 level {rule.cgroup_level} "{nft_cgroup_path(plan, rule.cgroup)}"')
+    if rule.dports:
+        parts.append(f"tcp dport {_set(rule.dports)}")
+    elif rule.tcp:
+        parts.append("meta l4proto tcp")
+    parts.append("return" if rule.action == "return" else f"redirect to :{rule.to_port}")
+    parts.append(f'comment "{rule.comment}"')
+    return " ".join(parts)
+
+
+def _chain_header(hook: Hook) -> str:
+    return f"type nat hook {hook} priority {NAT_PRIORITY}; policy accept;"
+
+
+def _drop_tables() -> list[str]:
+    # `add` first so `delete` never fails on a fresh namespace: the idiom that
+    # makes one `nft -f` both create and replace.
+    lines = []
+    for fam in TABLE_FAMILIES:
+        lines += [f"add table {fam} {OWNER}", f"delete table {fam} {OWNER}"]
+    return lines
+
+
+def render(plan: CapturePlan) -> str:
+    """`nft -f` text that atomically (re)creates nodeagent's table for this plan."""
+    fam = table_family(plan)
+    families = plan.families
+    lines = _drop_tables()
+    lines.append(f"table {fam} {OWNER} {{")
+    for hook in HOOKS:
+        lines.append(f"\tchain {hook} {{")
+        lines.append(f"\t\t{_chain_header(hook)}")
+        for rule in plan.rules_for(hook):
+            if rule.family is None or rule.family in families:
+                lines.append(f"\t\t{render_rule(plan, rule)}")
+        lines.append("\t}")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def render_cleanup() -> str:
+    """`nft -f` text removing nodeagent's table(s) and nothing else."""
+    return "\n".join(_drop_tables()) + "\n"
+
+
+@dataclass(frozen=True, slots=True)
+class ChainState:
+    type: str | None
+    hook: str | None
+    priority: int | None
+    policy: str | None
+    rules: tuple[str, ...]  # rule comments in order; foreign rules as "<foreign rule ...>"
+
+
+@dataclass(frozen=True, slots=True)
+class TableState:
+    family: str
+    chains: Mapping[str, ChainState]
+
+
+def desired_state(plan: CapturePlan) -> TableState:
+    families = plan.families
+    chains = {}
+    for hook in HOOKS:
+        rules = tuple(r.comment for r in plan.rules_for(hook) if r.family is None or r.family in families)
+        chains[hook] = ChainState("nat", hook, NAT_PRIORITY, "accept", rules)
+    return TableState(table_family(plan), chains)
+
+
+def parse_state(listing: str, family: str) -> TableState | None:
+    """Read `nft -j list table FAMILY nodeagent` output; None if it is empty."""
+    try:
+        items = json.loads(listing).get("nftables", []) if listing.strip() else []
+    except (ValueError, AttributeError) as exc:
+        raise CaptureError(f"cannot parse `nft -j list table {family} {OWNER}` output: {exc}") from None
+    chains: dict[str, dict] = {}
+    rules: dict[str, list[str]] = {}
+    found = False
+    for item in items:
+        if "table" in item:
+            found = True
+        elif "chain" in item:
+            c = item["chain"]
+            chains[c["name"]] = c
+            rules.setdefault(c["name"], [])
+        elif "rule" in item:
+            r = item["rule"]
+            comment = r.get("comment")
+            if not (isinstance(comment, str) and comment.startswith(OWNER + ":")):
+                comment = f"<foreign rule handle {r.get('handle')}>"
+            rules.setdefault(r["chain"], []).append(comment)
+    if not found:
+        return None
+    states = {
+        name: ChainState(c.get("type"), c.get("hook"), c.get("prio"), c.get("policy"), tuple(rules.get(name, ())))
+        for name, c in chains.items()
+    }
+    return TableState(family, states)
+
+
+def diff(desired: TableState, actual: TableState | None) -> tuple[str, ...]:
+    """Human-readable differences; empty when the kernel matches the plan."""
+    if actual is None:
+        return (f"table {desired.family} {OWNER} is missing",)
+    out = []
+    for name, want in desired.chains.items():
+        have = actual.chains.get(name)
+        if have is None:
+            out.append(f"chain {name} is missing")
+            continue
+        if (have.type, have.hook, have.priority, have.policy) != (want.type, want.hook, want.priority, want.policy):
+            out.append(f"chain {name} is type {have.type} hook {have.hook} priority {have.priority} "
+                       f"policy {have.policy}, want {want.type} {want.hook} {want.priority} {want.policy}")
+        if have.rules != want.rules:
+            missing = [r for r in want.rules if r not in have.rules]
+            extra = [r for r in have.rules if r not in want.rules]
+            detail = []
+            if missing:
+                detail.append(f"missing {missing}")
+            if extra:
+                detail.append(f"unexpected {extra}")
+            out.append(f"chain {name}: rules differ ({'; '.join(detail) or 'order or duplicates'})")
+    for name in actual.chains:
+        if name not in desired.chains:
+            out.append(f"unexpected chain {name}")
+    return tuple(out)

@@ -31,6 +31,8 @@ from nodeagent.agent.reconciler import Clock, MonotonicClock, Reconciler
 from nodeagent.agent.registry import Change, EnrollConflict, Outcome, Registry, RetrySet
 from nodeagent.agent.server import SOCKET_NAME, EnrollmentServer
 from nodeagent.agent.workload import WorkloadSpec, merge_workloads
+from nodeagent.identity import CAError, CertificateManager, IdentityError, SpiffeId, create_manager
+from nodeagent.identity import certs as x509certs
 
 log = logging.getLogger("nodeagent.agent")
 
@@ -47,6 +49,10 @@ class AgentOptions:
     metrics: tuple[str, int] = ("0.0.0.0", 15020)
     readiness: tuple[str, int] = ("0.0.0.0", 15021)
     resync_interval: float = 60.0
+
+
+class AgentSetupError(Exception):
+    """The agent cannot start as configured; the message says what to change."""
 
 
 class Readiness:
@@ -75,11 +81,20 @@ class Agent:
         self.registry, _ = load_registry(self.state_dir)
         self.reconciler = Reconciler(lambda: list(self.registry), capture, self.clock, RetrySet(),
                                      resync_interval=options.resync_interval)
-        self.readiness = Readiness(("state", "capture"))
+        self.readiness = Readiness(("state", "identities", "capture"))
+        try:
+            self.identities: CertificateManager = create_manager(
+                state_dir=self.state_dir, ca_url=options.ca_url, credential_dir=options.node_credential,
+                trust_domain=options.trust_domain)
+        except CAError as exc:
+            raise AgentSetupError(f"identity: {exc}") from None
+        for spec in self.registry:
+            self.identities.add_workload(self._spiffe(spec))
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._announced = False
         self.started_at = time.time()
         self.socket_path = self.state_dir / SOCKET_NAME
         self.enrollment = EnrollmentServer(self.socket_path, self.handle_request)
@@ -101,23 +116,48 @@ class Agent:
 
     async def start(self) -> None:
         await self.enrollment.start()
-        self.readiness.set("state", True, f"{len(self.registry)} workload(s) re-adopted from {self.state_dir}")
+        self._condition_met("state", f"{len(self.registry)} workload(s) re-adopted from {self.state_dir}")
         for face in self.faces:
             await face.start()
         async with self._lock:
             await asyncio.get_running_loop().run_in_executor(None, self.reconciler.step)
-        self.readiness.set("capture", True, f"mode {self.capture.mode}")
+        self._condition_met("capture", f"mode {self.capture.mode}")
         self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconcile"))
-        self._announce_ready()
-        log.info("agent on node %s ready: state %s, capture %s, admin %s:%d, readiness %s:%d, metrics %s:%d",
+        self._tasks.append(asyncio.create_task(self.identities.run(self._stop), name="identities"))
+        self._tasks.append(asyncio.create_task(self._await_identities(), name="identities-ready"))
+        log.info("agent on node %s started: state %s, capture %s, admin %s:%d, readiness %s:%d, metrics %s:%d",
                  self.options.node, self.state_dir, self.capture.mode,
                  self.faces[0].host, self.faces[0].port, self.faces[2].host, self.faces[2].port,
                  self.faces[1].host, self.faces[1].port)
 
-    def _announce_ready(self) -> None:
-        if self.readiness.ready:
+    def _condition_met(self, name: str, detail: str) -> None:
+        self.readiness.set(name, True, detail)
+        if self.readiness.ready and not self._announced:
+            self._announced = True
             self._m_ready.set(1)
             sdnotify.notify(f"READY=1\nSTATUS=serving {len(self.registry)} workload(s)\nMAINPID={os.getpid()}")
+            log.info("ready: %s", ", ".join(f"{n}: {c['detail']}" for n, c in self.readiness.view().items()))
+
+    async def _await_identities(self) -> None:
+        """Ready for identities once the trust bundle is in and every re-adopted
+        workload holds a certificate (a startup gate: later enrollments show in /healthz)."""
+        wanted = {self._spiffe(spec) for spec in self.registry}
+        while True:
+            missing = []
+            try:
+                self.identities.trust_bundle
+            except IdentityError as exc:
+                missing.append(str(exc))
+            for identity in wanted:
+                try:
+                    self.identities.certificate(identity)
+                except IdentityError as exc:
+                    missing.append(str(exc))
+            if not missing:
+                self._condition_met("identities", f"trust bundle and {len(wanted)} certificate(s) issued")
+                return
+            self.readiness.set("identities", False, "; ".join(missing))
+            await asyncio.sleep(0.05)
 
     async def run(self) -> None:
         """Start, serve until ``stop()``, then shut down."""
@@ -174,6 +214,7 @@ class Agent:
                 error = await self._persist(change)
                 if error:
                     return protocol.error(error)
+            self._track_identities(change)
             status = self.reconciler.status_of(spec.key)
             if change.outcome is not Outcome.UNCHANGED or status.state == "pending":
                 status = await loop.run_in_executor(None, self.reconciler.sync_one, spec.key)
@@ -196,6 +237,7 @@ class Agent:
                 error = await self._persist(change)
                 if error:
                     return protocol.error(error)
+            self._track_identities(change)
             status = await loop.run_in_executor(None, self.reconciler.sync_one, (kind, target))
         self._update_gauges()
         log.info("unenroll %s %s: %s", kind, target, change.outcome.value)
@@ -203,6 +245,18 @@ class Agent:
         if status.error:
             reply["capture_error"] = status.error
         return reply
+
+    def _spiffe(self, spec: WorkloadSpec) -> SpiffeId:
+        return SpiffeId.workload(spec.namespace, spec.service_account, self.options.trust_domain)
+
+    def _track_identities(self, change: Change) -> None:
+        """The certificate manager holds exactly the identities of enrolled workloads."""
+        if change.spec is not None:
+            self.identities.add_workload(self._spiffe(change.spec))
+        if change.previous is not None:
+            old = self._spiffe(change.previous)
+            if all(self._spiffe(s) != old for s in self.registry):
+                self.identities.remove_workload(old)
 
     async def _persist(self, change: Change) -> str:
         """Write the registry; on failure undo the change in memory and say why."""
@@ -252,14 +306,41 @@ class Agent:
         return {"config_dir": str(self.options.config_dir) if self.options.config_dir else None}
 
     def certs_view(self) -> dict[str, Any]:
-        return {"trust_domain": self.options.trust_domain}
+        now = time.time()
+        identities = []
+        for identity in sorted(self.identities.workloads, key=lambda i: i.uri):
+            item: dict[str, Any] = {"identity": identity.uri}
+            try:
+                cert = self.identities.certificate(identity)
+            except IdentityError as exc:
+                item.update(state="missing", error=str(exc))
+            else:
+                item.update(state="valid", serial=x509certs.serial_hex(cert.serial),
+                            not_before=_iso(cert.not_before), not_after=_iso(cert.not_after),
+                            renew_at=_iso(cert.renew_at), expires_in_s=round(cert.not_after - now),
+                            fingerprint=x509certs.fingerprint(cert.certificate), chain_length=len(cert.chain))
+            identities.append(item)
+        try:
+            roots = [{"subject": r.subject.rfc4514_string(), "fingerprint": x509certs.fingerprint(r),
+                      "not_after": _iso(x509certs.not_after(r))} for r in self.identities.trust_bundle.roots]
+        except IdentityError as exc:
+            roots = [{"error": str(exc)}]
+        health = self.identities.health()
+        return {"trust_domain": self.options.trust_domain, "ca": self.options.ca_url or "embedded",
+                "status": health.status, "reason": health.reason, "certificates": identities,
+                "trust_bundle": roots}
 
     def endpoints_view(self) -> dict[str, Any]:
         return {"services": []}
 
     def health_view(self) -> dict[str, Any]:
         health = self.reconciler.health()
-        return {"status": health.status, "reasons": list(health.reasons), "ready": self.readiness.ready,
+        reasons = list(health.reasons)
+        identity_health = self.identities.health()
+        if not identity_health.ok:
+            reasons.append(f"identities: {identity_health.reason}")
+        return {"status": "OK" if not reasons else "Degraded", "reasons": reasons,
+                "capture": health.status, "identities": identity_health.status, "ready": self.readiness.ready,
                 "node": self.options.node, "uptime_s": round(time.time() - self.started_at, 3)}
 
     def readiness_view(self) -> tuple[bool, dict[str, Any]]:
@@ -268,3 +349,7 @@ class Agent:
 
     def metrics_text(self) -> tuple[bytes, str]:
         return generate_latest(self.metrics_registry), CONTENT_TYPE_LATEST
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

@@ -88,7 +88,7 @@ def _kind_target(args: argparse.Namespace) -> tuple[str, str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from nodeagent.agent.admin import parse_listen
-    from nodeagent.agent.agent import Agent, AgentOptions
+    from nodeagent.agent.agent import Agent, AgentOptions, AgentSetupError
     from nodeagent.agent.capture import select_capture
     from nodeagent.agent.capture import CaptureError
     from nodeagent.agent.registry import StateFileError
@@ -118,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
-    except (StateFileError, SocketInUse, CaptureError) as exc:
+    except (StateFileError, SocketInUse, CaptureError, AgentSetupError) as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:
         raise UserError(str(exc)) from None

@@ -13,6 +13,7 @@ import logging
 import sys
 
 COMMAND_MODULES = [
+    "nodeagent.commands.ca",
     "nodeagent.commands.config",
     "nodeagent.commands.run",
 ]

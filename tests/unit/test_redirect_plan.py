@@ -1,0 +1,159 @@
+"""Capture plans, state parsing, drift and backend choice (pure, no root)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from redirect import iptables, nft
+from redirect.netns import netns_command, netns_path
+from redirect.plan import CaptureConfig, CaptureError, HostWorkload, host_plan, in_pod_plan
+
+
+def _names(plan, hook):
+    return [r.name for r in plan.rules_for(hook)]
+
+
+def test_in_pod_plan_skips_before_it_redirects():
+    plan = in_pod_plan(CaptureConfig(exclude_cidrs=("10.96.0.0/12",), node_probe_sources=("169.254.7.127",)))
+    assert _names(plan, "output") == ["out-skip-proxy-mark", "out-skip-loopback", "out-skip-cidrs4", "out-redirect"]
+    assert _names(plan, "prerouting") == ["in-skip-probes4", "in-skip-loopback", "in-accept-tunnel", "in-redirect"]
+    out = plan.rules_for("output")[-1]
+    assert (out.action, out.to_port, out.tcp) == ("redirect", 15001, True)
+    inbound = plan.rules_for("prerouting")[-1]
+    assert (inbound.action, inbound.to_port) == ("redirect", 15006)
+    tunnel = plan.rules_for("prerouting")[2]
+    assert (tunnel.action, tunnel.dports) == ("return", (15008,))
+    assert plan.rules_for("output")[0].mark == (0x539, 0xFFF)
+
+
+def test_cidrs_split_by_family_and_ipv4_only_plan_drops_nothing_silently():
+    plan = in_pod_plan(CaptureConfig(exclude_cidrs=("fd00::/8", "10.0.0.0/8")))
+    fams = {r.name: (r.family, r.daddrs) for r in plan.rules}
+    assert fams["out-skip-cidrs4"] == ("ipv4", ("10.0.0.0/8",))
+    assert fams["out-skip-cidrs6"] == ("ipv6", ("fd00::/8",))
+    assert [r.name for r in plan.rules_for("output", "ipv4")].count("out-skip-cidrs6") == 0
+    with pytest.raises(CaptureError, match="IPv6 addresses .*ipv6 is off"):
+        CaptureConfig(ipv6=False, exclude_cidrs=("fd00::/8",))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"exclude_cidrs": ("10.0.0.1/8",)}, r"exclude_cidrs\[0\]: '10.0.0.1/8' .*did you mean 10.0.0.0/8"),
+    ({"exclude_cidrs": ("nonsense",)}, r"exclude_cidrs\[0\]: 'nonsense' is not an address"),
+    ({"exclude_cidrs": "10.0.0.0/8"}, r"exclude_cidrs must be a list"),
+    ({"exclude_outbound_ports": (0,)}, r"exclude_outbound_ports\[0\] must be a TCP port"),
+    ({"exclude_inbound_ports": (15008,)}, r"15008 is the tunnel port"),
+    ({"outbound_port": 15006}, r"must differ"),
+    ({"proxy_mark": 0x1539}, r"outside mark_mask"),
+])
+def test_config_errors_name_the_field(kwargs, message):
+    with pytest.raises(CaptureError, match=message):
+        CaptureConfig(**kwargs)
+
+
+def test_host_plan_one_listener_per_cgroup():
+    plan = host_plan([HostWorkload("web", "/system.slice/web.service/", 15101, inbound_ports=(8080,)),
+                      HostWorkload("db", "db", 15102, inbound_ports=(5432, 5433))],
+                     cgroup2_mount="/sys/fs/cgroup/unified")
+    redirects = {r.name: (r.cgroup, r.cgroup_level, r.to_port) for r in plan.rules if r.cgroup}
+    assert redirects == {"out-redirect-web": ("system.slice/web.service", 2, 15101),
+                         "out-redirect-db": ("db", 1, 15102)}
+    inbound = {r.name: r.dports for r in plan.rules_for("prerouting") if r.action == "redirect"}
+    assert inbound == {"in-redirect-web": (8080,), "in-redirect-db": (5432, 5433)}
+    assert 'socket cgroupv2 level 2 "unified/system.slice/web.service"' in nft.render(plan)
+
+
+@pytest.mark.parametrize("workloads,message", [
+    ([], "no workloads"),
+    ([("a", "x", 15101), ("a", "y", 15102)], "enrolled twice"),
+    ([("a", "x", 15101), ("b", "x", 15102)], "share cgroup"),
+    ([("a", "x", 15001)], "already used"),
+    ([("a", "x", 15101), ("b", "y", 15101)], "already used"),
+])
+def test_host_plan_refuses_conflicts(workloads, message):
+    with pytest.raises(CaptureError, match=message):
+        host_plan([HostWorkload(*w) for w in workloads])
+
+
+def test_host_workload_validation():
+    with pytest.raises(CaptureError, match="must be a path below the cgroup v2 root"):
+        HostWorkload("a", "../etc", 15101)
+    with pytest.raises(CaptureError, match="name"):
+        HostWorkload('a"b', "x", 15101)
+    with pytest.raises(CaptureError, match=r"inbound port 15006 is one of the proxy's own ports"):
+        host_plan([HostWorkload("a", "x", 15101, inbound_ports=(15006,))])
+    with pytest.raises(CaptureError, match="workload 'a': inbound port 80 is also declared by workload 'b'"):
+        host_plan([HostWorkload("a", "x", 15101, inbound_ports=(80,)), HostWorkload("b", "y", 15102, inbound_ports=(80,))])
+
+
+def test_nft_cgroup_needs_a_mount_under_sys_fs_cgroup():
+    plan = host_plan([HostWorkload("a", "x", 15101)], cgroup2_mount="/mnt/cg2")
+    with pytest.raises(CaptureError, match="use the iptables backend"):
+        nft.render(plan)
+    assert '--path "x"' in iptables.render_restore(plan, "ipv4")  # iptables needs no mount
+
+
+def _nft_listing(plan, *, drop=None, extra_rule=False):
+    items = [{"metainfo": {"version": "1.0.6"}}, {"table": {"family": "inet", "name": "nodeagent", "handle": 1}}]
+    handle = 1
+    for hook in ("prerouting", "output"):
+        items.append({"chain": {"family": "inet", "table": "nodeagent", "name": hook, "handle": handle,
+                                "type": "nat", "hook": hook, "prio": -100, "policy": "accept"}})
+    for rule in plan.rules:
+        handle += 1
+        if rule.name == drop:
+            continue
+        items.append({"rule": {"family": "inet", "table": "nodeagent", "chain": rule.hook, "handle": handle,
+                               "comment": rule.comment, "expr": []}})
+    if extra_rule:
+        items.append({"rule": {"family": "inet", "table": "nodeagent", "chain": "output", "handle": 99,
+                               "expr": []}})
+    return json.dumps({"nftables": items})
+
+
+def test_nft_state_round_trip_and_drift():
+    plan = in_pod_plan()
+    want = nft.desired_state(plan)
+    assert nft.diff(want, nft.parse_state(_nft_listing(plan), "inet")) == ()
+    assert nft.diff(want, None) == ("table inet nodeagent is missing",)
+    gone = nft.diff(want, nft.parse_state(_nft_listing(plan, drop="out-redirect"), "inet"))
+    assert len(gone) == 1 and "chain output" in gone[0] and "out-redirect" in gone[0]
+    extra = nft.diff(want, nft.parse_state(_nft_listing(plan, extra_rule=True), "inet"))
+    assert len(extra) == 1 and "<foreign rule handle 99>" in extra[0]
+    # Same rules, new port: the comment digest changes, so it is drift.
+    newer = nft.desired_state(in_pod_plan(CaptureConfig(outbound_port=15011)))
+    assert nft.diff(newer, nft.parse_state(_nft_listing(plan), "inet"))
+    with pytest.raises(CaptureError, match="cannot parse"):
+        nft.parse_state("{not json", "inet")
+
+
+def test_iptables_state_round_trip_and_drift():
+    plan = in_pod_plan(CaptureConfig(exclude_cidrs=("10.96.0.0/12",)))
+    text = iptables.render_restore(plan, "ipv4")
+    # A save of what we loaded (iptables-save prints built-in chains and jumps first).
+    saved = ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n" + text)
+    state = iptables.parse_save(saved)
+    assert state.rule_count == text.count("\n-A ") + 1
+    assert iptables.diff(iptables.desired_state(plan, "ipv4"), state) == ()
+    broken = iptables.parse_save(saved.replace("-A OUTPUT -j NODEAGENT-OUTPUT\n", ""))
+    assert any("jumps" in d for d in iptables.diff(iptables.desired_state(plan, "ipv4"), broken))
+
+
+def test_backend_choice_prefers_what_the_namespace_uses():
+    empty = iptables.EMPTY
+    busy = iptables.IptablesState({}, (), rule_count=12)
+    ours = iptables.IptablesState({"NODEAGENT-OUTPUT": ()}, ("-A OUTPUT -j NODEAGENT-OUTPUT",), 1)
+    assert iptables.choose_backend(empty, empty) == "iptables-nft"
+    assert iptables.choose_backend(busy, empty) == "iptables-legacy"
+    assert iptables.choose_backend(empty, busy) == "iptables-nft"
+    assert iptables.choose_backend(busy, ours) == "iptables-nft"  # keep repairing where we are
+    assert iptables.choose_backend(ours, busy) == "iptables-legacy"
+
+
+def test_netns_references():
+    assert netns_path("pod1") == "/var/run/netns/pod1"
+    assert netns_path("/proc/42/ns/net") == "/proc/42/ns/net"
+    assert netns_path(42) == "/proc/42/ns/net"
+    assert netns_command("pod1", ["nft", "list", "ruleset"]) == [
+        "nsenter", "--net=/var/run/netns/pod1", "--", "nft", "list", "ruleset"]
+    assert netns_command(None, ["nft"]) == ["nft"]

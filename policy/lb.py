@@ -2,18 +2,36 @@
 
 One picker per cluster holds its counters. ``pick`` never returns an endpoint
 whose id is in ``exclude`` (ejected ones, and ones a retry already tried);
-returns None when nothing is left.
+it returns None when nothing is left (the proxy answers 503 "UH").
+
+Pass the same endpoints tuple (``cluster_endpoints`` caches it per snapshot)
+on every call: per-tuple work (weights, the hash ring) is redone only when the
+tuple object changes.
 """
 from __future__ import annotations
 
+import bisect
+import hashlib
 import random
-from typing import TYPE_CHECKING, Collection, Sequence
+from typing import TYPE_CHECKING, Collection, Mapping, Sequence
+from urllib.parse import unquote
 
 if TYPE_CHECKING:
     from policy.cluster import ClusterEndpoint, LbPolicy
 
+MAX_RING_SIZE = 8 * 1024 * 1024   # Envoy's maximum_ring_size default
+
+
+def hash64(data: str) -> int:
+    """Stable 64-bit hash (the same on every node and run, unlike ``hash()``)."""
+    return int.from_bytes(hashlib.blake2b(data.encode(), digest_size=8).digest(), "big")
+
 
 class Picker:
+    """Base class; subclasses implement ``pick``."""
+
+    __slots__ = ()
+
     def pick(self, endpoints: Sequence[ClusterEndpoint], hash_key: str | None,
              rand: random.Random, exclude: Collection[str] = ()) -> ClusterEndpoint | None:
         raise NotImplementedError
@@ -25,19 +43,270 @@ class Picker:
         """Active-request accounting (LEAST_REQUEST); a no-op for others."""
 
 
-class RoundRobinPicker(Picker): ...
-class LeastRequestPicker(Picker): ...
-class RandomPicker(Picker): ...
-class RingHashPicker(Picker): ...
+def _allowed(endpoints, exclude) -> list:
+    return [e for e in endpoints if e.id not in exclude]
+
+
+def _equal_weights(endpoints) -> bool:
+    if not endpoints:
+        return True
+    w = endpoints[0].weight
+    return all(e.weight == w for e in endpoints)
+
+
+def _weighted_choice(cands, weights, rand: random.Random):
+    total = 0
+    cum = []
+    for w in weights:
+        total += w
+        cum.append(total)
+    if total <= 0:
+        return cands[int(rand.random() * len(cands))]
+    return cands[bisect.bisect_right(cum, rand.random() * total)]
+
+
+class RoundRobinPicker(Picker):
+    """Equal weights: strict rotation. Unequal: smooth weighted round robin
+    (each endpoint gets its weight's share, interleaved, deterministically)."""
+
+    __slots__ = ("_eps", "_equal", "_next", "_current")
+
+    def __init__(self) -> None:
+        self._eps = None
+        self._equal = True
+        self._next = 0
+        self._current: dict[str, float] = {}
+
+    def _reset(self, endpoints) -> None:
+        self._eps = endpoints
+        self._equal = _equal_weights(endpoints)
+        self._current = {}
+        if self._next >= len(endpoints):
+            self._next = 0
+
+    def pick(self, endpoints, hash_key, rand, exclude=()):
+        if endpoints is not self._eps:
+            self._reset(endpoints)
+        n = len(endpoints)
+        if not n:
+            return None
+        if self._equal:
+            i = self._next
+            for _ in range(n):
+                e = endpoints[i]
+                i += 1
+                if i == n:
+                    i = 0
+                if e.id not in exclude:
+                    self._next = i
+                    return e
+            return None
+        cands = _allowed(endpoints, exclude) if exclude else endpoints
+        if not cands:
+            return None
+        cur = self._current
+        total = 0
+        best = None
+        best_val = 0.0
+        for e in cands:
+            v = cur.get(e.id, 0.0) + e.weight
+            cur[e.id] = v
+            total += e.weight
+            if best is None or v > best_val:
+                best, best_val = e, v
+        cur[best.id] = best_val - total
+        return best
+
+
+class LeastRequestPicker(Picker):
+    """Envoy's LEAST_REQUEST. Equal weights: power of two choices (two random
+    endpoints, the one with fewer active requests wins). Unequal weights: a
+    weighted random pick with effective weight ``weight / (active + 1)``
+    (Envoy's active_request_bias 1.0)."""
+
+    __slots__ = ("active", "_eps", "_equal")
+
+    def __init__(self) -> None:
+        self.active: dict[str, int] = {}
+        self._eps = None
+        self._equal = True
+
+    def request_started(self, endpoint_id: str) -> None:
+        self.active[endpoint_id] = self.active.get(endpoint_id, 0) + 1
+
+    def request_finished(self, endpoint_id: str) -> None:
+        n = self.active.get(endpoint_id, 0) - 1
+        if n > 0:
+            self.active[endpoint_id] = n
+        else:
+            self.active.pop(endpoint_id, None)
+
+    def pick(self, endpoints, hash_key, rand, exclude=()):
+        if endpoints is not self._eps:
+            self._eps = endpoints
+            self._equal = _equal_weights(endpoints)
+        cands = _allowed(endpoints, exclude) if exclude else endpoints
+        n = len(cands)
+        if n == 0:
+            return None
+        if n == 1:
+            return cands[0]
+        active = self.active
+        if self._equal:
+            a = cands[int(rand.random() * n)]
+            b = cands[int(rand.random() * n)]
+            return b if active.get(b.id, 0) < active.get(a.id, 0) else a
+        return _weighted_choice(cands, [e.weight / (active.get(e.id, 0) + 1) for e in cands], rand)
+
+
+class RandomPicker(Picker):
+    """Uniform when weights are equal, else proportional to endpoint weight."""
+
+    __slots__ = ("_eps", "_equal", "_cum")
+
+    def __init__(self) -> None:
+        self._eps = None
+        self._equal = True
+        self._cum: list[int] = []
+
+    def pick(self, endpoints, hash_key, rand, exclude=()):
+        if endpoints is not self._eps:
+            self._eps = endpoints
+            self._equal = _equal_weights(endpoints)
+            total = 0
+            self._cum = []
+            for e in endpoints:
+                total += e.weight
+                self._cum.append(total)
+        if exclude:
+            cands = _allowed(endpoints, exclude)
+            if not cands:
+                return None
+            if self._equal:
+                return cands[int(rand.random() * len(cands))]
+            return _weighted_choice(cands, [e.weight for e in cands], rand)
+        if not endpoints:
+            return None
+        if self._equal:
+            return endpoints[int(rand.random() * len(endpoints))]
+        cum = self._cum
+        return endpoints[bisect.bisect_right(cum, rand.random() * cum[-1])]
+
+
+class RingHashPicker(Picker):
+    """Envoy's ring hash (Ketama-style consistent hashing). Each endpoint owns
+    points on a 64-bit ring in proportion to its weight; the ring has at least
+    ``minimum_ring_size`` points. A key maps to the first point clockwise of its
+    hash; excluded endpoints are skipped by walking on, so only keys that were
+    on a removed endpoint move. No key -> a random point (as Envoy)."""
+
+    __slots__ = ("minimum_ring_size", "_eps", "_ids", "_hashes", "_owners")
+
+    def __init__(self, minimum_ring_size: int = 1024) -> None:
+        self.minimum_ring_size = max(1, minimum_ring_size)
+        self._eps = None
+        self._ids: tuple = ()
+        self._hashes: list[int] = []
+        self._owners: list = []
+
+    def _build(self, endpoints) -> None:
+        self._eps = endpoints
+        ids = tuple((e.id, e.weight) for e in endpoints)
+        if ids == self._ids:
+            # same endpoints in a new tuple: keep the ring, refresh the objects
+            by_id = {e.id: e for e in endpoints}
+            self._owners = [by_id[o.id] for o in self._owners]
+            return
+        self._ids = ids
+        total = sum(max(e.weight, 1) for e in endpoints)
+        points: list[tuple[int, object]] = []
+        if total:
+            norm = [max(e.weight, 1) / total for e in endpoints]
+            min_norm = min(norm)
+            # Envoy: scale so the lightest endpoint gets its share of the minimum ring.
+            scale = min(-(-min_norm * self.minimum_ring_size // 1) / min_norm, MAX_RING_SIZE)
+            for e, w in zip(endpoints, norm):
+                count = max(1, int(round(w * scale)))
+                for i in range(count):
+                    points.append((hash64(f"{e.id}_{i}"), e))
+        points.sort(key=lambda p: p[0])
+        self._hashes = [p[0] for p in points]
+        self._owners = [p[1] for p in points]
+
+    def pick(self, endpoints, hash_key, rand, exclude=()):
+        if endpoints is not self._eps:
+            self._build(endpoints)
+        hashes = self._hashes
+        n = len(hashes)
+        if not n:
+            return None
+        h = hash64(hash_key) if hash_key is not None else rand.getrandbits(64)
+        i = bisect.bisect_left(hashes, h)
+        owners = self._owners
+        if not exclude:
+            return owners[i if i < n else 0]
+        for _ in range(n):
+            if i >= n:
+                i = 0
+            e = owners[i]
+            if e.id not in exclude:
+                return e
+            i += 1
+        return None
 
 
 def make_picker(lb: LbPolicy) -> Picker:
-    """ROUND_ROBIN (default), LEAST_REQUEST / LEAST_CONN, RANDOM, PASSTHROUGH
-    (treated as RANDOM over the known endpoints), RING_HASH (consistentHash)."""
-    raise NotImplementedError
+    """LEAST_REQUEST (Istio's default, also for LEAST_CONN and UNSPECIFIED),
+    ROUND_ROBIN, RANDOM, PASSTHROUGH (treated as RANDOM over the known
+    endpoints), RING_HASH (consistentHash; Maglev is served by the ring too)."""
+    kind = lb.kind
+    if kind == "ROUND_ROBIN":
+        return RoundRobinPicker()
+    if kind in ("RANDOM", "PASSTHROUGH"):
+        return RandomPicker()
+    if kind in ("RING_HASH", "MAGLEV"):
+        return RingHashPicker(lb.minimum_ring_size)
+    if kind in ("LEAST_REQUEST", "LEAST_CONN", "UNSPECIFIED"):
+        return LeastRequestPicker()
+    raise ValueError(f"unknown load balancer {kind!r}")
 
 
-def hash_key(lb: LbPolicy, headers, path: str, source_ip: str | None) -> str | None:
+def _cookie_value(cookie_header: str, name: str) -> str | None:
+    for part in cookie_header.split(";"):
+        k, sep, v = part.strip().partition("=")
+        if sep and k == name:
+            return v.strip().strip('"')
+    return None
+
+
+def query_param(path: str, name: str) -> str | None:
+    """First value of query parameter ``name`` in ``path`` (percent-decoded), or None."""
+    _, sep, query = path.partition("?")
+    if not sep:
+        return None
+    query = query.partition("#")[0]
+    for part in query.split("&"):
+        k, _, v = part.partition("=")
+        if unquote(k) == name:
+            return unquote(v)
+    return None
+
+
+def hash_key(lb: LbPolicy, headers: Mapping[str, str], path: str,
+             source_ip: str | None) -> str | None:
     """The consistent-hash key of a request per ``lb.hash`` (header value, cookie
-    value, source IP or query-parameter value); None = hash not applicable."""
-    raise NotImplementedError
+    value, source IP or query-parameter value); None = no key (random point)."""
+    hp = lb.hash
+    if hp is None:
+        return None
+    kind = hp.kind
+    if kind == "header":
+        return headers.get(hp.name)
+    if kind == "source_ip":
+        return source_ip
+    if kind == "cookie":
+        c = headers.get("cookie")
+        return _cookie_value(c, hp.name) if c else None
+    if kind == "query":
+        return query_param(path, hp.name)
+    raise ValueError(f"unknown hash policy {kind!r}")

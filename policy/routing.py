@@ -1,20 +1,46 @@
 """HTTP route selection: a VirtualService applied to one request, as Envoy does.
 
-``plan_request`` is called by the proxy per request. Everything static is
-compiled once per (snapshot, host, source namespace) and cached; per request
-only the match walk, the weighted pick and the fault/mirror rolls happen.
+``plan_request`` / ``plan_for_service`` are called by the proxy per request.
+Everything static is compiled once per (snapshot, service host, source
+namespace, service port) and cached; per request only the match walk, the
+weighted pick and the fault/mirror rolls happen.
+
+Semantics (Istio's translation to Envoy routes):
+
+- The VirtualService bound to the mesh for the service host (as seen from the
+  source namespace); its ``http`` rules in order, the first matching wins. A
+  rule without ``match`` matches everything. Within ``match`` any entry may
+  match (OR); inside one entry every field must match (AND).
+- No VirtualService -> the default route to the service itself on the request
+  port. A VirtualService where no rule matches -> 404, response flag ``NR``.
+- ``uri`` matches the path without query and fragment; ``ignoreUriCase``
+  applies to exact and prefix only. Regexes are RE2, full match.
+- ``headers`` / ``withoutHeaders`` / ``queryParams``: ``{}`` means present /
+  absent; a missing header fails a positive match and passes a negated one.
+  ``queryParams`` with ``prefix`` is a presence check (Istio emits no value
+  matcher for it and Envoy treats that as "present").
+- Matches naming ``gateways`` without ``mesh``, and ``port`` other than the
+  request port, never match.
 """
 from __future__ import annotations
 
+import base64
+import bisect
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
-from policy.cluster import ClusterKey
-from policy.retry import RetryPolicy
+import re2
+
+from policy.cluster import ClusterKey, memo_put, snapshot_memo
+from policy.lb import query_param
+from policy.retry import RetryPolicy, retry_policy_from
+from policy.snapshot import qualify_host
 
 if TYPE_CHECKING:
     from policy.snapshot import ConfigSnapshot, Service, WorkloadRef
+
+DEFAULT_ROUTE_NAME = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,16 +56,95 @@ class RequestAttrs:
     source_ip: str | None = None   # for consistentHash useSourceIp
 
 
-@dataclass(frozen=True, slots=True)
+# ---------------------------------------------------------------------------
+# header operations
+
+_REMOVE, _SET, _ADD = 0, 1, 2
+
+
 class HeaderOps:
-    """Envoy header manipulation: remove, then set (replace), then add (append)."""
-    set: tuple[tuple[str, str], ...] = ()
-    add: tuple[tuple[str, str], ...] = ()
-    remove: tuple[str, ...] = ()
+    """Envoy header manipulation, in order: for each level (destination, then
+    route: the route level wins a conflict, as Envoy evaluates the most
+    specific level first) remove, then set (replace), then add (append)."""
+
+    __slots__ = ("ops",)
+
+    def __init__(self, ops: tuple[tuple[int, str, str], ...] = ()) -> None:
+        self.ops = ops
+
+    @classmethod
+    def from_model(cls, ops) -> HeaderOps:
+        """From a model ``HeaderOperations`` (or None)."""
+        if ops is None:
+            return EMPTY_HEADER_OPS
+        out = [(_REMOVE, n.lower(), "") for n in ops.remove]
+        out += [(_SET, n.lower(), v) for n, v in ops.set.items()]
+        out += [(_ADD, n.lower(), v) for n, v in ops.add.items()]
+        return cls(tuple(out)) if out else EMPTY_HEADER_OPS
+
+    def then(self, other: HeaderOps) -> HeaderOps:
+        if not other.ops:
+            return self
+        if not self.ops:
+            return other
+        return HeaderOps(self.ops + other.ops)
+
+    def __bool__(self) -> bool:
+        return bool(self.ops)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, HeaderOps) and self.ops == other.ops
+
+    def __hash__(self) -> int:
+        return hash(self.ops)
+
+    def __repr__(self) -> str:
+        names = {_REMOVE: "remove", _SET: "set", _ADD: "add"}
+        return "HeaderOps(" + ", ".join(f"{names[k]} {n}" + (f"={v}" if k else "")
+                                        for k, n, v in self.ops) + ")"
+
+    @property
+    def set(self) -> dict[str, str]:
+        return {n: v for k, n, v in self.ops if k == _SET}
+
+    @property
+    def add(self) -> dict[str, str]:
+        return {n: v for k, n, v in self.ops if k == _ADD}
+
+    @property
+    def remove(self) -> tuple[str, ...]:
+        return tuple(n for k, n, _ in self.ops if k == _REMOVE)
 
     def apply(self, headers: dict[str, str]) -> None:
         """Apply to a lower-case-keyed dict in place (``add`` joins with ", ")."""
-        raise NotImplementedError
+        for kind, name, value in self.ops:
+            if kind == _REMOVE:
+                headers.pop(name, None)
+            elif kind == _SET:
+                headers[name] = value
+            else:
+                old = headers.get(name)
+                headers[name] = value if old is None else f"{old}, {value}"
+
+    def apply_pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Apply to a multi-valued header list (names compared case-insensitively);
+        returns a new list, ``add`` appends another field."""
+        out = list(pairs)
+        for kind, name, value in self.ops:
+            if kind == _ADD:
+                out.append((name, value))
+                continue
+            out = [(n, v) for n, v in out if n.lower() != name]
+            if kind == _SET:
+                out.append((name, value))
+        return out
+
+
+EMPTY_HEADER_OPS = HeaderOps()
+
+
+# ---------------------------------------------------------------------------
+# results
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,51 +154,494 @@ class WeightedCluster:
     weight: int
     request_headers: HeaderOps
     response_headers: HeaderOps
-
-
-class RoutePlan:
-    """The result of routing one request (attributes only, built per request)."""
-    __slots__ = ("service", "service_port", "route_name", "destinations", "cluster",
-                 "path", "authority", "request_headers", "response_headers",
-                 "timeout", "retry", "fault_delay", "fault_abort", "fault_grpc_status",
-                 "mirrors", "virtual_service")
-    service: Service
-    service_port: int
-    route_name: str | None
-    destinations: tuple[WeightedCluster, ...]
-    cluster: ClusterKey            # the picked destination's cluster
-    path: str                      # after rewrite
-    authority: str                 # after rewrite
-    request_headers: HeaderOps     # route-level + picked destination's, merged
-    response_headers: HeaderOps
-    timeout: float | None          # None = no timeout (Istio's default for HTTP)
-    retry: RetryPolicy | None      # None = retries disabled
-    fault_delay: float | None      # seconds, already rolled against its percentage
-    fault_abort: int | None        # HTTP status, already rolled
-    fault_grpc_status: str | None  # gRPC abort, already rolled
-    mirrors: tuple[ClusterKey, ...]   # already rolled against their percentages
-    virtual_service: str | None    # "namespace/name" of the VS used, None = default route
+    known: bool = True     # False: no such service/subset (the request gets 503 "NC")
 
 
 @dataclass(frozen=True, slots=True)
 class Reject:
     """Answer the request locally."""
     status: int
-    response_flags: str            # "NR" no route, "" for redirect / direct response
+    response_flags: str            # "NR" no route, "NC" no cluster, "" for redirect / direct response
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
 
 
-def plan_request(snapshot: ConfigSnapshot, req: RequestAttrs,
-                 rand: random.Random) -> RoutePlan | Reject:
-    """Resolve the service from ``req.authority`` then route (see plan_for_service).
-    Unknown host -> Reject(404, "NR")."""
-    raise NotImplementedError
+class _Route:
+    """One compiled HTTPRoute (static per table)."""
+
+    __slots__ = ("name", "matches", "destinations", "cum", "total", "timeout", "retry",
+                 "request_headers", "response_headers", "rewrite_uri", "regex_rewrite",
+                 "rewrite_authority", "delay", "delay_pct", "abort", "abort_grpc", "abort_pct",
+                 "mirrors", "reject", "redirect", "service", "service_port", "virtual_service")
+
+
+class RoutePlan:
+    """The result of routing one request. Per-request fields are slots; the
+    static ones are read through to the compiled route."""
+
+    __slots__ = ("_route", "_dest", "path", "authority", "fault_delay", "fault_abort",
+                 "fault_grpc_status", "mirrors")
+
+    path: str                      # after rewrite
+    authority: str                 # after rewrite
+    fault_delay: float | None      # seconds, already rolled against its percentage
+    fault_abort: int | None        # HTTP status, already rolled
+    fault_grpc_status: str | None  # gRPC abort status name, already rolled
+    mirrors: tuple[ClusterKey, ...]  # already rolled against their percentages
+
+    def __init__(self, route: _Route, dest: WeightedCluster, path: str, authority: str,
+                 fault_delay, fault_abort, fault_grpc_status, mirrors) -> None:
+        self._route = route
+        self._dest = dest
+        self.path = path
+        self.authority = authority
+        self.fault_delay = fault_delay
+        self.fault_abort = fault_abort
+        self.fault_grpc_status = fault_grpc_status
+        self.mirrors = mirrors
+
+    @property
+    def service(self) -> Service:
+        return self._route.service
+
+    @property
+    def service_port(self) -> int:
+        return self._route.service_port
+
+    @property
+    def route_name(self) -> str | None:
+        return self._route.name
+
+    @property
+    def virtual_service(self) -> str | None:
+        """"namespace/name" of the VirtualService used, None for the default route."""
+        return self._route.virtual_service
+
+    @property
+    def destinations(self) -> tuple[WeightedCluster, ...]:
+        return self._route.destinations
+
+    @property
+    def destination(self) -> WeightedCluster:
+        return self._dest
+
+    @property
+    def cluster(self) -> ClusterKey:
+        """The picked destination's cluster."""
+        return self._dest.cluster
+
+    @property
+    def request_headers(self) -> HeaderOps:
+        """Destination-level then route-level request header ops."""
+        return self._dest.request_headers
+
+    @property
+    def response_headers(self) -> HeaderOps:
+        return self._dest.response_headers
+
+    @property
+    def timeout(self) -> float | None:
+        """None = no timeout (Istio's default for HTTP routes)."""
+        return self._route.timeout
+
+    @property
+    def retry(self) -> RetryPolicy | None:
+        """None = retries disabled."""
+        return self._route.retry
+
+    def __repr__(self) -> str:
+        return (f"RoutePlan(route={self.route_name!r}, cluster={self.cluster}, path={self.path!r}, "
+                f"authority={self.authority!r}, timeout={self.timeout}, fault_delay={self.fault_delay}, "
+                f"fault_abort={self.fault_abort}, mirrors={self.mirrors})")
+
+
+# ---------------------------------------------------------------------------
+# compiling matches
+
+
+def _string_matcher(sm, ignore_case: bool = False):
+    """A predicate str -> bool for a model StringMatch."""
+    kind, value = sm.kind, sm.value
+    if kind == "regex":
+        return re2.compile(value).fullmatch
+    if ignore_case:
+        value = value.lower()
+        if kind == "exact":
+            return lambda s: s.lower() == value
+        return lambda s: s.lower().startswith(value)
+    if kind == "exact":
+        return value.__eq__
+    if kind == "prefix":
+        return lambda s: s.startswith(value)
+    if kind == "present":
+        return lambda s: True
+    raise ValueError(f"unknown string match kind {kind!r}")
+
+
+def _header_check(name: str, sm):
+    name = name.lower()
+    if sm.kind == "present":
+        return lambda req, path: name in req.headers
+    m = _string_matcher(sm)
+
+    def check(req, path):
+        v = req.headers.get(name)
+        return v is not None and bool(m(v))
+    return check
+
+
+def _without_header_check(name: str, sm):
+    name = name.lower()
+    if sm.kind == "present":
+        return lambda req, path: name not in req.headers
+    m = _string_matcher(sm)
+
+    def check(req, path):
+        v = req.headers.get(name)
+        return v is None or not m(v)
+    return check
+
+
+def _query_check(name: str, sm):
+    if sm.kind in ("present", "prefix"):
+        return lambda req, path: query_param(req.path, name) is not None
+    m = _string_matcher(sm)
+
+    def check(req, path):
+        v = query_param(req.path, name)
+        return v is not None and bool(m(v))
+    return check
+
+
+class _Match:
+    __slots__ = ("checks", "uri_kind", "uri_value", "name")
+
+
+def _compile_match(mr, port: int) -> _Match | None:
+    """None when the match can never apply to mesh traffic on ``port``."""
+    if mr.gateways and "mesh" not in mr.gateways:
+        return None
+    if mr.port is not None and mr.port != port:
+        return None
+    checks = []
+    if mr.uri is not None:
+        m = _string_matcher(mr.uri, mr.ignore_uri_case and mr.uri.kind != "regex")
+        checks.append(lambda req, path: bool(m(path)))
+    if mr.scheme is not None:
+        m_scheme = _string_matcher(mr.scheme)
+        checks.append(lambda req, path: bool(m_scheme(req.scheme)))
+    if mr.method is not None:
+        m_method = _string_matcher(mr.method)
+        checks.append(lambda req, path: bool(m_method(req.method)))
+    if mr.authority is not None:
+        m_auth = _string_matcher(mr.authority)
+        checks.append(lambda req, path: bool(m_auth(req.authority)))
+    for name, sm in mr.headers.items():
+        checks.append(_header_check(name, sm))
+    for name, sm in mr.without_headers.items():
+        checks.append(_without_header_check(name, sm))
+    for name, sm in mr.query_params.items():
+        checks.append(_query_check(name, sm))
+    if mr.source_labels:
+        want = tuple(mr.source_labels.items())
+
+        def source_labels(req, path):
+            src = req.source
+            if src is None:
+                return False
+            labels = src.labels
+            return all(labels.get(k) == v for k, v in want)
+        checks.append(source_labels)
+    if mr.source_namespace is not None:
+        sns = mr.source_namespace
+        checks.append(lambda req, path: req.source is not None and req.source.namespace == sns)
+    cm = _Match()
+    cm.checks = tuple(checks)
+    cm.uri_kind = mr.uri.kind if mr.uri is not None else None
+    cm.uri_value = mr.uri.value if mr.uri is not None else None
+    cm.name = mr.name
+    return cm
+
+
+# ---------------------------------------------------------------------------
+# compiling routes
+
+
+def _resolve_destination(snapshot, dest, vs_namespace: str, source_ns: str,
+                         request_port: int) -> tuple[ClusterKey, bool]:
+    """The cluster of a route destination and whether it exists."""
+    host = qualify_host(dest.host, vs_namespace, snapshot.domain_suffix)
+    svc = snapshot.services.get(host)
+    if svc is None:
+        svc = snapshot.resolve_host(dest.host, vs_namespace)
+        if svc is not None:
+            host = svc.host
+    if dest.port is not None:
+        port = dest.port
+    elif svc is not None and len(svc.ports) == 1:
+        port = svc.ports[0].number
+    else:
+        port = request_port
+    known = svc is not None and svc.port(port) is not None
+    if known and dest.subset is not None:
+        known = snapshot.subset_labels(host, dest.subset, source_ns) is not None
+    return ClusterKey(host, dest.subset, port), known
+
+
+def _percent(p: float | None) -> float:
+    return 100.0 if p is None else float(p)
+
+
+def _compile_route(snapshot, hr, vs_res, service, port: int, source_ns: str) -> _Route | None:
+    r = _Route()
+    r.name = hr.name
+    r.service = service
+    r.service_port = port
+    r.virtual_service = f"{vs_res.namespace}/{vs_res.name}"
+    if hr.match:
+        matches = tuple(m for m in (_compile_match(mr, port) for mr in hr.match) if m is not None)
+        if not matches:
+            return None    # every match is for gateways / another port
+        r.matches = matches
+    else:
+        r.matches = ()
+    route_req = route_resp = EMPTY_HEADER_OPS
+    if hr.headers is not None:
+        route_req = HeaderOps.from_model(hr.headers.request)
+        route_resp = HeaderOps.from_model(hr.headers.response)
+    r.request_headers, r.response_headers = route_req, route_resp
+    r.timeout = hr.timeout if hr.timeout else None
+    r.retry = retry_policy_from(hr.retries)
+    r.reject = None
+    r.redirect = None
+    dests = []
+    if hr.redirect is not None:
+        r.redirect = hr.redirect
+    elif hr.direct_response is not None:
+        dr = hr.direct_response
+        body = b""
+        if dr.body is not None:
+            if dr.body.string is not None:
+                body = dr.body.string.encode()
+            elif dr.body.bytes is not None:
+                body = base64.b64decode(dr.body.bytes)
+        r.reject = Reject(dr.status, "", (("content-type", "text/plain"),) if body else (), body)
+    elif not hr.route:
+        # delegate (gateway-only in Istio) or nothing to route to
+        r.reject = Reject(404, "NR")
+    else:
+        single = len(hr.route) == 1
+        for rd in hr.route:
+            weight = 100 if single else (rd.weight or 0)
+            if weight <= 0:
+                continue
+            key, known = _resolve_destination(snapshot, rd.destination, vs_res.namespace,
+                                              source_ns, port)
+            d_req = d_resp = EMPTY_HEADER_OPS
+            if rd.headers is not None:
+                d_req = HeaderOps.from_model(rd.headers.request)
+                d_resp = HeaderOps.from_model(rd.headers.response)
+            dests.append(WeightedCluster(key, weight, d_req.then(route_req), d_resp.then(route_resp), known))
+        if not dests:
+            r.reject = Reject(503, "NC")
+    r.destinations = tuple(dests)
+    cum = []
+    total = 0
+    for d in dests:
+        total += d.weight
+        cum.append(total)
+    r.cum = tuple(cum)
+    r.total = total
+    rw = hr.rewrite
+    r.rewrite_uri = rw.uri if rw is not None and rw.uri is not None else None
+    r.regex_rewrite = None
+    if rw is not None and rw.uri_regex_rewrite is not None:
+        pat = re2.compile(rw.uri_regex_rewrite.match)
+        repl = rw.uri_regex_rewrite.rewrite
+        r.regex_rewrite = (pat, repl)
+    r.rewrite_authority = rw.authority if rw is not None and rw.authority else None
+    r.delay = r.delay_pct = r.abort = r.abort_grpc = r.abort_pct = None
+    fault = hr.fault
+    if fault is not None:
+        if fault.delay is not None and fault.delay.fixed_delay is not None:
+            r.delay = fault.delay.fixed_delay
+            r.delay_pct = _percent(fault.delay.percentage)
+        if fault.abort is not None and (fault.abort.http_status is not None or fault.abort.grpc_status):
+            r.abort = fault.abort.http_status
+            r.abort_grpc = fault.abort.grpc_status
+            r.abort_pct = _percent(fault.abort.percentage)
+    mirrors = []
+    if hr.mirror is not None:
+        key, _ = _resolve_destination(snapshot, hr.mirror, vs_res.namespace, source_ns, port)
+        mirrors.append((key, _percent(hr.mirror_percentage)))
+    for mp in hr.mirrors:
+        key, _ = _resolve_destination(snapshot, mp.destination, vs_res.namespace, source_ns, port)
+        mirrors.append((key, _percent(mp.percentage)))
+    r.mirrors = tuple(mirrors)
+    return r
+
+
+def _default_route(service, port: int) -> _Route:
+    r = _Route()
+    r.name = DEFAULT_ROUTE_NAME
+    r.service = service
+    r.service_port = port
+    r.virtual_service = None
+    r.matches = ()
+    r.request_headers = r.response_headers = EMPTY_HEADER_OPS
+    r.timeout = None
+    r.retry = retry_policy_from(None)
+    r.reject = None
+    r.redirect = None
+    known = service.port(port) is not None
+    r.destinations = (WeightedCluster(ClusterKey(service.host, None, port), 100,
+                                      EMPTY_HEADER_OPS, EMPTY_HEADER_OPS, known),)
+    r.cum = (100,)
+    r.total = 100
+    r.rewrite_uri = r.regex_rewrite = r.rewrite_authority = None
+    r.delay = r.delay_pct = r.abort = r.abort_grpc = r.abort_pct = None
+    r.mirrors = ()
+    return r
+
+
+_NO_ROUTE = Reject(404, "NR")
+_NO_CLUSTER = Reject(503, "NC")
+
+
+def route_table(snapshot: ConfigSnapshot, service: Service, service_port: int,
+                source_namespace: str) -> tuple[_Route, ...] | _Route:
+    """The compiled routes for a service port as seen from a namespace: a
+    tuple of routes (from a VirtualService) or the single default route."""
+    memo = snapshot_memo(snapshot)
+    key = ("routes", service.host, source_namespace, service_port)
+    try:
+        return memo[key]
+    except KeyError:
+        pass
+    vs_res = snapshot.virtual_service_for(service.host, source_namespace)
+    if vs_res is None:
+        table = _default_route(service, service_port)
+    else:
+        table = tuple(r for r in (_compile_route(snapshot, hr, vs_res, service, service_port,
+                                                 source_namespace)
+                                  for hr in vs_res.spec.http) if r is not None)
+    return memo_put(memo, key, table)
+
+
+# ---------------------------------------------------------------------------
+# per request
+
+
+def _rewrite_path(route: _Route, match: _Match | None, path: str, path_only: str) -> str:
+    query = path[len(path_only):]
+    if route.regex_rewrite is not None:
+        pat, repl = route.regex_rewrite
+        return pat.sub(repl, path_only) + query
+    new = route.rewrite_uri
+    kind = match.uri_kind if match is not None else None
+    if kind == "prefix":
+        return new + path_only[len(match.uri_value):] + query
+    if kind in ("exact", "regex"):
+        return new + query
+    # no uri match: Envoy's catch-all prefix "/" is what gets replaced
+    return new + path_only[1:] + query
+
+
+def _redirect(route: _Route, req: RequestAttrs) -> Reject:
+    rd = route.redirect
+    scheme = rd.scheme or req.scheme
+    host = rd.authority or req.authority
+    if rd.port is not None:
+        host = f"{_host_only(host)}:{rd.port}"
+    elif rd.derive_port == "FROM_REQUEST_PORT":
+        host = f"{_host_only(host)}:{req.port}"
+    elif rd.derive_port == "FROM_PROTOCOL_DEFAULT":
+        host = _host_only(host)
+    if rd.uri is not None:
+        path = rd.uri
+        if "?" not in path:
+            _, sep, query = req.path.partition("?")
+            if sep:
+                path = f"{path}?{query}"
+    else:
+        path = req.path
+    return Reject(rd.redirect_code or 301, "", (("location", f"{scheme}://{host}{path}"),))
+
+
+def _host_only(authority: str) -> str:
+    if authority.startswith("["):
+        return authority[: authority.find("]") + 1]
+    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
 
 
 def plan_for_service(snapshot: ConfigSnapshot, service: Service, service_port: int,
                      req: RequestAttrs, rand: random.Random) -> RoutePlan | Reject:
     """Route a request already known to target ``service:service_port``.
     No VirtualService -> the default route to the service itself; a VS where
-    no rule matches -> Reject(404, "NR")."""
-    raise NotImplementedError
+    no rule matches -> Reject(404, "NR"); a picked destination that names no
+    known service/port/subset -> Reject(503, "NC")."""
+    src = req.source
+    ns = src.namespace if src is not None else "default"
+    table = route_table(snapshot, service, service_port, ns)
+    path = req.path
+    path_only = path
+    for ch in "?#":
+        i = path_only.find(ch)
+        if i >= 0:
+            path_only = path_only[:i]
+    match = None
+    if type(table) is tuple:
+        for route in table:
+            if not route.matches:
+                break
+            for m in route.matches:
+                for check in m.checks:
+                    if not check(req, path_only):
+                        break
+                else:
+                    match = m
+                    break
+            if match is not None:
+                break
+        else:
+            return _NO_ROUTE
+    else:
+        route = table
+    if route.redirect is not None:
+        return _redirect(route, req)
+    if route.reject is not None:
+        return route.reject
+    dests = route.destinations
+    if len(dests) == 1:
+        dest = dests[0]
+    else:
+        dest = dests[bisect.bisect_right(route.cum, rand.random() * route.total)]
+    if not dest.known:
+        return _NO_CLUSTER
+    if route.rewrite_uri is not None or route.regex_rewrite is not None:
+        path = _rewrite_path(route, match, path, path_only)
+    authority = route.rewrite_authority or req.authority
+    delay = abort = grpc = None
+    if route.delay is not None and rand.random() * 100.0 < route.delay_pct:
+        delay = route.delay
+    if route.abort_pct is not None and rand.random() * 100.0 < route.abort_pct:
+        abort = route.abort
+        grpc = route.abort_grpc
+    mirrors = ()
+    if route.mirrors:
+        mirrors = tuple(k for k, pct in route.mirrors if pct >= 100.0 or rand.random() * 100.0 < pct)
+    return RoutePlan(route, dest, path, authority, delay, abort, grpc, mirrors)
+
+
+def plan_request(snapshot: ConfigSnapshot, req: RequestAttrs,
+                 rand: random.Random) -> RoutePlan | Reject:
+    """Resolve the service from ``req.authority`` (relative to the source
+    namespace) then route it (see ``plan_for_service``) on ``req.port``.
+    Unknown host -> Reject(404, "NR"); a proxy that forwards unknown hosts to
+    their original destination (Istio's ALLOW_ANY) checks ``resolve_host`` first."""
+    src = req.source
+    ns = src.namespace if src is not None else "default"
+    service = snapshot.resolve_host(req.authority, ns)
+    if service is None:
+        return _NO_ROUTE
+    return plan_for_service(snapshot, service, req.port, req, rand)

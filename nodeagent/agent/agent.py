@@ -78,9 +78,11 @@ class Agent:
         self.capture = capture
         self.clock = clock or MonotonicClock()
         self.state_dir = ensure_state_dir(options.state_dir)
-        self.registry, _ = load_registry(self.state_dir)
+        self.registry, extra = load_registry(self.state_dir)
+        applied = applied_from_state(extra, self.state_dir)
         self.reconciler = Reconciler(lambda: list(self.registry), capture, self.clock, RetrySet(),
-                                     resync_interval=options.resync_interval)
+                                     resync_interval=options.resync_interval, applied=applied)
+        self._saved_applied = applied
         self.readiness = Readiness(("state", "identities", "capture"))
         try:
             self.identities: CertificateManager = create_manager(
@@ -120,7 +122,7 @@ class Agent:
         for face in self.faces:
             await face.start()
         async with self._lock:
-            await asyncio.get_running_loop().run_in_executor(None, self.reconciler.step)
+            await asyncio.get_running_loop().run_in_executor(None, self._reconcile, self.reconciler.step)
         self._condition_met("capture", f"mode {self.capture.mode}")
         self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconcile"))
         self._tasks.append(asyncio.create_task(self.identities.run(self._stop), name="identities"))
@@ -186,7 +188,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         while True:
             async with self._lock:
-                wake_at = await loop.run_in_executor(None, self.reconciler.step)
+                wake_at = await loop.run_in_executor(None, self._reconcile, self.reconciler.step)
             self._update_gauges()
             delay = max(0.0, wake_at - self.clock.now())
             self._wake.clear()
@@ -217,7 +219,7 @@ class Agent:
             self._track_identities(change)
             status = self.reconciler.status_of(spec.key)
             if change.outcome is not Outcome.UNCHANGED or status.state == "pending":
-                status = await loop.run_in_executor(None, self.reconciler.sync_one, spec.key)
+                status = await loop.run_in_executor(None, self._reconcile, self.reconciler.sync_one, spec.key)
         self._update_gauges()
         self._wake.set()  # a failure scheduled a retry: let the loop pick the new wake time
         log.info("enroll %s: %s, capture %s%s", spec.ref, change.outcome.value, status.state,
@@ -238,7 +240,7 @@ class Agent:
                 if error:
                     return protocol.error(error)
             self._track_identities(change)
-            status = await loop.run_in_executor(None, self.reconciler.sync_one, (kind, target))
+            status = await loop.run_in_executor(None, self._reconcile, self.reconciler.sync_one, (kind, target))
         self._update_gauges()
         log.info("unenroll %s %s: %s", kind, target, change.outcome.value)
         reply = protocol.ok(result=change.outcome.value)
@@ -268,7 +270,22 @@ class Agent:
         return ""
 
     def _save(self) -> None:
-        save_registry(self.state_dir, self.registry, {"node": self.options.node, "capture": self.capture.mode})
+        applied = self.reconciler.applied_specs()
+        save_registry(self.state_dir, self.registry, {
+            "node": self.options.node, "capture": self.capture.mode,
+            "applied": [s.to_json() for s in applied]})
+        self._saved_applied = applied
+
+    def _reconcile(self, fn, *args):
+        """Run a reconciler call (in a worker thread: capture may run nft) and
+        persist the applied set when it changed."""
+        result = fn(*args)
+        if self.reconciler.applied_specs() != self._saved_applied:
+            try:
+                self._save()
+            except OSError as exc:
+                log.warning("cannot persist the applied capture set in %s: %s", self.state_dir, exc)
+        return result
 
     def _update_gauges(self) -> None:
         self._m_enrolled.set(len(self.registry))
@@ -349,6 +366,23 @@ class Agent:
 
     def metrics_text(self) -> tuple[bytes, str]:
         return generate_latest(self.metrics_registry), CONTENT_TYPE_LATEST
+
+
+def applied_from_state(extra: dict[str, Any], state_dir: Path) -> list[WorkloadSpec]:
+    """The capture the previous run had applied (``applied`` in the state file)."""
+    from nodeagent.agent.registry import StateFileError
+    from nodeagent.agent.workload import SpecError, spec_from_json
+
+    raw = extra.get("applied", [])
+    if not isinstance(raw, list):
+        raise StateFileError(f"{state_dir}/workloads.json: 'applied' must be a list")
+    specs = []
+    for index, item in enumerate(raw):
+        try:
+            specs.append(spec_from_json(item))
+        except SpecError as exc:
+            raise StateFileError(f"{state_dir}/workloads.json: applied[{index}]: {exc}") from None
+    return specs
 
 
 def _iso(ts: float) -> str:

@@ -43,16 +43,35 @@ class NoCapture:
         return []
 
 
-def select_capture(mode: str, state_dir) -> Capture:
+def select_capture(mode: str) -> Capture:
     """The backend for ``--capture MODE``; CaptureError says why one is unavailable."""
+    import shutil
+
+    def have(tool: str) -> bool:
+        return shutil.which(tool) is not None or shutil.which(tool, path="/usr/sbin:/sbin") is not None
+
     if mode == "none":
         return NoCapture()
-    raise CaptureError(
-        f"--capture {mode}: the kernel capture backends are not wired into this build yet; "
-        "run with --capture none (explicit proxy only) for now"
-    )
+    if mode == "auto":
+        mode = "nftables" if have("nft") else "iptables" if have("iptables") else ""
+        if not mode:
+            raise CaptureError("--capture auto: neither nft nor iptables is installed; install nftables "
+                               "(Debian: apt-get install nftables) or run with --capture none")
+    if mode in ("nftables", "iptables"):
+        tool = "nft" if mode == "nftables" else "iptables"
+        if not have(tool):
+            raise CaptureError(f"--capture {mode}: the {tool} command is not installed")
+        if not have("nsenter"):
+            raise CaptureError(f"--capture {mode}: nsenter is not installed (Debian: util-linux)")
+        from nodeagent.agent.netfilter import NetfilterCapture
+        return NetfilterCapture("nft" if mode == "nftables" else "iptables")
+    raise CaptureError(f"--capture {mode}: the eBPF capture backend is not wired into the agent yet; "
+                       "use --capture nftables or iptables")
 
 
-def uninstall_backends() -> list[Capture]:
-    """Every backend that may have left rules behind (uninstall removes all of them)."""
-    return []
+def capture_for_uninstall(mode: str) -> Capture | None:
+    """The backend that removes what a previous run (recorded ``mode``) applied."""
+    if mode in ("nftables", "iptables"):
+        from nodeagent.agent.netfilter import NetfilterCapture
+        return NetfilterCapture("nft" if mode == "nftables" else "iptables")
+    return None

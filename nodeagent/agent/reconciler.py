@@ -55,13 +55,16 @@ class Reconciler:
         clock: Clock,
         retry: RetrySet | None = None,
         resync_interval: float = 60.0,
+        applied: Iterable[WorkloadSpec] = (),
     ) -> None:
         self._desired = desired
         self.capture = capture
         self.clock = clock
         self.retry = retry if retry is not None else RetrySet()
         self.resync_interval = resync_interval
-        self.applied: dict[tuple[str, str], WorkloadSpec] = {}
+        # What the backend holds, persisted by the agent: after a restart, capture
+        # of workloads unenrolled while it was down is found here and removed.
+        self.applied: dict[tuple[str, str], WorkloadSpec] = {s.key: s for s in applied}
         # The first step is a full resync: it adopts what the registry holds.
         self.next_full_resync = float("-inf")
         self.last_full_resync: float | None = None
@@ -112,18 +115,20 @@ class Reconciler:
         now = self.clock.now()
         desired = self._desired_map()
         errors: list[str] = []
-        for key in sorted(set(self.applied) - set(desired)):
-            try:
-                self.capture.remove(self.applied[key])
-                del self.applied[key]
-            except CaptureError as exc:
-                errors.append(f"remove {self.applied[key].ref}: {exc}")
         for key in list(self.retry_keys()):
             if key not in desired:
                 self.retry.forget(key)
         for key, spec in sorted(desired.items()):
             if self._apply(spec, now).state == "pending":
                 errors.append(f"apply {spec.ref}: {self.retry.get(key).last_error}")
+        # Stale capture goes after the applies: a shared (host) table is rewritten
+        # by the applies first, so removing never opens a gap for live workloads.
+        for key in sorted(set(self.applied) - set(desired)):
+            try:
+                self.capture.remove(self.applied[key])
+                del self.applied[key]
+            except CaptureError as exc:
+                errors.append(f"remove {self.applied[key].ref}: {exc}")
         try:
             for leftover in self.capture.sweep(desired.values()):
                 log.info("swept leftover capture: %s", leftover)
@@ -147,6 +152,9 @@ class Reconciler:
         return [key for key, _ in self.retry.items()]
 
     # -- the loop's step -------------------------------------------------
+
+    def applied_specs(self) -> list[WorkloadSpec]:
+        return [self.applied[k] for k in sorted(self.applied)]
 
     def step(self) -> float:
         """Do what is due; return the clock time at which to step next."""

@@ -66,6 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     uninstall = sub.add_parser("uninstall", help="remove every capture rule nodeagent installed, and its state")
     _state_dir(uninstall)
     uninstall.add_argument("--keep-state", action="store_true", help="remove the rules but keep the state dir")
+    uninstall.add_argument("--all-netns", action="store_true",
+                           help="also sweep every named network namespace and the host's for nodeagent rules")
     uninstall.set_defaults(func=cmd_uninstall)
 
 
@@ -109,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError("--resync-interval must be positive")
 
     async def main() -> None:
-        capture = select_capture(args.capture, args.state_dir)
+        capture = select_capture(args.capture)
         agent = Agent(options, capture)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -202,7 +204,8 @@ def cmd_workloads(args: argparse.Namespace) -> int:
 # -- uninstall -------------------------------------------------------------------
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
-    from nodeagent.agent.capture import CaptureError, uninstall_backends
+    from nodeagent.agent.agent import applied_from_state
+    from nodeagent.agent.capture import CaptureError, capture_for_uninstall
     from nodeagent.agent.persist import STATE_FILE, load_registry
     from nodeagent.agent.registry import StateFileError
     from nodeagent.agent.server import SOCKET_NAME, socket_alive
@@ -211,36 +214,45 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     if socket_alive(state_dir / SOCKET_NAME):
         raise UserError(f"an agent is running on {state_dir / SOCKET_NAME}; stop it first "
                         "(systemctl stop nodeagent, or delete the DaemonSet)")
-    specs = []
-    if state_dir.is_dir():
+    if not (state_dir / STATE_FILE).exists() and not args.all_netns:
+        raise UserError(f"no nodeagent state in {state_dir} (no {STATE_FILE}); pass the agent's --state-dir, "
+                        "or --all-netns to sweep every network namespace for nodeagent rules")
+    specs: dict = {}
+    mode = "none"
+    if (state_dir / STATE_FILE).exists():
         try:
-            registry, _ = load_registry(state_dir)
-            specs = list(registry)
+            registry, extra = load_registry(state_dir)
+            for spec in [*registry, *applied_from_state(extra, state_dir)]:
+                specs[spec.key] = spec
+            mode = str(extra.get("capture", "none"))
         except StateFileError as exc:
-            print(f"nodeagent: {exc}; sweeping every nodeagent rule instead", file=sys.stderr)
+            raise UserError(f"{exc}; fix or remove the file, or use --all-netns") from None
     failures = 0
-    for backend in uninstall_backends():
-        for spec in specs:
+    backend = capture_for_uninstall(mode)
+    if backend is not None:
+        for spec in specs.values():
             try:
                 backend.remove(spec)
+                print(f"removed {mode} capture of {spec.ref}")
             except CaptureError as exc:
                 failures += 1
-                print(f"nodeagent: {backend.mode}: {spec.ref}: {exc}", file=sys.stderr)
+                print(f"nodeagent: {spec.ref}: {exc}", file=sys.stderr)
+    if args.all_netns:
+        from nodeagent.agent.netfilter import sweep_all_netns
         try:
-            for leftover in backend.sweep(()):
-                print(f"removed leftover {backend.mode} capture: {leftover}")
+            for where in sweep_all_netns():
+                print(f"removed leftover capture in {where}")
         except CaptureError as exc:
             failures += 1
-            print(f"nodeagent: {backend.mode} sweep: {exc}", file=sys.stderr)
-    print(f"removed capture of {len(specs)} enrolled workload(s)")
+            print(f"nodeagent: sweep: {exc}", file=sys.stderr)
     if failures:
         raise UserError(f"{failures} removal(s) failed (see above); state kept in {state_dir} so you can retry")
-    if args.keep_state or not state_dir.exists():
+    print(f"capture removed for {len(specs)} workload(s) (mode {mode})")
+    if args.keep_state or not (state_dir / STATE_FILE).exists():
         return 0
     resolved = state_dir.resolve()
-    if not (resolved / STATE_FILE).exists() or resolved == Path("/") or resolved == Path.home():
-        raise UserError(f"{state_dir} does not look like a nodeagent state dir (no {STATE_FILE}); "
-                        "not deleting it")
+    if resolved in (Path("/"), Path.home()):
+        raise UserError(f"refusing to delete {resolved}")
     shutil.rmtree(resolved)
     print(f"removed state dir {state_dir}")
     return 0

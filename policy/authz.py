@@ -423,7 +423,7 @@ _OPERATION_FIELDS: dict[str, tuple[str, _Field]] = {
 }
 
 
-def _condition_field(key: str) -> _Field:
+def _condition_field(key: str, policy_ns: str) -> _Field:
     label = f"when[{key}]"
     if key == "source.ip":
         return _Field(label, _GET_SRC_IP, _cidrs, _parse_cidr)
@@ -433,6 +433,8 @@ def _condition_field(key: str) -> _Field:
         return _Field(label, _GET_NAMESPACE, _strings, None)
     if key == "source.principal":
         return _Field(label, _GET_PRINCIPAL, _strings, None)
+    if key == "source.serviceAccount":
+        return _Field(label, _GET_NS_SA, _strings, _sa_values(policy_ns))
     if key == "destination.ip":
         return _Field(label, _GET_DST_IP, _cidrs, _parse_cidr)
     if key == "destination.port":
@@ -446,7 +448,7 @@ def _condition_field(key: str) -> _Field:
         return _Field(label, None, None, None, True, "expects request.headers[<name>]")
     if key.startswith("request.auth."):
         return _Field(label, None, None, None, True, _JWT_REASON)
-    if key.startswith("experimental.envoy.filters."):
+    if key.startswith(("experimental.envoy.filters.", "request.experimental.envoy.filters.")):
         return _Field(label, None, None, None, False,
                       "reads Envoy filter metadata, which nodeagent does not have")
     return _Field(label, None, None, None, False, "is not a key Istio supports")
@@ -568,7 +570,7 @@ def _compile_rules(spec, policy_ns: str, action: str, *, for_tcp: bool, trust_do
                 if cond.key == "source.principal":
                     values = expand_trust_domain_aliases(values, trust_domain, aliases)
                     not_values = expand_trust_domain_aliases(not_values, trust_domain, aliases)
-                whens += _compile_field(_condition_field(cond.key), tuple(values), tuple(not_values),
+                whens += _compile_field(_condition_field(cond.key, policy_ns), tuple(values), tuple(not_values),
                                         for_tcp=for_tcp, strict=strict, notes=notes, where=where)
             froms: list[tuple[Pred, ...]] = []
             for j, rf in enumerate(rule.from_):
@@ -808,7 +810,7 @@ def unsupported_field_warnings(spec) -> list[str]:
                     out.append(f"rules[{i}].from[{j}].source.{label}: nodeagent does not validate JWTs "
                                f"(no RequestAuthentication); {effect}")
         for j, cond in enumerate(rule.when):
-            f = _condition_field(cond.key)
+            f = _condition_field(cond.key, "")
             if f.getter is None:
                 out.append(f"rules[{i}].when[{j}].key {cond.key!r} {f.unsupported_reason}; {effect}")
     if action == "CUSTOM":

@@ -289,6 +289,8 @@ CASES = [
      conn(), True, "foo/a"),
     ("service-account-qualified", [ap("a", rules=[rule(from_=[src(service_accounts=["bar/other"])])])],
      conn(principal=OTHER), True, "foo/a"),
+    ("when-source-service-account", [ap("a", rules=[rule(when=[cond("source.serviceAccount", ["sleep"])])])],
+     conn(), True, "foo/a"),
     ("service-account-other-ns", [ap("a", rules=[rule(from_=[src(service_accounts=["other"])])])],
      conn(principal=OTHER), False, None),
 

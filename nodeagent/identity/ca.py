@@ -241,9 +241,10 @@ class CADirectory:
                          and e.get("kind") == "node" and float(e["not_after"]) > now
                          and int(e["serial"], 16) not in self.revocation_list().serials]
                 if still:
-                    nodes = ", ".join(sorted({e["identity"] for e in still}))
-                    raise CAError(f"node credentials signed by the old root are still valid ({nodes}); "
-                                  "issue new ones with `nodeagent ca node-credential`, or pass --force")
+                    listed = ", ".join(sorted(f"{e['node']} serial {e['serial']}" for e in still))
+                    raise CAError(f"node credentials signed by the old root are still valid ({listed}); "
+                                  "issue new ones with `nodeagent ca node-credential --replace` and "
+                                  "revoke the old serials, or pass --force")
             config["roots"] = [e for e in config["roots"] if e["name"] == active.name]
             self._write_json("ca.json", config)
             for r in retiring:

@@ -179,6 +179,23 @@ class CertificateManager:
                                 f"at {_fmt(slot.next_attempt)}")
         return Health(True) if not problems else Health(False, "; ".join(problems))
 
+    def status(self) -> list[dict]:
+        """Per workload: certificate and renewal state (for the admin API's cert dump; no keys)."""
+        out = []
+        for slot in self._slots.values():
+            cur = slot.current
+            out.append({
+                "identity": slot.identity.uri,
+                "serial": certs.serial_hex(cur.serial) if cur else None,
+                "not_before": cur.not_before if cur else None,
+                "not_after": cur.not_after if cur else None,
+                "renew_at": cur.renew_at if cur else None,
+                "next_attempt": slot.next_attempt,
+                "failures": slot.failures,
+                "last_error": slot.last_error,
+            })
+        return out
+
     # ---- the work -------------------------------------------------------------------
 
     def next_due(self) -> float:
@@ -189,9 +206,12 @@ class CertificateManager:
         now = self._clock()
         if now >= self._next_poll:
             await self._poll(now)
+        renewed = False
         for slot in list(self._slots.values()):
             if now >= slot.next_attempt:
-                await self._renew(slot, now)
+                renewed |= await self._renew(slot, now)
+        if renewed and self._poll_error:
+            await self._poll(now)  # the CA answers again: catch up at once
 
     async def _poll(self, now: float) -> None:
         try:
@@ -217,7 +237,7 @@ class CertificateManager:
             if bundle.issuer_of(cur.certificate) is None or revocations.revoked_reason(cur.certificate):
                 slot.next_attempt = now
 
-    async def _renew(self, slot: _Slot, now: float) -> None:
+    async def _renew(self, slot: _Slot, now: float) -> bool:
         key = certs.generate_key()
         csr = certs.make_csr(key, slot.identity)
         try:
@@ -230,7 +250,7 @@ class CertificateManager:
             log.warning("identity: certificate for %s not renewed (%s); retry in %.0f s%s",
                         slot.identity, exc, slot.next_attempt - now,
                         "; the current certificate keeps serving" if slot.current else "")
-            return
+            return False
         slot.current = WorkloadCertificate(slot.identity, issued.certificate, issued.chain,
                                            certs.key_to_pem(key))
         slot.failures = 0
@@ -238,6 +258,7 @@ class CertificateManager:
         slot.next_attempt = max(slot.current.renew_at, now + 1.0)
         log.info("identity: certificate for %s serial %s valid until %s", slot.identity,
                  certs.serial_hex(slot.current.serial), _fmt(slot.current.not_after))
+        return True
 
     def _check_issued(self, identity: SpiffeId, key, issued: IssuedCertificate) -> None:
         cert = issued.certificate

@@ -78,6 +78,7 @@ class Agent:
         self.capture = capture
         self.clock = clock or MonotonicClock()
         self.state_dir = ensure_state_dir(options.state_dir)
+        self._lock_fd = _lock_state_dir(self.state_dir)
         self.registry, extra = load_registry(self.state_dir)
         applied = applied_from_state(extra, self.state_dir)
         self.reconciler = Reconciler(lambda: list(self.registry), capture, self.clock, RetrySet(),
@@ -183,6 +184,9 @@ class Agent:
         await self.enrollment.close()
         for face in self.faces:
             await face.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     async def _reconcile_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -366,6 +370,21 @@ class Agent:
 
     def metrics_text(self) -> tuple[bytes, str]:
         return generate_latest(self.metrics_registry), CONTENT_TYPE_LATEST
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    """One agent per state dir: an exclusive flock on ``agent.lock``, held for the agent's life."""
+    import fcntl
+
+    path = state_dir / "agent.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AgentSetupError(f"another agent is already running with --state-dir {state_dir} "
+                              f"(it holds {path}); stop it or use another --state-dir") from None
+    return fd
 
 
 def applied_from_state(extra: dict[str, Any], state_dir: Path) -> list[WorkloadSpec]:

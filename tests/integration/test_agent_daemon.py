@@ -1,0 +1,286 @@
+"""The real agent as a subprocess (`python -m nodeagent run`), driven through
+its CLI, its enrollment socket and its HTTP faces, on loopback ports chosen free.
+
+Kernel capture (nftables in a namespace this test creates) runs as root only.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from nodeagent.agent.server import AgentClient
+
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def cli(state_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([PY, "-m", "nodeagent", *args, "--state-dir", str(state_dir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"nodeagent {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+class AgentProcess:
+    def __init__(self, state_dir: Path, tmp: Path, capture: str = "none", extra: tuple[str, ...] = ()) -> None:
+        self.state_dir = state_dir
+        self.admin, self.metrics, self.ready_port = free_port(), free_port(), free_port()
+        self.log = tmp / f"agent-{time.monotonic_ns()}.log"
+        self.notify_path = tmp / f"notify-{time.monotonic_ns()}.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        self.notify.settimeout(10)
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [PY, "-m", "nodeagent", "run", "--node", "node-1", "--state-dir", str(state_dir),
+             "--capture", capture, "--admin", f"127.0.0.1:{self.admin}",
+             "--metrics", f"127.0.0.1:{self.metrics}", "--readiness", f"127.0.0.1:{self.ready_port}", *extra],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
+
+    def logs(self) -> str:
+        return self.log.read_text()
+
+    def wait_http(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"agent exited {self.proc.returncode}:\n{self.logs()}"
+            with contextlib.suppress(OSError):
+                http_get(self.ready_port, "/healthz/ready", timeout=0.5)
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"agent readiness server did not come up:\n{self.logs()}")
+
+    def wait_ready(self, timeout: float = 15.0) -> dict:
+        self.wait_http(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, body = http_get(self.ready_port, "/healthz/ready")
+            if status == 200:
+                return json.loads(body)
+            time.sleep(0.05)
+        raise AssertionError(f"agent not ready: {body}\n{self.logs()}")
+
+    def notifications(self, until: str, timeout: float = 10.0) -> list[str]:
+        got = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.notify.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                got.append(self.notify.recv(4096).decode())
+            except socket.timeout:
+                break
+            if any(until in m.split("\n") for m in got):
+                return got
+        raise AssertionError(f"no {until} notification; got {got}\n{self.logs()}")
+
+    def json(self, path: str, port: int | None = None) -> dict:
+        status, body = http_get(port or self.admin, path)
+        assert status == 200, (path, status, body)
+        return json.loads(body)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+                raise AssertionError(f"agent did not exit on SIGTERM:\n{self.logs()}")
+        self.notify.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def agents(tmp_path):
+    started: list[AgentProcess] = []
+
+    def start(state_dir: Path, **kwargs) -> AgentProcess:
+        agent = AgentProcess(state_dir, tmp_path, **kwargs)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        with contextlib.suppress(Exception):
+            agent.stop()
+
+
+def enroll_args(name: str, target: str, ip: str, *extra: str) -> list[str]:
+    return ["enroll", "--netns", target, "--name", name, "--namespace", "shop",
+            "--service-account", f"{name}-sa", "--labels", f"app={name},version=v1", "--ip", ip, *extra]
+
+
+def test_lifecycle_enroll_restart_readopt_unenroll(agents, tmp_path):
+    state = tmp_path / "state"
+    agent = agents(state)
+    ready = agent.wait_ready()
+    assert ready["ready"] is True and set(ready["conditions"]) >= {"state", "identities", "capture"}
+    notes = agent.notifications("READY=1")
+    assert any("READY=1" in n.split("\n") for n in notes)
+    assert (state / "agent.sock").exists() and (os.stat(state / "agent.sock").st_mode & 0o777) == 0o600
+
+    out = cli(state, *enroll_args("web", "pod-web", "10.250.0.2"))
+    assert out.stdout.startswith("added: shop/web on netns pod-web as spiffe://cluster.local/ns/shop/sa/web-sa")
+    again = cli(state, *enroll_args("web", "/var/run/netns/pod-web", "10.250.0.2"))
+    assert again.stdout.startswith("unchanged: ")
+    updated = cli(state, *enroll_args("web", "pod-web", "10.250.0.2", "--ip", "10.250.0.12"))
+    assert updated.stdout.startswith("updated: ")
+    conflict = cli(state, *enroll_args("db", "pod-db", "10.250.0.12"), check=False)
+    assert conflict.returncode == 1
+    assert conflict.stderr.strip() == "nodeagent: IP 10.250.0.12 is already held by workload shop/web (netns pod-web)"
+    assert "Traceback" not in conflict.stderr
+
+    listed = json.loads(cli(state, "workloads", "--json").stdout)
+    assert [(w["name"], w["ips"], w["capture"]) for w in listed] == [("web", ["10.250.0.2", "10.250.0.12"], "none")]
+    table = cli(state, "workloads").stdout.splitlines()
+    assert table[0].split() == ["NAMESPACE", "NAME", "KIND", "TARGET", "IPS", "CAPTURE", "IDENTITY"]
+    assert table[1].split() == ["shop", "web", "netns", "pod-web", "10.250.0.2,10.250.0.12", "none",
+                                "spiffe://cluster.local/ns/shop/sa/web-sa"]
+
+    # Admin API: JSON everywhere; the certificate for the enrolled identity is issued.
+    view = agent.json("/workloads")
+    assert view["enrolled"][0]["identity"] == "spiffe://cluster.local/ns/shop/sa/web-sa"
+    assert view["workloads"][0]["sources"] == ["enrolled"] and view["retry"] == []
+    deadline = time.monotonic() + 10
+    while True:
+        certs = agent.json("/certs")
+        states = {c["identity"]: c["state"] for c in certs["certificates"]}
+        if states.get("spiffe://cluster.local/ns/shop/sa/web-sa") == "valid" or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert states == {"spiffe://cluster.local/ns/shop/sa/web-sa": "valid"}
+    assert certs["ca"] == "embedded" and certs["trust_bundle"][0]["subject"].startswith("CN=")
+    for path in ("/config_dump", "/endpoints"):
+        assert isinstance(agent.json(path), dict)
+    health = agent.json("/healthz")
+    assert health["status"] == "OK" and health["ready"] is True
+    status, metrics = http_get(agent.metrics, "/metrics")
+    assert status == 200 and "nodeagent_workloads_enrolled 1.0" in metrics
+
+    # Clean SIGTERM: exit 0, STOPPING=1 sent, socket removed, state kept (0600).
+    assert agent.stop() == 0
+    assert not (state / "agent.sock").exists()
+    assert (os.stat(state / "workloads.json").st_mode & 0o777) == 0o600
+    gone = cli(state, "workloads", check=False)
+    assert gone.returncode == 1
+    assert gone.stderr.strip() == (f"nodeagent: no agent at {state / 'agent.sock'}: "
+                                   f"is `nodeagent run` running with --state-dir {state}?")
+
+    # Restart: the workload is re-adopted without re-enrollment, same identity and certificate flow.
+    agent2 = agents(state)
+    ready = agent2.wait_ready()
+    assert "1 workload(s) re-adopted" in ready["conditions"]["state"]["detail"]
+    listed = json.loads(cli(state, "workloads", "--json").stdout)
+    assert [(w["name"], w["identity"]) for w in listed] == [("web", "spiffe://cluster.local/ns/shop/sa/web-sa")]
+    certs = agent2.json("/certs")
+    assert [c["state"] for c in certs["certificates"]] == ["valid"]  # readiness waited for it
+
+    # A second agent on the same state dir is refused with a clear message.
+    dup = agents(state)
+    assert dup.proc.wait(timeout=15) == 1
+    assert f"nodeagent: another agent is already running with --state-dir {state}" in dup.logs()
+    assert "Traceback" not in dup.logs()
+
+    assert cli(state, "unenroll", "--netns", "pod-web").stdout.strip() == "removed: netns pod-web"
+    assert cli(state, "unenroll", "--netns", "pod-web").stdout.strip() == "not enrolled: netns pod-web (nothing to do)"
+    assert cli(state, "workloads").stdout.strip() == "no workloads enrolled"
+    assert agent2.json("/certs")["certificates"] == []
+    assert agent2.stop() == 0
+
+    # Uninstall removes the state (nothing was captured in mode none).
+    out = cli(state, "uninstall")
+    assert "removed state dir" in out.stdout and not state.exists()
+
+
+def test_cli_errors_are_clear(tmp_path):
+    state = tmp_path / "nostate"
+    out = cli(state, *enroll_args("web", "pod-web", "10.250.0.2"), check=False)
+    assert out.returncode == 1 and "is `nodeagent run` running with --state-dir" in out.stderr
+    out = cli(state, "enroll", "--netns", "p", "--name", "Bad_Name", "--namespace", "shop", check=False)
+    assert out.returncode == 1
+    assert out.stderr.strip() == "nodeagent: enroll: name: 'Bad_Name' is not a valid Kubernetes name (lower-case DNS-1123)"
+    out = cli(state, "enroll", "--netns", "p", "--name", "w", "--namespace", "shop", "--ip", "1.2.3", check=False)
+    assert out.stderr.strip() == "nodeagent: enroll: ips: '1.2.3' is not an IP address"
+    out = cli(state, "uninstall", check=False)
+    assert out.returncode == 1 and "no nodeagent state in" in out.stderr
+    for args in (["--admin", "localhost"], ["--capture", "ebpf"]):
+        proc = subprocess.run([PY, "-m", "nodeagent", "run", "--state-dir", str(tmp_path / "s"), *args],
+                              cwd=REPO, capture_output=True, text=True, timeout=30)
+        assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_readiness_is_503_until_identities_are_issued(agents, tmp_path):
+    from nodeagent.identity.ca import CADirectory, issue_node_credential
+
+    ca_dir = CADirectory.init(tmp_path / "ca", trust_domain="cluster.local")
+    issue_node_credential(ca_dir, "node-1", tmp_path / "cred")
+    dead = free_port()  # nothing listens there: the CA is unreachable
+    agent = agents(tmp_path / "state", extra=("--ca-url", f"https://127.0.0.1:{dead}",
+                                              "--node-credential", str(tmp_path / "cred")))
+    agent.wait_http()
+    deadline = time.monotonic() + 5
+    while True:
+        status, body = http_get(agent.ready_port, "/healthz/ready")
+        detail = json.loads(body)
+        if "trust bundle" in detail["conditions"]["identities"]["detail"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert status == 503 and detail["ready"] is False
+    assert detail["conditions"]["identities"]["ok"] is False
+    assert "no trust bundle yet" in detail["conditions"]["identities"]["detail"]
+    assert detail["conditions"]["state"]["ok"] is True
+    health = agent.json("/healthz")
+    assert health["ready"] is False
+    # Enrollment works while not ready (the CNI must not block on the CA).
+    assert cli(agent.state_dir, *enroll_args("web", "pod-web", "10.250.0.2")).returncode == 0
+    assert agent.stop() == 0
+
+
+def test_enroll_round_trip_latency(agents, tmp_path):
+    """Socket round trip + registry persist (fsync) + capture bookkeeping, capture none."""
+    agent = agents(tmp_path / "state")
+    agent.wait_ready()
+    client = AgentClient(agent.state_dir / "agent.sock")
+    samples = []
+    for i in range(40):
+        message = {"op": "enroll", "kind": "netns", "target": f"pod-{i}", "name": f"w{i}", "namespace": "shop",
+                   "service_account": "sa", "labels": {"app": "w"}, "ips": [f"10.250.1.{i + 1}"]}
+        started = time.perf_counter()
+        reply = client.call(message)
+        samples.append((time.perf_counter() - started) * 1000)
+        assert reply["ok"] and reply["result"] == "added", reply
+    samples.sort()
+    p50, p95 = statistics.median(samples), samples[int(len(samples) * 0.95) - 1]
+    print(f"\nenroll round trip (capture none, {len(samples)} enrolls): p50 {p50:.2f} ms, p95 {p95:.2f} ms, "
+          f"max {samples[-1]:.2f} ms")
+    assert p50 < 20.0, samples
+    assert len(client.call({"op": "list"})["workloads"]) == 40
+    assert agent.stop() == 0

@@ -341,9 +341,10 @@ class CADirectory:
         finally:
             os.close(fd)
 
-    def sign(self, request: certs.LeafRequest, *, kind: str, node: str | None,
-             now: float) -> IssuedCertificate:
-        root = self.active_root(now)
+    def sign(self, request: certs.LeafRequest, *, kind: str, node: str | None, now: float,
+             root: RootInfo | None = None) -> IssuedCertificate:
+        """Sign with ``root``, by default the root active at ``now``."""
+        root = root or self.active_root(now)
         cert = certs.sign_leaf(request, root.certificate, self._root_key(root))
         if kind != "serving":
             self._record(cert, root, kind, node)

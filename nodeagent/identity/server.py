@@ -60,8 +60,9 @@ class CAServer:
     # ---- TLS ------------------------------------------------------------------------
 
     def _serving_context(self) -> ssl.SSLContext:
-        """Current server context: serving certificate from the signing root,
-        client certificates checked against every root of the bundle."""
+        """Current server context: client certificates checked against every root
+        of the bundle; the serving certificate comes from the OLDEST root, the one
+        every agent already trusts while a new root is being rolled out."""
         now = self._clock()
         bundle = self.directory.trust_bundle(now)
         if self._serving and self._serving[0] == bundle.version and now < self._serving[1]:
@@ -72,7 +73,8 @@ class CAServer:
             (ips if _is_ip(name) else dns).append(name)
         request = certs.LeafRequest(None, key.public_key(), now - certs.CLOCK_SKEW_ALLOWANCE,
                                     now + SERVING_LIFETIME, tuple(dns), tuple(ips))
-        issued = self.directory.sign(request, kind="serving", node=None, now=now)
+        oldest = min(self.directory.roots(), key=lambda r: r.created)
+        issued = self.directory.sign(request, kind="serving", node=None, now=now, root=oldest)
         ctx = _base_context(True, bundle.pem)
         load_cert_chain_in_memory(ctx, certs.certs_to_pem((issued.certificate, *issued.chain)),
                                   certs.key_to_pem(key))

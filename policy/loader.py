@@ -148,6 +148,7 @@ def load_text(text: str, file: str, default_namespace: str = "default",
             f"loaded but not enforced by nodeagent (ignored): {names}", severity="warning"))
     if res.errors:
         res.resources = []
+        res.errors.sort(key=lambda d: d.line or 0)
     return res
 
 

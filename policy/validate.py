@@ -115,6 +115,16 @@ class Ctx:
             p = p[:cut]
         return self.lines.get(p)
 
+    def has_errors_under(self, *prefixes: str) -> bool:
+        """True when an error was reported at or below one of these paths (used to avoid
+        follow-on errors, e.g. a weight total when one destination failed to decode)."""
+        for e in self.errors:
+            p = e.path or ""
+            for pre in prefixes:
+                if p == pre or p.startswith(pre + ".") or p.startswith(pre + "["):
+                    return True
+        return False
+
     def err(self, path: str, message: str, line: int | None = None) -> None:
         self.errors.append(Diagnostic(self.file, line if line is not None else self.line_of(path),
                                       message, self.obj, path))
@@ -286,7 +296,6 @@ def decode_message(node: Node, name: str, path: str, ctx: Ctx) -> Any:
     items = _mapping_items(node, path, ctx, "")
     if items is None:
         return INVALID
-    before = len(ctx.errors)
     kwargs: dict[str, Any] = {}
     present: list[str] = []
     for key, knode, vnode in items:
@@ -307,11 +316,17 @@ def decode_message(node: Node, name: str, path: str, ctx: Ctx) -> Any:
         got = [k for k in group if k in present]
         if len(got) > 1:
             ctx.err(f"{path}.{got[1]}", f"only one of {', '.join(group)} may be set, got {' and '.join(got)}")
+    missing = False
     for req in msg.required:
-        if req not in present and not any(e.path == f"{path}.{req}" for e in ctx.errors[before:]):
-            ctx.err(f"{path}.{req}", "required field is missing", _line(node))
-    if len(ctx.errors) > before:
+        if req not in present:
+            missing = True
+            if not ctx.has_errors_under(f"{path}.{req}"):
+                ctx.err(f"{path}.{req}", "required field is missing", _line(node))
+    if missing:
         return INVALID
+    # Fields that failed to decode are left at their defaults so the semantic checks
+    # below still run (every error of a file is reported); checks that aggregate
+    # over a field skip it when it had errors (ctx.has_errors_under).
     try:
         obj = msg.build(kwargs) if msg.build else msg.cls(**kwargs)
     except TypeError as exc:   # a required dataclass field without a schema 'required' entry
@@ -441,11 +456,19 @@ def is_dns1123_subdomain(s: str) -> bool:
     return 0 < len(s) <= 253 and all(is_dns1123_label(p) for p in s.split("."))
 
 
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False   # no C++ log lines on stderr
+
+
 def regex_error(pattern: str) -> str | None:
+    """None when ``pattern`` compiles as RE2 (Istio's regex dialect), else the reason."""
     try:
-        re2.compile(pattern)
+        re2.compile(pattern, _RE2_OPTIONS)
     except Exception as exc:  # re2.error and friends
-        return str(exc) or exc.__class__.__name__
+        arg = exc.args[0] if exc.args else exc.__class__.__name__
+        if isinstance(arg, bytes):
+            arg = arg.decode("utf-8", "replace")
+        return f"{arg}; Istio uses RE2 syntax (https://github.com/google/re2/wiki/Syntax)"
     return None
 
 
@@ -580,6 +603,8 @@ def _gateways(ctx: Ctx, path: str, gateways: tuple[str, ...]) -> None:
 
 
 def _weights(ctx: Ctx, path: str, dests) -> None:
+    if ctx.has_errors_under(path):
+        return
     total = 0
     for i, d in enumerate(dests):
         w = d.weight or 0
@@ -633,7 +658,8 @@ def _c_http_route(r: m.HTTPRoute, path: str, ctx: Ctx) -> None:
             ctx.err(f"{path}.redirect", "HTTP route cannot contain both directResponse and redirect")
     if r.direct_response is not None and r.route:
         ctx.err(f"{path}.directResponse", "HTTP route cannot contain both route and directResponse")
-    if not r.route and r.redirect is None and r.direct_response is None and r.delegate is None:
+    if not r.route and r.redirect is None and r.direct_response is None and r.delegate is None \
+            and not ctx.has_errors_under(f"{path}.route", f"{path}.redirect", f"{path}.directResponse"):
         ctx.err(path, "one of route, redirect or directResponse is required")
     _header_names(ctx, f"{path}.headers", r.headers)
     _weights(ctx, f"{path}.route", r.route)
@@ -692,14 +718,14 @@ def _c_retry(r: m.HTTPRetry, path: str, ctx: Ctx) -> None:
 
 
 def _c_fault(f: m.HTTPFaultInjection, path: str, ctx: Ctx) -> None:
-    if f.delay is None and f.abort is None:
+    if f.delay is None and f.abort is None and not ctx.has_errors_under(f"{path}.delay", f"{path}.abort"):
         ctx.err(path, "fault injection must have an abort and/or a delay")
 
 
 def _c_delay(d: m.Delay, path: str, ctx: Ctx) -> None:
     if d.exponential_delay is not None:
         ctx.err(f"{path}.exponentialDelay", "exponentialDelay is not supported (Istio rejects it too); use fixedDelay")
-    elif d.fixed_delay is None:
+    elif d.fixed_delay is None and not ctx.has_errors_under(f"{path}.fixedDelay"):
         ctx.err(f"{path}.fixedDelay", "required field is missing")
     _min_duration(ctx, f"{path}.fixedDelay", d.fixed_delay)
     if d.percent is not None:
@@ -707,7 +733,8 @@ def _c_delay(d: m.Delay, path: str, ctx: Ctx) -> None:
 
 
 def _c_abort(a: m.Abort, path: str, ctx: Ctx) -> None:
-    if a.http_status is None and a.grpc_status is None and a.http2_error is None:
+    if a.http_status is None and a.grpc_status is None and a.http2_error is None \
+            and not ctx.has_errors_under(f"{path}.httpStatus", f"{path}.grpcStatus"):
         ctx.err(f"{path}.httpStatus", "required field is missing (or grpcStatus)")
     if a.http_status is not None and not 200 <= a.http_status <= 599:
         ctx.err(f"{path}.httpStatus", f"must be an HTTP status code between 200 and 599, got {a.http_status}")
@@ -743,7 +770,7 @@ def _c_l4_match(mt, path: str, ctx: Ctx) -> None:
 
 
 def _c_tls_match(mt: m.TLSMatchAttributes, path: str, ctx: Ctx) -> None:
-    if not mt.sni_hosts:
+    if not mt.sni_hosts and not ctx.has_errors_under(f"{path}.sniHosts"):
         ctx.err(f"{path}.sniHosts", "TLS match must have at least one SNI host")
     for i, h in enumerate(mt.sni_hosts):
         if wildcard_domain_error(h) and not is_ip(h):
@@ -752,21 +779,21 @@ def _c_tls_match(mt: m.TLSMatchAttributes, path: str, ctx: Ctx) -> None:
 
 
 def _c_tcp_route(r: m.TCPRoute, path: str, ctx: Ctx) -> None:
-    if not r.route:
+    if not r.route and not ctx.has_errors_under(f"{path}.route"):
         ctx.err(f"{path}.route", "TCP route is required")
     _weights(ctx, f"{path}.route", r.route)
 
 
 def _c_tls_route(r: m.TLSRoute, path: str, ctx: Ctx) -> None:
-    if not r.match:
+    if not r.match and not ctx.has_errors_under(f"{path}.match"):
         ctx.err(f"{path}.match", "TLS route must have at least one match condition")
-    if not r.route:
+    if not r.route and not ctx.has_errors_under(f"{path}.route"):
         ctx.err(f"{path}.route", "TLS route is required")
     _weights(ctx, f"{path}.route", r.route)
 
 
 def _c_virtual_service(vs: m.VirtualService, path: str, ctx: Ctx) -> None:
-    if not vs.hosts:
+    if not vs.hosts and not ctx.has_errors_under(f"{path}.hosts"):
         ctx.err(f"{path}.hosts", "at least one host is required")
     applies_to_mesh = not vs.gateways or "mesh" in vs.gateways
     _gateways(ctx, f"{path}.gateways", vs.gateways)
@@ -787,7 +814,8 @@ def _c_virtual_service(vs: m.VirtualService, path: str, ctx: Ctx) -> None:
                 a, b = qualified[i], qualified[j]
                 if a == b or (a.startswith("*") and b.endswith(a[1:])) or (b.startswith("*") and a.endswith(b[1:])):
                     ctx.err(f"{path}.hosts[{j}]", f"duplicate hosts in virtual service: {vs.hosts[i]} & {vs.hosts[j]}")
-    if not vs.http and not vs.tcp and not vs.tls:
+    if not vs.http and not vs.tcp and not vs.tls \
+            and not ctx.has_errors_under(f"{path}.http", f"{path}.tcp", f"{path}.tls"):
         ctx.err(path, "one of http, tcp or tls routes is required")
     for i, r in enumerate(vs.tls):
         for j, mt in enumerate(r.match):
@@ -825,7 +853,8 @@ def _c_subset(s: m.Subset, path: str, ctx: Ctx) -> None:
 
 def _c_traffic_policy(t: m.TrafficPolicy, path: str, ctx: Ctx) -> None:
     if (t.load_balancer is None and t.connection_pool is None and t.outlier_detection is None
-            and t.tls is None and not t.port_level_settings and t.tunnel is None and t.proxy_protocol is None):
+            and t.tls is None and not t.port_level_settings and t.tunnel is None and t.proxy_protocol is None
+            and not ctx.has_errors_under(path)):
         ctx.err(path, "traffic policy must have at least one field")
     seen: dict[int, int] = {}
     for i, p in enumerate(t.port_level_settings):
@@ -838,7 +867,8 @@ def _c_traffic_policy(t: m.TrafficPolicy, path: str, ctx: Ctx) -> None:
 
 
 def _c_port_traffic_policy(p: m.PortTrafficPolicy, path: str, ctx: Ctx) -> None:
-    if p.load_balancer is None and p.connection_pool is None and p.outlier_detection is None and p.tls is None:
+    if p.load_balancer is None and p.connection_pool is None and p.outlier_detection is None and p.tls is None \
+            and not ctx.has_errors_under(path):
         ctx.err(path, "port level setting must have at least one of loadBalancer, connectionPool, "
                       "outlierDetection or tls")
 
@@ -849,7 +879,7 @@ def _c_lb(lb: m.LoadBalancerSettings, path: str, ctx: Ctx) -> None:
 
 def _c_consistent_hash(c: m.ConsistentHashLB, path: str, ctx: Ctx) -> None:
     if c.http_header_name is None and c.http_cookie is None and c.use_source_ip is None \
-            and c.http_query_parameter_name is None:
+            and c.http_query_parameter_name is None and not ctx.has_errors_under(path):
         ctx.err(path, "consistentHash needs one of httpHeaderName, httpCookie, useSourceIp or httpQueryParameterName")
     if c.minimum_ring_size is not None and (c.ring_hash is not None or c.maglev is not None):
         ctx.err(f"{path}.minimumRingSize", "cannot be set together with ringHash or maglev (use ringHash.minimumRingSize)")
@@ -876,7 +906,7 @@ def _c_locality(lb: m.LocalityLoadBalancerSetting, path: str, ctx: Ctx) -> None:
 
 
 def _c_conn_pool(c: m.ConnectionPoolSettings, path: str, ctx: Ctx) -> None:
-    if c.tcp is None and c.http is None:
+    if c.tcp is None and c.http is None and not ctx.has_errors_under(f"{path}.tcp", f"{path}.http"):
         ctx.err(path, "connection pool must have at least one of tcp or http")
 
 
@@ -920,7 +950,7 @@ def _c_client_tls(t: m.ClientTLSSettings, path: str, ctx: Ctx) -> None:
 
 
 def _c_service_entry(se: m.ServiceEntry, path: str, ctx: Ctx) -> None:
-    if not se.hosts:
+    if not se.hosts and not ctx.has_errors_under(f"{path}.hosts"):
         ctx.err(f"{path}.hosts", "at least one host is required")
     for i, h in enumerate(se.hosts):
         if h == "*":
@@ -938,7 +968,7 @@ def _c_service_entry(se: m.ServiceEntry, path: str, ctx: Ctx) -> None:
     resolution = se.resolution or "NONE"
     if cidr and resolution not in ("NONE", "STATIC"):
         ctx.err(f"{path}.addresses", "CIDR addresses are allowed only with resolution NONE or STATIC")
-    if not se.ports:
+    if not se.ports and not ctx.has_errors_under(f"{path}.ports"):
         ctx.err(f"{path}.ports", "at least one port is required")
     names: dict[str, int] = {}
     numbers: dict[int, int] = {}
@@ -993,7 +1023,8 @@ def _c_service_entry(se: m.ServiceEntry, path: str, ctx: Ctx) -> None:
 def _c_service_port(p: m.ServicePort, path: str, ctx: Ctx) -> None:
     _port(ctx, f"{path}.number", p.number)
     if not p.name:
-        ctx.err(f"{path}.name", "required field is missing")
+        if not ctx.has_errors_under(f"{path}.name"):
+            ctx.err(f"{path}.name", "required field is missing")
     elif not is_dns1123_label(p.name):
         ctx.err(f"{path}.name", f'invalid port name "{p.name}": must be a DNS-1123 label')
     if p.protocol is not None and p.protocol.upper() not in PROTOCOLS:
@@ -1003,7 +1034,7 @@ def _c_service_port(p: m.ServicePort, path: str, ctx: Ctx) -> None:
 
 
 def _c_workload_entry(we: m.WorkloadEntry, path: str, ctx: Ctx) -> None:
-    if not we.address:
+    if not we.address and not ctx.has_errors_under(f"{path}.address"):
         ctx.err(f"{path}.address", "required field is missing")
     for name, port in we.ports.items():
         if not is_dns1123_label(name):
@@ -1024,7 +1055,7 @@ def _c_authz(ap: m.AuthorizationPolicy, path: str, ctx: Ctx) -> None:
                 "only one of selector or targetRef(s) may be set")
     if ap.target_ref is not None and ap.target_refs:
         ctx.err(f"{path}.targetRefs", "only one of targetRef or targetRefs may be set")
-    if ap.action == "CUSTOM" and ap.provider is None:
+    if ap.action == "CUSTOM" and ap.provider is None and not ctx.has_errors_under(f"{path}.provider"):
         ctx.err(f"{path}.provider", "required when action is CUSTOM")
     if ap.action != "CUSTOM" and ap.provider is not None:
         ctx.err(f"{path}.provider", f"may only be set when action is CUSTOM, got action {ap.action}")
@@ -1053,17 +1084,17 @@ _OPERATION_FIELDS = {"hosts": "hosts", "not_hosts": "notHosts", "ports": "ports"
 
 
 def _c_rule_from(f: m.RuleFrom, path: str, ctx: Ctx) -> None:
-    if f.source is None:
+    if f.source is None and not ctx.has_errors_under(f"{path}.source"):
         ctx.err(f"{path}.source", "required field is missing")
 
 
 def _c_rule_to(t: m.RuleTo, path: str, ctx: Ctx) -> None:
-    if t.operation is None:
+    if t.operation is None and not ctx.has_errors_under(f"{path}.operation"):
         ctx.err(f"{path}.operation", "required field is missing")
 
 
 def _c_source(s: m.Source, path: str, ctx: Ctx) -> None:
-    if not _nonempty_strings(s, path, ctx, _SOURCE_FIELDS):
+    if not _nonempty_strings(s, path, ctx, _SOURCE_FIELDS) and not ctx.has_errors_under(path):
         ctx.err(path, "source must not be empty")
     for attr in ("ip_blocks", "not_ip_blocks", "remote_ip_blocks", "not_remote_ip_blocks"):
         for i, v in enumerate(getattr(s, attr)):
@@ -1076,7 +1107,7 @@ def _c_source(s: m.Source, path: str, ctx: Ctx) -> None:
 
 
 def _c_operation(o: m.Operation, path: str, ctx: Ctx) -> None:
-    if not _nonempty_strings(o, path, ctx, _OPERATION_FIELDS):
+    if not _nonempty_strings(o, path, ctx, _OPERATION_FIELDS) and not ctx.has_errors_under(path):
         ctx.err(path, "operation must not be empty")
     for attr in ("ports", "not_ports"):
         for i, v in enumerate(getattr(o, attr)):
@@ -1090,7 +1121,7 @@ def _c_condition(c: m.Condition, path: str, ctx: Ctx) -> None:
                                f"remote.ip, source.namespace, source.principal, destination.ip, "
                                f"destination.port, connection.sni, request.auth.*)")
         return
-    if not c.values and not c.not_values:
+    if not c.values and not c.not_values and not ctx.has_errors_under(f"{path}.values", f"{path}.notValues"):
         ctx.err(path, f"at least one of values or notValues must be set for key {c.key}")
     _nonempty_strings(c, path, ctx, {"values": "values", "not_values": "notValues"})
     for attr, jn in (("values", "values"), ("not_values", "notValues")):

@@ -47,6 +47,20 @@ def _allowed(endpoints, exclude) -> list:
     return [e for e in endpoints if e.id not in exclude]
 
 
+def _uniform(endpoints, exclude, rand: random.Random):
+    """A uniform pick among the endpoints not excluded: rejection sampling
+    first (cheap when few are excluded), then the filtered list."""
+    n = len(endpoints)
+    if not n:
+        return None
+    for _ in range(4):
+        e = endpoints[int(rand.random() * n)]
+        if e.id not in exclude:
+            return e
+    cands = _allowed(endpoints, exclude)
+    return cands[int(rand.random() * len(cands))] if cands else None
+
+
 def _equal_weights(endpoints) -> bool:
     if not endpoints:
         return True
@@ -145,17 +159,16 @@ class LeastRequestPicker(Picker):
         if endpoints is not self._eps:
             self._eps = endpoints
             self._equal = _equal_weights(endpoints)
-        cands = _allowed(endpoints, exclude) if exclude else endpoints
-        n = len(cands)
-        if n == 0:
-            return None
-        if n == 1:
-            return cands[0]
         active = self.active
         if self._equal:
-            a = cands[int(rand.random() * n)]
-            b = cands[int(rand.random() * n)]
+            a = _uniform(endpoints, exclude, rand)
+            if a is None:
+                return None
+            b = _uniform(endpoints, exclude, rand)
             return b if active.get(b.id, 0) < active.get(a.id, 0) else a
+        cands = _allowed(endpoints, exclude) if exclude else endpoints
+        if not cands:
+            return None
         return _weighted_choice(cands, [e.weight / (active.get(e.id, 0) + 1) for e in cands], rand)
 
 
@@ -178,27 +191,29 @@ class RandomPicker(Picker):
             for e in endpoints:
                 total += e.weight
                 self._cum.append(total)
+        if self._equal:
+            return _uniform(endpoints, exclude, rand)
         if exclude:
             cands = _allowed(endpoints, exclude)
-            if not cands:
-                return None
-            if self._equal:
-                return cands[int(rand.random() * len(cands))]
-            return _weighted_choice(cands, [e.weight for e in cands], rand)
+            return _weighted_choice(cands, [e.weight for e in cands], rand) if cands else None
         if not endpoints:
             return None
-        if self._equal:
-            return endpoints[int(rand.random() * len(endpoints))]
         cum = self._cum
         return endpoints[bisect.bisect_right(cum, rand.random() * cum[-1])]
 
 
 class RingHashPicker(Picker):
-    """Envoy's ring hash (Ketama-style consistent hashing). Each endpoint owns
-    points on a 64-bit ring in proportion to its weight; the ring has at least
-    ``minimum_ring_size`` points. A key maps to the first point clockwise of its
-    hash; excluded endpoints are skipped by walking on, so only keys that were
-    on a removed endpoint move. No key -> a random point (as Envoy)."""
+    """Consistent hashing on a 64-bit ring (Ketama-style, as Envoy's ring hash).
+
+    Each endpoint owns ``minimum_ring_size`` points per unit of weight, so the
+    ring always has at least that many points. Unlike Envoy, which rescales
+    every endpoint's share of a fixed-size ring when the set changes, an
+    endpoint's points depend only on its own id and weight: removing an
+    endpoint moves only the keys that were on it, adding one moves about
+    1/(N+1) of the keys (all of them to the new endpoint). A key maps to the
+    first point clockwise of its hash; excluded endpoints are skipped by walking
+    on. No key -> a random point (as Envoy). Rings beyond ``MAX_RING_SIZE``
+    points are scaled down."""
 
     __slots__ = ("minimum_ring_size", "_eps", "_ids", "_hashes", "_owners")
 
@@ -218,17 +233,20 @@ class RingHashPicker(Picker):
             self._owners = [by_id[o.id] for o in self._owners]
             return
         self._ids = ids
-        total = sum(max(e.weight, 1) for e in endpoints)
+        per_weight = self.minimum_ring_size
+        total = sum(max(e.weight, 1) for e in endpoints) * per_weight
+        scale = min(1.0, MAX_RING_SIZE / total) if total else 1.0
         points: list[tuple[int, object]] = []
-        if total:
-            norm = [max(e.weight, 1) / total for e in endpoints]
-            min_norm = min(norm)
-            # Envoy: scale so the lightest endpoint gets its share of the minimum ring.
-            scale = min(-(-min_norm * self.minimum_ring_size // 1) / min_norm, MAX_RING_SIZE)
-            for e, w in zip(endpoints, norm):
-                count = max(1, int(round(w * scale)))
-                for i in range(count):
-                    points.append((hash64(f"{e.id}_{i}"), e))
+        for e in endpoints:
+            count = max(1, int(max(e.weight, 1) * per_weight * scale))
+            base = e.id.encode()
+            block = 0
+            while count > 0:
+                digest = hashlib.blake2b(base + b"_%d" % block, digest_size=64).digest()
+                for j in range(0, min(count, 8) * 8, 8):
+                    points.append((int.from_bytes(digest[j:j + 8], "big"), e))
+                count -= 8
+                block += 1
         points.sort(key=lambda p: p[0])
         self._hashes = [p[0] for p in points]
         self._owners = [p[1] for p in points]

@@ -13,9 +13,9 @@ import hashlib
 import os
 from typing import Iterable
 
-from redirect import apply as rapply
-from redirect.netns import netns_path, run_command
-from redirect.plan import CaptureConfig, CaptureError as RedirectError, HostWorkload, host_plan, in_pod_plan
+from redirect import BACKENDS, CaptureConfig, HostWorkload, apply as apply_plan, cleanup, host_plan, in_pod_plan
+from redirect import CaptureError as RedirectError
+from redirect import cgroup2_mount, netns_path, run_command
 
 from nodeagent.agent.capture import CaptureError
 from nodeagent.agent.workload import WorkloadSpec
@@ -25,7 +25,7 @@ HOST_PORT_BASE = 15100  # cgroup workloads' outbound listeners: 15100, 15101, ..
 
 class NetfilterCapture:
     def __init__(self, backend: str, config: CaptureConfig | None = None, *, runner=run_command,
-                 cgroup2_mount: str = "/sys/fs/cgroup", host_port_base: int = HOST_PORT_BASE) -> None:
+                 cgroup2_mount: str | None = None, host_port_base: int = HOST_PORT_BASE) -> None:
         if backend not in ("nft", "iptables"):
             raise CaptureError(f"netfilter backend must be nft or iptables, got {backend!r}")
         self.backend = backend
@@ -44,7 +44,7 @@ class NetfilterCapture:
     def apply(self, spec: WorkloadSpec) -> None:
         try:
             if spec.kind == "netns":
-                rapply.apply(in_pod_plan(self.config), netns_path(spec.target), self.backend, runner=self.runner)
+                apply_plan(in_pod_plan(self.config), netns_path(spec.target), self.backend, runner=self.runner)
                 return
             previous = self._cgroups.get(spec.target)
             self._cgroups[spec.target] = spec
@@ -69,7 +69,7 @@ class NetfilterCapture:
                 path = netns_path(spec.target)
                 if not os.path.exists(path):
                     return  # the namespace is gone, and its rules with it
-                rapply.cleanup(path, runner=self.runner)
+                cleanup(path, runner=self.runner)
                 return
             if self._cgroups.pop(spec.target, None) is None:
                 self._cgroups_cleanup_if_empty()
@@ -78,7 +78,7 @@ class NetfilterCapture:
             if self._cgroups:
                 self._apply_host()
             else:
-                rapply.cleanup(None, runner=self.runner)
+                cleanup(None, runner=self.runner)
         except (RedirectError, TimeoutError) as exc:
             raise CaptureError(str(exc)) from None
 
@@ -86,7 +86,7 @@ class NetfilterCapture:
         # Removing a cgroup workload this process never applied (after a restart,
         # from the persisted applied set): with no cgroup left, drop the host table.
         if not self._cgroups:
-            rapply.cleanup(None, runner=self.runner)
+            cleanup(None, runner=self.runner)
 
     def _apply_host(self) -> None:
         workloads = [
@@ -94,8 +94,10 @@ class NetfilterCapture:
                          inbound_port=self.config.inbound_port)
             for target, spec in sorted(self._cgroups.items())
         ]
+        if self.cgroup2_mount is None:
+            self.cgroup2_mount = cgroup2_mount()
         plan = host_plan(workloads, self.config, cgroup2_mount=self.cgroup2_mount)
-        rapply.apply(plan, None, self.backend, runner=self.runner)
+        apply_plan(plan, None, self.backend, runner=self.runner)
 
     def sweep(self, keep: Iterable[WorkloadSpec]) -> list[str]:
         # Leftovers are found through the agent's persisted applied set (see
@@ -109,7 +111,7 @@ def _host_name(spec: WorkloadSpec) -> str:
     return f"{spec.name[:31]}-{digest}"
 
 
-def sweep_all_netns(backend_names=rapply.BACKENDS, runner=run_command) -> list[str]:
+def sweep_all_netns(backend_names=BACKENDS, runner=run_command) -> list[str]:
     """Remove nodeagent's rules from every named namespace and the host's (uninstall)."""
     removed = []
     candidates: list[str | None] = [None]
@@ -127,7 +129,7 @@ def sweep_all_netns(backend_names=rapply.BACKENDS, runner=run_command) -> list[s
                 continue
             seen.add((st.st_dev, st.st_ino))
         try:
-            backends = rapply.cleanup(path, tuple(backend_names), runner=runner)
+            backends = cleanup(path, tuple(backend_names), runner=runner)
         except (RedirectError, TimeoutError) as exc:
             raise CaptureError(f"{path or 'host namespace'}: {exc}") from None
         if backends:

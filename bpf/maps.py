@@ -1,0 +1,125 @@
+"""Key/value layouts of the capture maps (see capture.c), as pure codecs.
+
+Byte order follows the C structs: IPv4 addresses in network order (as the
+kernel hands them to the programs), ports in host order, everything else in
+host (little-endian on the supported machines) order.
+"""
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+# Names of the maps pinned under <pin_dir>/maps/ (must match capture.c).
+MAP_NETNS = "netns"            # u64 netns cookie -> WorkloadConfig
+MAP_CGROUP = "cgroup"          # u64 cgroup id -> WorkloadConfig
+MAP_EXCL_PORT = "excl_port"    # PortKey -> u8
+MAP_EXCL_DST = "excl_dst"      # CidrKey (LPM trie) -> u8
+MAP_COOKIE = "cookie_dst"      # u64 socket cookie -> OriginalDst (until established)
+MAP_PAIR = "pair_dst"          # PairKey -> OriginalDst (the proxy's lookup)
+MAP_NAMES = (MAP_NETNS, MAP_CGROUP, MAP_EXCL_PORT, MAP_EXCL_DST, MAP_COOKIE, MAP_PAIR)
+
+_U64 = struct.Struct("=Q")
+_CFG = struct.Struct("=I4sHHI")       # id, proxy ip (net order), proxy port, flags, pad
+_ORIG = struct.Struct("=4sHHIIQ")     # ip, port, pad, id, pad, netns cookie
+_PAIR = struct.Struct("=Q4sHH")       # netns cookie, client ip, client port, proxy port
+_PORT = struct.Struct("=IHH")         # id, port, pad
+_CIDR = struct.Struct("=II4s")        # prefixlen (bits after this field), id, ip
+
+
+def _ip4(value: str) -> bytes:
+    try:
+        return ipaddress.IPv4Address(value).packed
+    except ValueError as exc:
+        raise ValueError(f"not an IPv4 address: {value!r}") from exc
+
+
+def _port(value: int, what: str = "port") -> int:
+    if not isinstance(value, int) or not 0 < value < 65536:
+        raise ValueError(f"{what} must be 1..65535, got {value!r}")
+    return value
+
+
+def encode_u64(value: int) -> bytes:
+    return _U64.pack(value)
+
+
+def decode_u64(raw: bytes) -> int:
+    return _U64.unpack(raw[:8])[0]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadConfig:
+    """What connect4 does for one selected workload."""
+    workload_id: int
+    proxy_ip: str
+    proxy_port: int
+
+    def encode(self) -> bytes:
+        return _CFG.pack(self.workload_id, _ip4(self.proxy_ip), _port(self.proxy_port, "proxy port"), 0, 0)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "WorkloadConfig":
+        wid, ip, port, _flags, _pad = _CFG.unpack(raw[:_CFG.size])
+        return cls(wid, str(ipaddress.IPv4Address(ip)), port)
+
+
+WORKLOAD_CONFIG_SIZE = _CFG.size
+
+
+@dataclass(frozen=True, slots=True)
+class OriginalDst:
+    """The destination a captured connection asked for."""
+    ip: str
+    port: int
+    workload_id: int = 0
+    netns_cookie: int = 0
+
+    def encode(self) -> bytes:
+        return _ORIG.pack(_ip4(self.ip), _port(self.port), 0, self.workload_id, 0, self.netns_cookie)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "OriginalDst":
+        ip, port, _pad, wid, _pad2, netns = _ORIG.unpack(raw[:_ORIG.size])
+        return cls(str(ipaddress.IPv4Address(ip)), port, wid, netns)
+
+
+ORIGINAL_DST_SIZE = _ORIG.size
+
+
+def encode_pair_key(netns_cookie: int, client_ip: str, client_port: int, proxy_port: int) -> bytes:
+    """Key of MAP_PAIR: the accepted socket's peer address, its local port and netns."""
+    return _PAIR.pack(netns_cookie, _ip4(client_ip), _port(client_port, "client port"),
+                      _port(proxy_port, "proxy port"))
+
+
+def decode_pair_key(raw: bytes) -> tuple[int, str, int, int]:
+    netns, ip, port, pport = _PAIR.unpack(raw[:_PAIR.size])
+    return netns, str(ipaddress.IPv4Address(ip)), port, pport
+
+
+PAIR_KEY_SIZE = _PAIR.size
+
+
+def encode_port_key(workload_id: int, port: int) -> bytes:
+    return _PORT.pack(workload_id, _port(port, "excluded port"), 0)
+
+
+PORT_KEY_SIZE = _PORT.size
+
+
+def encode_cidr_key(workload_id: int, cidr: str) -> bytes:
+    """LPM trie key: the 32-bit workload id is always matched, then the prefix."""
+    try:
+        net = ipaddress.IPv4Network(cidr, strict=False)
+    except ValueError as exc:
+        raise ValueError(f"excluded destination must be an IPv4 address or CIDR, got {cidr!r}") from exc
+    return _CIDR.pack(32 + net.prefixlen, workload_id, net.network_address.packed)
+
+
+CIDR_KEY_SIZE = _CIDR.size
+
+
+def decode_cidr_key(raw: bytes) -> tuple[int, str]:
+    plen, wid, ip = _CIDR.unpack(raw[:_CIDR.size])
+    return wid, f"{ipaddress.IPv4Address(ip)}/{plen - 32}"

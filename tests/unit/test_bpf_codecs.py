@@ -1,0 +1,97 @@
+"""Pure parts of bpf/: map key/value codecs, the attach plan, privilege checks."""
+from __future__ import annotations
+
+import pytest
+
+from bpf import loader, maps
+
+
+def test_workload_config_layout_matches_c_struct():
+    raw = maps.WorkloadConfig(7, "127.0.0.1", 15001).encode()
+    # u32 id, u32 ip (network order), u16 port (host order), u16 flags, u32 pad
+    assert raw == (7).to_bytes(4, "little") + bytes([127, 0, 0, 1]) + (15001).to_bytes(2, "little") + bytes(6)
+    assert len(raw) == maps.WORKLOAD_CONFIG_SIZE == 16
+    assert maps.WorkloadConfig.decode(raw) == maps.WorkloadConfig(7, "127.0.0.1", 15001)
+
+
+def test_original_dst_round_trip_and_layout():
+    od = maps.OriginalDst("10.250.1.2", 80, workload_id=3, netns_cookie=0x1122334455)
+    raw = od.encode()
+    assert len(raw) == maps.ORIGINAL_DST_SIZE == 24
+    assert raw[:4] == bytes([10, 250, 1, 2])
+    assert raw[4:6] == (80).to_bytes(2, "little")
+    assert raw[8:12] == (3).to_bytes(4, "little")
+    assert raw[16:24] == (0x1122334455).to_bytes(8, "little")
+    assert maps.OriginalDst.decode(raw) == od
+
+
+def test_pair_key_layout():
+    raw = maps.encode_pair_key(99, "127.0.0.1", 40000, 15001)
+    assert len(raw) == maps.PAIR_KEY_SIZE == 16
+    assert raw == (99).to_bytes(8, "little") + bytes([127, 0, 0, 1]) + (40000).to_bytes(2, "little") \
+        + (15001).to_bytes(2, "little")
+    assert maps.decode_pair_key(raw) == (99, "127.0.0.1", 40000, 15001)
+
+
+def test_cidr_key_counts_the_workload_id_in_the_prefix():
+    raw = maps.encode_cidr_key(5, "10.250.3.7/24")
+    assert len(raw) == maps.CIDR_KEY_SIZE == 12
+    assert int.from_bytes(raw[:4], "little") == 32 + 24
+    assert raw[8:] == bytes([10, 250, 3, 0])     # host bits cleared
+    assert maps.decode_cidr_key(raw) == (5, "10.250.3.0/24")
+    assert maps.decode_cidr_key(maps.encode_cidr_key(5, "10.250.3.7")) == (5, "10.250.3.7/32")
+
+
+def test_port_key_layout():
+    assert maps.encode_port_key(2, 443) == (2).to_bytes(4, "little") + (443).to_bytes(2, "little") + bytes(2)
+
+
+@pytest.mark.parametrize("bad", [0, 65536, -1, "80"])
+def test_bad_ports_are_refused_with_the_field_named(bad):
+    with pytest.raises(ValueError, match="excluded port must be 1..65535"):
+        maps.encode_port_key(1, bad)
+    with pytest.raises(ValueError, match="proxy port must be 1..65535"):
+        maps.WorkloadConfig(1, "127.0.0.1", bad).encode()
+
+
+def test_bad_addresses_are_refused():
+    with pytest.raises(ValueError, match="excluded destination must be an IPv4 address or CIDR"):
+        maps.encode_cidr_key(1, "fd00::/8")
+    with pytest.raises(ValueError, match="not an IPv4 address: 'localhost'"):
+        maps.WorkloadConfig(1, "localhost", 15001).encode()
+
+
+def test_map_layouts_match_codecs():
+    assert loader.MAP_LAYOUTS[maps.MAP_PAIR] == (16, 24)
+    assert set(loader.MAP_LAYOUTS) == set(maps.MAP_NAMES)
+
+
+def test_attach_plan_creates_missing_links_and_replaces_pinned_ones():
+    pin = "/sys/fs/bpf/nodeagent"
+    fresh = loader.attach_plan(pin, set())
+    assert [(s.program.name, s.action) for s in fresh] == [
+        ("na_connect4", "create"), ("na_sockops", "create"), ("na_getsockopt", "create")]
+    assert [s.link_pin for s in fresh] == [f"{pin}/links/na_connect4", f"{pin}/links/na_sockops",
+                                           f"{pin}/links/na_getsockopt"]
+    partly = loader.attach_plan(pin, {f"{pin}/links/na_sockops", f"{pin}/maps/netns"})
+    assert [s.action for s in partly] == ["create", "replace", "create"]
+
+
+def test_attach_types_match_the_kernel_enum():
+    by_name = {p.name: (p.prog_type, p.attach_type) for p in loader.PROGRAMS}
+    assert by_name == {"na_connect4": (18, 10), "na_sockops": (13, 3), "na_getsockopt": (25, 21)}
+
+
+def test_privilege_problem():
+    root_caps = (1 << 41) - 1
+    assert loader.privilege_problem(root_caps) is None
+    assert loader.privilege_problem((1 << loader.CAP_BPF) | (1 << loader.CAP_NET_ADMIN)) is None
+    problem = loader.privilege_problem(1 << loader.CAP_BPF)
+    assert problem is not None and "needs root" in problem
+
+
+def test_pin_dir_must_be_inside_bpffs():
+    with pytest.raises(ValueError, match="must be inside the bpffs mount /sys/fs/bpf"):
+        loader.EbpfCapture("/tmp/nodeagent")
+    with pytest.raises(ValueError, match="must be inside"):
+        loader.EbpfCapture("/sys/fs/bpf")

@@ -113,8 +113,14 @@ def verify(plan: CapturePlan, netns: NetnsRef | None, backend: str = "nft", *,
 
 
 def apply(plan: CapturePlan, netns: NetnsRef | None, backend: str = "nft", *,
-          runner: Runner = run_command) -> ApplyResult:
-    """Make the namespace's capture rules equal the plan; a no-op when they already are."""
+          sweep: bool = True, runner: Runner = run_command) -> ApplyResult:
+    """Make the namespace's capture rules equal the plan; a no-op when they already are.
+
+    With ``sweep`` (the default) nodeagent rules left in the OTHER backends
+    (e.g. after switching from iptables-legacy to nft) are removed too, so two
+    backends never capture at once; a periodic resync that knows the backend
+    did not change may pass ``sweep=False`` to save the extra reads.
+    """
     chosen = _resolve(backend, netns, runner)
     if chosen == "nft":
         drift = _nft_drift(plan, netns, runner)
@@ -129,7 +135,7 @@ def apply(plan: CapturePlan, netns: NetnsRef | None, backend: str = "nft", *,
                 drift_list += [f"{_xt(chosen, family, 'save')}: {d}" for d in found]
                 _restore(runner, netns, chosen, family, iptables.render_restore(plan, family, state))
         drift = tuple(drift_list)
-    removed = cleanup(netns, tuple(b for b in BACKENDS if b != chosen), runner=runner)
+    removed = cleanup(netns, tuple(b for b in BACKENDS if b != chosen), runner=runner) if sweep else ()
     return ApplyResult(chosen, bool(drift) or bool(removed), drift, removed)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from redirect.cgroup import cgroup2_mount
 from redirect.topology import Topology
 
 
@@ -38,21 +39,10 @@ def topology(needs_root):
         yield topo
 
 
-def cgroup2_mount() -> str | None:
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split()[0] == "cgroup2":
-                return left.split()[4]
-    return None
-
-
 @pytest.fixture
 def cgroup_dir(needs_root):
     """A fresh cgroup two levels below the cgroup v2 root; yields (mount, relative path)."""
     mount = cgroup2_mount()
-    if mount is None:
-        pytest.fail("cgroup v2 is not mounted (see `mount | grep cgroup2`)")
     parent = Path(mount) / f"nodeagent-test-{secrets.token_hex(4)}"
     child = parent / "wl"
     child.mkdir(parents=True)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from redirect import apply as capture
+from redirect import capture
 from redirect import iptables, nft
 from redirect.netns import run_command
 from redirect.plan import CaptureConfig, in_pod_plan

@@ -15,7 +15,8 @@ import textwrap
 
 import pytest
 
-from redirect import apply as capture
+from redirect import capture
+from redirect.cgroup import cgroup_of
 from redirect.netns import connect_marked, open_listener_in_netns, original_dst, run_in_netns
 from redirect.plan import CaptureConfig, HostWorkload, host_plan, in_pod_plan
 from redirect.topology import Topology
@@ -204,6 +205,15 @@ CHILD = textwrap.dedent("""
 """)
 
 
+def accept_from_child(listener, child):
+    try:
+        return listener.accept()
+    except TimeoutError:
+        child.kill()
+        _, err = child.communicate(timeout=TIMEOUT)
+        pytest.fail(f"nothing arrived from the child process; its stderr: {err}")
+
+
 def run_child(cgroup_procs, netns, ip, port):
     return subprocess.Popen([sys.executable, "-c", CHILD, str(REPO), cgroup_procs, netns, ip, str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -220,7 +230,8 @@ def test_host_mode_cgroup_capture(net, rules, listeners, cgroup_dir, backend):
 
     inside = run_child(f"{mount}/{cgroup}/cgroup.procs", host.netns, remote.ip, 80)
     try:
-        accepted, _ = workload_listener.accept()
+        accepted, _ = accept_from_child(workload_listener, inside)
+        assert cgroup_of(inside.pid) == cgroup
         assert original_dst(accepted) == (remote.ip, 80)
         assert accepted.recv(5) == b"hello"
         accepted.sendall(b"via-proxy")
@@ -234,7 +245,7 @@ def test_host_mode_cgroup_capture(net, rules, listeners, cgroup_dir, backend):
 
     outside = run_child("-", host.netns, remote.ip, 80)  # same namespace, other cgroup
     try:
-        accepted, peer = app.accept()
+        accepted, peer = accept_from_child(app, outside)
         assert peer[0] == host.ip and accepted.recv(5) == b"hello"
         accepted.sendall(b"direct")
         out, err = outside.communicate(timeout=TIMEOUT)

@@ -157,3 +157,15 @@ def test_netns_references():
     assert netns_command("pod1", ["nft", "list", "ruleset"]) == [
         "nsenter", "--net=/var/run/netns/pod1", "--", "nft", "list", "ruleset"]
     assert netns_command(None, ["nft"]) == ["nft"]
+
+
+def test_cgroup2_mount_found_in_mountinfo(tmp_path):
+    from redirect.cgroup import cgroup2_mount
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "35 24 0:30 / /sys/fs/cgroup rw,relatime shared:9 - tmpfs tmpfs rw,mode=755\n"
+        "36 35 0:31 / /sys/fs/cgroup/unified rw,relatime shared:10 - cgroup2 cgroup2 rw\n")
+    assert cgroup2_mount(str(info)) == "/sys/fs/cgroup/unified"
+    info.write_text("35 24 0:30 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n")
+    with pytest.raises(CaptureError, match="cgroup v2 is not mounted"):
+        cgroup2_mount(str(info))

@@ -13,10 +13,13 @@ Istio disables the success-rate ones):
 - a locally originated failure maps to an HTTP code (connect failure/reset ->
   503, timeout -> 504) unless ``split_external_local_origin_errors``, where it
   bumps its own counter instead;
-- a counter reaching its threshold ejects the host at once, unless that would
-  put more than ``max_ejection_percent`` of the hosts out (Envoy >= 1.27 checks
-  ``100 * (ejected + 1) / hosts <= max``, so 10% of 9 hosts ejects nobody);
-  the counter is reset either way;
+- a counter reaching its threshold ejects the host at once if no host is
+  ejected yet, else only if ``100 * (ejected + 1) / hosts <= max_ejection_percent``;
+  the counter is reset either way. "At least one host can always be ejected"
+  is Envoy's behaviour up to 1.26 (Istio <= 1.18) and Envoy's
+  ``always_eject_one_host``; Envoy >= 1.27 without that flag (what current
+  Istio generates) is strict, so 10% of fewer than 10 hosts ejects nobody.
+  ``OutlierPolicy.always_eject_one_host=False`` selects the strict rule;
 - the ejection lasts ``min(base * backoff, max_ejection_time)`` where backoff
   grows by one per ejection (while ``backoff * base < max + base``) and shrinks
   by one per sweep the host spends un-ejected; only a sweep readmits, so the
@@ -43,6 +46,7 @@ class OutlierPolicy:
     min_health_percent: float = 0.0
     split_external_local_origin_errors: bool = False
     consecutive_local_origin: int = 0   # only with split_external_local_origin_errors
+    always_eject_one_host: bool = True  # False: Envoy >= 1.27's strict max_ejection_percent
 
 
 def outlier_policy_from(od) -> OutlierPolicy | None:
@@ -178,8 +182,9 @@ class OutlierDetector:
         # The counter was reset by the caller whether or not the cap allows the
         # ejection (as Envoy's onConsecutiveErrorWorker does).
         p = self.policy
-        total = len(self._hosts)
-        if 100.0 * (len(self._ejected) + 1) / total > p.max_ejection_percent:
+        ejected = len(self._ejected)
+        if not (p.always_eject_one_host and ejected == 0) \
+                and 100.0 * (ejected + 1) / len(self._hosts) > p.max_ejection_percent:
             return None
         h.ejected_at = now
         h.times_ejected += 1

@@ -178,13 +178,26 @@ def test_max_ejection_percent_caps_ejections():
     assert d.ejected() == {ids[0], ids[1]}
 
 
-def test_max_ejection_percent_default_10_ejects_nobody_below_ten_hosts():
-    # Envoy >= 1.27: 100 * (ejected + 1) / hosts must be <= max_ejection_percent
-    d, ids = detector(9, max_ejection_percent=10.0)
-    assert eject(d, ids[0], 1.0) is None
-    d, ids = detector(10, max_ejection_percent=10.0)
+def test_at_least_one_host_can_always_be_ejected():
+    d, ids = detector(3, max_ejection_percent=10.0)
     assert eject(d, ids[0], 1.0) is not None
     assert eject(d, ids[1], 1.0) is None
+
+
+def test_strict_max_ejection_percent_ejects_nobody_below_ten_hosts():
+    # Envoy >= 1.27 without always_eject_one_host: 100 * (ejected + 1) / hosts <= max
+    d, ids = detector(9, max_ejection_percent=10.0, always_eject_one_host=False)
+    assert eject(d, ids[0], 1.0) is None
+    d, ids = detector(10, max_ejection_percent=10.0, always_eject_one_host=False)
+    assert eject(d, ids[0], 1.0) is not None
+    assert eject(d, ids[1], 1.0) is None
+
+
+def test_max_ejection_percent_applies_after_the_first_ejection():
+    d, ids = detector(20, max_ejection_percent=10.0)
+    assert eject(d, ids[0], 1.0) is not None
+    assert eject(d, ids[1], 1.0) is not None        # 2/20 = 10%
+    assert eject(d, ids[2], 1.0) is None
 
 
 def test_min_health_percent_ignores_ejections_below_it():

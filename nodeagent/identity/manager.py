@@ -233,8 +233,12 @@ class CertificateManager:
             cur = slot.current
             if cur is None:
                 continue
-            # A certificate whose root left the bundle, or that was revoked, is replaced now.
-            if bundle.issuer_of(cur.certificate) is None or revocations.revoked_reason(cur.certificate):
+            # Replaced now: a certificate that was revoked, or whose root is no longer the
+            # signing root (listed first). The CA activates a new root only after agents
+            # had time to fetch the bundle (`rotate-root --activate-after`), so peers
+            # already trust the new leaf.
+            if revocations.revoked_reason(cur.certificate) or not certs.issued_by(cur.certificate,
+                                                                                   bundle.roots[0]):
                 slot.next_attempt = now
 
     async def _renew(self, slot: _Slot, now: float) -> bool:

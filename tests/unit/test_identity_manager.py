@@ -142,20 +142,24 @@ def test_guard_refuses_foreign_identities(manager):
         tls.server_context(DB)
 
 
-def test_root_retired_or_cert_revoked_means_immediate_reissue(manager, ca_dir, clock):
+def test_new_signing_root_or_revoked_cert_means_immediate_reissue(manager, ca_dir, clock):
     refresh(manager)
     first = manager.certificate(WEB)
-    ca_dir.rotate_root(now=clock.now)
+    new_root = ca_dir.rotate_root(now=clock.now, activate_after=600)
     clock.now += manager.poll_interval
     refresh(manager)
     assert len(manager.trust_bundle.roots) == 2
-    assert manager.certificate(WEB).serial == first.serial  # old root still trusted: keep it
+    assert manager.certificate(WEB).serial == first.serial  # new root not signing yet: keep it
+    clock.now = new_root.active_from
+    refresh(manager)
+    second = manager.certificate(WEB)
+    assert second.serial != first.serial  # moved to the new signing root at once
+    assert certs.issued_by(second.certificate, new_root.certificate)
     ca_dir.retire_root(now=clock.now, force=True)
     clock.now += manager.poll_interval
     refresh(manager)
-    second = manager.certificate(WEB)
-    assert second.serial != first.serial
-    assert manager.trust_bundle.issuer_of(second.certificate) is not None
+    assert manager.trust_bundle.roots == (new_root.certificate,)
+    assert manager.certificate(WEB).serial == second.serial
     ca_dir.revoke_serial(second.serial)
     clock.now += manager.poll_interval
     refresh(manager)

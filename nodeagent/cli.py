@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = [
     "nodeagent.commands.ca",
     "nodeagent.commands.config",
+    "nodeagent.commands.explain",
     "nodeagent.commands.run",
 ]
 

@@ -537,8 +537,13 @@ class CompiledPolicy:
     http_rules: tuple[_CompiledRule, ...]
     tcp_rules: tuple[_CompiledRule, ...]
     uses_http: bool           # some rule reads an HTTP-only attribute nodeagent evaluates
-    notes: tuple[str, ...]    # rules dropped or fields ignored, for explain/validate
+    http_notes: tuple[str, ...]  # rules dropped / fields ignored for HTTP requests (explain, validate)
+    tcp_notes: tuple[str, ...]   # the same for TCP connections
     source: str = ""          # "file:line" when known
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.http_notes + self.tcp_notes))
 
     def match(self, c: Connection, r: Request | None) -> int | None:
         """Index of the first matching rule, or None."""
@@ -609,19 +614,21 @@ def compile_policy(resource, *, trust_domain: str = DEFAULT_TRUST_DOMAIN,
     spec = resource.spec
     name = f"{resource.namespace}/{resource.name}"
     action = (spec.action or "ALLOW").upper()
-    notes: list[str] = []
+    http_notes: list[str] = []
     if action not in ACTIONS:
         # The loader rejects this; should one get here, it must not open anything up.
-        notes.append(f"{name}: unknown action {action!r}: treated as DENY")
+        http_notes.append(f"{name}: unknown action {action!r}: treated as DENY")
         action = "DENY"
-    kw = dict(trust_domain=trust_domain, aliases=tuple(trust_domain_aliases), notes=notes, name=name)
-    http_rules = _compile_rules(spec, resource.namespace, action, for_tcp=False, **kw)
-    tcp_rules = _compile_rules(spec, resource.namespace, action, for_tcp=True, **kw)
+    tcp_notes = list(http_notes)
+    kw = dict(trust_domain=trust_domain, aliases=tuple(trust_domain_aliases), name=name)
+    http_rules = _compile_rules(spec, resource.namespace, action, for_tcp=False, notes=http_notes, **kw)
+    tcp_rules = _compile_rules(spec, resource.namespace, action, for_tcp=True, notes=tcp_notes, **kw)
     provider = spec.provider.name if spec.provider is not None else None
     src = getattr(resource, "source", None)
     return CompiledPolicy(
         name=name, action=action, provider=provider, http_rules=http_rules, tcp_rules=tcp_rules,
-        uses_http=any(r.uses_http for r in http_rules), notes=tuple(dict.fromkeys(notes)),
+        uses_http=any(r.uses_http for r in http_rules), http_notes=tuple(dict.fromkeys(http_notes)),
+        tcp_notes=tuple(dict.fromkeys(tcp_notes)),
         source=f"{src.file}:{src.line}" if src is not None else "")
 
 
@@ -634,11 +641,19 @@ class PolicySet:
     audit: tuple[CompiledPolicy, ...] = ()
     needs_l7: bool = False
     skipped: tuple[str, ...] = ()     # policies that do not apply to workloads (targetRef)
-    notes: tuple[str, ...] = ()
 
     @property
     def policies(self) -> tuple[CompiledPolicy, ...]:
+        """In evaluation order: CUSTOM, DENY, ALLOW, AUDIT."""
         return self.custom + self.deny + self.allow + self.audit
+
+    def notes_for(self, http: bool) -> tuple[str, ...]:
+        """What was dropped or ignored when evaluating HTTP requests (or TCP connections)."""
+        return tuple(n for p in self.policies for n in (p.http_notes if http else p.tcp_notes))
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return tuple(n for p in self.policies for n in p.notes)
 
 
 EMPTY_POLICY_SET = PolicySet()
@@ -661,7 +676,6 @@ def compile_policies(resources: Iterable, *, trust_domain: str = DEFAULT_TRUST_D
     """
     groups: dict[str, list[CompiledPolicy]] = {a: [] for a in ACTIONS}
     skipped: list[str] = []
-    notes: list[str] = []
     for res in resources:
         if getattr(res, "kind", "AuthorizationPolicy") != "AuthorizationPolicy":
             continue
@@ -676,12 +690,11 @@ def compile_policies(resources: Iterable, *, trust_domain: str = DEFAULT_TRUST_D
             if _cache is not None:
                 _cache[key] = cp
         groups[cp.action].append(cp)
-        notes += cp.notes
     enforcing = groups["CUSTOM"] + groups["DENY"] + groups["ALLOW"]
     return PolicySet(custom=tuple(groups["CUSTOM"]), deny=tuple(groups["DENY"]),
                      allow=tuple(groups["ALLOW"]), audit=tuple(groups["AUDIT"]),
                      needs_l7=any(p.uses_http for p in enforcing),
-                     skipped=tuple(skipped), notes=tuple(notes))
+                     skipped=tuple(skipped))
 
 
 def needs_l7(policy_set: PolicySet) -> bool:

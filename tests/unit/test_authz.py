@@ -376,6 +376,8 @@ def test_notes_explain_dropped_rules():
     assert "foo/tcp-policy rules[0] (TCP).to[0]: methods is HTTP-only" in text
     assert "ALLOW rule never matches" in text
     assert "ignored (a DENY/AUDIT/CUSTOM rule only gets wider)" in text
+    assert ps.notes_for(http=True) == ()   # both compile fully for HTTP requests
+    assert len(ps.notes_for(http=False)) == 2 and all("(TCP)" in n for n in ps.notes_for(http=False))
 
 
 def test_target_ref_policies_are_listed_as_skipped():

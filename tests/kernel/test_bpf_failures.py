@@ -1,0 +1,98 @@
+"""eBPF capture failure paths: each a clear error, nothing half-attached left behind."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+
+import pytest
+
+from bpf import sys as bpfsys
+from bpf.loader import SOURCE, EbpfCapture, EbpfError, cgroup2_root
+from tests.conftest import REPO
+
+ATTACH_TYPES = (bpfsys.CGROUP_INET4_CONNECT, bpfsys.CGROUP_SOCK_OPS, bpfsys.CGROUP_GETSOCKOPT)
+
+TRY_START = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from bpf.loader import EbpfCapture, EbpfUnavailable
+try:
+    EbpfCapture(sys.argv[2], bpffs=sys.argv[3]).start()
+except EbpfUnavailable as exc:
+    print(json.dumps({"unavailable": str(exc)}))
+else:
+    print(json.dumps({"started": True}))
+"""
+
+
+def attached_count() -> int:
+    fd = os.open(cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return sum(len(bpfsys.prog_query(fd, t)) for t in ATTACH_TYPES)
+    finally:
+        os.close(fd)
+
+
+def try_start(prefix: list[str], pin_dir: str, bpffs: str) -> dict:
+    done = subprocess.run([*prefix, sys.executable, "-c", TRY_START, str(REPO), pin_dir, bpffs],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_unprivileged_user_gets_a_clear_reason(needs_root, needs_tool):
+    setpriv = needs_tool("setpriv")
+    pin_dir = f"/sys/fs/bpf/nodeagent-test-{secrets.token_hex(3)}"
+    result = try_start([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"],
+                       pin_dir, "/sys/fs/bpf")
+    assert "needs root (CAP_SYS_ADMIN, or CAP_BPF and CAP_NET_ADMIN)" in result["unavailable"]
+    assert "uid 65534" in result["unavailable"]
+    assert not os.path.exists(pin_dir)
+
+
+def test_no_bpffs_and_no_right_to_mount_it(needs_root, needs_tool, tmp_path):
+    setpriv = needs_tool("setpriv")
+    bpffs = tmp_path / "bpf"
+    bpffs.mkdir()
+    before = attached_count()
+    # root keeps CAP_BPF and CAP_NET_ADMIN but loses CAP_SYS_ADMIN: it may load, but not mount
+    result = try_start([setpriv, "--inh-caps=-sys_admin", "--bounding-set=-sys_admin"],
+                       f"{bpffs}/nodeagent", str(bpffs))
+    assert result["unavailable"] == (f"bpffs is not mounted at {bpffs} and mounting it failed: Operation not "
+                                     f"permitted; run `mount -t bpf bpf {bpffs}` as root")
+    assert os.listdir(bpffs) == []
+    assert attached_count() == before
+
+
+def rejected_source() -> str:
+    # dereferences a number: compiles, then the verifier refuses it
+    good = "ctx->user_ip4 = cfg->proxy_ip4;"
+    source = SOURCE.read_text()
+    assert good in source
+    return source.replace(good, "ctx->user_ip4 = *(__u32 *)(long)cfg->proxy_ip4;")
+
+
+def test_program_rejected_by_the_verifier_leaves_nothing_behind(needs_root):
+    pin_dir = f"/sys/fs/bpf/nodeagent-test-{secrets.token_hex(3)}"
+    before = attached_count()
+    cap = EbpfCapture(pin_dir, source=rejected_source())
+    with pytest.raises(EbpfError) as info:
+        cap.start()
+    message = str(info.value)
+    assert message.startswith("bpf: the kernel refused program na_connect4 (")
+    assert "verifier log:" in message and "invalid mem access" in message
+    assert not os.path.exists(pin_dir)          # the maps the compile pinned are gone again
+    assert attached_count() == before
+
+
+def test_compile_error_names_the_problem_and_leaves_nothing_behind(needs_root):
+    pin_dir = f"/sys/fs/bpf/nodeagent-test-{secrets.token_hex(3)}"
+    cap = EbpfCapture(pin_dir, source=SOURCE.read_text() + "\nint broken(struct bpf_sock_addr *ctx) { return undefined_name; }\n")
+    with pytest.raises(EbpfError) as info:
+        cap.start()
+    assert "compiling the capture programs failed" in str(info.value)
+    assert "undefined_name" in str(info.value)
+    assert not os.path.exists(pin_dir)

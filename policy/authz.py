@@ -64,7 +64,7 @@ __all__ = [
     "RBAC_DENIED_STATUS", "RBAC_DENIED_BODY", "RBAC_RESPONSE_FLAG",
     "Connection", "Request", "Verdict", "CompiledPolicy", "PolicySet", "AuthorizationIndex",
     "compile_policies", "compile_policy", "evaluate", "needs_l7", "normalize_path",
-    "HTTP_ONLY_FIELDS", "UNSUPPORTED_FIELDS", "unsupported_field_warnings",
+    "unsupported_field_warnings",
 ]
 
 # What the proxy answers to a denied HTTP request (as Envoy's RBAC filter).
@@ -73,12 +73,6 @@ RBAC_DENIED_BODY = b"RBAC: access denied"
 RBAC_RESPONSE_FLAG = "RBAC"  # response_flags in access log and metrics
 
 ACTIONS = ("ALLOW", "DENY", "AUDIT", "CUSTOM")
-
-# Field names as a user writes them (for messages and docs).
-HTTP_ONLY_FIELDS = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths",
-                    "request.headers[...]")
-UNSUPPORTED_FIELDS = ("requestPrincipals", "notRequestPrincipals", "request.auth.*",
-                      "experimental.envoy.filters.*")
 
 
 # --------------------------------------------------------------------------
@@ -654,9 +648,6 @@ class PolicySet:
     @property
     def notes(self) -> tuple[str, ...]:
         return tuple(n for p in self.policies for n in p.notes)
-
-
-EMPTY_POLICY_SET = PolicySet()
 
 
 def _targets_something(spec) -> bool:

@@ -1,0 +1,466 @@
+"""Directory configuration store: the YAML files of a directory -> a validated snapshot.
+
+Read side (the daemon):
+- ``ConfigStore(directory).load()`` reads every ``*.yaml|*.yml|*.json`` file of
+  the directory (not recursive, hidden files skipped), validates the whole set
+  and installs a new immutable ``ConfigSnapshot`` as ``store.snapshot``;
+- ``await store.watch(callback)`` polls the directory's signature
+  (name, mtime_ns, size of each file) every ``poll_interval`` seconds; a change
+  that fails validation is refused (errors logged, kept in ``last_errors``) and
+  the previous snapshot keeps serving; a good change installs a new snapshot
+  and calls ``callback(snapshot)``;
+- when no directory was chosen (no ``--config-dir``, no ``NODEAGENT_CONFIG_DIR``)
+  and ``/etc/nodeagent/config.d`` does not exist, the embedded default
+  (``nodeagent/defaults/``, the shop example) is served read-only.
+
+Write side (the CLI): ``apply``, ``create`` and ``delete`` compute the new
+directory contents in memory, validate the whole resulting set, and only then
+write: each object lives in ``<kind>.<namespace>.<name>.yaml`` (lower-case
+kind), written atomically (temp file + rename). An object found in another
+(hand-written, possibly multi-object) file is cut out of that file, keeping
+the file's other documents byte for byte.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterable
+
+import yaml
+
+from policy import model as m
+from policy.errors import ConfigError, Diagnostic
+from policy.loader import LoadResult, config_files, load_paths, load_text
+from policy.snapshot import ConfigSnapshot, build_snapshot
+
+__all__ = [
+    "ConfigStore", "DEFAULT_CONFIG_DIR", "ENV_CONFIG_DIR", "EMBEDDED_DIR", "resolve_config_dir",
+    "Change", "StoreError", "object_filename",
+]
+
+log = logging.getLogger("nodeagent.store")
+
+DEFAULT_CONFIG_DIR = Path("/etc/nodeagent/config.d")
+ENV_CONFIG_DIR = "NODEAGENT_CONFIG_DIR"
+EMBEDDED_DIR = Path(__file__).resolve().parent / "defaults"
+
+
+class StoreError(Exception):
+    """A store operation a user can act on (not found, already exists, read-only, ...)."""
+
+
+def resolve_config_dir(explicit: str | os.PathLike | None = None) -> tuple[Path, bool]:
+    """(directory, explicitly_chosen): ``--config-dir``, else $NODEAGENT_CONFIG_DIR, else the default."""
+    if explicit:
+        return Path(explicit), True
+    env = os.environ.get(ENV_CONFIG_DIR)
+    if env:
+        return Path(env), True
+    return DEFAULT_CONFIG_DIR, False
+
+
+def object_filename(kind: str, namespace: str, name: str) -> str:
+    return f"{kind.lower()}.{namespace}.{name}.yaml"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One object's outcome of apply/create/delete: created | configured | unchanged | deleted."""
+    kind: str
+    api_version: str
+    namespace: str
+    name: str
+    action: str
+    file: str
+
+    @property
+    def display(self) -> str:
+        group = self.api_version.split("/")[0] if "/" in self.api_version else ""
+        return f"{self.kind.lower()}.{group}/{self.name}" if group else f"{self.kind.lower()}/{self.name}"
+
+
+# -- document spans (to cut one object out of a multi-object file) -------------
+
+
+def _doc_spans(text: str) -> list[tuple[tuple[str, str, str] | None, int, int]]:
+    """For each YAML document: (key or None, start, end) character offsets, where the
+    span runs from the end of the previous document (so it carries the comments and
+    the ``---`` before it) to the end of this one."""
+    spans = []
+    prev_end = 0
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError:
+        return []
+    for node in nodes:
+        if node is None:
+            continue
+        key = None
+        if isinstance(node, yaml.MappingNode):
+            fields = {k.value: v for k, v in node.value if isinstance(k, yaml.ScalarNode)}
+            kind = fields.get("kind")
+            meta = fields.get("metadata")
+            name = ns = None
+            if isinstance(meta, yaml.MappingNode):
+                for k, v in meta.value:
+                    if isinstance(k, yaml.ScalarNode) and isinstance(v, yaml.ScalarNode):
+                        if k.value == "name":
+                            name = v.value
+                        elif k.value == "namespace":
+                            ns = v.value
+            if isinstance(kind, yaml.ScalarNode) and name:
+                key = (kind.value, ns, name)
+        end = node.end_mark.index
+        spans.append((key, prev_end, end))
+        prev_end = end
+    return spans
+
+
+def _cut_documents(text: str, remove: set[tuple[str, str, str]], default_ns: str = "default") -> str:
+    """``text`` without the documents whose (kind, namespace, name) is in ``remove``."""
+    spans = _doc_spans(text)
+    out = []
+    pos = 0
+    for key, start, end in spans:
+        if key is not None and (key[0], key[1] or default_ns, key[2]) in remove:
+            out.append(text[pos:start])
+            pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _has_documents(text: str) -> bool:
+    try:
+        return any(d is not None for d in yaml.safe_load_all(text))
+    except yaml.YAMLError:
+        return True
+
+
+def _normalized_raw(res: m.Resource) -> dict:
+    raw = _plain(res.raw)
+    raw.setdefault("metadata", {})
+    if isinstance(raw["metadata"], dict):
+        raw["metadata"]["namespace"] = res.namespace
+    raw.pop("status", None)
+    return raw
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict) or hasattr(obj, "items") and not isinstance(obj, (str, bytes)):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def dump_object(res: m.Resource) -> str:
+    return yaml.safe_dump(_normalized_raw(res), sort_keys=False, default_flow_style=False)
+
+
+# -- the store -----------------------------------------------------------------
+
+
+class ConfigStore:
+    """A directory of YAML files, validated as one set, compiled into snapshots."""
+
+    def __init__(self, directory: str | os.PathLike | None = None, *, poll_interval: float = 1.0,
+                 domain_suffix: str = "svc.cluster.local", root_namespace: str = "istio-system",
+                 allow_embedded: bool = True):
+        path, explicit = resolve_config_dir(directory)
+        self.explicit = explicit
+        self.embedded = False
+        if not explicit and allow_embedded and not path.exists():
+            path = EMBEDDED_DIR
+            self.embedded = True
+        self.directory = path
+        self.poll_interval = poll_interval
+        self.domain_suffix = domain_suffix
+        self.root_namespace = root_namespace
+        self.snapshot: ConfigSnapshot | None = None
+        self.last_errors: tuple[Diagnostic, ...] = ()
+        self.last_warnings: tuple[Diagnostic, ...] = ()
+        self._version = 0
+        self._signature: tuple | None = None
+
+    @property
+    def readonly(self) -> bool:
+        return self.embedded
+
+    def describe(self) -> str:
+        if self.embedded:
+            return f"embedded default configuration {self.directory} (read-only; " \
+                   f"create {DEFAULT_CONFIG_DIR} or pass --config-dir to use your own)"
+        return str(self.directory)
+
+    # -- read side -------------------------------------------------------
+
+    def signature(self) -> tuple:
+        """(name, mtime_ns, size) of every config file; () when the directory is missing."""
+        try:
+            files = config_files(self.directory)
+        except FileNotFoundError:
+            return ()
+        except NotADirectoryError:
+            return (("<not a directory>", 0, 0),)
+        sig = []
+        for f in files:
+            try:
+                st = f.stat()
+            except FileNotFoundError:
+                continue
+            sig.append((f.name, st.st_mtime_ns, st.st_size))
+        return tuple(sig)
+
+    def read(self) -> LoadResult:
+        """Load and validate the directory's files as one set (no state change)."""
+        if not self.directory.exists():
+            return LoadResult(errors=[Diagnostic(str(self.directory), None,
+                                                 "config directory does not exist")])
+        if not self.directory.is_dir():
+            return LoadResult(errors=[Diagnostic(str(self.directory), None, "is not a directory")])
+        return load_paths([self.directory])
+
+    def load(self) -> ConfigSnapshot:
+        """Validate the directory and install a new snapshot; on errors raise ``ConfigError``
+        (the previous snapshot, if any, stays in ``self.snapshot``)."""
+        sig = self.signature()
+        result = self.read()
+        self._signature = sig
+        self.last_warnings = tuple(result.warnings)
+        if result.errors:
+            self.last_errors = tuple(result.errors)
+            raise ConfigError(result.errors, result.warnings)
+        self.last_errors = ()
+        self._version += 1
+        snap = build_snapshot(_by_age(result.resources), self.domain_suffix, self.root_namespace,
+                              version=self._version)
+        self.snapshot = snap
+        return snap
+
+    def reload(self) -> bool:
+        """Like ``load`` but never raises: True when a new snapshot was installed. A refused
+        change is logged with every error and the previous snapshot keeps serving."""
+        try:
+            snap = self.load()
+        except ConfigError as exc:
+            keep = f"keeping snapshot version {self.snapshot.version}" if self.snapshot else "no configuration loaded"
+            log.error("configuration change in %s refused (%s):\n%s", self.directory, keep,
+                      "\n".join(str(e) for e in exc.errors))
+            return False
+        for w in self.last_warnings:
+            log.warning("%s", w)
+        log.info("configuration version %d loaded from %s: %d objects", snap.version, self.describe(),
+                 len(snap.resources))
+        return True
+
+    def changed(self) -> bool:
+        return self.signature() != self._signature
+
+    async def watch(self, callback: Callable[[ConfigSnapshot], Awaitable[None] | None] | None = None,
+                    stop: asyncio.Event | None = None) -> None:
+        """Poll for changes until cancelled (or ``stop`` is set); install good changes and
+        call ``callback(snapshot)`` after each one (also once for an initial load if none was done)."""
+        if self.snapshot is None:
+            if self.reload() and callback is not None:
+                await _maybe_await(callback(self.snapshot))
+        while stop is None or not stop.is_set():
+            if stop is None:
+                await asyncio.sleep(self.poll_interval)
+            else:
+                try:
+                    await asyncio.wait_for(stop.wait(), self.poll_interval)
+                    break
+                except asyncio.TimeoutError:
+                    pass
+            if self.embedded or not self.changed():
+                continue
+            if self.reload() and callback is not None:
+                try:
+                    await _maybe_await(callback(self.snapshot))
+                except Exception:   # a consumer bug must not stop the watcher
+                    log.exception("configuration callback failed")
+
+    # -- write side ------------------------------------------------------
+
+    def _require_writable(self) -> None:
+        if self.embedded:
+            raise StoreError(f"the embedded default configuration is read-only; pass --config-dir "
+                             f"(or set {ENV_CONFIG_DIR}) or create {DEFAULT_CONFIG_DIR}")
+
+    def _current_texts(self) -> dict[str, str]:
+        texts = {}
+        if self.directory.is_dir():
+            for f in config_files(self.directory):
+                try:
+                    texts[f.name] = f.read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise StoreError(f"cannot read {f}: {exc}") from None
+        return texts
+
+    def _load_texts(self, texts: dict[str, str]) -> LoadResult:
+        res = LoadResult()
+        keys: dict = {}
+        for name in sorted(texts):
+            res.extend(load_text(texts[name], str(self.directory / name), known_keys=keys))
+        return res
+
+    def objects(self) -> list[m.Resource]:
+        """Every object currently stored (the directory must be valid)."""
+        res = self.read() if not self.embedded else self._load_texts(self._current_texts())
+        if res.errors:
+            raise ConfigError(res.errors, res.warnings)
+        return res.resources
+
+    def _plan(self, texts: dict[str, str], current: LoadResult, upserts: list[m.Resource],
+              deletes: set[tuple[str, str, str]]) -> tuple[dict[str, str | None], list[Change]]:
+        """New file contents (None = remove file) for upserts and deletes."""
+        where: dict[tuple[str, str, str], str] = {}
+        existing: dict[tuple[str, str, str], m.Resource] = {}
+        for r in current.resources:
+            fname = Path(r.source.file).name
+            where[r.key] = fname
+            existing[r.key] = r
+        new_texts: dict[str, str | None] = {}
+        cut: dict[str, set] = {}
+        changes: list[Change] = []
+        for r in upserts:
+            target = object_filename(r.kind, r.namespace, r.name)
+            old = existing.get(r.key)
+            if old is not None and _normalized_raw(old) == _normalized_raw(r):
+                changes.append(Change(r.kind, r.api_version, r.namespace, r.name, "unchanged", where[r.key]))
+                continue
+            action = "configured" if old is not None else "created"
+            if old is not None and where[r.key] != target:
+                cut.setdefault(where[r.key], set()).add(r.key)
+            new_texts[target] = dump_object(r)
+            changes.append(Change(r.kind, r.api_version, r.namespace, r.name, action, target))
+        for key in deletes:
+            old = existing[key]
+            fname = where[key]
+            cut.setdefault(fname, set()).add(key)
+            changes.append(Change(old.kind, old.api_version, old.namespace, old.name, "deleted", fname))
+        for fname, keys in cut.items():
+            base = new_texts.get(fname, texts.get(fname, ""))
+            remaining = _cut_documents(base, keys)
+            new_texts[fname] = remaining if _has_documents(remaining) else None
+        return new_texts, changes
+
+    def _commit(self, texts: dict[str, str], new_texts: dict[str, str | None]) -> None:
+        # validate the whole resulting set before writing anything
+        final = dict(texts)
+        for fname, t in new_texts.items():
+            if t is None:
+                final.pop(fname, None)
+            else:
+                final[fname] = t
+        result = self._load_texts(final)
+        if result.errors:
+            raise ConfigError(result.errors, result.warnings)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # removals and edits of existing files first, new files last
+        order = sorted(new_texts, key=lambda f: (f not in texts, f))
+        for fname in order:
+            t = new_texts[fname]
+            path = self.directory / fname
+            if t is None:
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+            else:
+                _atomic_write(path, t)
+
+    def apply(self, resources: Iterable[m.Resource]) -> list[Change]:
+        """Create or replace objects by (kind, namespace, name)."""
+        self._require_writable()
+        texts = self._current_texts()
+        current = self._load_texts(texts)
+        if current.errors:
+            raise ConfigError(current.errors, current.warnings)
+        new_texts, changes = self._plan(texts, current, list(resources), set())
+        if new_texts:
+            self._commit(texts, new_texts)
+        return changes
+
+    def create(self, resources: Iterable[m.Resource]) -> list[Change]:
+        """Create objects; refuses (writing nothing) if any already exists."""
+        self._require_writable()
+        resources = list(resources)
+        texts = self._current_texts()
+        current = self._load_texts(texts)
+        if current.errors:
+            raise ConfigError(current.errors, current.warnings)
+        have = {r.key: r for r in current.resources}
+        clashes = [r for r in resources if r.key in have]
+        if clashes:
+            raise StoreError("\n".join(
+                f'{_plural(r.kind)}.{r.api_version.split("/")[0]} "{r.name}" already exists in namespace '
+                f"{r.namespace} ({have[r.key].source.file}:{have[r.key].source.line}); use apply to replace it"
+                for r in clashes))
+        new_texts, changes = self._plan(texts, current, resources, set())
+        if new_texts:
+            self._commit(texts, new_texts)
+        return changes
+
+    def delete(self, keys: Iterable[tuple[str, str, str]], ignore_not_found: bool = False) -> list[Change]:
+        """Delete objects by (kind, namespace, name); all must exist unless ``ignore_not_found``."""
+        self._require_writable()
+        keys = list(dict.fromkeys(keys))
+        texts = self._current_texts()
+        current = self._load_texts(texts)
+        if current.errors:
+            raise ConfigError(current.errors, current.warnings)
+        have = {r.key for r in current.resources}
+        missing = [k for k in keys if k not in have]
+        if missing and not ignore_not_found:
+            raise StoreError("\n".join(f'{_plural(k[0])}.{m.SPEC_KINDS[k[0]][0]} "{k[2]}" not found in namespace {k[1]}'
+                                       for k in missing))
+        present = {k for k in keys if k in have}
+        new_texts, changes = self._plan(texts, current, [], present)
+        if new_texts:
+            self._commit(texts, new_texts)
+        order = {k: i for i, k in enumerate(keys)}
+        changes.sort(key=lambda c: order.get((c.kind, c.namespace, c.name), 0))
+        return changes
+
+
+def _plural(kind: str) -> str:
+    k = kind.lower()
+    return k[:-1] + "ies" if k.endswith("y") else k + "s"
+
+
+def _by_age(resources: list[m.Resource]) -> list[m.Resource]:
+    """Oldest first: metadata.creationTimestamp when present, else load order."""
+    def key(ir):
+        i, r = ir
+        ts = r.raw.get("metadata", {}).get("creationTimestamp") if isinstance(r.raw, dict) else None
+        return (0, str(ts), i) if ts else (1, "", i)
+    return [r for _, r in sorted(enumerate(resources), key=key)]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+async def _maybe_await(value) -> None:
+    if inspect.isawaitable(value):
+        await value
+

@@ -66,6 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--identity", help="SPIFFE ID, spiffe://<td>/ns/<ns>/sa/<sa> or .../node/<name>")
     p.set_defaults(func=cmd_revoke)
 
+    p = cmds.add_parser("unrevoke", help="lift the revocation of an identity (serials stay revoked)")
+    _dir(p)
+    p.add_argument("--identity", required=True, help="SPIFFE ID")
+    p.set_defaults(func=cmd_unrevoke)
+
     p = cmds.add_parser("rotate-root", help="add a new root; the bundle serves old and new")
     _dir(p)
     p.add_argument("--activate-after", type=float, default=0.0, metavar="SECONDS",
@@ -194,6 +199,16 @@ def cmd_revoke(args) -> int:
     except (CAError, certs.CertificateError, InvalidSpiffeId) as exc:
         raise UserError(str(exc)) from None
     print(f"revoked {what}; revocation list version {rl.version} (agents refuse it from their next poll)")
+    return 0
+
+
+def cmd_unrevoke(args) -> int:
+    ca = _open(args)
+    try:
+        rl = ca.unrevoke_identity(SpiffeId.parse(args.identity))
+    except (CAError, InvalidSpiffeId) as exc:
+        raise UserError(str(exc)) from None
+    print(f"{args.identity} is no longer revoked; revocation list version {rl.version}")
     return 0
 
 

@@ -311,6 +311,17 @@ class CADirectory:
             self._write_json("revocations.json", updated.to_json())
             return updated
 
+    def unrevoke_identity(self, identity: SpiffeId) -> RevocationList:
+        """Lift an identity revocation (serial revocations are permanent)."""
+        with self._locked():
+            current = self.revocation_list()
+            if identity.uri not in current.identities:
+                raise CAError(f"{identity} is not revoked")
+            updated = RevocationList(current.version + 1, current.serials,
+                                     current.identities - {identity.uri})
+            self._write_json("revocations.json", updated.to_json())
+            return updated
+
     def revoke_serial(self, serial: int) -> RevocationList:
         return self._revoke(serial=serial)
 

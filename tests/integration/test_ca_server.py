@@ -17,6 +17,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from nodeagent.cli import UserError
 from nodeagent.commands import ca as ca_command
 from nodeagent.identity import certs
 from nodeagent.identity.ca import CADirectory, issue_node_credential
@@ -282,3 +283,44 @@ def test_root_rotation_does_not_cut_agents_off(tmp_path, key):
             asyncio.run(client.sign(certs.make_csr(key, WEB), WEB, 3600))
     finally:
         server.stop()
+
+
+SERVE = """
+import argparse, sys
+from nodeagent.cli import UserError
+from nodeagent.commands import ca
+parser = argparse.ArgumentParser()
+ca.register(parser.add_subparsers())
+args = parser.parse_args(sys.argv[1:])
+try:
+    sys.exit(args.func(args))
+except UserError as exc:
+    print(f"nodeagent: {exc}", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def test_ca_serve_command_runs_and_stops_on_sigterm(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    directory = CADirectory.init(tmp_path / "ca")
+    issue_node_credential(directory, "n1", tmp_path / "n1")
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, "ca", "serve", "--dir", str(tmp_path / "ca"),
+                             "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("CA service for cluster.local on https://127.0.0.1:"), proc.stderr.read()
+        url = line.split()[-1]
+        bundle = asyncio.run(HttpsCAClient(url, tmp_path / "n1").trust_bundle())
+        assert bundle.roots == directory.trust_bundle(time.time()).roots
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert "PRIVATE KEY" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    with pytest.raises(UserError, match="--listen 'nowhere': expected ADDR:PORT"):
+        cli("serve", "--dir", str(tmp_path / "ca"), "--listen", "nowhere")

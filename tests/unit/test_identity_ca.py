@@ -17,6 +17,7 @@ from nodeagent.identity import certs
 from nodeagent.identity.ca import CADirectory, LocalCA, issue_node_credential
 from nodeagent.identity.errors import CAError, SigningRefused
 from nodeagent.identity.spiffe import SpiffeId
+from nodeagent.identity.trust import RevocationList
 
 NOW = 1_800_000_000.0
 WEB = SpiffeId.workload("shop", "web")
@@ -131,6 +132,10 @@ def test_revoke_command_bumps_the_version(live_ca_dir, key):
     assert rl.serials == {issued.serial}
     assert rl.identities == {"spiffe://cluster.local/ns/shop/sa/db"}
     assert rl.revoked_reason(issued.certificate) == f"certificate serial {certs.serial_hex(issued.serial)} is revoked"
+    cli("unrevoke", "--dir", str(live_ca_dir.path), "--identity", "spiffe://cluster.local/ns/shop/sa/db")
+    assert live_ca_dir.revocation_list() == RevocationList(3, frozenset({issued.serial}), frozenset())
+    with pytest.raises(UserError, match="is not revoked"):
+        cli("unrevoke", "--dir", str(live_ca_dir.path), "--identity", "spiffe://cluster.local/ns/shop/sa/db")
     with pytest.raises(UserError, match="not a hexadecimal"):
         cli("revoke", "--dir", str(live_ca_dir.path), "--serial", "zz")
     with pytest.raises(UserError, match="not a SPIFFE ID"):

@@ -791,18 +791,18 @@ class AuthorizationIndex:
         return ps
 
 
-def unsupported_field_warnings(spec) -> list[str]:
-    """Warnings the loader should print for fields nodeagent enforces fail-closed.
+def unsupported_field_warnings(spec, path: str = "spec") -> list[tuple[str, str]]:
+    """(field path, message) warnings for what nodeagent enforces fail-closed.
 
-    Returns messages relative to the policy (the loader prefixes file:line
-    and the object name), e.g.
-    ``rules[0].from[0].source.requestPrincipals: nodeagent does not validate JWTs
+    For the validator: ``for p, msg in unsupported_field_warnings(ap, path): ctx.warn(p, msg)``
+    gives e.g. ``policy.yaml:12: warning: AuthorizationPolicy foo/x:
+    spec.rules[0].from[0].source.requestPrincipals: nodeagent does not validate JWTs
     (no RequestAuthentication); in this ALLOW policy the rule never matches``.
     """
     action = (spec.action or "ALLOW").upper()
     effect = ("in this ALLOW policy the rule never matches" if action == "ALLOW"
-              else f"in this {action} policy the condition is treated as matching (the rule denies more)")
-    out: list[str] = []
+              else f"in this {action} policy the condition is treated as matching (the rule applies more widely)")
+    out: list[tuple[str, str]] = []
     for i, rule in enumerate(spec.rules):
         for j, rf in enumerate(rule.from_):
             s = rf.source
@@ -811,14 +811,14 @@ def unsupported_field_warnings(spec) -> list[str]:
             for attr, label in (("request_principals", "requestPrincipals"),
                                 ("not_request_principals", "notRequestPrincipals")):
                 if getattr(s, attr):
-                    out.append(f"rules[{i}].from[{j}].source.{label}: nodeagent does not validate JWTs "
-                               f"(no RequestAuthentication); {effect}")
+                    out.append((f"{path}.rules[{i}].from[{j}].source.{label}",
+                                f"nodeagent does not validate JWTs (no RequestAuthentication); {effect}"))
         for j, cond in enumerate(rule.when):
             f = _condition_field(cond.key, "")
             if f.getter is None:
-                out.append(f"rules[{i}].when[{j}].key {cond.key!r} {f.unsupported_reason}; {effect}")
+                out.append((f"{path}.rules[{i}].when[{j}].key", f"{cond.key} {f.unsupported_reason}; {effect}"))
     if action == "CUSTOM":
         name = spec.provider.name if spec.provider is not None else "<unnamed>"
-        out.append(f"action CUSTOM: nodeagent has no external authorizer; requests matching a rule are "
-                   f"denied (provider {name} not supported)")
+        out.append((f"{path}.action", f"CUSTOM provider {name} not supported: nodeagent has no external "
+                                      f"authorizer, so requests matching a rule are denied"))
     return out

@@ -412,11 +412,18 @@ def test_unsupported_field_warnings():
     allow = ap("a", rules=[rule(from_=[src(request_principals=["*"])],
                                 when=[cond("request.auth.claims[iss]", ["x"])])]).spec
     msgs = unsupported_field_warnings(allow)
-    assert msgs[0] == ("rules[0].from[0].source.requestPrincipals: nodeagent does not validate JWTs "
-                       "(no RequestAuthentication); in this ALLOW policy the rule never matches")
-    assert "rules[0].when[0].key 'request.auth.claims[iss]'" in msgs[1]
+    assert msgs[0] == ("spec.rules[0].from[0].source.requestPrincipals",
+                       "nodeagent does not validate JWTs (no RequestAuthentication); "
+                       "in this ALLOW policy the rule never matches")
+    assert msgs[1] == ("spec.rules[0].when[0].key",
+                       "request.auth.claims[iss] needs JWT validation (RequestAuthentication), which nodeagent "
+                       "does not implement; in this ALLOW policy the rule never matches")
+    deny = ap("d", "DENY", [rule(from_=[src(not_request_principals=["*"])])]).spec
+    assert "in this DENY policy the condition is treated as matching" in unsupported_field_warnings(deny)[0][1]
     custom = ap("c", "CUSTOM", [rule()], provider="opa").spec
-    assert "provider opa not supported" in unsupported_field_warnings(custom)[0]
+    assert unsupported_field_warnings(custom) == [(
+        "spec.action", "CUSTOM provider opa not supported: nodeagent has no external authorizer, "
+                       "so requests matching a rule are denied")]
     assert unsupported_field_warnings(HTTPBIN.spec) == []
 
 

@@ -149,7 +149,11 @@ def merge_trees(sources: list[Path], dest: Path) -> None:
 
 def prepare_debian_tree(cache_root: Path = CACHE_ROOT, log=print) -> HeaderTree:
     """Download and merge Debian's header packages into cache_root/<version> (once)."""
-    version, arch_pkg, common_pkg = debian_packages(_run(["apt-cache", "depends", META_PACKAGE]))
+    try:
+        version, arch_pkg, common_pkg = debian_packages(_run(["apt-cache", "depends", META_PACKAGE]))
+    except HeaderError:   # a fresh machine may have no package lists yet
+        _run(["apt-get", "update", "-qq"])
+        version, arch_pkg, common_pkg = debian_packages(_run(["apt-cache", "depends", META_PACKAGE]))
     dest = cache_root / version
     if (dest / COMPLETE_MARKER).is_file() and not missing_files(dest):
         return HeaderTree(dest, "prepared Debian packages", version)

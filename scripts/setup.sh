@@ -38,3 +38,7 @@ if [ ! -f "$stamp" ]; then
     rm -f "$VENV"/.deps-*
     touch "$stamp"
 fi
+
+# Kernel headers for bcc (eBPF capture): the running kernel's, or Debian's header packages
+# merged once under /var/cache/nodeagent/kernel-headers (a no-op when present).
+"$VENV/bin/python" -m bpf.headers prepare || echo "setup: eBPF capture will be unavailable (see above)" >&2

@@ -206,6 +206,11 @@ class Agent:
             return protocol.ok(workloads=self.workloads_view()["enrolled"])
         if request.op == "enroll":
             return await self.enroll(request.spec)
+        if request.workload is not None:
+            spec = self.registry.find(*request.workload)
+            if spec is None:
+                return protocol.ok(result=Outcome.ABSENT.value)
+            return await self.unenroll(*spec.key)
         return await self.unenroll(*request.key)
 
     async def enroll(self, spec: WorkloadSpec) -> dict[str, Any]:

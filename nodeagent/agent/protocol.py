@@ -8,6 +8,7 @@ Requests::
     {"op": "enroll", "kind": "netns"|"cgroup", "target": "...", "name": "...",
      "namespace": "...", "service_account": "...", "labels": {...}, "ips": [...]}
     {"op": "unenroll", "kind": "netns"|"cgroup", "target": "..."}
+    {"op": "unenroll", "namespace": "...", "name": "..."}   (CNI DEL without a netns)
     {"op": "list"}
 
 Replies: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``. An
@@ -35,7 +36,8 @@ class ProtocolError(ValueError):
 class Request:
     op: str
     spec: WorkloadSpec | None = None  # enroll
-    key: tuple[str, str] | None = None  # unenroll
+    key: tuple[str, str] | None = None  # unenroll by (kind, target)
+    workload: tuple[str, str] | None = None  # unenroll by (namespace, name)
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -62,6 +64,11 @@ def parse_request(line: bytes) -> Request:
     try:
         if op == "enroll":
             return Request(op, spec=spec_from_json({k: v for k, v in message.items() if k != "op"}))
+        if op == "unenroll" and "target" not in message and "kind" not in message:
+            namespace, name = message.get("namespace"), message.get("name")
+            if not isinstance(namespace, str) or not namespace or not isinstance(name, str) or not name:
+                raise SpecError("give kind and target, or namespace and name")
+            return Request(op, workload=(namespace, name))
         if op == "unenroll":
             kind, target = message.get("kind"), message.get("target")
             if kind not in KINDS:

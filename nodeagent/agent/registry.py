@@ -54,6 +54,12 @@ class Registry:
     def get(self, kind: str, target: str) -> WorkloadSpec | None:
         return self._by_key.get((kind, target))
 
+    def find(self, namespace: str, name: str) -> WorkloadSpec | None:
+        for spec in self._by_key.values():
+            if (spec.namespace, spec.name) == (namespace, name):
+                return spec
+        return None
+
     def by_ip(self, ip: str) -> WorkloadSpec | None:
         for spec in self._by_key.values():
             if ip in spec.ips:

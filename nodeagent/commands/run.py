@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     enroll.set_defaults(func=cmd_enroll)
 
     unenroll = sub.add_parser("unenroll", help="unenroll a workload (its capture rules are removed)")
-    _target(unenroll)
+    _target(unenroll, workload=True)
     _state_dir(unenroll)
     unenroll.set_defaults(func=cmd_unenroll)
 
@@ -76,10 +76,12 @@ def _state_dir(parser: argparse.ArgumentParser) -> None:
                         help=f"agent state directory (default $NODEAGENT_STATE_DIR or {DEFAULT_STATE_DIR})")
 
 
-def _target(parser: argparse.ArgumentParser) -> None:
+def _target(parser: argparse.ArgumentParser, workload: bool = False) -> None:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--netns", help="network namespace: a name in /var/run/netns or a path (/proc/PID/ns/net)")
     group.add_argument("--cgroup", help="cgroup v2 path (e.g. /system.slice/web.service)")
+    if workload:
+        group.add_argument("--workload", metavar="NAMESPACE/NAME", help="the workload by name (CNI DEL without a netns)")
 
 
 def _kind_target(args: argparse.Namespace) -> tuple[str, str]:
@@ -169,12 +171,20 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 def cmd_unenroll(args: argparse.Namespace) -> int:
     from nodeagent.agent.protocol import unenroll_request
 
-    kind, target = _kind_target(args)
-    reply = _call(args, unenroll_request(kind, target))
-    if reply["result"] == "absent":
-        print(f"not enrolled: {kind} {target} (nothing to do)")
+    if args.workload:
+        namespace, sep, name = args.workload.partition("/")
+        if not sep or not namespace or not name:
+            raise UserError(f"--workload must be NAMESPACE/NAME, got {args.workload!r}")
+        what = f"workload {args.workload}"
+        reply = _call(args, {"op": "unenroll", "namespace": namespace, "name": name})
     else:
-        print(f"removed: {kind} {target}")
+        kind, target = _kind_target(args)
+        what = f"{kind} {target}"
+        reply = _call(args, unenroll_request(kind, target))
+    if reply["result"] == "absent":
+        print(f"not enrolled: {what} (nothing to do)")
+    else:
+        print(f"removed: {what}")
     if reply.get("capture_error"):
         print(f"nodeagent: capture rules not removed yet (the agent retries): {reply['capture_error']}",
               file=sys.stderr)

@@ -24,6 +24,7 @@ def test_enroll_add_then_same_spec_is_a_noop():
     reg = Registry()
     first = reg.enroll(spec())
     assert first.outcome is Outcome.ADDED and first.previous is None
+    assert reg.find("shop", "web") == spec() and reg.by_ip("10.250.0.2") == spec()
     again = reg.enroll(spec())
     assert again.outcome is Outcome.UNCHANGED
     assert len(reg) == 1
@@ -83,6 +84,7 @@ def test_unenroll_and_unenroll_again():
     removed = reg.unenroll("netns", "pod-web")
     assert removed.outcome is Outcome.REMOVED and removed.previous.name == "web"
     assert reg.unenroll("netns", "pod-web").outcome is Outcome.ABSENT
+    assert reg.find("shop", "web") is None
     # the IP is free again
     assert reg.enroll(spec(name="db", target="pod-db")).outcome is Outcome.ADDED
 
@@ -146,11 +148,14 @@ def test_protocol_parses_requests():
     req = protocol.parse_request(protocol.encode(protocol.unenroll_request("netns", "/var/run/netns/pod-web")))
     assert req.key == ("netns", "pod-web")
     assert protocol.parse_request(b'{"op":"list"}\n').op == "list"
+    req = protocol.parse_request(b'{"op":"unenroll","namespace":"shop","name":"web"}\n')
+    assert req.workload == ("shop", "web") and req.key is None
     for line, message in [
         (b"nonsense\n", "not a JSON line"),
         (b"[1]\n", "must be a JSON object"),
         (b'{"op":"nuke"}\n', "op must be one of enroll, unenroll, list"),
         (b'{"op":"unenroll","kind":"netns"}\n', "unenroll: target is required"),
+        (b'{"op":"unenroll","namespace":"shop"}\n', "unenroll: give kind and target, or namespace and name"),
         (b'{"op":"enroll","kind":"netns","target":"x"}\n', "enroll: name is required"),
     ]:
         with pytest.raises(protocol.ProtocolError) as exc:

@@ -1,0 +1,103 @@
+"""The CNI plugin script (deploy/cni/nodeagent-cni) against the real agent, with
+the pod read from a real HTTP server standing in for the API server's pod GET."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_agent_daemon import REPO, agents, cli  # noqa: F401  (fixture)
+
+PLUGIN = REPO / "deploy" / "cni" / "nodeagent-cni"
+PODS = {
+    ("shop", "web-7d9f"): {"metadata": {"labels": {"app": "web", "version": "v2"}},
+                           "spec": {"serviceAccountName": "web-sa"}},
+}
+
+
+@pytest.fixture
+def api_server():
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            parts = self.path.strip("/").split("/")  # api v1 namespaces NS pods NAME
+            pod = PODS.get((parts[3], parts[5])) if len(parts) == 6 else None
+            body = json.dumps(pod or {"kind": "Status", "code": 404}).encode()
+            self.send_response(200 if pod else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    server.shutdown()
+    server.server_close()
+
+
+def run_plugin(command: str, conf: dict, netns: str = "", pod: tuple[str, str] = ("shop", "web-7d9f")):
+    env = {**os.environ, "CNI_COMMAND": command, "CNI_NETNS": netns, "CNI_CONTAINERID": "abc123",
+           "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin",
+           "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod[0]};K8S_POD_NAME={pod[1]};K8S_POD_UID=u1"}
+    return subprocess.run([sys.executable, str(PLUGIN)], input=json.dumps(conf), env=env, capture_output=True,
+                          text=True, timeout=30)
+
+
+def test_cni_add_del_check(agents, api_server, tmp_path):
+    api, seen = api_server
+    token = tmp_path / "token"
+    token.write_text("secret-token\n")
+    state = tmp_path / "state"
+    agent = agents(state)
+    agent.wait_ready()
+    prev = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}],
+            "ips": [{"address": "10.250.3.7/24", "interface": 0}, {"address": "fd00::7/64", "interface": 0}]}
+    conf = {"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "nodeagent-cni",
+            "state_dir": str(state), "nodeagent_bin": str(REPO / ".venv" / "bin" / "nodeagent"),
+            "kubernetes": {"api": api, "token_file": str(token)}, "prevResult": prev}
+    if not Path(conf["nodeagent_bin"]).exists():
+        conf["nodeagent_bin"] = str(Path(sys.executable).parent / "nodeagent")
+
+    version = run_plugin("VERSION", conf)
+    assert json.loads(version.stdout)["supportedVersions"][-1] == "1.0.0"
+
+    added = run_plugin("ADD", conf, netns="/var/run/netns/cni-1234")
+    assert added.returncode == 0, added.stdout + added.stderr
+    assert json.loads(added.stdout) == prev  # a chained plugin passes the result on
+    assert seen == [("/api/v1/namespaces/shop/pods/web-7d9f", "Bearer secret-token")]
+    (w,) = json.loads(cli(state, "workloads", "--json").stdout)
+    assert (w["target"], w["name"], w["namespace"], w["service_account"], w["labels"], w["ips"]) == (
+        "cni-1234", "web-7d9f", "shop", "web-sa", {"app": "web", "version": "v2"}, ["10.250.3.7", "fd00::7"])
+    assert run_plugin("CHECK", conf, netns="/var/run/netns/cni-1234").returncode == 0
+
+    # kubelet retries ADD: idempotent.
+    assert run_plugin("ADD", conf, netns="/var/run/netns/cni-1234").returncode == 0
+    # DEL after the runtime dropped the netns: by pod name.
+    deleted = run_plugin("DEL", conf, netns="")
+    assert deleted.returncode == 0, deleted.stdout + deleted.stderr
+    assert cli(state, "workloads").stdout.strip() == "no workloads enrolled"
+    assert run_plugin("DEL", conf, netns="/var/run/netns/cni-1234").returncode == 0  # DEL is idempotent
+    missing = run_plugin("CHECK", conf, netns="/var/run/netns/cni-1234")
+    assert missing.returncode == 1 and "is not enrolled" in json.loads(missing.stdout)["msg"]
+
+    # Excluded namespaces pass through; an unknown pod fails the ADD (fail closed).
+    assert run_plugin("ADD", conf, netns="/var/run/netns/x", pod=("kube-system", "dns")).returncode == 0
+    unknown = run_plugin("ADD", conf, netns="/var/run/netns/cni-9", pod=("shop", "ghost"))
+    assert unknown.returncode == 1 and "cannot read pod shop/ghost" in json.loads(unknown.stdout)["msg"]
+    unchained = run_plugin("ADD", {**conf, "prevResult": None}, netns="/var/run/netns/cni-9")
+    assert unchained.returncode == 1 and "must be chained" in json.loads(unchained.stdout)["msg"]
+    assert cli(state, "workloads").stdout.strip() == "no workloads enrolled"
+    assert agent.stop() == 0

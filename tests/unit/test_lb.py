@@ -121,11 +121,11 @@ def test_random_is_uniform_for_equal_weights():
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.integers(min_value=1, max_value=20), min_size=2, max_size=5), st.integers(0, 2**32))
-def test_random_respects_endpoint_weights(weights, seed):
+@given(st.lists(st.integers(min_value=1, max_value=20), min_size=2, max_size=5))
+def test_random_respects_endpoint_weights(weights):
     p = RandomPicker()
     e = eps(*weights)
-    r = random.Random(seed)
+    r = random.Random(",".join(map(str, weights)))    # deterministic per example
     n = 4000
     counts = Counter(p.pick(e, None, r).id for _ in range(n))
     total = sum(weights)

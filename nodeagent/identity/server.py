@@ -26,7 +26,7 @@ from . import certs
 from .ca import CADirectory, LocalCA
 from .errors import CAError, SigningRefused
 from .spiffe import SpiffeId
-from .tls import _base_context, load_cert_chain_in_memory, reloading_server_context
+from .tls import tls13_context, load_cert_chain_in_memory, reloading_server_context
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class CAServer:
                                     now + SERVING_LIFETIME, tuple(dns), tuple(ips))
         oldest = min(self.directory.roots(), key=lambda r: r.created)
         issued = self.directory.sign(request, kind="serving", node=None, now=now, root=oldest)
-        ctx = _base_context(True, bundle.pem)
+        ctx = tls13_context(True, bundle.pem)
         load_cert_chain_in_memory(ctx, certs.certs_to_pem((issued.certificate, *issued.chain)),
                                   certs.key_to_pem(key))
         self._serving = (bundle.version, now + SERVING_LIFETIME / 2, ctx)

@@ -48,7 +48,9 @@ def load_cert_chain_in_memory(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: by
         os.close(fd)
 
 
-def _base_context(server: bool, roots_pem: bytes) -> ssl.SSLContext:
+def tls13_context(server: bool, roots_pem: bytes) -> ssl.SSLContext:
+    """TLS 1.3 only, peer certificate required and verified against ``roots_pem``;
+    no host name check (see the module docstring)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
@@ -62,7 +64,7 @@ def build_context(server: bool, cert: WorkloadCertificate, bundle: TrustBundle,
                   alpn=TUNNEL_ALPN) -> ssl.SSLContext:
     """A TLS 1.3-only context presenting ``cert`` and requiring a peer certificate
     that chains to ``bundle``."""
-    ctx = _base_context(server, bundle.pem)
+    ctx = tls13_context(server, bundle.pem)
     load_cert_chain_in_memory(ctx, cert.chain_pem, cert.key_pem)
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
@@ -170,5 +172,5 @@ class ScopedTunnelTls:
         return self._tls._current(False, self._source, identity or self.workload)
 
 
-__all__ = ["TUNNEL_ALPN", "TunnelTls", "ScopedTunnelTls", "build_context", "verify_peer_certificate",
+__all__ = ["TUNNEL_ALPN", "TunnelTls", "ScopedTunnelTls", "build_context", "tls13_context", "verify_peer_certificate",
            "reloading_server_context", "load_cert_chain_in_memory", "NoCertificate", "PeerRejected"]

@@ -15,7 +15,7 @@ from nodeagent.identity.ca import CADirectory, LocalCA
 from nodeagent.identity.errors import PeerRejected
 from nodeagent.identity.manager import CertificateManager, WorkloadCertificate
 from nodeagent.identity.spiffe import SpiffeId
-from nodeagent.identity.tls import TunnelTls, _base_context, build_context
+from nodeagent.identity.tls import TunnelTls, tls13_context, build_context
 from nodeagent.identity.trust import TrustBundle
 
 WEB = SpiffeId.workload("shop", "web")
@@ -154,7 +154,7 @@ def test_wrong_trust_domain_is_refused_after_the_handshake(node, ca_dir):
 
 
 def test_no_client_certificate_is_refused(node):
-    anonymous = _base_context(False, node.manager.trust_bundle.pem)
+    anonymous = tls13_context(False, node.manager.trust_bundle.pem)
     server, client = handshake(node.tls.server_context(DB), anonymous)
     assert isinstance(server, ssl.SSLError) and "peer did not return a certificate" in str(server)
     assert isinstance(client, (ssl.SSLError, OSError))

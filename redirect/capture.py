@@ -15,8 +15,9 @@ tests can pass another ``runner`` with the same signature.
 """
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal, Protocol, Sequence
 
 from . import iptables, nft
 from .netns import NetnsRef, run_command
@@ -24,7 +25,15 @@ from .plan import OWNER, CaptureError, CapturePlan, Family
 
 Backend = Literal["nft", "iptables-nft", "iptables-legacy"]
 BACKENDS: tuple[Backend, ...] = ("nft", "iptables-nft", "iptables-legacy")
-Runner = Callable[..., "object"]
+
+
+class Runner(Protocol):
+    """Runs one command in a namespace (``redirect.netns.run_command`` is the real one)."""
+
+    def __call__(self, netns: NetnsRef | None, argv: list[str], *, input: str | None, timeout: float,
+                 check: bool) -> subprocess.CompletedProcess[str]: ...
+
+
 TIMEOUT = 10.0
 XTABLES_WAIT = "5"  # seconds to wait for the (host-wide) xtables lock
 

@@ -82,7 +82,7 @@ def test_nft_apply_idempotent_drift_repair_and_cleanup(fresh_netns):
 
 
 def add_foreign_iptables(ns, backend):
-    sh(ns, f"iptables-{backend}-restore", "--noflush", input=(
+    sh(ns, f"iptables-{backend}-restore", "--noflush", "-w", "5", input=(
         "*nat\n:FOREIGN - [0:0]\n-A FOREIGN -p tcp -m tcp --dport 9999 -j RETURN\n"
         "-A OUTPUT -d 10.250.99.1/32 -j RETURN\n-A OUTPUT -j FOREIGN\nCOMMIT\n"))
 
@@ -110,7 +110,7 @@ def test_iptables_backend_detection_apply_repair_cleanup(fresh_netns, variant):
     assert "NODEAGENT" not in sh(ns, f"iptables-{other}-save").stdout  # the other backend untouched
     # Every rule is present in its check (-C) form.
     for cmd in iptables.check_commands(PLAN, "ipv4"):
-        assert sh(ns, f"iptables-{variant}", *cmd, check=False).returncode == 0, cmd
+        assert sh(ns, f"iptables-{variant}", "-w", "5", *cmd, check=False).returncode == 0, cmd
 
     second = capture.apply(PLAN, ns, "iptables")
     assert (second.changed, second.drift) == (False, ())
@@ -118,9 +118,10 @@ def test_iptables_backend_detection_apply_repair_cleanup(fresh_netns, variant):
 
     # Drift: a rule deleted and a duplicate jump added; one restore repairs both.
     redirect_check = next(c for c in iptables.check_commands(PLAN, "ipv4") if "15001" in c)
-    sh(ns, f"iptables-{variant}", *["-D" if a == "-C" else a for a in redirect_check])
-    sh(ns, f"iptables-{variant}", "-t", "nat", "-A", "OUTPUT", "-j", "NODEAGENT-OUTPUT")
-    assert sh(ns, f"iptables-{variant}", *redirect_check, check=False).returncode != 0
+    xt = (f"iptables-{variant}", "-w", "5")
+    sh(ns, *xt, *["-D" if a == "-C" else a for a in redirect_check])
+    sh(ns, *xt, "-t", "nat", "-A", "OUTPUT", "-j", "NODEAGENT-OUTPUT")
+    assert sh(ns, *xt, *redirect_check, check=False).returncode != 0
     drift = capture.verify(PLAN, ns, "iptables")
     assert any("out-redirect" in d for d in drift) and any("jumps" in d for d in drift)
     assert capture.apply(PLAN, ns, "iptables").changed

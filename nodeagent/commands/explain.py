@@ -200,7 +200,8 @@ def explain(args) -> dict:
     out["policies"] = [{"name": p.name, "action": p.action, "source": p.source,
                         **({"provider": p.provider} if p.provider else {})} for p in ps.policies]
     out["skipped_policies"] = list(ps.skipped)
-    out["decided_at"] = "request" if ps.needs_l7 else "connect"
+    # TCP is always decided once; HTTP per request only when a rule reads HTTP attributes
+    out["decided_at"] = "request" if http and ps.needs_l7 else "connection"
 
     if http:
         req = Request(conn, host=args.host, method=args.method or "GET", path=args.path or "/",

@@ -135,6 +135,7 @@ def test_text_output_explains_allow(config_dir, capsys):
     assert "Route: VirtualService foo/httpbin, route to-v1 -> httpbin.foo.svc.cluster.local:8000" in out
     assert "ALLOW  foo/allow-dev-get" in out
     assert "rewritten" not in out and "(TCP)" not in out
+    assert "decided per request" in out   # foo's policies read methods and paths
 
 
 def test_route_uses_the_normalized_path(config_dir, capsys):
@@ -154,7 +155,7 @@ def test_plaintext_tcp_is_denied_by_require_mtls(config_dir, capsys):
     out = capsys.readouterr().out
     assert "TCP connection" in out
     assert "Verdict: DENIED: denied by DENY policy foo/require-mtls rules[0]" in out
-    assert "decided per request" in out   # methods/paths in foo's policies
+    assert "decided per connection" in out
 
 
 def test_strict_refuses_plaintext_before_authorization(config_dir, capsys):

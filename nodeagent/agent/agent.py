@@ -272,14 +272,19 @@ class Agent:
     async def _persist(self, change: Change) -> str:
         """Write the registry; on failure undo the change in memory and say why."""
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self._save)
+            await asyncio.get_running_loop().run_in_executor(None, self._save, change.spec)
         except OSError as exc:
             self.registry.undo(change)
             return f"cannot write the registry in {self.state_dir}: {exc.strerror or exc}; nothing changed"
         return ""
 
-    def _save(self) -> None:
+    def _save(self, about_to_apply: WorkloadSpec | None = None) -> None:
         applied = self.reconciler.applied_specs()
+        if about_to_apply is not None and about_to_apply.key not in self.reconciler.applied:
+            # Recorded before the rules go in (an intent): after a crash, whatever
+            # may have been applied is found and removed or re-adopted; removal
+            # is idempotent, so a superset is safe. Saves a second write per enroll.
+            applied = sorted([*applied, about_to_apply], key=lambda s: s.key)
         save_registry(self.state_dir, self.registry, {
             "node": self.options.node, "capture": self.capture.mode,
             "applied": [s.to_json() for s in applied]})

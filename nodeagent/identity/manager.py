@@ -217,7 +217,7 @@ class CertificateManager:
         try:
             bundle = await self._ca.trust_bundle()
             revocations = await self._ca.revocation_list()
-        except CAError as exc:
+        except (CAError, OSError) as exc:
             self._poll_error = str(exc)
             log.warning("identity: %s", exc)
             self._next_poll = now + self.poll_interval
@@ -247,7 +247,7 @@ class CertificateManager:
         try:
             issued = await self._ca.sign(csr, slot.identity, self.lifetime)
             self._check_issued(slot.identity, key, issued)
-        except CAError as exc:
+        except (CAError, OSError) as exc:
             slot.failures += 1
             slot.last_error = str(exc)
             slot.next_attempt = now + backoff(slot.failures, self.retry_initial, self.retry_max)
@@ -279,7 +279,11 @@ class CertificateManager:
         """Refresh until ``stop`` is set (wakes early when a workload is added)."""
         while not stop.is_set():
             self._wake.clear()
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # a bug must not stop renewals for every workload
+                log.exception("identity: certificate refresh failed")
+                self._next_poll = self._clock() + self.poll_interval
             delay = min(max(self.next_due() - self._clock(), 0.05), max_sleep)
             waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
             await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)

@@ -50,13 +50,23 @@ def live_ca_dir(tmp_path):
     return CADirectory.init(tmp_path / "ca")
 
 
-def test_init_modes_and_refuses_to_overwrite(tmp_path, capsys):
+def test_init_modes_and_refuses_to_overwrite(tmp_path, capsys, caplog):
+    caplog.set_level("DEBUG")
     assert cli("init", "--dir", str(tmp_path / "ca"), "--trust-domain", "example.org") == 0
     out = capsys.readouterr().out
     key_file = tmp_path / "ca" / "roots" / "root-1.key"
     assert mode(tmp_path / "ca") == 0o700
     assert mode(key_file) == 0o600
     assert "PRIVATE KEY" not in out and key_file.read_text().splitlines()[1] not in out
+    cli("node-credential", "--dir", str(tmp_path / "ca"), "--node", "n1", "--out", str(tmp_path / "n1"))
+    local = LocalCA(CADirectory(tmp_path / "ca"))
+    local.sign_csr(certs.make_csr(certs.generate_key(), SpiffeId.workload("a", "b", "example.org")),
+                   "spiffe://example.org/ns/a/sa/b")
+    logged = caplog.text + capsys.readouterr().out
+    assert "issued spiffe://example.org/ns/a/sa/b" in logged
+    for secret in (key_file, tmp_path / "n1" / "node.key"):
+        assert secret.read_text().splitlines()[1] not in logged
+    assert "PRIVATE KEY" not in logged
     assert CADirectory(tmp_path / "ca").trust_domain == "example.org"
     before = key_file.read_bytes()
     with pytest.raises(UserError, match="already holds a CA; refusing to overwrite"):

@@ -212,8 +212,8 @@ def explain(args) -> dict:
         verdict = evaluate(ps, conn)
     if not admitted:
         out["verdict"] = {"allowed": False, "policy": mtls.policy, "rule_index": None,
-                          "reason": f"plaintext refused: PeerAuthentication mode is STRICT ({mtls.reason})",
-                          "audited": list(verdict.audited)}
+                          "reason": f"plaintext refused before authorization: {mtls.reason}",
+                          "audited": []}
     else:
         out["verdict"] = {"allowed": verdict.allowed, "policy": verdict.policy, "rule_index": verdict.rule_index,
                           "reason": verdict.reason, "audited": list(verdict.audited)}

@@ -165,7 +165,8 @@ def test_strict_refuses_plaintext_before_authorization(config_dir, capsys):
     e = json.loads(capsys.readouterr().out)
     assert e["peer_authentication"]["accepted"] is False
     assert e["verdict"]["allowed"] is False
-    assert e["verdict"]["reason"].startswith("plaintext refused: PeerAuthentication mode is STRICT")
+    assert e["verdict"]["reason"] == ("plaintext refused before authorization: STRICT: set by workload-level "
+                                      "PeerAuthentication foo/finance")
     # port 8080 of finance is DISABLE: plaintext admitted, then require-mtls denies it
     args = run(["--config-dir", str(config_dir), "--from", "plaintext", "--to", "foo/finance-pod",
                 "--labels", "app=finance", "--port", "8080", "-o", "json"])

@@ -324,3 +324,17 @@ def test_ca_serve_command_runs_and_stops_on_sigterm(tmp_path):
             proc.wait(5)
     with pytest.raises(UserError, match="--listen 'nowhere': expected ADDR:PORT"):
         cli("serve", "--dir", str(tmp_path / "ca"), "--listen", "nowhere")
+
+
+def test_create_manager_in_remote_mode(env):
+    from nodeagent.identity import create_manager
+    _, server, base = env
+    manager = create_manager(ca_url=server.url, credential_dir=base / "n1")
+    manager.add_workload(WEB)
+    asyncio.run(manager.refresh())
+    assert manager.health().ok
+    assert certs.spiffe_id_of(manager.certificate(WEB).certificate) == WEB
+    with pytest.raises(CAError, match="is for trust domain cluster.local, but example.org is configured"):
+        create_manager(ca_url=server.url, credential_dir=base / "n1", trust_domain="example.org")
+    with pytest.raises(CAError, match="needs the node credential directory"):
+        create_manager(ca_url=server.url)

@@ -321,7 +321,7 @@ def decode_message(node: Node, name: str, path: str, ctx: Ctx) -> Any:
         if req not in present:
             missing = True
             if not ctx.has_errors_under(f"{path}.{req}"):
-                ctx.err(f"{path}.{req}", "required field is missing", _line(node))
+                ctx.err(f"{path}.{req}", "required field is missing")   # at the object's line
     if missing:
         return INVALID
     # Fields that failed to decode are left at their defaults so the semantic checks
@@ -1059,6 +1059,10 @@ def _c_authz(ap: m.AuthorizationPolicy, path: str, ctx: Ctx) -> None:
         ctx.err(f"{path}.provider", "required when action is CUSTOM")
     if ap.action != "CUSTOM" and ap.provider is not None:
         ctx.err(f"{path}.provider", f"may only be set when action is CUSTOM, got action {ap.action}")
+    # what loads but is enforced fail-closed (JWT principals, CUSTOM providers, ...)
+    from policy import authz   # lazy: policy.authz is a consumer of the model, not of this module
+    for p, msg in authz.unsupported_field_warnings(ap, path):
+        ctx.warn(p, msg)
 
 
 def _nonempty_strings(obj, path: str, ctx: Ctx, jnames: dict[str, str]) -> bool:

@@ -38,7 +38,15 @@ MARK_MASK = 0xFFF
 # Istio's SNAT address for kubelet probes when the node has no address on the pod's veth.
 ISTIO_PROBE_SOURCE = "169.254.7.127"
 
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
+_TAG_MAX = 48  # nft comments hold at most 128 characters: keep workload tags short
+
+
+def _tag(name: str) -> str:
+    """A workload's part of a rule name: the name, or a cut name plus its hash if long."""
+    if len(name) <= _TAG_MAX:
+        return name
+    return name[:_TAG_MAX - 9] + "~" + hashlib.sha256(name.encode()).hexdigest()[:8]
 
 Hook = Literal["output", "prerouting"]
 Action = Literal["return", "redirect"]
@@ -148,7 +156,7 @@ class HostWorkload:
         where = f"workload {self.name!r}"
         if not _NAME.fullmatch(self.name or ""):
             raise CaptureError(
-                f"host workload name {self.name!r} must be 1-40 characters of letters, digits, '.', '_', '-'")
+                f"host workload name {self.name!r} must be 1-200 characters of letters, digits, '.', '_', '-'")
         path = posixpath.normpath("/" + str(self.cgroup)).strip("/")
         if not path or any(part in ("..", ".") for part in str(self.cgroup).split("/")) or '"' in path:
             raise CaptureError(
@@ -284,12 +292,12 @@ def host_plan(workloads: Sequence[HostWorkload], config: CaptureConfig = Capture
         raise CaptureError(f"host mode: cgroup2_mount must be an absolute path, got {cgroup2_mount!r}")
     rules = _exclusion_rules(config)
     for w in workloads:
-        rules.append(Rule(f"out-redirect-{w.name}", "output", "redirect", to_port=w.outbound_port,
+        rules.append(Rule(f"out-redirect-{_tag(w.name)}", "output", "redirect", to_port=w.outbound_port,
                           tcp=True, cgroup=w.cgroup, cgroup_level=w.cgroup_level))
         if w.inbound_ports:
             inbound = [p for p in w.inbound_ports if p not in config.exclude_inbound_ports]
             if inbound:
-                rules.append(Rule(f"in-redirect-{w.name}", "prerouting", "redirect",
+                rules.append(Rule(f"in-redirect-{_tag(w.name)}", "prerouting", "redirect",
                                   to_port=w.inbound_port, tcp=True, dports=tuple(inbound)))
     return CapturePlan("host", _ordered(rules), ipv6=config.ipv6,
                        cgroup2_mount=posixpath.normpath(cgroup2_mount), workloads=workloads)

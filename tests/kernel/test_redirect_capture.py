@@ -225,7 +225,8 @@ def test_host_mode_cgroup_capture(net, rules, listeners, cgroup_dir, backend):
     host, remote = net.pods["client"], net.pods["remote"]  # the client pod plays a host here
     app = listeners(remote.netns, 80)
     workload_listener = listeners(host.netns, 15101)
-    plan = host_plan([HostWorkload("web", cgroup, 15101)], cgroup2_mount=mount)
+    # A long (namespace-qualified) name: rule comments must still fit nft's 128 characters.
+    plan = host_plan([HostWorkload("team-" + "w" * 120 + ".web", cgroup, 15101)], cgroup2_mount=mount)
     rules("client", plan, backend)
 
     inside = run_child(f"{mount}/{cgroup}/cgroup.procs", host.netns, remote.ip, 80)

@@ -169,3 +169,15 @@ def test_cgroup2_mount_found_in_mountinfo(tmp_path):
     info.write_text("35 24 0:30 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n")
     with pytest.raises(CaptureError, match="cgroup v2 is not mounted"):
         cgroup2_mount(str(info))
+
+
+def test_long_workload_names_fit_in_rule_comments():
+    long_a, long_b = "ns-" + "x" * 190 + ".web", "ns-" + "x" * 190 + ".api"
+    plan = host_plan([HostWorkload(long_a, "a/b", 15101, inbound_ports=(80,)),
+                      HostWorkload(long_b, "a/c", 15102, inbound_ports=(81,)),
+                      HostWorkload("short", "a/d", 15103)])
+    assert max(len(r.comment) for r in plan.rules) <= 128  # nft's comment limit
+    assert len({r.name for r in plan.rules}) == len(plan.rules)  # cut names stay distinct
+    assert "out-redirect-short" in {r.name for r in plan.rules}
+    with pytest.raises(CaptureError, match="1-200 characters"):
+        HostWorkload("x" * 201, "a", 15101)

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "nodeagent.commands.config",
     "nodeagent.commands.explain",
     "nodeagent.commands.run",
+    "nodeagent.commands.proxy",
 ]
 
 

@@ -1,0 +1,803 @@
+"""Downstream HTTP/1.1: an asyncio Protocol around httptools' request parser.
+
+One ``HttpDownstream`` per accepted connection parses requests and runs them
+one at a time in arrival order (pipelined requests wait in a queue, so their
+responses go out in order). Each request is an ``Exchange``: it asks the
+runtime for a plan (route, cluster, timeouts, retries, faults, mirror), gets
+an upstream connection from the cluster's pool and streams the body both
+ways chunk by chunk. Nothing is buffered whole: request bytes that arrive
+before the upstream connection is ready are held up to ``BUFFER_LIMIT``, then
+the client is paused; write-buffer high-water marks pause the other side.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from httptools import (
+    HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser, parse_url,
+)
+
+log = logging.getLogger(__name__)
+
+BUFFER_LIMIT = 256 * 1024  # request bytes held while no upstream connection is ready
+REPLAY_LIMIT = 64 * 1024  # a request body up to this size is kept for retries and mirrors
+PIPELINE_LIMIT = 32  # queued pipelined requests before the client is paused
+WRITE_HIGH_WATER = 256 * 1024
+
+_PAUSE_PIPELINE, _PAUSE_BUFFER, _PAUSE_UPSTREAM = 1, 2, 4
+
+# Headers that describe one hop; never forwarded as they are.
+_HOP = frozenset((
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"expect", b"host", b"content-length",
+    b"proxy-authorization",
+))
+
+_REASONS = {
+    100: b"Continue", 101: b"Switching Protocols", 200: b"OK", 201: b"Created", 204: b"No Content",
+    301: b"Moved Permanently", 302: b"Found", 303: b"See Other", 307: b"Temporary Redirect",
+    308: b"Permanent Redirect", 400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found",
+    405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Payload Too Large",
+    431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+    501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+class LocalReply:
+    """A response the proxy itself answers (no route, fault abort, overflow, redirect...)."""
+
+    __slots__ = ("status", "flags", "body", "headers", "route_name")
+
+    def __init__(self, status: int, flags: str, body: bytes = b"", headers=(), route_name: str = "") -> None:
+        self.status = status
+        self.flags = flags
+        self.body = body
+        self.headers = headers
+        self.route_name = route_name
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def apply_header_ops(headers: list, ops) -> list:
+    """Apply a route's policy.routing.HeaderOps to (bytes, bytes) header pairs."""
+    pairs = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+    return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in ops.apply_pairs(pairs)]
+
+
+class HttpDownstream(asyncio.Protocol):
+    """One downstream connection speaking HTTP/1.1 (or 1.0)."""
+
+    __slots__ = (
+        "runtime", "ctx", "peer", "transport", "parser", "active", "queue", "parsing",
+        "url", "headers", "head_bytes", "raw_pending", "reading_head", "head_started",
+        "last_activity", "pauses", "write_paused", "closing", "tunnel", "error_status",
+    )
+
+    def __init__(self, runtime, ctx, peer=None) -> None:
+        self.runtime = runtime
+        self.ctx = ctx
+        self.peer = peer
+        self.transport = None
+        self.parser = HttpRequestParser(self)
+        self.active = None
+        self.queue = []
+        self.parsing = None
+        self.url = b""
+        self.headers = []
+        self.head_bytes = 0
+        self.raw_pending = 0
+        self.reading_head = False
+        self.head_started = 0.0
+        self.last_activity = 0.0
+        self.pauses = 0
+        self.write_paused = False
+        self.closing = False
+        self.tunnel = None
+        self.error_status = 0
+
+    # asyncio.Protocol
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER)
+        if self.peer is None:
+            self.peer = self.runtime.peer_info(self.ctx, transport)
+        self.last_activity = self.runtime.loop.time()
+        self.runtime.downstreams.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.downstream_raw(data)
+            return
+        if self.closing:
+            return
+        self.last_activity = self.runtime.loop.time()
+        if not self.reading_head:
+            self.raw_pending = 0
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            if self.parsing is not None:
+                # Everything after the upgrade request belongs to the new protocol.
+                self.tunnel = self.parsing
+                self.parsing.downstream_raw(data[exc.args[0]:])
+            return
+        except HttpParserCallbackError as exc:
+            if self.error_status:
+                self.protocol_error(self.error_status)
+            else:
+                # A bug of ours, not the client's: say so (500) and keep the traceback in the log.
+                log.error("request handling failed", exc_info=exc.__context__ or exc)
+                self.internal_error()
+            return
+        except HttpParserError:
+            self.protocol_error(400)
+            return
+        if self.reading_head:
+            # Bytes of one head the parser holds internally (a header still arriving).
+            self.raw_pending += len(data)
+            if self.raw_pending > self.runtime.limits.max_header_bytes:
+                self.protocol_error(431)
+
+    def connection_lost(self, exc) -> None:
+        self.closing = True
+        self.runtime.downstreams.discard(self)
+        active = self.active
+        if active is not None:
+            active.downstream_lost()
+        for queued in self.queue:
+            queued.abandoned = True
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.active is not None:
+            self.active.downstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.active is not None:
+            self.active.downstream_resume_writing()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.head_bytes = 0
+        self.reading_head = True
+        self.head_started = self.runtime.loop.time()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_bytes += len(url)
+        self.raw_pending = 0
+        if self.head_bytes > self.runtime.limits.max_header_bytes:
+            self.error_status = 431
+            raise ValueError("request head too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self.headers
+        headers.append((name, value))
+        self.head_bytes += len(name) + len(value) + 4
+        self.raw_pending = 0
+        limits = self.runtime.limits
+        if len(headers) > limits.max_headers or self.head_bytes > limits.max_header_bytes:
+            self.error_status = 431
+            raise ValueError("request head too large")
+
+    def on_headers_complete(self) -> None:
+        self.reading_head = False
+        parser = self.parser
+        exchange = Exchange(
+            self, parser.get_method(), self.url, self.headers,
+            parser.get_http_version(), parser.should_keep_alive(), parser.should_upgrade(),
+        )
+        self.parsing = exchange
+        if self.active is None:
+            self.active = exchange
+            exchange.start()
+        else:
+            self.queue.append(exchange)
+            if len(self.queue) >= PIPELINE_LIMIT:
+                self.pause(_PAUSE_PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        self.parsing.request_body(body)
+
+    def on_message_complete(self) -> None:
+        self.parsing.request_complete()
+
+    # flow control
+    def pause(self, reason: int) -> None:
+        if not self.pauses and not self.closing:
+            self.transport.pause_reading()
+        self.pauses |= reason
+
+    def resume(self, reason: int) -> None:
+        if self.pauses & reason:
+            self.pauses &= ~reason
+            if not self.pauses and not self.closing:
+                self.transport.resume_reading()
+
+    # called by exchanges
+    def exchange_done(self, exchange, keep_alive: bool) -> None:
+        if exchange is not self.active:
+            return
+        self.active = None
+        self.last_activity = self.runtime.loop.time()
+        if not keep_alive:
+            self.close()
+            return
+        if self.queue:
+            nxt = self.queue.pop(0)
+            self.resume(_PAUSE_PIPELINE)
+            self.active = nxt
+            nxt.start()
+
+    def protocol_error(self, status: int) -> None:
+        """Answer a request we cannot parse (400/431/408) and close."""
+        if self.closing:
+            return
+        if self.active is None:
+            body = _REASONS.get(status, b"error").lower()
+            self.transport.write(
+                b"HTTP/1.1 %d %b\r\ncontent-length: %d\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n%b"
+                % (status, _REASONS.get(status, b"Error"), len(body), body)
+            )
+            self.runtime.telemetry_local_error(self, status)
+        self.close()
+
+    def internal_error(self) -> None:
+        active = self.active
+        if active is not None and not active.response_started and not self.closing:
+            active.keep_alive = False
+            active.local_reply(LocalReply(500, "-", b"internal error"))
+        self.close()
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.transport.close()
+
+    def check_timers(self, now: float, limits) -> None:
+        """Called by the runtime's sweep: slow request heads get 408, idle connections close."""
+        if self.closing or self.tunnel is not None:
+            return
+        if self.reading_head and self.active is None and now - self.head_started > limits.header_timeout:
+            self.protocol_error(408)
+        elif self.active is None and not self.queue and now - self.last_activity > limits.idle_timeout:
+            self.close()
+
+
+class Exchange:
+    """One request/response, from the parsed request head to the last response byte."""
+
+    __slots__ = (
+        "down", "runtime", "method", "url", "headers", "version", "keep_alive", "upgrade",
+        "path", "authority", "body_mode", "expect_continue", "chunks", "buffered", "replay",
+        "replay_bytes", "request_done", "response_done", "upstream", "plan", "endpoint",
+        "tried", "attempt", "response_started", "out_chunked", "close_delimited",
+        "status", "flags", "req_bytes", "resp_bytes", "t0", "abandoned", "timer", "try_timer",
+        "finished", "tunneling", "dest", "upstream_host", "cluster", "t_upstream", "_hmap", "mirrored",
+    )
+
+    def __init__(self, down: HttpDownstream, method, url, headers, version, keep_alive, upgrade) -> None:
+        self.down = down
+        self.runtime = down.runtime
+        self.method = method
+        self.url = url
+        self.headers = headers
+        self.version = version
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.body_mode = 0  # 0 none, 1 content-length, 2 chunked
+        self.expect_continue = False
+        self.chunks = []
+        self.buffered = 0
+        self.replay = []
+        self.replay_bytes = 0
+        self.request_done = False
+        self.response_done = False
+        self.upstream = None
+        self.plan = None
+        self.endpoint = None
+        self.tried = None
+        self.attempt = 0
+        self.response_started = False
+        self.out_chunked = False
+        self.close_delimited = False
+        self.status = 0
+        self.flags = "-"
+        self.req_bytes = 0
+        self.resp_bytes = 0
+        self.t0 = time.monotonic()
+        self.t_upstream = 0.0
+        self.abandoned = False
+        self.timer = None
+        self.try_timer = None
+        self.finished = False
+        self.tunneling = False
+        self.dest = None
+        self.upstream_host = ""
+        self.cluster = None
+        self._hmap = None
+        self.mirrored = False
+        authority = b""
+        keep = []
+        for h in headers:
+            name = h[0].lower()
+            if name in _HOP:
+                if name == b"host":
+                    authority = h[1]
+                elif name == b"content-length":
+                    if h[1] != b"0":
+                        self.body_mode = 1
+                        keep.append((b"content-length", h[1]))
+                elif name == b"transfer-encoding":
+                    self.body_mode = 2
+                elif name == b"expect":
+                    self.expect_continue = h[1].lower() == b"100-continue"
+                elif name == b"upgrade" and upgrade:
+                    keep.append(h)
+                continue
+            keep.append(h)
+        if url[:1] == b"/" or url == b"*":
+            self.path = url
+        else:
+            # absolute-form target (explicit proxy): the URL's host wins over Host.
+            try:
+                parsed = parse_url(url)
+            except HttpParserError:
+                parsed = None
+            if parsed is not None and parsed.host:
+                authority = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
+                path = parsed.path or b"/"
+                self.path = path + (b"?" + parsed.query if parsed.query else b"")
+            else:
+                self.path = url
+        self.authority = authority
+        self.headers = keep
+
+    def header_map(self) -> dict:
+        """Request headers as a lower-case str dict (for routing matches; built once)."""
+        hmap = self._hmap
+        if hmap is None:
+            hmap = {}
+            for name, value in self.headers:
+                key = name.decode("latin-1").lower()
+                val = value.decode("latin-1")
+                hmap[key] = hmap[key] + "," + val if key in hmap else val
+            self._hmap = hmap
+        return hmap
+
+    def path_str(self) -> str:
+        return self.path.decode("latin-1")
+
+    # --- request side -------------------------------------------------
+    def start(self) -> None:
+        if self.abandoned:
+            return
+        if self.upgrade and self.method == b"CONNECT":
+            self.local_reply(LocalReply(405, "-", b"CONNECT is not supported on this listener\n"))
+            return
+        plan = self.runtime.plan(self)
+        if plan.__class__ is LocalReply:
+            self.local_reply(plan)
+            return
+        self.plan = plan
+        if plan.timeout:
+            self.timer = self.runtime.loop.call_later(plan.timeout, self._route_timeout)
+        if plan.delay:
+            self.flags = "DI"
+            self.runtime.loop.call_later(plan.delay, self._after_delay)
+        else:
+            self._after_delay()
+
+    def _after_delay(self) -> None:
+        if self.finished or self.abandoned:
+            return
+        plan = self.plan
+        if plan.abort is not None:
+            self.local_reply(LocalReply(plan.abort, "FI", b"fault filter abort", route_name=plan.route_name))
+            return
+        if self.expect_continue and not self.request_done:
+            self.down.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if plan.mirror is not None and self.request_done:
+            self._mirror()
+        self._attempt()
+
+    def _mirror(self) -> None:
+        # Only a complete, replayable request is copied (bodies are streamed, not kept).
+        if not self.mirrored and self.replay is not None:
+            self.mirrored = True
+            self.runtime.mirror(self, self.plan)
+
+    def _attempt(self) -> None:
+        plan = self.plan
+        cluster = plan.cluster
+        if self.endpoint is not None:
+            self.cluster.done(self.endpoint)
+            self.endpoint = None
+        self.cluster = cluster
+        endpoint = cluster.pick(self, self.tried)
+        if endpoint is None and self.tried:
+            endpoint = cluster.pick(self, None)
+        if endpoint is None:
+            self.dest = cluster.labels_for(None)
+            self.local_reply(LocalReply(503, "UH", b"no healthy upstream", route_name=plan.route_name))
+            return
+        self.endpoint = endpoint
+        self.dest = endpoint.labels
+        self.upstream_host = endpoint.host
+        self.attempt += 1
+        if self.tried is None:
+            self.tried = [endpoint]
+        else:
+            self.tried.append(endpoint)
+        self.t_upstream = time.monotonic()
+        overflow = cluster.pool.acquire(self, endpoint.addr)
+        if overflow is not None:
+            self.local_reply(LocalReply(503, "UO", b"upstream connect error or disconnect/reset before headers. reset reason: overflow", route_name=plan.route_name))
+
+    def request_body(self, body: bytes) -> None:
+        n = len(body)
+        self.req_bytes += n
+        replay = self.replay
+        if replay is not None:
+            if self.replay_bytes + n <= REPLAY_LIMIT:
+                replay.append(body)
+                self.replay_bytes += n
+            else:
+                self.replay = None
+        if self.response_done or self.finished:
+            return  # the response is already complete; the rest of the body is discarded
+        upstream = self.upstream
+        if upstream is not None and not upstream.closed:
+            upstream.transport.write(_chunk(body) if self.body_mode == 2 else body)
+        else:
+            self.chunks.append(body)
+            self.buffered += n
+            if self.buffered > BUFFER_LIMIT:
+                self.down.pause(_PAUSE_BUFFER)
+
+    def request_complete(self) -> None:
+        self.request_done = True
+        if self.upgrade:
+            return
+        if self.finished:
+            self.down.exchange_done(self, self.keep_alive and not self.response_cut())
+            return
+        upstream = self.upstream
+        if upstream is not None and self.body_mode == 2 and not upstream.closed:
+            upstream.transport.write(b"0\r\n\r\n")
+        plan = self.plan
+        if plan is not None and plan.mirror is not None:
+            self._mirror()
+        if self.response_done:
+            self._finish()
+
+    def downstream_raw(self, data: bytes) -> None:
+        if not data or self.finished:
+            return
+        self.req_bytes += len(data)
+        upstream = self.upstream
+        if upstream is not None and not upstream.closed:
+            upstream.transport.write(data)
+        else:
+            self.chunks.append(data)
+
+    def response_cut(self) -> bool:
+        return self.close_delimited
+
+    # --- upstream side ------------------------------------------------
+    def upstream_ready(self, conn) -> None:
+        if self.finished or self.abandoned:
+            conn.pool.release(conn, True)
+            return
+        self.upstream = conn
+        plan = self.plan
+        headers = self.headers
+        if plan.request_ops is not None:
+            headers = apply_header_ops(list(headers), plan.request_ops)
+        parts = [self.method, b" ", plan.path or self.path, b" HTTP/1.1\r\nhost: ", plan.authority or self.authority, b"\r\n"]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        if self.body_mode == 2:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        if self.upgrade:
+            parts.append(b"connection: upgrade\r\n")
+        if self.attempt > 1:
+            parts.append(b"x-envoy-attempt-count: %d\r\n" % self.attempt)
+        parts.append(b"\r\n")
+        if self.attempt > 1 and self.replay is not None:
+            chunks = self.replay
+        else:
+            chunks = self.chunks
+        if chunks:
+            if self.body_mode == 2:
+                parts.extend(_chunk(c) for c in chunks)
+            else:
+                parts.extend(chunks)
+        if self.body_mode == 2 and self.request_done:
+            parts.append(b"0\r\n\r\n")
+        self.chunks = []
+        if self.buffered:
+            self.buffered = 0
+            self.down.resume(_PAUSE_BUFFER)
+        conn.send(self, b"".join(parts), self.method == b"HEAD")
+        if self.down.write_paused:
+            conn.transport.pause_reading()
+        per_try = plan.per_try_timeout
+        if per_try:
+            self.try_timer = self.runtime.loop.call_later(per_try, self._try_timeout, conn)
+
+    def upstream_connect_failed(self, endpoint) -> None:
+        if self.finished or self.abandoned:
+            return
+        self.cluster.record(self.endpoint, 0, self.runtime.loop.time())
+        if self._retry("connect-failure", 0):
+            return
+        self.local_reply(LocalReply(503, "UF", b"upstream connect error or disconnect/reset before headers. reset reason: connection failure", route_name=self.plan.route_name))
+
+    def upstream_failed(self, conn, flag: str) -> None:
+        """The upstream connection reset or spoke garbage."""
+        if self.finished:
+            return
+        self._cancel_try_timer()
+        self.upstream = None
+        self.cluster.record(self.endpoint, 0, self.runtime.loop.time())
+        if self.response_started:
+            self.flags = flag
+            self.response_done = True
+            self.close_delimited = True
+            self._finish_abort()
+            return
+        if self._retry("reset", 0):
+            return
+        status = 502 if flag == "UPE" else 503
+        self.local_reply(LocalReply(status, flag, b"upstream connect error or disconnect/reset before headers. reset reason: connection termination", route_name=self.plan.route_name))
+
+    def upstream_head(self, conn, status: int, reason: bytes, headers: list) -> None:
+        self._cancel_try_timer()
+        self.cluster.record(self.endpoint, status, self.runtime.loop.time())
+        if status >= 500 and not self.upgrade and self._retryable_status(status):
+            conn.exchange = None
+            conn.keep_alive = False
+            conn.close()
+            self.upstream = None
+            self._retry("status", status)
+            return
+        self.status = status
+        self.response_started = True
+        plan = self.plan
+        length = None
+        chunked = False
+        out = []
+        for h in headers:
+            name = h[0].lower()
+            if name in _HOP:
+                if name == b"content-length":
+                    length = h[1]
+                elif name == b"transfer-encoding":
+                    chunked = True
+                elif name == b"upgrade" and status == 101:
+                    out.append(h)
+                continue
+            out.append(h)
+        if plan.response_ops is not None:
+            out = apply_header_ops(out, plan.response_ops)
+        parts = [b"HTTP/1.1 %d " % status, reason or _REASONS.get(status, b"Unknown"), b"\r\n"]
+        for name, value in out:
+            parts += (name, b": ", value, b"\r\n")
+        if status == 101:
+            parts.append(b"connection: upgrade\r\n")
+        elif self.method == b"HEAD" or status == 204 or status == 304:
+            if length is not None:
+                parts += (b"content-length: ", length, b"\r\n")
+        elif length is not None and not chunked:
+            parts += (b"content-length: ", length, b"\r\n")
+        elif self.version == "1.1":
+            self.out_chunked = True
+            parts.append(b"transfer-encoding: chunked\r\n")
+        else:
+            self.close_delimited = True
+        if self.upgrade and status != 101:
+            self.keep_alive = False  # the client may already have sent bytes of the new protocol
+        if not self.keep_alive or self.close_delimited or (self.expect_continue and not self.request_done):
+            self.keep_alive = False
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        self.down.transport.write(b"".join(parts))
+
+    def upstream_body(self, body: bytes) -> None:
+        self.resp_bytes += len(body)
+        self.down.transport.write(_chunk(body) if self.out_chunked else body)
+
+    def upstream_complete(self, conn) -> None:
+        if self.finished:
+            return
+        if self.out_chunked:
+            self.down.transport.write(b"0\r\n\r\n")
+        self.upstream = None
+        if self.down.write_paused:
+            conn.transport.resume_reading()
+        conn.pool.release(conn, conn.keep_alive and self.request_done)
+        self.response_done = True
+        if self.request_done:
+            self._finish()
+        elif self.body_mode == 0:
+            self._finish()
+
+    def upstream_upgraded(self, tail: bytes) -> None:
+        """101 from upstream: from now on both sides are a raw byte relay."""
+        self.tunneling = True
+        self.down.tunnel = self
+        if tail:
+            self.resp_bytes += len(tail)
+            self.down.transport.write(tail)
+        if self.chunks:
+            data = b"".join(self.chunks)
+            self.chunks = []
+            self.upstream.transport.write(data)
+
+    def upstream_raw(self, data: bytes) -> None:
+        self.resp_bytes += len(data)
+        self.down.transport.write(data)
+
+    def upstream_raw_closed(self) -> None:
+        self.upstream = None
+        self.response_done = True
+        self.keep_alive = False
+        self._finish()
+        self.down.close()
+
+    def upstream_pause_writing(self) -> None:
+        self.down.pause(_PAUSE_UPSTREAM)
+
+    def upstream_resume_writing(self) -> None:
+        self.down.resume(_PAUSE_UPSTREAM)
+
+    def downstream_pause_writing(self) -> None:
+        upstream = self.upstream
+        if upstream is not None and not upstream.closed:
+            upstream.transport.pause_reading()
+
+    def downstream_resume_writing(self) -> None:
+        upstream = self.upstream
+        if upstream is not None and not upstream.closed:
+            upstream.transport.resume_reading()
+
+    def downstream_lost(self) -> None:
+        """The client went away: drop the upstream connection mid-flight."""
+        if self.finished:
+            return
+        self.abandoned = True
+        self.keep_alive = False
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            if self.tunneling:
+                upstream.exchange = None
+                upstream.close()
+            else:
+                upstream.exchange = None
+                upstream.close()
+        elif self.cluster is not None:
+            self.cluster.pool.cancel(self)
+        if not self.tunneling:
+            self.flags = "DC" if self.flags == "-" else self.flags + ",DC"
+        self._finish()
+
+    # --- retries and timeouts -----------------------------------------
+    def _retryable_status(self, status: int) -> bool:
+        plan = self.plan
+        if plan.retry is None or self.response_started:
+            return False
+        if not self.request_done or self.replay is None:
+            return False
+        return plan.retry_on_status(status, self.attempt)
+
+    def _retry(self, reason: str, status: int) -> bool:
+        plan = self.plan
+        if plan is None or plan.retry is None or self.response_started or self.finished:
+            return False
+        if not self.request_done or self.replay is None:
+            return False
+        if reason != "status" and not plan.retry_on_failure(reason, self.attempt):
+            return False
+        if self.upgrade:
+            return False
+        self._attempt()
+        return True
+
+    def _try_timeout(self, conn) -> None:
+        self.try_timer = None
+        if self.finished or self.response_started or self.upstream is not conn:
+            return
+        conn.exchange = None
+        conn.close()
+        self.upstream = None
+        self.cluster.record(self.endpoint, 504, self.runtime.loop.time())
+        if self._retry("per-try-timeout", 0):
+            return
+        self.local_reply(LocalReply(504, "UT", b"upstream request timeout", route_name=self.plan.route_name))
+
+    def _route_timeout(self) -> None:
+        self.timer = None
+        if self.finished:
+            return
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.exchange = None
+            upstream.close()
+        elif self.cluster is not None:
+            self.cluster.pool.cancel(self)
+        if self.response_started:
+            self.flags = "UT"
+            self.close_delimited = True
+            self._finish_abort()
+            return
+        self.local_reply(LocalReply(504, "UT", b"upstream request timeout", route_name=self.plan.route_name))
+
+    def _cancel_try_timer(self) -> None:
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+
+    # --- completion ---------------------------------------------------
+    def local_reply(self, reply: LocalReply) -> None:
+        if self.finished:
+            return
+        self.status = reply.status
+        if reply.flags != "-":
+            self.flags = reply.flags if self.flags == "-" else self.flags + "," + reply.flags
+        upstream = self.upstream
+        if upstream is not None:
+            self.upstream = None
+            upstream.exchange = None
+            upstream.close()
+        if self.cluster is not None:
+            self.cluster.pool.cancel(self)
+        if (self.body_mode and not self.request_done) or self.upgrade:
+            self.keep_alive = False  # the rest of the request body will not be read
+        body = reply.body
+        if body and not body.endswith(b"\n"):
+            body += b"\n"
+        parts = [b"HTTP/1.1 %d %b\r\n" % (reply.status, _REASONS.get(reply.status, b"Unknown"))]
+        for name, value in reply.headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"content-length: %d\r\ncontent-type: text/plain\r\n" % len(body))
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        if self.method != b"HEAD":
+            parts.append(body)
+            self.resp_bytes = len(body)
+        self.response_started = True
+        self.response_done = True
+        if not self.down.closing:
+            self.down.transport.write(b"".join(parts))
+        self._finish()
+
+    def _finish_abort(self) -> None:
+        self.keep_alive = False
+        self._finish()
+        self.down.close()
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self._cancel_try_timer()
+        self.runtime.record_exchange(self)
+        if self.request_done or not self.keep_alive:
+            self.down.exchange_done(self, self.keep_alive)
+        # else: wait for request_complete() to hand the connection to the next request

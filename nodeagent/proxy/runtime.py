@@ -1,0 +1,448 @@
+"""The proxy runtime: per-request plans from the policy modules, cluster state, timers.
+
+``ProxyRuntime.plan`` turns one parsed request into a ``ForwardPlan`` by calling
+``policy.routing.plan_request`` on the CURRENT snapshot (so config changes apply
+to the next request). Per cluster (service host, subset, port, source namespace)
+it keeps a ``ClusterState``: the effective ``policy.cluster.ClusterPolicy``, the
+endpoints, an LB picker (``policy.lb``), an ``policy.outlier.OutlierDetector``
+and the connection pool. The runtime only moves data between those pure
+decisions and the sockets; it decides nothing itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from policy import cluster as cluster_mod
+from policy import lb as lb_mod
+from policy import outlier as outlier_mod
+from policy import retry as retry_mod
+from policy import routing
+
+from nodeagent.proxy.context import ListenerContext, PeerInfo
+from nodeagent.proxy.http import LocalReply
+from nodeagent.proxy.upstream import ClusterPool, PoolLimits, UNLIMITED
+
+log = logging.getLogger(__name__)
+
+_ERROR_FOR_RETRY = {"connect-failure": "connect-failure", "reset": "reset", "per-try-timeout": "timeout"}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Downstream protections (Envoy's defaults where Envoy has one)."""
+
+    max_header_bytes: int = 60 * 1024
+    max_headers: int = 100
+    header_timeout: float = 10.0  # a request head must arrive within this: else 408
+    idle_timeout: float = 300.0  # an idle keep-alive client connection is closed after this
+
+
+def shadow_authority(authority: str) -> str:
+    """Envoy's mirror host: ``-shadow`` appended to the host, before any port."""
+    host, sep, port = authority.rpartition(":")
+    if sep and port.isdigit() and "]" not in port:
+        return f"{host}-shadow:{port}"
+    return authority + "-shadow"
+
+
+class ForwardPlan:
+    """What one exchange needs from routing, in wire-ready form."""
+
+    __slots__ = (
+        "cluster", "path", "authority", "request_ops", "response_ops", "timeout",
+        "per_try_timeout", "retry", "delay", "abort", "mirror", "route_name", "mirror_authority",
+    )
+
+    def retry_on_status(self, status: int, attempt: int) -> bool:
+        return retry_mod.should_retry(self.retry, attempt, status)
+
+    def retry_on_failure(self, reason: str, attempt: int) -> bool:
+        return retry_mod.should_retry(self.retry, attempt, None, _ERROR_FOR_RETRY[reason])
+
+
+class UpstreamEndpoint:
+    """One endpoint of a cluster as the engine uses it: address, metric labels."""
+
+    __slots__ = ("id", "addr", "host", "labels", "cluster_endpoint")
+
+    def __init__(self, cep, labels: tuple) -> None:
+        self.id = cep.id
+        self.addr = (cep.address, cep.port)
+        self.host = cep.id
+        self.labels = labels
+        self.cluster_endpoint = cep
+
+
+def destination_labels(service, endpoint, protocol: str) -> tuple:
+    """Istio's destination_* labels (in telemetry.HTTP_LABELS order) for one endpoint."""
+    host = service.host if service is not None else "unknown"
+    if endpoint is not None and endpoint.workload is not None:
+        wl = endpoint.workload
+        name, ns, labels = wl.name, wl.namespace, wl.labels
+    else:
+        name, ns = "unknown", (service.namespace if service is not None else "unknown")
+        labels = endpoint.labels if endpoint is not None else {}
+    return (
+        name, ns, "unknown",
+        labels.get("app", "unknown"), labels.get("version", "unknown"),
+        host, host.split(".", 1)[0] if service is not None and service.mesh_internal else host,
+        service.namespace if service is not None else "unknown",
+        protocol,
+    )
+
+
+class ClusterState:
+    """Live state of one cluster: policy, endpoints, picker, outlier detector, pool."""
+
+    __slots__ = (
+        "key", "source_namespace", "version", "policy", "endpoints", "by_id", "picker",
+        "outlier", "pool", "service", "rand", "no_endpoint_labels", "ejected", "protocol",
+    )
+
+    def __init__(self, key, source_namespace, connector, rand) -> None:
+        self.key = key
+        self.source_namespace = source_namespace
+        self.version = -1
+        self.policy = None
+        self.endpoints = ()
+        self.by_id = {}
+        self.picker = None
+        self.outlier = None
+        self.pool = ClusterPool(key, PoolLimits(), connector)
+        self.service = None
+        self.rand = rand
+        self.no_endpoint_labels = None
+        self.ejected = frozenset()
+        self.protocol = "http"
+
+    def refresh(self, snapshot, now: float) -> None:
+        """Re-read policy and endpoints from a new snapshot, keeping live state where it still applies."""
+        key = self.key
+        policy = cluster_mod.cluster_policy(snapshot, key, self.source_namespace)
+        endpoints = cluster_mod.cluster_endpoints(snapshot, key, self.source_namespace)
+        service = snapshot.services.get(key.host)
+        self.service = service
+        if self.policy is None or policy.lb != self.policy.lb:
+            self.picker = lb_mod.make_picker(policy.lb)
+        if policy.outlier is None:
+            self.outlier = None
+        elif self.policy is None or self.outlier is None or policy.outlier != self.policy.outlier:
+            self.outlier = outlier_mod.OutlierDetector(policy.outlier, now)
+        if self.outlier is not None:
+            self.outlier.set_endpoints([e.id for e in endpoints])
+            self.ejected = self.outlier.ejected()
+        else:
+            self.ejected = frozenset()
+        self.pool.limits = PoolLimits(
+            max_connections=policy.max_connections or UNLIMITED,
+            max_pending=policy.max_pending_requests or UNLIMITED,
+            max_requests_per_connection=policy.max_requests_per_connection or 0,
+            connect_timeout=policy.connect_timeout,
+            idle_timeout=policy.idle_timeout,
+        )
+        old = self.by_id
+        by_id = {}
+        for cep in endpoints:
+            prev = old.get(cep.id)
+            if prev is not None and prev.cluster_endpoint == cep:
+                by_id[cep.id] = prev
+            else:
+                by_id[cep.id] = UpstreamEndpoint(cep, destination_labels(service, cep.endpoint, self.protocol))
+        self.by_id = by_id
+        self.endpoints = endpoints
+        self.no_endpoint_labels = destination_labels(service, None, self.protocol)
+        self.policy = policy
+        self.version = snapshot.version
+
+    def pick(self, exchange, tried) -> UpstreamEndpoint | None:
+        exclude = self.ejected
+        if tried:
+            exclude = exclude | {e.id for e in tried}
+        policy = self.policy
+        hk = None
+        if policy.lb.hash is not None and exchange is not None:
+            hk = lb_mod.hash_key(policy.lb, exchange.header_map(), exchange.path_str(), exchange.down.peer.remote[0])
+        cep = self.picker.pick(self.endpoints, hk, self.rand, exclude)
+        if cep is None:
+            return None
+        self.picker.request_started(cep.id)
+        return self.by_id[cep.id]
+
+    def done(self, endpoint: UpstreamEndpoint) -> None:
+        self.picker.request_finished(endpoint.id)
+
+    def labels_for(self, endpoint) -> tuple:
+        return self.no_endpoint_labels if endpoint is None else endpoint.labels
+
+    def record(self, endpoint: UpstreamEndpoint, status: int, now: float) -> None:
+        """Every upstream outcome feeds outlier detection; status 0 = connect failure/reset."""
+        outlier = self.outlier
+        if outlier is None or endpoint is None:
+            return
+        if status:
+            event = outlier.record_result(endpoint.id, status, now)
+        else:
+            event = outlier.record_result(endpoint.id, None, now, connect_failure=True)
+        if event is not None:
+            log.info("outlier detection ejected %s from %s (%s) until %.1f",
+                     event.endpoint_id, self.key.host, event.reason, event.until)
+            self.ejected = outlier.ejected()
+
+    def sweep(self, now: float) -> None:
+        outlier = self.outlier
+        if outlier is not None and now >= outlier.next_sweep:
+            readmitted = outlier.sweep(now)
+            if readmitted:
+                log.info("outlier detection readmitted %s to %s", ", ".join(readmitted), self.key.host)
+            self.ejected = outlier.ejected()
+        self.pool.sweep(now)
+
+
+class ProxyRuntime:
+    """Shared by every listener of one worker process."""
+
+    def __init__(
+        self,
+        snapshots: Callable[[], object],
+        telemetry,
+        limits: Limits = Limits(),
+        access_log=None,
+        rand: random.Random | None = None,
+    ) -> None:
+        self.snapshots = snapshots
+        self.telemetry = telemetry
+        self.limits = limits
+        self.access_log = access_log
+        self.rand = rand or random.Random()
+        self.loop = asyncio.get_event_loop()
+        self.downstreams: set = set()
+        self.clusters: dict = {}
+        self._sources: dict = {}
+        self._sweeper = None
+
+    # --- lifecycle ----------------------------------------------------
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._sweeper = self.loop.create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = self.loop.time()
+            for state in list(self.clusters.values()):
+                state.sweep(now)
+            limits = self.limits
+            for down in list(self.downstreams):
+                down.check_timers(now, limits)
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for down in list(self.downstreams):
+            down.close()
+        for state in self.clusters.values():
+            state.pool.close_all()
+
+    # --- per connection -----------------------------------------------
+    def peer_info(self, ctx: ListenerContext, transport) -> PeerInfo:
+        remote = transport.get_extra_info("peername") or ("", 0)
+        local = transport.get_extra_info("sockname") or ("", 0)
+        dest = ctx.fixed_destination
+        if dest is None and ctx.original_destination is not None:
+            dest = ctx.original_destination(transport.get_extra_info("socket"))
+        return PeerInfo(remote=tuple(remote[:2]), local=tuple(local[:2]), original_destination=dest)
+
+    def source_ref(self, ctx: ListenerContext, snapshot):
+        """The snapshot's WorkloadRef of the listener's source workload (None when unknown)."""
+        src = ctx.source
+        if src is None:
+            return None
+        key = (src.namespace, src.name, snapshot.version)
+        try:
+            return self._sources[key]
+        except KeyError:
+            pass
+        ref = None
+        for wl in snapshot.workloads:
+            if wl.namespace == src.namespace and wl.name == src.name:
+                ref = wl
+                break
+        if ref is None:
+            from policy.snapshot import WorkloadRef
+            ref = WorkloadRef(name=src.name, namespace=src.namespace,
+                              service_account=src.service_account, labels=src.labels, address="")
+        if len(self._sources) > 1024:
+            self._sources.clear()
+        self._sources[key] = ref
+        return ref
+
+    # --- per request --------------------------------------------------
+    def plan(self, exchange):
+        snapshot = self.snapshots()
+        down = exchange.down
+        ctx = down.ctx
+        source = self.source_ref(ctx, snapshot)
+        authority = exchange.authority.decode("latin-1")
+        fixed = down.peer.original_destination
+        if fixed is not None and not authority:
+            authority = "%s:%d" % fixed
+        port = 80
+        colon = authority.rfind(":")
+        if colon > 0 and authority[colon + 1:].isdigit() and "]" not in authority[colon:]:
+            port = int(authority[colon + 1:])
+        elif fixed is not None:
+            port = fixed[1]
+        attrs = routing.RequestAttrs(
+            method=exchange.method.decode("latin-1"),
+            scheme="http",
+            authority=authority,
+            path=exchange.path.decode("latin-1"),
+            headers=exchange.header_map(),
+            port=port,
+            source=source,
+            source_ip=down.peer.remote[0],
+        )
+        result = routing.plan_request(snapshot, attrs, self.rand)
+        if result.__class__ is routing.Reject:
+            flags = result.response_flags or "-"
+            exchange.dest = destination_labels(None, None, "http") if flags == "NR" else exchange.dest
+            return LocalReply(
+                result.status, flags, result.body,
+                [(n.encode("latin-1"), v.encode("latin-1")) for n, v in result.headers],
+            )
+        src_ns = source.namespace if source is not None else None
+        plan = ForwardPlan()
+        plan.cluster = self.cluster(result.cluster, src_ns, snapshot, ctx)
+        plan.path = result.path.encode("latin-1") if result.path != attrs.path else None
+        plan.authority = result.authority.encode("latin-1") if result.authority != authority else None
+        plan.request_ops = self._ops(result.request_headers)
+        plan.response_ops = self._ops(result.response_headers)
+        plan.timeout = result.timeout
+        plan.retry = result.retry
+        plan.per_try_timeout = result.retry.per_try_timeout if result.retry is not None else None
+        plan.delay = result.fault_delay
+        plan.abort = result.fault_abort
+        plan.route_name = result.route_name or ""
+        if result.mirrors:
+            plan.mirror = [self.cluster(k, src_ns, snapshot, ctx) for k in result.mirrors]
+            plan.mirror_authority = shadow_authority(result.authority).encode("latin-1")
+        else:
+            plan.mirror = None
+        exchange.dest = plan.cluster.no_endpoint_labels
+        return plan
+
+    @staticmethod
+    def _ops(ops):
+        return ops if ops else None
+
+    def cluster(self, key, source_namespace, snapshot, ctx: ListenerContext) -> ClusterState:
+        ck = (key, source_namespace, id(ctx.connector))
+        state = self.clusters.get(ck)
+        if state is None:
+            state = ClusterState(key, source_namespace, ctx.connector, self.rand)
+            self.clusters[ck] = state
+        if state.version != snapshot.version:
+            state.refresh(snapshot, self.loop.time())
+        return state
+
+    def mirror(self, exchange, plan: ForwardPlan) -> None:
+        """Fire-and-forget copies of a fully received, replayable request."""
+        body = b"".join(exchange.replay) if exchange.replay else b""
+        for state in plan.mirror:
+            MirrorExchange(self, state, exchange, plan, body).start()
+
+    # --- telemetry ----------------------------------------------------
+    def record_exchange(self, exchange) -> None:
+        down = exchange.down
+        src = down.ctx.source
+        duration_ms = (time.monotonic() - exchange.t0) * 1000.0
+        dest = exchange.dest or destination_labels(None, None, "http")
+        self.telemetry.record_http(
+            down.ctx, dest, exchange.status, exchange.flags, duration_ms,
+            exchange.req_bytes, exchange.resp_bytes,
+        )
+        endpoint = exchange.endpoint
+        if endpoint is not None and exchange.cluster is not None:
+            exchange.cluster.done(endpoint)
+        if self.access_log is not None:
+            self.access_log.http(exchange, down, src, duration_ms)
+
+    def telemetry_local_error(self, down, status: int) -> None:
+        self.telemetry.record_http(down.ctx, destination_labels(None, None, "http"), status, "-", 0.0, 0, 0)
+        if self.access_log is not None:
+            self.access_log.protocol_error(down, status)
+
+
+class MirrorExchange:
+    """A shadow copy of a request: sent once, its response read and dropped."""
+
+    __slots__ = ("runtime", "state", "data", "abandoned", "endpoint", "upstream")
+
+    def __init__(self, runtime, state: ClusterState, exchange, plan: ForwardPlan, body: bytes) -> None:
+        self.runtime = runtime
+        self.state = state
+        self.abandoned = False
+        self.endpoint = None
+        self.upstream = None
+        parts = [exchange.method, b" ", plan.path or exchange.path, b" HTTP/1.1\r\nhost: ", plan.mirror_authority, b"\r\n"]
+        for name, value in exchange.headers:
+            if name.lower() != b"content-length":
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"content-length: %d\r\n\r\n" % len(body))
+        parts.append(body)
+        self.data = b"".join(parts)
+
+    def start(self) -> None:
+        endpoint = self.state.pick(None, None)
+        if endpoint is None:
+            return
+        self.endpoint = endpoint
+        if self.state.pool.acquire(self, endpoint.addr) is not None:
+            self._done()
+
+    def _done(self) -> None:
+        if self.endpoint is not None:
+            self.state.done(self.endpoint)
+            self.endpoint = None
+
+    def upstream_ready(self, conn) -> None:
+        self.upstream = conn
+        conn.send(self, self.data, False)
+
+    def upstream_connect_failed(self, endpoint) -> None:
+        self.state.record(self.endpoint, 0, self.runtime.loop.time())
+        self._done()
+
+    def upstream_failed(self, conn, flag) -> None:
+        self._done()
+
+    def upstream_head(self, conn, status, reason, headers) -> None:
+        self.state.record(self.endpoint, status, self.runtime.loop.time())
+
+    def upstream_body(self, body) -> None:
+        pass
+
+    def upstream_complete(self, conn) -> None:
+        conn.pool.release(conn, conn.keep_alive)
+        self._done()
+
+    def upstream_upgraded(self, tail) -> None:
+        self.upstream.close()
+        self._done()
+
+    def upstream_raw(self, data) -> None:
+        pass
+
+    def upstream_raw_closed(self) -> None:
+        pass
+
+    def upstream_pause_writing(self) -> None:
+        pass
+
+    def upstream_resume_writing(self) -> None:
+        pass

@@ -1,0 +1,273 @@
+"""Opaque TCP relay, and the per-connection protocol choice for service-bound listeners.
+
+A listener that knows the destination (a ``--forward`` listener today, the
+15001 outbound capture with SO_ORIGINAL_DST later) decides per connection:
+
+- the service port is HTTP (port name ``http``/``http-*`` or protocol HTTP):
+  HTTP/1.1 engine;
+- the port is HTTP2/GRPC (name ``http2*``/``grpc*`` or those protocols):
+  HTTP/1.1 only if the client's first bytes are an HTTP/1.x request line,
+  otherwise (h2 prior knowledge, TLS...) an opaque relay, since this engine
+  does not parse HTTP/2 framing;
+- anything else: opaque relay to an endpoint picked by the cluster's LB.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+
+from policy.cluster import ClusterKey
+
+from nodeagent.proxy.http import HttpDownstream
+
+log = logging.getLogger(__name__)
+
+_REQUEST_LINE = re.compile(rb"^[A-Z]{3,10} \S+ HTTP/1\.[01]\r?\n")
+_SNIFF_LIMIT = 4096
+
+
+def port_kind(port) -> str:
+    """'http', 'sniff' (HTTP2/GRPC) or 'tcp' for a ServicePort (Istio's protocol selection)."""
+    proto = (port.protocol or "").upper()
+    name = (port.name or "").lower()
+    if proto in ("HTTP2", "GRPC", "GRPC-WEB") or name.startswith(("http2", "grpc")):
+        return "sniff"
+    if proto == "HTTP" or name == "http" or name.startswith("http-"):
+        return "http"
+    return "tcp"
+
+
+class _UpstreamSide(asyncio.Protocol):
+    __slots__ = ("relay", "transport")
+
+    def __init__(self, relay: "TcpRelay") -> None:
+        self.relay = relay
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(262144)
+
+    def data_received(self, data: bytes) -> None:
+        relay = self.relay
+        relay.sent += len(data)  # Istio: sent = response bytes, towards the client
+        relay.transport.write(data)
+
+    def eof_received(self):
+        relay = self.relay
+        relay.upstream_eof = True
+        if relay.downstream_eof or not relay.transport.can_write_eof():
+            relay.transport.close()
+            return False
+        relay.transport.write_eof()  # half-close: the client may still send
+        return True
+
+    def connection_lost(self, exc) -> None:
+        self.relay.upstream_lost()
+
+    def pause_writing(self) -> None:
+        self.relay.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.relay.transport.resume_reading()
+
+
+class TcpRelay(asyncio.Protocol):
+    """Downstream side of an opaque relay; connects upstream first, then copies bytes."""
+
+    def __init__(self, runtime, ctx, peer, state, passthrough=None, initial: bytes = b"") -> None:
+        self.runtime = runtime
+        self.ctx = ctx
+        self.peer = peer
+        self.cluster = state
+        self.passthrough = passthrough
+        self.transport = None
+        self.upstream = None
+        self.pending = [initial] if initial else []
+        self.received = len(initial)  # Istio: received = request bytes, from the client
+        self.sent = 0
+        self.flags = "-"
+        self.upstream_host = ""
+        self.endpoint = None
+        self.entry = None
+        self.t0 = time.monotonic()
+        self.closed = False
+        self.downstream_eof = False
+        self.upstream_eof = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(262144)
+        self.runtime.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        runtime = self.runtime
+        state = self.cluster
+        tried = []
+        while True:
+            if state is not None:
+                endpoint = state.pick(None, tried)
+                if endpoint is None:
+                    self.flags = "UH" if not tried else "UF"
+                    self._open_entry(state.no_endpoint_labels[:-1] + ("tcp",))
+                    self.transport.close()
+                    return
+                addr = endpoint.addr
+                self.endpoint = endpoint
+                dest = endpoint.labels[:-1] + ("tcp",)
+                timeout = state.pool.limits.connect_timeout
+            else:
+                addr = self.passthrough
+                dest = runtime_passthrough_labels(addr)
+                timeout = 10.0
+            self.upstream_host = "%s:%d" % addr
+            try:
+                _, self.upstream = await self.ctx.connector.connect(
+                    lambda: _UpstreamSide(self), addr[0], addr[1], timeout)
+            except (OSError, asyncio.TimeoutError):
+                if state is not None:
+                    state.record(self.endpoint, 0, runtime.loop.time())
+                    state.done(self.endpoint)
+                    tried.append(self.endpoint)
+                    self.endpoint = None
+                    if len(tried) < 3:
+                        continue
+                self.flags = "UF"
+                self._open_entry(dest)
+                self.transport.close()
+                return
+            break
+        self._open_entry(dest)
+        if self.closed:
+            self.upstream.transport.close()
+            return
+        if self.pending:
+            self.upstream.transport.write(b"".join(self.pending))
+            self.pending = []
+            self.transport.resume_reading()
+        if self.downstream_eof:
+            self.upstream.transport.write_eof()
+
+    def _open_entry(self, dest) -> None:
+        self.entry = self.runtime.telemetry.tcp_entry(self.ctx, dest, self.flags)
+        self.entry[0] += 1
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.write(data)
+        else:
+            self.pending.append(data)
+            if sum(map(len, self.pending)) > 262144:
+                self.transport.pause_reading()
+
+    def eof_received(self):
+        self.downstream_eof = True
+        upstream = self.upstream
+        if upstream is None or upstream.transport is None:
+            return True  # the connect is in flight; close once it is done
+        if self.upstream_eof or not upstream.transport.can_write_eof():
+            upstream.transport.close()
+            return False
+        upstream.transport.write_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
+
+    def upstream_lost(self) -> None:
+        self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+        if self.endpoint is not None and self.cluster is not None:
+            self.cluster.done(self.endpoint)
+        entry = self.entry
+        if entry is not None:
+            entry[1] += 1
+            entry[2] += self.sent
+            entry[3] += self.received
+        if self.runtime.access_log is not None:
+            self.runtime.access_log.tcp(self, (time.monotonic() - self.t0) * 1000.0)
+
+
+def runtime_passthrough_labels(addr) -> tuple:
+    host = "%s:%d" % addr
+    return ("unknown", "unknown", "unknown", "unknown", "unknown", host, host, "unknown", "tcp")
+
+
+class DispatchProtocol(asyncio.Protocol):
+    """First protocol of a connection to a known destination: picks HTTP, sniff or relay."""
+
+    def __init__(self, runtime, ctx) -> None:
+        self.runtime = runtime
+        self.ctx = ctx
+        self.transport = None
+        self.peer = None
+        self.buffer = b""
+        self.next = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        runtime = self.runtime
+        self.peer = peer = runtime.peer_info(self.ctx, transport)
+        dest = peer.original_destination
+        if dest is None:
+            self._become(HttpDownstream(runtime, self.ctx, peer))
+            return
+        snapshot = runtime.snapshots()
+        source = runtime.source_ref(self.ctx, snapshot)
+        src_ns = source.namespace if source is not None else "default"
+        host, port = dest
+        service = snapshot.resolve_host("%s:%d" % (host, port), src_ns)
+        sport = None
+        if service is None:
+            found = snapshot.service_by_address(host, port)
+            if found is not None:
+                service, sport = found
+        elif service is not None:
+            sport = service.port(port)
+        if service is None or sport is None:
+            # Not a mesh service: pass the bytes through to where they were going.
+            self._become(TcpRelay(runtime, self.ctx, peer, None, passthrough=(host, port)))
+            return
+        self.kind = port_kind(sport)
+        self.state = runtime.cluster(ClusterKey(service.host, None, sport.number), src_ns, snapshot, self.ctx)
+        if self.kind == "http":
+            self._become(HttpDownstream(runtime, self.ctx, peer))
+        elif self.kind == "tcp":
+            self._become(TcpRelay(runtime, self.ctx, peer, self.state))
+        # "sniff": wait for the first bytes
+
+    def _become(self, protocol, data: bytes = b"") -> None:
+        self.next = protocol
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        if data:
+            protocol.data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        buf = self.buffer
+        if b"\n" not in buf and len(buf) < _SNIFF_LIMIT:
+            return
+        if _REQUEST_LINE.match(buf):
+            self._become(HttpDownstream(self.runtime, self.ctx, self.peer), buf)
+        else:
+            self._become(TcpRelay(self.runtime, self.ctx, self.peer, self.state, initial=buf))
+
+    def connection_lost(self, exc) -> None:
+        if self.next is not None:
+            self.next.connection_lost(exc)

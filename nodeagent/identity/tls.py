@@ -21,6 +21,7 @@ from the file system.
 """
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import time
@@ -33,6 +34,8 @@ from .errors import NoCertificate, PeerRejected
 from .manager import CertificateManager, ScopedCertificateSource, WorkloadCertificate
 from .spiffe import SpiffeId
 from .trust import RevocationList, TrustBundle
+
+log = logging.getLogger(__name__)
 
 # ALPN for the tunnel: HTTP/1.1 today; "h2" is to be added in front for ztunnel interop.
 TUNNEL_ALPN = ("http/1.1",)
@@ -78,7 +81,8 @@ def reloading_server_context(current: Callable[[], ssl.SSLContext]) -> ssl.SSLCo
     def switch(ssl_object, server_name, _ctx):
         try:
             ssl_object.context = current()
-        except Exception:  # no usable certificate now: refuse this handshake, keep listening
+        except Exception as exc:  # no usable certificate now: refuse this handshake, keep listening
+            log.warning("tls: refusing a handshake: %s", exc)
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
         return None
 

@@ -310,3 +310,19 @@ def test_steady_stream_of_handshakes_through_a_root_rotation(tmp_path):
     issuers = {x509.load_der_x509_certificate(c).issuer for c in server_certs}
     assert len(issuers) == 2
     assert x509.load_der_x509_certificate(first_server_cert).issuer == old_root.subject
+
+
+def test_listener_refuses_new_handshakes_once_its_certificate_expired(node, ca_dir):
+    offset = [0.0]
+    manager = CertificateManager(LocalCA(ca_dir), trust_domain="cluster.local",
+                                 clock=lambda: time.time() + offset[0])
+    manager.add_workload(DB)
+    asyncio.run(manager.refresh())
+    tls = TunnelTls(manager)
+    listener_ctx = tls.server_context(DB)
+    server, _ = handshake(listener_ctx, node.tls.client_context(WEB), tls)
+    assert server[0] == WEB
+    offset[0] = 2 * DAY  # the agent's clock says the certificate has expired (CA unreachable)
+    server, client = handshake(listener_ctx, node.tls.client_context(WEB), tls)
+    assert isinstance(server, ssl.SSLError) and isinstance(client, (ssl.SSLError, OSError))
+    assert not manager.health().ok and "expired" in manager.health().reason

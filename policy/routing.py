@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
 import re2
+from re2 import _re2
+
+_ANCHOR_BOTH = _re2.RE2.Anchor.ANCHOR_BOTH
 
 from policy.cluster import ClusterKey, memo_put, snapshot_memo
 from policy.lb import query_param
@@ -259,11 +262,29 @@ class RoutePlan:
 # compiling matches
 
 
+def re2_fullmatch(pattern: str):
+    """A predicate str -> bool: RE2 full match (Envoy's safe_regex). Uses the
+    pybind layer of google-re2 directly: ~5x faster than ``re2.fullmatch``,
+    which builds a match object per call."""
+    opts = _re2.RE2.Options()
+    opts.never_capture = True
+    opts.log_errors = False
+    rx = _re2.RE2(pattern.encode(), opts)
+    if not rx.ok():
+        raise ValueError(f"invalid RE2 regex {pattern!r}: {rx.error().decode(errors='replace')}")
+    match = rx.Match
+
+    def fullmatch(s: str) -> bool:
+        b = s.encode()
+        return match(_ANCHOR_BOTH, b, 0, len(b))[0][0] >= 0
+    return fullmatch
+
+
 def _string_matcher(sm, ignore_case: bool = False):
     """A predicate str -> bool for a model StringMatch."""
     kind, value = sm.kind, sm.value
     if kind == "regex":
-        return re2.compile(value).fullmatch
+        return re2_fullmatch(value)
     if ignore_case:
         value = value.lower()
         if kind == "exact":

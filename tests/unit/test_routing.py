@@ -516,3 +516,15 @@ def test_weighted_pick_uses_the_random_source():
     a = [plan(snap, req(), seed=s).cluster.subset for s in range(40)]
     b = [plan(snap, req(), seed=s).cluster.subset for s in range(40)]
     assert a == b and Counter(a).keys() == {"v1", "v2"}
+
+
+def test_re2_full_match_semantics():
+    from policy.routing import re2_fullmatch
+    m = re2_fullmatch("/api/v[0-9]+")
+    assert m("/api/v12") and not m("/api/v12/x") and not m("x/api/v1")
+    assert re2_fullmatch("é+")("éé")
+    assert re2_fullmatch("")("") and not re2_fullmatch("")("a")
+    with pytest.raises(ValueError, match="invalid RE2 regex"):
+        re2_fullmatch("(")
+    with pytest.raises(ValueError):
+        re2_fullmatch("(?=lookahead)")          # not RE2 syntax

@@ -25,7 +25,6 @@ from cryptography import x509
 from . import certs
 from .ca import CADirectory, LocalCA
 from .errors import CAError, SigningRefused
-from .spiffe import SpiffeId
 from .tls import tls13_context, load_cert_chain_in_memory, reloading_server_context
 
 log = logging.getLogger(__name__)

@@ -2,13 +2,16 @@
 // sockets are captured is decided by map lookups, so enrolling a workload is a
 // map update, never a recompile or a new attachment.
 //
-//   na_connect4    cgroup/connect4: a selected workload's outbound TCP connect
-//                  is rewritten to its proxy listener; the original destination
-//                  is remembered by socket cookie.
+//   na_connect4    cgroup/connect4 (and na_connect6, cgroup/connect6): a selected
+//                  workload's outbound TCP connect is rewritten to its proxy
+//                  listener (IPv4 and v4-mapped destinations to proxy_ip4:port,
+//                  IPv6 ones to [::1]:port); the original destination is
+//                  remembered by socket cookie.
 //   na_sockops     sockops, ACTIVE_ESTABLISHED: the entry moves to a key the
 //                  proxy can compute from the socket it accepted
 //                  (netns cookie, client ip, client port, proxy port).
-//   na_getsockopt  cgroup/getsockopt: getsockopt(SOL_IP, SO_ORIGINAL_DST) on
+//   na_getsockopt  cgroup/getsockopt: getsockopt(SOL_IP, SO_ORIGINAL_DST) (or
+//                  SOL_IPV6, IP6T_SO_ORIGINAL_DST) on
 //                  that accepted socket answers from the map, so the proxy
 //                  code is the same as with nftables/iptables REDIRECT.
 //
@@ -24,6 +27,7 @@
 
 #include <uapi/linux/bpf.h>
 #include <linux/in.h>
+#include <linux/in6.h>
 #include <linux/socket.h>
 
 #ifndef NA_PIN_DIR
@@ -36,32 +40,39 @@
 #define NA_MAX_CGROUP_DEPTH 8
 #endif
 
-#define NA_SO_ORIGINAL_DST 80
+#define NA_SO_ORIGINAL_DST 80   // also IP6T_SO_ORIGINAL_DST
+#define NA_SOL_IP 0
+#define NA_SOL_IPV6 41
 #define NA_SOCK_STREAM 1
 #define NA_BSWAP16(x) ((__u16)__builtin_bswap16((__u16)(x)))
+// ::ffff:0:0/96 word 2 and ::1 word 3, as the u32 the kernel hands over (network byte order)
+#define NA_MAPPED_WORD ((__u32)__builtin_bswap32(0x0000ffff))
+#define NA_V6_LOOPBACK_WORD ((__u32)__builtin_bswap32(1))
+
+// Addresses are 16 bytes everywhere: IPv4 as ::ffff:a.b.c.d, so one map serves both.
 
 struct wl_cfg {            // maps.WorkloadConfig
     __u32 id;              // workload slot, keys the exclusion maps
-    __u32 proxy_ip4;       // network order
+    __u32 proxy_ip4;       // network order; IPv6 destinations go to [::1]
     __u16 proxy_port;      // host order
     __u16 flags;
     __u32 pad;
 };
 
 struct orig_dst {          // maps.OriginalDst
-    __u32 ip4;             // network order
+    __u32 ip6[4];          // network order
     __u16 port;            // host order
     __u16 pad;
     __u32 id;
-    __u32 pad2;
     __u64 netns;
 };
 
 struct pair_key {          // maps.encode_pair_key
     __u64 netns;
-    __u32 ip4;             // client ip, network order
+    __u32 ip6[4];          // client ip
     __u16 port;            // client port, host order
     __u16 proxy_port;      // host order
+    __u32 pad;
 };
 
 struct port_key {          // maps.encode_port_key
@@ -71,9 +82,9 @@ struct port_key {          // maps.encode_port_key
 };
 
 struct cidr_key {          // maps.encode_cidr_key (LPM trie)
-    __u32 prefixlen;       // 32 (id) + prefix length
+    __u32 prefixlen;       // 32 (id) + prefix length of the 128-bit address
     __u32 id;
-    __u32 ip4;             // network order
+    __u32 ip6[4];
 };
 
 #define NA_PIN(name) NA_PIN_DIR "/maps/" name
@@ -106,45 +117,99 @@ static __always_inline struct wl_cfg *select_workload(__u64 netns)
     return 0;
 }
 
-int na_connect4(struct bpf_sock_addr *ctx)
+// The workload to capture this connect() for, or 0 (not selected, or the proxy's own socket).
+static __always_inline struct wl_cfg *captured_workload(struct bpf_sock_addr *ctx, __u64 *netns)
 {
     if (ctx->type != NA_SOCK_STREAM)
-        return 1;
-    __u64 netns = bpf_get_netns_cookie(ctx);
-    struct wl_cfg *cfg = select_workload(netns);
+        return 0;
+    *netns = bpf_get_netns_cookie(ctx);
+    struct wl_cfg *cfg = select_workload(*netns);
+    if (!cfg)
+        return 0;
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk || sk->mark == NA_SKIP_MARK)
+        return 0;
+    return cfg;
+}
+
+// Applies the exclusions; when the connection is captured, remembers its destination.
+static __always_inline int remember(struct bpf_sock_addr *ctx, struct wl_cfg *cfg, __u64 netns,
+                                    struct orig_dst *od)
+{
+    struct port_key pk = {.id = cfg->id, .port = od->port};
+    if (excl_port.lookup(&pk))
+        return 0;
+    struct cidr_key ck = {.prefixlen = 32 + 128, .id = cfg->id};
+    __builtin_memcpy(ck.ip6, od->ip6, sizeof(ck.ip6));
+    if (excl_dst.lookup(&ck))
+        return 0;
+    od->id = cfg->id;
+    od->netns = netns;
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    cookie_dst.update(&cookie, od);
+    return 1;
+}
+
+int na_connect4(struct bpf_sock_addr *ctx)
+{
+    __u64 netns = 0;
+    struct wl_cfg *cfg = captured_workload(ctx, &netns);
     if (!cfg)
         return 1;
-    struct bpf_sock *sk = ctx->sk;
-    if (!sk)
-        return 1;
-    if (sk->mark == NA_SKIP_MARK)
-        return 1;
-
     __u32 dip = ctx->user_ip4;
     __u16 dport = NA_BSWAP16(ctx->user_port);
     if ((dip & 0xff) == 127)  // 127.0.0.0/8 (network order: first octet lowest)
         return 1;
     if (dip == cfg->proxy_ip4 && dport == cfg->proxy_port)
         return 1;
-
-    struct port_key pk = {.id = cfg->id, .port = dport};
-    if (excl_port.lookup(&pk))
+    struct orig_dst od = {.ip6 = {0, 0, NA_MAPPED_WORD, dip}, .port = dport};
+    if (!remember(ctx, cfg, netns, &od))
         return 1;
-    struct cidr_key ck = {.prefixlen = 64, .id = cfg->id, .ip4 = dip};
-    if (excl_dst.lookup(&ck))
-        return 1;
-
-    __u64 cookie = bpf_get_socket_cookie(ctx);
-    struct orig_dst od = {.ip4 = dip, .port = dport, .id = cfg->id, .netns = netns};
-    cookie_dst.update(&cookie, &od);
     ctx->user_ip4 = cfg->proxy_ip4;
+    ctx->user_port = NA_BSWAP16(cfg->proxy_port);
+    return 1;
+}
+
+int na_connect6(struct bpf_sock_addr *ctx)
+{
+    __u64 netns = 0;
+    struct wl_cfg *cfg = captured_workload(ctx, &netns);
+    if (!cfg)
+        return 1;
+    struct orig_dst od = {.port = NA_BSWAP16(ctx->user_port)};
+    od.ip6[0] = ctx->user_ip6[0];
+    od.ip6[1] = ctx->user_ip6[1];
+    od.ip6[2] = ctx->user_ip6[2];
+    od.ip6[3] = ctx->user_ip6[3];
+    int mapped = od.ip6[0] == 0 && od.ip6[1] == 0 && od.ip6[2] == NA_MAPPED_WORD;
+    if (mapped) {             // an IPv4 destination on a dual-stack socket
+        if ((od.ip6[3] & 0xff) == 127)
+            return 1;
+        if (od.ip6[3] == cfg->proxy_ip4 && od.port == cfg->proxy_port)
+            return 1;
+    } else if (od.ip6[0] == 0 && od.ip6[1] == 0 && od.ip6[2] == 0 && od.ip6[3] == NA_V6_LOOPBACK_WORD) {
+        return 1;             // ::1
+    }
+    if (!remember(ctx, cfg, netns, &od))
+        return 1;
+    if (mapped) {
+        ctx->user_ip6[3] = cfg->proxy_ip4;
+    } else {
+        ctx->user_ip6[0] = 0;
+        ctx->user_ip6[1] = 0;
+        ctx->user_ip6[2] = 0;
+        ctx->user_ip6[3] = NA_V6_LOOPBACK_WORD;
+    }
     ctx->user_port = NA_BSWAP16(cfg->proxy_port);
     return 1;
 }
 
 int na_sockops(struct bpf_sock_ops *skops)
 {
-    if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || skops->family != AF_INET)
+    if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+        return 1;
+    __u32 family = skops->family;
+    if (family != AF_INET && family != AF_INET6)
         return 1;
     __u64 cookie = bpf_get_socket_cookie(skops);
     struct orig_dst *od = cookie_dst.lookup(&cookie);
@@ -152,45 +217,95 @@ int na_sockops(struct bpf_sock_ops *skops)
         return 1;
     struct orig_dst copy = *od;
     cookie_dst.delete(&cookie);
-    // The proxy port is where connect4 sent the socket; read it back from the
+    // The proxy port is where connect4/6 sent the socket; read it back from the
     // remote address rather than trusting that the workload config is unchanged.
     __u32 rport = skops->remote_port;  // network order, in the low or high half
     if (rport > 0xffff)
         rport >>= 16;
     struct pair_key key = {
         .netns = copy.netns,
-        .ip4 = skops->local_ip4,
         .port = (__u16)skops->local_port,
         .proxy_port = NA_BSWAP16(rport),
     };
+    // Read every context field unconditionally: loads chosen by a branch can
+    // be merged into one load from a computed ctx address, which the verifier refuses.
+    __u32 l4 = skops->local_ip4;
+    __u32 l6_0 = skops->local_ip6[0], l6_1 = skops->local_ip6[1];
+    __u32 l6_2 = skops->local_ip6[2], l6_3 = skops->local_ip6[3];
+    asm volatile("" ::: "memory");
+    if (family == AF_INET) {
+        key.ip6[2] = NA_MAPPED_WORD;
+        key.ip6[3] = l4;
+    } else {   // a v4-mapped source reads as ::ffff:a.b.c.d here, as the proxy will see it
+        key.ip6[0] = l6_0;
+        key.ip6[1] = l6_1;
+        key.ip6[2] = l6_2;
+        key.ip6[3] = l6_3;
+    }
     pair_dst.update(&key, &copy);
     return 1;
 }
 
+// getsockopt(SOL_IP, SO_ORIGINAL_DST) / getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)
+// on the socket the proxy accepted, answered from pair_dst.
 int na_getsockopt(struct bpf_sockopt *ctx)
 {
-    if (ctx->level != 0 /* SOL_IP */ || ctx->optname != NA_SO_ORIGINAL_DST)
+    if (ctx->optname != NA_SO_ORIGINAL_DST)
+        return 1;
+    int level = ctx->level;
+    if (level != NA_SOL_IP && level != NA_SOL_IPV6)
         return 1;
     struct bpf_sock *sk = ctx->sk;
-    if (!sk || sk->family != AF_INET)
+    if (!sk)
         return 1;
     struct pair_key key = {
         .netns = bpf_get_netns_cookie(ctx),
-        .ip4 = sk->dst_ip4,
         .port = NA_BSWAP16(sk->dst_port),
         .proxy_port = (__u16)sk->src_port,
     };
+    __u32 family = sk->family;
+    __u32 d4 = sk->dst_ip4;   // all read unconditionally (see na_sockops)
+    __u32 d6_0 = sk->dst_ip6[0], d6_1 = sk->dst_ip6[1], d6_2 = sk->dst_ip6[2], d6_3 = sk->dst_ip6[3];
+    asm volatile("" ::: "memory");
+    if (level == NA_SOL_IP && family == AF_INET) {
+        key.ip6[2] = NA_MAPPED_WORD;
+        key.ip6[3] = d4;
+    } else if (level == NA_SOL_IPV6 && family == AF_INET6) {
+        key.ip6[0] = d6_0;
+        key.ip6[1] = d6_1;
+        key.ip6[2] = d6_2;
+        key.ip6[3] = d6_3;
+    } else {
+        return 1;
+    }
     struct orig_dst *od = pair_dst.lookup(&key);
     if (!od)
         return 1;
-    struct sockaddr_in *sa = ctx->optval;
-    if ((void *)(sa + 1) > ctx->optval_end)
-        return 1;
-    sa->sin_family = AF_INET;
-    sa->sin_port = NA_BSWAP16(od->port);
-    sa->sin_addr.s_addr = od->ip4;
-    __builtin_memset(sa->__pad, 0, sizeof(sa->__pad));
-    ctx->optlen = sizeof(*sa);
+    if (level == NA_SOL_IP) {
+        if (od->ip6[0] != 0 || od->ip6[1] != 0 || od->ip6[2] != NA_MAPPED_WORD)
+            return 1;   // an IPv6 destination cannot be told as a sockaddr_in
+        struct sockaddr_in *sa = ctx->optval;
+        if ((void *)(sa + 1) > ctx->optval_end)
+            return 1;
+        sa->sin_family = AF_INET;
+        sa->sin_port = NA_BSWAP16(od->port);
+        sa->sin_addr.s_addr = od->ip6[3];
+        __builtin_memset(sa->__pad, 0, sizeof(sa->__pad));
+        ctx->optlen = sizeof(*sa);
+    } else {
+        struct sockaddr_in6 *sa6 = ctx->optval;
+        if ((void *)(sa6 + 1) > ctx->optval_end)
+            return 1;
+        sa6->sin6_family = AF_INET6;
+        sa6->sin6_port = NA_BSWAP16(od->port);
+        sa6->sin6_flowinfo = 0;
+        sa6->sin6_addr.in6_u.u6_addr32[0] = od->ip6[0];
+        sa6->sin6_addr.in6_u.u6_addr32[1] = od->ip6[1];
+        sa6->sin6_addr.in6_u.u6_addr32[2] = od->ip6[2];
+        sa6->sin6_addr.in6_u.u6_addr32[3] = od->ip6[3];
+        sa6->sin6_scope_id = 0;
+        ctx->optlen = sizeof(*sa6);
+    }
     // keep two 32-bit stores: the verifier refuses one merged 64-bit store
     asm volatile("" ::: "memory");
     ctx->retval = 0;

@@ -3,7 +3,7 @@
 Layout under the pin directory (default /sys/fs/bpf/nodeagent):
 
     maps/netns maps/cgroup maps/excl_port maps/excl_dst maps/cookie_dst maps/pair_dst
-    links/na_connect4 links/na_sockops links/na_getsockopt
+    links/na_connect4 links/na_connect6 links/na_sockops links/na_getsockopt
 
 The three programs are attached ONCE, at the cgroup v2 root, with bpf_links
 that are pinned: they stay attached while the agent restarts, and a new agent
@@ -65,6 +65,7 @@ class Program:
 
 PROGRAMS = (
     Program("na_connect4", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET4_CONNECT),
+    Program("na_connect6", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET6_CONNECT),
     Program("na_sockops", PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
     Program("na_getsockopt", PROG_CGROUP_SOCKOPT, bpfsys.CGROUP_GETSOCKOPT),
 )
@@ -101,7 +102,7 @@ def attach_plan(pin_dir: str, existing_pins: set[str]) -> list[AttachStep]:
 class Excludes:
     """Connections a workload makes that stay uncaptured."""
     ports: tuple[int, ...] = ()
-    destinations: tuple[str, ...] = ()   # IPv4 addresses or CIDRs
+    destinations: tuple[str, ...] = ()   # IPv4/IPv6 addresses or CIDRs
 
 
 @dataclass(frozen=True, slots=True)

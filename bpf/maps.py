@@ -1,8 +1,9 @@
 """Key/value layouts of the capture maps (see capture.c), as pure codecs.
 
-Byte order follows the C structs: IPv4 addresses in network order (as the
-kernel hands them to the programs), ports in host order, everything else in
-host (little-endian on the supported machines) order.
+Byte order follows the C structs: addresses in network order (as the kernel
+hands them to the programs), 16 bytes each with IPv4 as ::ffff:a.b.c.d so one
+map serves both families; ports in host order; everything else in host
+(little-endian on the supported machines) order.
 """
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ MAP_NAMES = (MAP_NETNS, MAP_CGROUP, MAP_EXCL_PORT, MAP_EXCL_DST, MAP_COOKIE, MAP
 
 _U64 = struct.Struct("=Q")
 _CFG = struct.Struct("=I4sHHI")       # id, proxy ip (net order), proxy port, flags, pad
-_ORIG = struct.Struct("=4sHHIIQ")     # ip, port, pad, id, pad, netns cookie
-_PAIR = struct.Struct("=Q4sHH")       # netns cookie, client ip, client port, proxy port
+_ORIG = struct.Struct("=16sHHIQ")    # ip, port, pad, id, netns cookie
+_PAIR = struct.Struct("=Q16sHHI")     # netns cookie, client ip, client port, proxy port, pad
 _PORT = struct.Struct("=IHH")         # id, port, pad
-_CIDR = struct.Struct("=II4s")        # prefixlen (bits after this field), id, ip
+_CIDR = struct.Struct("=II16s")       # prefixlen (bits after this field), id, ip
 
 
 def _ip4(value: str) -> bytes:
@@ -32,6 +33,25 @@ def _ip4(value: str) -> bytes:
         return ipaddress.IPv4Address(value).packed
     except ValueError as exc:
         raise ValueError(f"not an IPv4 address: {value!r}") from exc
+
+
+_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+
+
+def _ip16(value: str) -> bytes:
+    """An IPv4 or IPv6 address as 16 bytes (IPv4 v4-mapped)."""
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError as exc:
+        raise ValueError(f"not an IP address: {value!r}") from exc
+    return _MAPPED_PREFIX + addr.packed if addr.version == 4 else addr.packed
+
+
+def _ip_str(raw: bytes) -> str:
+    """16 bytes back to text: v4-mapped addresses as plain IPv4."""
+    if raw[:12] == _MAPPED_PREFIX:
+        return str(ipaddress.IPv4Address(raw[12:16]))
+    return str(ipaddress.IPv6Address(raw))
 
 
 def _port(value: int, what: str = "port") -> int:
@@ -76,12 +96,12 @@ class OriginalDst:
     netns_cookie: int = 0
 
     def encode(self) -> bytes:
-        return _ORIG.pack(_ip4(self.ip), _port(self.port), 0, self.workload_id, 0, self.netns_cookie)
+        return _ORIG.pack(_ip16(self.ip), _port(self.port), 0, self.workload_id, self.netns_cookie)
 
     @classmethod
     def decode(cls, raw: bytes) -> "OriginalDst":
-        ip, port, _pad, wid, _pad2, netns = _ORIG.unpack(raw[:_ORIG.size])
-        return cls(str(ipaddress.IPv4Address(ip)), port, wid, netns)
+        ip, port, _pad, wid, netns = _ORIG.unpack(raw[:_ORIG.size])
+        return cls(_ip_str(ip), port, wid, netns)
 
 
 ORIGINAL_DST_SIZE = _ORIG.size
@@ -89,13 +109,13 @@ ORIGINAL_DST_SIZE = _ORIG.size
 
 def encode_pair_key(netns_cookie: int, client_ip: str, client_port: int, proxy_port: int) -> bytes:
     """Key of MAP_PAIR: the accepted socket's peer address, its local port and netns."""
-    return _PAIR.pack(netns_cookie, _ip4(client_ip), _port(client_port, "client port"),
-                      _port(proxy_port, "proxy port"))
+    return _PAIR.pack(netns_cookie, _ip16(client_ip), _port(client_port, "client port"),
+                      _port(proxy_port, "proxy port"), 0)
 
 
 def decode_pair_key(raw: bytes) -> tuple[int, str, int, int]:
-    netns, ip, port, pport = _PAIR.unpack(raw[:_PAIR.size])
-    return netns, str(ipaddress.IPv4Address(ip)), port, pport
+    netns, ip, port, pport, _pad = _PAIR.unpack(raw[:_PAIR.size])
+    return netns, _ip_str(ip), port, pport
 
 
 PAIR_KEY_SIZE = _PAIR.size
@@ -109,11 +129,13 @@ PORT_KEY_SIZE = _PORT.size
 
 
 def encode_cidr_key(workload_id: int, cidr: str) -> bytes:
-    """LPM trie key: the 32-bit workload id is always matched, then the prefix."""
+    """LPM trie key: the 32-bit workload id is always matched, then the (v4-mapped) prefix."""
     try:
-        net = ipaddress.IPv4Network(cidr, strict=False)
+        net = ipaddress.ip_network(cidr, strict=False)
     except ValueError as exc:
-        raise ValueError(f"excluded destination must be an IPv4 address or CIDR, got {cidr!r}") from exc
+        raise ValueError(f"excluded destination must be an IP address or CIDR, got {cidr!r}") from exc
+    if net.version == 4:
+        return _CIDR.pack(32 + 96 + net.prefixlen, workload_id, _MAPPED_PREFIX + net.network_address.packed)
     return _CIDR.pack(32 + net.prefixlen, workload_id, net.network_address.packed)
 
 
@@ -122,4 +144,6 @@ CIDR_KEY_SIZE = _CIDR.size
 
 def decode_cidr_key(raw: bytes) -> tuple[int, str]:
     plen, wid, ip = _CIDR.unpack(raw[:_CIDR.size])
-    return wid, f"{ipaddress.IPv4Address(ip)}/{plen - 32}"
+    if ip[:12] == _MAPPED_PREFIX and plen >= 32 + 96:
+        return wid, f"{ipaddress.IPv4Address(ip[12:])}/{plen - 32 - 96}"
+    return wid, f"{ipaddress.IPv6Address(ip)}/{plen - 32}"

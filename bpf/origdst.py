@@ -32,8 +32,16 @@ _fds_lock = threading.Lock()
 
 
 def so_original_dst(sock: socket.socket) -> tuple[str, int] | None:
-    """SO_ORIGINAL_DST of an accepted IPv4 socket, or None when the kernel has none."""
+    """SO_ORIGINAL_DST of an accepted socket (IP6T_SO_ORIGINAL_DST for IPv6), or None.
+
+    v4-mapped answers on IPv6 sockets come back as plain IPv4 text.
+    """
     try:
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+            port, = struct.unpack("!H", raw[2:4])
+            addr = ipaddress.IPv6Address(raw[8:24])
+            return str(addr.ipv4_mapped or addr), port
         raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     except OSError:
         return None

@@ -29,7 +29,10 @@ TAG = secrets.token_hex(3)
 PIN_DIR = f"/sys/fs/bpf/nodeagent-test-{TAG}"
 SKIP_MARK = 0x539
 DST = ("10.250.1.2", 80)
-ATTACH_TYPES = (bpfsys.CGROUP_INET4_CONNECT, bpfsys.CGROUP_SOCK_OPS, bpfsys.CGROUP_GETSOCKOPT)
+ATTACH_TYPES = (bpfsys.CGROUP_INET4_CONNECT, bpfsys.CGROUP_INET6_CONNECT, bpfsys.CGROUP_SOCK_OPS,
+                bpfsys.CGROUP_GETSOCKOPT)
+DST6 = ("fd00:250::2", 80)
+EXCLUDES = Excludes(ports=(81,), destinations=("10.250.1.3/32", "fd00:250::3/128"))
 
 
 def ip(*args: str) -> None:
@@ -64,9 +67,13 @@ class Responder:
         self.sock.close()
 
 
-def listen_in(netns: str, addr: tuple[str, int], mark: int | None = None) -> socket.socket:
+def family_of(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def listen_in(netns: str, addr: tuple[str, int]) -> socket.socket:
     def make() -> socket.socket:
-        sock = socket.socket()
+        sock = socket.socket(family_of(addr[0]))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
         sock.listen(64)
@@ -90,7 +97,7 @@ def fmt(addr) -> str:
 def ask(netns: str, addr: tuple[str, int], mark: int | None = None) -> str:
     """Connect from inside ``netns`` and return the one-line answer."""
     def make() -> socket.socket:
-        sock = socket.socket()
+        sock = socket.socket(family_of(addr[0]))
         if mark is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         return sock
@@ -119,11 +126,13 @@ class World:
         for ns in self.netns.values():
             ip("netns", "add", ns)
             ip("-n", ns, "link", "set", "lo", "up")
-            for addr in ("10.250.1.2", "10.250.1.3"):
-                ip("-n", ns, "addr", "add", f"{addr}/32", "dev", "lo")
-            for addr in (("10.250.1.2", 80), ("10.250.1.2", 81), ("10.250.1.3", 80)):
+            for addr in ("10.250.1.2/32", "10.250.1.3/32", "fd00:250::2/128", "fd00:250::3/128"):
+                ip("-n", ns, "addr", "add", addr, "dev", "lo", *(["nodad"] if ":" in addr else []))
+            for addr in (("10.250.1.2", 80), ("10.250.1.2", 81), ("10.250.1.3", 80),
+                         ("fd00:250::2", 80), ("fd00:250::3", 80)):
                 self.responders.append(Responder(listen_in(ns, addr), lambda c, a=addr, n=ns: f"server {a[0]}:{a[1]}"))
-        self.responders.append(Responder(listen_in(self.netns["a"], ("127.0.0.1", 15001)), proxy_reply(PIN_DIR)))
+        for proxy in (("127.0.0.1", 15001), ("::1", 15001)):
+            self.responders.append(Responder(listen_in(self.netns["a"], proxy), proxy_reply(PIN_DIR)))
         # host-mode listener: a per-workload port, bound to port 0
         self.host_listener = listen_in(self.netns["c"], ("127.0.0.1", 0))
         self.host_port = self.host_listener.getsockname()[1]
@@ -164,8 +173,7 @@ def world():
         w.cap.start()
         w.start_seconds = time.monotonic() - started
         w.program_ids |= set(w.cap.program_ids.values())
-        w.enrolled = w.cap.enroll_netns(f"/run/netns/{w.netns['a']}", 15001,
-                                        Excludes(ports=(81,), destinations=("10.250.1.3/32",)))
+        w.enrolled = w.cap.enroll_netns(f"/run/netns/{w.netns['a']}", 15001, EXCLUDES)
         yield w
     finally:
         w.teardown()
@@ -176,6 +184,18 @@ def test_netns_connection_is_redirected_and_original_dst_recovered(world):
     # both recovery paths: SO_ORIGINAL_DST (getsockopt hook) and the pinned map read
     assert answer.startswith("proxy 10.250.1.2:80 10.250.1.2:80 127.0.0.1:"), answer
     assert world.start_seconds < 10
+
+
+def test_ipv6_connection_is_redirected_to_the_ipv6_loopback_listener(world):
+    answer = ask(world.netns["a"], DST6)
+    # IP6T_SO_ORIGINAL_DST through the getsockopt hook, and the map read
+    assert answer.startswith("proxy fd00:250::2:80 fd00:250::2:80 ::1:"), answer
+    assert ask(world.netns["b"], DST6) == "server fd00:250::2:80"
+
+
+def test_v4_mapped_destination_on_a_dual_stack_socket_is_redirected(world):
+    answer = ask(world.netns["a"], ("::ffff:10.250.1.2", 80))
+    assert answer.startswith("proxy 10.250.1.2:80 10.250.1.2:80 127.0.0.1:"), answer
 
 
 def test_original_dst_from_map_by_peer_address(world):
@@ -203,7 +223,8 @@ def test_proxy_marked_socket_is_not_redirected(world):
 def test_excluded_port_and_destination_are_not_redirected(world):
     assert ask(world.netns["a"], ("10.250.1.2", 81)) == "server 10.250.1.2:81"
     assert ask(world.netns["a"], ("10.250.1.3", 80)) == "server 10.250.1.3:80"
-    assert world.cap.enrollments()[0].excludes == Excludes(ports=(81,), destinations=("10.250.1.3/32",))
+    assert ask(world.netns["a"], ("fd00:250::3", 80)) == "server fd00:250::3:80"
+    assert world.cap.enrollments()[0].excludes == EXCLUDES
 
 
 def test_other_netns_is_unaffected(world):
@@ -216,7 +237,7 @@ def test_unenroll_stops_capture_and_reenroll_restores_it(world):
     assert world.cap.enrollments() == []
     assert ask(world.netns["a"], DST) == "server 10.250.1.2:80"
     assert world.cap.unenroll_netns(ns_path) is False
-    again = world.cap.enroll_netns(ns_path, 15001, Excludes(ports=(81,), destinations=("10.250.1.3/32",)))
+    again = world.cap.enroll_netns(ns_path, 15001, EXCLUDES)
     assert again.key == world.enrolled.key
     assert ask(world.netns["a"], DST).startswith("proxy 10.250.1.2:80")
     assert ask(world.netns["a"], ("10.250.1.2", 81)) == "server 10.250.1.2:81"
@@ -303,8 +324,8 @@ def test_restarted_agent_readopts_pinned_maps_and_links(world):
                                str(world.enrolled.key)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     state = json.loads(done.stdout)
-    assert state["plan"] == ["replace", "replace", "replace"]
-    assert state["enrollments"] == [["netns", world.enrolled.key, 15001, [81], ["10.250.1.3/32"]]]
+    assert state["plan"] == ["replace", "replace", "replace", "replace"]
+    assert state["enrollments"] == [["netns", world.enrolled.key, 15001, [81], list(EXCLUDES.destinations)]]
     assert state["orig"] == list(DST)
     # the new process's programs now serve the pinned links, and keep working after it exited
     assert state["links"] == state["program_ids"]

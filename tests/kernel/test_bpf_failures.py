@@ -13,7 +13,8 @@ from bpf import sys as bpfsys
 from bpf.loader import SOURCE, EbpfCapture, EbpfError, cgroup2_root
 from tests.conftest import REPO
 
-ATTACH_TYPES = (bpfsys.CGROUP_INET4_CONNECT, bpfsys.CGROUP_SOCK_OPS, bpfsys.CGROUP_GETSOCKOPT)
+ATTACH_TYPES = (bpfsys.CGROUP_INET4_CONNECT, bpfsys.CGROUP_INET6_CONNECT, bpfsys.CGROUP_SOCK_OPS,
+                bpfsys.CGROUP_GETSOCKOPT)
 
 TRY_START = r"""
 import json, os, sys

@@ -14,32 +14,44 @@ def test_workload_config_layout_matches_c_struct():
     assert maps.WorkloadConfig.decode(raw) == maps.WorkloadConfig(7, "127.0.0.1", 15001)
 
 
+MAPPED = bytes(10) + b"\xff\xff"
+
+
 def test_original_dst_round_trip_and_layout():
     od = maps.OriginalDst("10.250.1.2", 80, workload_id=3, netns_cookie=0x1122334455)
     raw = od.encode()
-    assert len(raw) == maps.ORIGINAL_DST_SIZE == 24
-    assert raw[:4] == bytes([10, 250, 1, 2])
-    assert raw[4:6] == (80).to_bytes(2, "little")
-    assert raw[8:12] == (3).to_bytes(4, "little")
-    assert raw[16:24] == (0x1122334455).to_bytes(8, "little")
+    assert len(raw) == maps.ORIGINAL_DST_SIZE == 32
+    assert raw[:16] == MAPPED + bytes([10, 250, 1, 2])      # IPv4 as ::ffff:a.b.c.d
+    assert raw[16:18] == (80).to_bytes(2, "little")
+    assert raw[20:24] == (3).to_bytes(4, "little")
+    assert raw[24:32] == (0x1122334455).to_bytes(8, "little")
     assert maps.OriginalDst.decode(raw) == od
+    v6 = maps.OriginalDst("fd00:250::2", 443, 1, 9)
+    assert v6.encode()[:16] == bytes.fromhex("fd000250000000000000000000000002")
+    assert maps.OriginalDst.decode(v6.encode()) == v6
 
 
 def test_pair_key_layout():
     raw = maps.encode_pair_key(99, "127.0.0.1", 40000, 15001)
-    assert len(raw) == maps.PAIR_KEY_SIZE == 16
-    assert raw == (99).to_bytes(8, "little") + bytes([127, 0, 0, 1]) + (40000).to_bytes(2, "little") \
-        + (15001).to_bytes(2, "little")
+    assert len(raw) == maps.PAIR_KEY_SIZE == 32
+    assert raw == (99).to_bytes(8, "little") + MAPPED + bytes([127, 0, 0, 1]) \
+        + (40000).to_bytes(2, "little") + (15001).to_bytes(2, "little") + bytes(4)
     assert maps.decode_pair_key(raw) == (99, "127.0.0.1", 40000, 15001)
+    assert maps.decode_pair_key(maps.encode_pair_key(1, "::1", 5, 6)) == (1, "::1", 5, 6)
+    # a v4-mapped peer (dual-stack listener) is the same key as the plain IPv4 one
+    assert maps.encode_pair_key(1, "::ffff:127.0.0.1", 5, 6) == maps.encode_pair_key(1, "127.0.0.1", 5, 6)
 
 
 def test_cidr_key_counts_the_workload_id_in_the_prefix():
     raw = maps.encode_cidr_key(5, "10.250.3.7/24")
-    assert len(raw) == maps.CIDR_KEY_SIZE == 12
-    assert int.from_bytes(raw[:4], "little") == 32 + 24
-    assert raw[8:] == bytes([10, 250, 3, 0])     # host bits cleared
+    assert len(raw) == maps.CIDR_KEY_SIZE == 24
+    assert int.from_bytes(raw[:4], "little") == 32 + 96 + 24
+    assert raw[8:] == MAPPED + bytes([10, 250, 3, 0])     # host bits cleared
     assert maps.decode_cidr_key(raw) == (5, "10.250.3.0/24")
     assert maps.decode_cidr_key(maps.encode_cidr_key(5, "10.250.3.7")) == (5, "10.250.3.7/32")
+    v6 = maps.encode_cidr_key(5, "fd00:250::/64")
+    assert int.from_bytes(v6[:4], "little") == 32 + 64
+    assert maps.decode_cidr_key(v6) == (5, "fd00:250::/64")
 
 
 def test_port_key_layout():
@@ -55,14 +67,14 @@ def test_bad_ports_are_refused_with_the_field_named(bad):
 
 
 def test_bad_addresses_are_refused():
-    with pytest.raises(ValueError, match="excluded destination must be an IPv4 address or CIDR"):
-        maps.encode_cidr_key(1, "fd00::/8")
+    with pytest.raises(ValueError, match="excluded destination must be an IP address or CIDR"):
+        maps.encode_cidr_key(1, "example.com")
     with pytest.raises(ValueError, match="not an IPv4 address: 'localhost'"):
         maps.WorkloadConfig(1, "localhost", 15001).encode()
 
 
 def test_map_layouts_match_codecs():
-    assert loader.MAP_LAYOUTS[maps.MAP_PAIR] == (16, 24)
+    assert loader.MAP_LAYOUTS[maps.MAP_PAIR] == (32, 32)
     assert set(loader.MAP_LAYOUTS) == set(maps.MAP_NAMES)
 
 
@@ -70,16 +82,18 @@ def test_attach_plan_creates_missing_links_and_replaces_pinned_ones():
     pin = "/sys/fs/bpf/nodeagent"
     fresh = loader.attach_plan(pin, set())
     assert [(s.program.name, s.action) for s in fresh] == [
-        ("na_connect4", "create"), ("na_sockops", "create"), ("na_getsockopt", "create")]
-    assert [s.link_pin for s in fresh] == [f"{pin}/links/na_connect4", f"{pin}/links/na_sockops",
-                                           f"{pin}/links/na_getsockopt"]
+        ("na_connect4", "create"), ("na_connect6", "create"), ("na_sockops", "create"),
+        ("na_getsockopt", "create")]
+    assert [s.link_pin for s in fresh] == [f"{pin}/links/na_connect4", f"{pin}/links/na_connect6",
+                                           f"{pin}/links/na_sockops", f"{pin}/links/na_getsockopt"]
     partly = loader.attach_plan(pin, {f"{pin}/links/na_sockops", f"{pin}/maps/netns"})
-    assert [s.action for s in partly] == ["create", "replace", "create"]
+    assert [s.action for s in partly] == ["create", "create", "replace", "create"]
 
 
 def test_attach_types_match_the_kernel_enum():
     by_name = {p.name: (p.prog_type, p.attach_type) for p in loader.PROGRAMS}
-    assert by_name == {"na_connect4": (18, 10), "na_sockops": (13, 3), "na_getsockopt": (25, 21)}
+    assert by_name == {"na_connect4": (18, 10), "na_connect6": (18, 11), "na_sockops": (13, 3),
+                       "na_getsockopt": (25, 21)}
 
 
 def test_privilege_problem():

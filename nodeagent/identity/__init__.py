@@ -30,8 +30,11 @@ def create_manager(*, state_dir: str | os.PathLike | None = None, ca_url: str | 
     if ca_url is None:
         if state_dir is None:
             raise CAError("local identity mode needs a state directory")
-        ca = LocalCA(CADirectory.open_or_init(Path(state_dir) / "ca", trust_domain=trust_domain),
-                     clock=clock)
+        ca_dir = Path(state_dir) / "ca"
+        try:
+            ca = LocalCA(CADirectory.open_or_init(ca_dir, trust_domain=trust_domain), clock=clock)
+        except OSError as exc:
+            raise CAError(f"cannot set up the embedded CA in {ca_dir}: {exc.strerror or exc}") from None
     else:
         from .client import HttpsCAClient
         if credential_dir is None:

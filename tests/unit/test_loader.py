@@ -1,0 +1,413 @@
+"""Loader behaviour: document-level errors, warnings, decoding details, never a traceback."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from policy import model as m
+from policy.errors import ConfigError, Diagnostic
+from policy.loader import config_files, load_file, load_paths, load_text, object_display
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "config"
+
+HEAD = "apiVersion: networking.istio.io/v1\nkind: {kind}\nmetadata:\n  name: {name}\n{ns}spec:\n"
+
+
+def doc(kind: str, body: str, name: str = "x", namespace: str | None = "shop") -> str:
+    ns = f"  namespace: {namespace}\n" if namespace else ""
+    return HEAD.format(kind=kind, name=name, ns=ns) + body
+
+
+def one(text: str) -> m.Resource:
+    res = load_text(text, "t.yaml")
+    assert res.errors == [], "\n".join(map(str, res.errors))
+    (r,) = res.resources
+    return r
+
+
+# -- document level -------------------------------------------------------------
+
+
+def test_malformed_yaml_reports_the_line():
+    res = load_file(DATA / "malformed.yaml", "malformed.yaml")
+    assert res.resources == []
+    (e,) = res.errors
+    assert str(e).startswith("malformed.yaml:8: invalid YAML:")
+
+
+def test_tab_indentation_is_a_clear_yaml_error():
+    res = load_text("apiVersion: v1\nkind: X\n\tmetadata: {}\n", "tabs.yaml")
+    (e,) = res.errors
+    assert e.line == 3 and "invalid YAML" in e.message
+
+
+@pytest.mark.parametrize("name", ["empty.yaml", "comments-only.yaml"])
+def test_empty_file_is_a_warning_with_no_objects(name):
+    res = load_file(DATA / name, name)
+    assert res.errors == [] and res.resources == []
+    (w,) = res.warnings
+    assert str(w) == f"{name}: warning: no objects in this file (it is empty)"
+
+
+@pytest.mark.parametrize("name,what", [("list-document.yaml", "a list"), ("scalar-document.yaml", "string")])
+def test_non_mapping_document(name, what):
+    res = load_file(DATA / name, name)
+    (e,) = res.errors
+    assert str(e) == (f"{name}:1: document 1 must be a Kubernetes object (a mapping with apiVersion, kind "
+                      f"and metadata), got {what}")
+
+
+def test_duplicate_object_in_one_file():
+    res = load_file(DATA / "duplicate.yaml", "duplicate.yaml")
+    assert res.resources == []
+    (e,) = res.errors
+    assert str(e) == ("duplicate.yaml:12: DestinationRule shop/reviews: metadata.name: duplicate object: "
+                      "DestinationRule shop/reviews is also defined at duplicate.yaml:1")
+
+
+def test_duplicate_object_across_files(tmp_path):
+    a = tmp_path / "a.yaml"
+    b = tmp_path / "b.yaml"
+    a.write_text(doc("DestinationRule", "  host: reviews\n", "reviews"))
+    b.write_text("# again\n" + doc("DestinationRule", "  host: ratings\n", "reviews"))
+    res = load_paths([tmp_path])
+    (e,) = res.errors
+    assert e.file == str(b) and e.line == 5 and f"also defined at {a}:1" in e.message
+    # the same name in another namespace or kind is fine
+    b.write_text(doc("DestinationRule", "  host: ratings\n", "reviews", "other"))
+    assert load_paths([tmp_path]).errors == []
+
+
+@pytest.mark.parametrize("text,fragment,line", [
+    ("kind: VirtualService\nmetadata: {name: a}\nspec: {}\n", 'missing required field "apiVersion"', 1),
+    ("apiVersion: networking.istio.io/v1\nmetadata: {name: a}\n", 'missing required field "kind"', 1),
+    ("apiVersion: networking.istio.io/v1\nkind: VirtualService\n", 'missing required field "metadata"', 1),
+    ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  labels: {a: b}\n",
+     'metadata.name: missing required field "name"', 3),
+    ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: 7\n",
+     "metadata.name: must be a non-empty string, got integer", 4),
+    ("apiVersion: 1\nkind: VirtualService\nmetadata: {name: a}\n", "apiVersion must be a non-empty string", 1),
+    ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: [a]\n", "metadata: must be an object", 3),
+])
+def test_missing_or_bad_header_fields(text, fragment, line):
+    res = load_text(text, "h.yaml")
+    assert res.resources == []
+    assert any(fragment in str(e) and e.line == line for e in res.errors), [str(e) for e in res.errors]
+
+
+def test_file_with_one_error_changes_nothing():
+    good = doc("DestinationRule", "  host: reviews\n", "good")
+    bad = doc("DestinationRule", "  hots: reviews\n", "bad")
+    res = load_text(good + "---\n" + bad, "t.yaml")
+    assert res.resources == [] and len(res.errors) >= 1
+
+
+def test_namespace_defaults_to_default_and_can_be_overridden():
+    text = doc("DestinationRule", "  host: reviews\n", namespace=None)
+    assert load_text(text, "t.yaml").resources[0].namespace == "default"
+    assert load_text(text, "t.yaml", default_namespace="shop").resources[0].namespace == "shop"
+
+
+def test_kind_list_is_expanded():
+    text = """\
+apiVersion: v1
+kind: List
+metadata: {name: ignored}
+items:
+- apiVersion: networking.istio.io/v1
+  kind: DestinationRule
+  metadata: {name: a, namespace: shop}
+  spec: {host: a}
+- apiVersion: networking.istio.io/v1
+  kind: DestinationRule
+  metadata: {name: b, namespace: shop}
+  spec: {host: b}
+"""
+    res = load_text(text, "list.yaml")
+    assert [r.name for r in res.resources] == ["a", "b"]
+    assert [r.source.line for r in res.resources] == [5, 9]
+
+
+def test_json_file(tmp_path):
+    obj = {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+           "metadata": {"name": "reviews", "namespace": "shop"},
+           "spec": {"host": "reviews", "trafficPolicy": {"loadBalancer": {"simple": "RANDOM"}}}}
+    f = tmp_path / "dr.json"
+    f.write_text(json.dumps(obj, indent=2))
+    (r,) = load_paths([tmp_path]).resources
+    assert r.spec.traffic_policy.load_balancer.simple == "RANDOM"
+    assert dict(r.raw) == obj
+
+
+def test_unreadable_inputs_are_clear_errors(tmp_path):
+    assert str(load_file(tmp_path / "nope.yaml", "nope.yaml").errors[0]) == "nope.yaml: no such file"
+    (tmp_path / "bin.yaml").write_bytes(b"apiVersion: v1\n\xff\xfe\n")
+    e = load_file(tmp_path / "bin.yaml", "bin.yaml").errors[0]
+    assert e.line == 2 and "not UTF-8" in e.message
+    assert "is a directory" in load_file(tmp_path, "d").errors[0].message
+
+
+def test_config_files_order_and_filter(tmp_path):
+    for n in ("b.yaml", "a.yml", "c.json", ".hidden.yaml", "notes.txt", "x.yaml~"):
+        (tmp_path / n).write_text("")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.yaml").write_text(doc("DestinationRule", "  host: d\n", "d"))
+    assert [p.name for p in config_files(tmp_path)] == ["a.yml", "b.yaml", "c.json"]
+    assert load_paths([tmp_path]).resources == []
+    assert [r.name for r in load_paths([tmp_path], recursive=True).resources] == ["d"]
+
+
+def test_duplicate_keys_in_maps_and_objects():
+    text = doc("VirtualService", """\
+  hosts: [reviews]
+  http:
+  - match:
+    - headers:
+        end-user: {exact: a}
+        end-user: {exact: b}
+    route:
+    - destination: {host: reviews}
+""")
+    (e,) = load_text(text, "t.yaml").errors
+    assert e.path == "spec.http[0].match[0].headers[end-user]" and e.line == 12 and "duplicate key" in e.message
+
+
+def test_raise_for_errors_and_diagnostic_format():
+    res = load_text(doc("DestinationRule", "  host: 5\n"), "t.yaml")
+    with pytest.raises(ConfigError) as ei:
+        res.raise_for_errors()
+    assert "1 configuration error:" in str(ei.value)
+    assert 't.yaml:7: DestinationRule shop/x: spec.host: must be a string, got integer 5 (quote it: "5")' in str(ei.value)
+    assert str(Diagnostic("f.yaml", None, "boom")) == "f.yaml: boom"
+    assert object_display("VirtualService", "networking.istio.io/v1", "r") == "virtualservice.networking.istio.io/r"
+
+
+# -- decoding ----------------------------------------------------------------------
+
+
+def test_http_route_decoding_and_legacy_folding():
+    r = one(doc("VirtualService", """\
+  hosts: [reviews]
+  http:
+  - name: main
+    match:
+    - uri: {prefix: /api}
+      method: {exact: GET}
+      authority: {regex: "shop\\\\..*"}
+      scheme: {exact: http}
+      headers:
+        x-present: {}
+        end-user: {exact: jason}
+      withoutHeaders:
+        x-debug: {}
+      queryParams:
+        v: {regex: "^[0-9]+$"}
+      ignoreUriCase: true
+      port: 9080
+      sourceLabels: {app: productpage}
+      sourceNamespace: shop
+    route:
+    - destination: {host: reviews, subset: v2, port: {number: 9080}}
+      weight: 100
+      headers:
+        request: {set: {x-a: "1"}, add: {x-b: "2"}, remove: [x-c]}
+    rewrite: {uri: /v2, authority: reviews-v2}
+    timeout: 1.5s
+    retries: {attempts: 3, perTryTimeout: 500ms, retryOn: "5xx, connect-failure,503"}
+    fault:
+      delay: {fixedDelay: 2s, percent: 30}
+      abort: {httpStatus: 503, percentage: {value: 0.5}}
+    mirror: {host: reviews, subset: v3}
+    mirrorPercent: 25
+    corsPolicy:
+      allowOrigins: [{exact: "https://shop.example"}]
+      allowMethods: [GET, POST]
+      maxAge: 24h
+      allowCredentials: false
+    headers:
+      response: {remove: [server]}
+"""))
+    route = r.spec.http[0]
+    mt = route.match[0]
+    assert mt.uri == m.StringMatch("prefix", "/api") and mt.method == m.StringMatch("exact", "GET")
+    assert mt.authority == m.StringMatch("regex", "shop\\..*")
+    assert mt.headers == {"x-present": m.StringMatch("present", ""), "end-user": m.StringMatch("exact", "jason")}
+    assert mt.without_headers == {"x-debug": m.StringMatch("present", "")}
+    assert mt.query_params["v"].kind == "regex"
+    assert mt.ignore_uri_case is True and mt.port == 9080 and mt.source_namespace == "shop"
+    assert mt.source_labels == {"app": "productpage"}
+    d = route.route[0]
+    assert d.destination == m.Destination("reviews", "v2", 9080) and d.weight == 100
+    assert d.headers.request == m.HeaderOperations(m.frozen_map({"x-a": "1"}), m.frozen_map({"x-b": "2"}), ("x-c",))
+    assert route.rewrite == m.HTTPRewrite(uri="/v2", authority="reviews-v2")
+    assert route.timeout == 1.5
+    assert route.retries == m.HTTPRetry(attempts=3, per_try_timeout=0.5, retry_on=("5xx", "connect-failure", "503"))
+    assert route.fault.delay == m.Delay(fixed_delay=2.0, percentage=30.0, percent=30)
+    assert route.fault.abort == m.Abort(http_status=503, percentage=0.5)
+    assert route.mirror_percentage == 25.0 and route.mirror_percent == 25
+    assert route.cors_policy.max_age == 86400.0 and route.cors_policy.allow_credentials is False
+    assert route.headers.response.remove == ("server",)
+    with pytest.raises(AttributeError):
+        route.timeout = 3   # frozen
+
+
+def test_percentage_wins_over_legacy_percent():
+    r = one(doc("VirtualService", """\
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews}}]
+    fault:
+      delay: {fixedDelay: 1s, percent: 30, percentage: {value: 12.5}}
+"""))
+    assert r.spec.http[0].fault.delay.percentage == 12.5
+
+
+def test_destination_rule_decoding():
+    r = one(doc("DestinationRule", """\
+  host: reviews
+  exportTo: ["."]
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpHeaderName: x-user
+        ringHash: {minimumRingSize: 1024}
+      localityLbSetting:
+        enabled: true
+        distribute:
+        - from: us-west/zone1/*
+          to: {"us-west/zone1/*": 80, "us-west/zone2/*": 20}
+      warmupDurationSecs: 60s
+    connectionPool:
+      tcp: {maxConnections: 10, connectTimeout: 30ms, tcpKeepalive: {probes: 3, time: 7200s, interval: 75s}}
+      http: {http2MaxRequests: 100, idleTimeout: 1h, h2UpgradePolicy: UPGRADE, maxRetries: 3}
+    outlierDetection:
+      consecutive5xxErrors: 7
+      consecutiveGatewayErrors: 2
+      interval: 5m
+      baseEjectionTime: 15m
+      maxEjectionPercent: 100
+      minHealthPercent: 50
+    tls: {mode: ISTIO_MUTUAL, sni: reviews.shop}
+    portLevelSettings:
+    - port: {number: 9080}
+      loadBalancer: {simple: LEAST_REQUEST}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      loadBalancer: {simple: LEAST_CONN}
+"""))
+    tp = r.spec.traffic_policy
+    ch = tp.load_balancer.consistent_hash
+    assert ch.http_header_name == "x-user" and ch.ring_hash == m.RingHash(1024)
+    assert tp.load_balancer.locality_lb_setting.distribute[0].from_ == "us-west/zone1/*"
+    assert tp.load_balancer.locality_lb_setting.distribute[0].to == {"us-west/zone1/*": 80, "us-west/zone2/*": 20}
+    assert tp.load_balancer.warmup_duration_secs == 60.0
+    assert tp.connection_pool.tcp.tcp_keepalive == m.TCPKeepalive(3, 7200.0, 75.0)
+    assert tp.connection_pool.http.h2_upgrade_policy == "UPGRADE" and tp.connection_pool.http.idle_timeout == 3600.0
+    od = tp.outlier_detection
+    assert (od.consecutive_5xx_errors, od.consecutive_gateway_errors, od.min_health_percent) == (7, 2, 50)
+    assert tp.tls == m.ClientTLSSettings(mode="ISTIO_MUTUAL", sni="reviews.shop")
+    assert tp.port_level_settings == (m.PortTrafficPolicy(port=9080, load_balancer=m.LoadBalancerSettings("LEAST_REQUEST")),)
+    assert r.spec.subsets[0].traffic_policy.load_balancer.simple == "LEAST_CONN"
+    assert r.spec.export_to == (".",)
+
+
+def test_security_decoding():
+    ap = one("""\
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {name: a, namespace: shop}
+spec:
+  targetRefs:
+  - {kind: Service, group: "", name: reviews}
+  action: DENY
+  rules:
+  - from:
+    - source: {notPrincipals: ["cluster.local/ns/shop/sa/x"], notNamespaces: [dev], notIpBlocks: [10.0.0.0/8],
+               notRemoteIpBlocks: [1.2.3.4], notRequestPrincipals: ["*"]}
+    - source: {serviceAccounts: [shop/reviews]}
+    to:
+    - operation: {notHosts: [a.example], notPorts: ["81"], notMethods: [PUT], notPaths: [/admin*]}
+    when:
+    - key: request.headers[x-env]
+      notValues: [prod]
+""")
+    s = ap.spec
+    assert s.target_refs == (m.PolicyTargetReference(group="", kind="Service", name="reviews"),)
+    src = s.rules[0].from_[0].source
+    assert src.not_principals == ("cluster.local/ns/shop/sa/x",) and src.not_ip_blocks == ("10.0.0.0/8",)
+    assert s.rules[0].from_[1].source.service_accounts == ("shop/reviews",)
+    op = s.rules[0].to[0].operation
+    assert (op.not_hosts, op.not_ports, op.not_methods, op.not_paths) == (("a.example",), ("81",), ("PUT",), ("/admin*",))
+    assert s.rules[0].when[0] == m.Condition("request.headers[x-env]", (), ("prod",))
+
+    pa = one("""\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: p, namespace: shop}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  mtls: {mode: STRICT}
+  portLevelMtls:
+    8080: {mode: DISABLE}
+    "9090": {mode: PERMISSIVE}
+""")
+    assert dict(pa.spec.port_level_mtls) == {8080: m.PeerAuthenticationMutualTLS("DISABLE"),
+                                             9090: m.PeerAuthenticationMutualTLS("PERMISSIVE")}
+
+
+def test_authorization_policy_fail_closed_fields_warn_but_load():
+    res = load_text("""\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: jwt, namespace: shop}
+spec:
+  rules:
+  - from:
+    - source: {requestPrincipals: ["issuer/subject"]}
+""", "jwt.yaml")
+    assert res.errors == [] and len(res.resources) == 1
+    (w,) = res.warnings
+    assert w.line == 7 and w.path == "spec.rules[0].from[0].source.requestPrincipals" and "JWT" in w.message
+
+
+def test_null_fields_are_absent_and_empty_spec_is_allowed_where_istio_allows_it():
+    r = one(doc("DestinationRule", "  host: reviews\n  trafficPolicy:\n  subsets:\n"))
+    assert r.spec.traffic_policy is None and r.spec.subsets == ()
+    pa = one("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: d, namespace: shop}\n")
+    assert pa.spec == m.PeerAuthentication()
+    ap = one("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: d, namespace: shop}\n"
+             "spec: {}\n")
+    assert ap.spec.action == "ALLOW" and ap.spec.rules == ()
+
+
+def test_service_entry_and_workload_entry_decoding():
+    res = load_text(doc("ServiceEntry", """\
+  hosts: [catalog.shop.svc.cluster.local]
+  addresses: [127.0.10.1, 10.9.0.0/16]
+  ports:
+  - {number: 80, name: http, protocol: HTTP, targetPort: 8080}
+  location: MESH_INTERNAL
+  resolution: STATIC
+  workloadSelector:
+    labels: {app: catalog}
+  subjectAltNames: ["spiffe://cluster.local/ns/shop/sa/catalog"]
+""", "catalog") + "---\n" + doc("WorkloadEntry", """\
+  address: 127.0.1.1
+  ports: {http: 8081}
+  labels: {app: catalog, version: v1}
+  network: n1
+  locality: us/east/a
+  weight: 3
+  serviceAccount: catalog
+""", "catalog-v1"), "t.yaml")
+    assert res.errors == []
+    se, we = (r.spec for r in res.resources)
+    assert se.ports == (m.ServicePort(80, "HTTP", "http", 8080),)
+    assert se.workload_selector == m.WorkloadSelector(m.frozen_map({"app": "catalog"}))
+    assert se.addresses == ("127.0.10.1", "10.9.0.0/16")
+    assert we == m.WorkloadEntry("127.0.1.1", m.frozen_map({"http": 8081}), m.frozen_map({"app": "catalog", "version": "v1"}),
+                                 "n1", "us/east/a", 3, "catalog")

@@ -223,6 +223,50 @@ def _map_sizes(fd: int) -> tuple[int, int]:
     return int.from_bytes(raw[8:12], "little"), int.from_bytes(raw[12:16], "little")
 
 
+# ---- choosing the capture mode (--capture ebpf|nftables|auto) -------------------------------
+
+CAPTURE_MODES = ("auto", "ebpf", "nftables", "iptables")
+
+
+def decide_capture(requested: str, ebpf_problem: str | None) -> tuple[str, str | None]:
+    """(mode to use, one log line or None) for ``--capture requested``.
+
+    ``ebpf_problem`` is why eBPF cannot work here (``unavailable_reason()`` or a
+    failed ``start()``), None when it works. ``auto`` falls back to nftables
+    with one line saying why; ``ebpf`` fails with that reason.
+    """
+    if requested not in CAPTURE_MODES:
+        raise ValueError(f"--capture must be one of {', '.join(CAPTURE_MODES)}, got {requested!r}")
+    if requested in ("nftables", "iptables"):
+        return requested, None
+    if ebpf_problem is None:
+        return "ebpf", None
+    if requested == "ebpf":
+        raise EbpfUnavailable(f"--capture ebpf: {ebpf_problem}")
+    return "nftables", f"capture: eBPF unavailable, using nftables: {ebpf_problem}"
+
+
+def start_capture(requested: str, pin_dir: str = DEFAULT_PIN_DIR, **kwargs) -> "EbpfCapture | None":
+    """Start eBPF capture if ``--capture requested`` asks for it and the host allows it.
+
+    Returns the started EbpfCapture, or None when nftables/iptables should be
+    used (for ``auto`` one warning line says why). ``ebpf`` on a host that
+    cannot do it raises EbpfUnavailable with the reason.
+    """
+    problem = None
+    capture = None
+    if requested in ("auto", "ebpf"):
+        capture = EbpfCapture(pin_dir, **kwargs)
+        try:
+            capture.start()
+        except (EbpfUnavailable, EbpfError) as exc:
+            problem, capture = str(exc), None
+    mode, line = decide_capture(requested, problem)
+    if line:
+        log.warning("%s", line)
+    return capture if mode == "ebpf" else None
+
+
 # ---- the loader ----------------------------------------------------------------------------
 
 

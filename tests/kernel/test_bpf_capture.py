@@ -59,7 +59,11 @@ class Responder:
             except OSError:
                 return
             with conn:
-                conn.sendall(self.reply(conn).encode() + b"\n")
+                try:
+                    answer = self.reply(conn)
+                except Exception as exc:   # shown in the asserting test's answer
+                    answer = f"error {exc!r}"
+                conn.sendall(answer.encode() + b"\n")
 
     def close(self) -> None:
         self.stop.set()

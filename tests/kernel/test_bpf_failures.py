@@ -17,15 +17,28 @@ ATTACH_TYPES = (bpfsys.CGROUP_INET4_CONNECT, bpfsys.CGROUP_INET6_CONNECT, bpfsys
                 bpfsys.CGROUP_GETSOCKOPT)
 
 TRY_START = r"""
-import json, os, sys
+import json, logging, sys
 sys.path.insert(0, sys.argv[1])
-from bpf.loader import EbpfCapture, EbpfUnavailable
+from bpf.loader import EbpfCapture, EbpfUnavailable, start_capture
+pin_dir, bpffs = sys.argv[2], sys.argv[3]
+lines = []
+handler = logging.Handler()
+handler.emit = lambda record: lines.append(record.getMessage())
+logging.getLogger("nodeagent.bpf").addHandler(handler)
+logging.getLogger("nodeagent.bpf").setLevel(logging.INFO)
+out = {}
 try:
-    EbpfCapture(sys.argv[2], bpffs=sys.argv[3]).start()
+    EbpfCapture(pin_dir, bpffs=bpffs).start()
+    out["started"] = True
 except EbpfUnavailable as exc:
-    print(json.dumps({"unavailable": str(exc)}))
-else:
-    print(json.dumps({"started": True}))
+    out["unavailable"] = str(exc)
+out["auto_fell_back"] = start_capture("auto", pin_dir, bpffs=bpffs) is None
+out["log"] = lines
+try:
+    start_capture("ebpf", pin_dir, bpffs=bpffs)
+except EbpfUnavailable as exc:
+    out["ebpf"] = str(exc)
+print(json.dumps(out))
 """
 
 
@@ -49,8 +62,12 @@ def test_unprivileged_user_gets_a_clear_reason(needs_root, needs_tool):
     pin_dir = f"/sys/fs/bpf/nodeagent-test-{secrets.token_hex(3)}"
     result = try_start([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"],
                        pin_dir, "/sys/fs/bpf")
-    assert "needs root (CAP_SYS_ADMIN, or CAP_BPF and CAP_NET_ADMIN)" in result["unavailable"]
-    assert "uid 65534" in result["unavailable"]
+    reason = result["unavailable"]
+    assert "needs root (CAP_SYS_ADMIN, or CAP_BPF and CAP_NET_ADMIN)" in reason and "uid 65534" in reason
+    # --capture auto: one line, then nftables; --capture ebpf: fails with the reason
+    assert result["auto_fell_back"] is True
+    assert result["log"] == [f"capture: eBPF unavailable, using nftables: {reason}"]
+    assert result["ebpf"] == f"--capture ebpf: {reason}"
     assert not os.path.exists(pin_dir)
 
 

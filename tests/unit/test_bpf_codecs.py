@@ -109,3 +109,15 @@ def test_pin_dir_must_be_inside_bpffs():
         loader.EbpfCapture("/tmp/nodeagent")
     with pytest.raises(ValueError, match="must be inside"):
         loader.EbpfCapture("/sys/fs/bpf")
+
+
+def test_decide_capture_modes():
+    assert loader.decide_capture("auto", None) == ("ebpf", None)
+    assert loader.decide_capture("ebpf", None) == ("ebpf", None)
+    assert loader.decide_capture("nftables", "no headers") == ("nftables", None)
+    assert loader.decide_capture("auto", "no headers") == (
+        "nftables", "capture: eBPF unavailable, using nftables: no headers")
+    with pytest.raises(loader.EbpfUnavailable, match="^--capture ebpf: no headers$"):
+        loader.decide_capture("ebpf", "no headers")
+    with pytest.raises(ValueError, match="--capture must be one of auto, ebpf, nftables, iptables"):
+        loader.decide_capture("tproxy", None)

@@ -63,7 +63,7 @@ from policy.principal import (
 __all__ = [
     "RBAC_DENIED_STATUS", "RBAC_DENIED_BODY", "RBAC_RESPONSE_FLAG",
     "Connection", "Request", "Verdict", "CompiledPolicy", "PolicySet", "AuthorizationIndex",
-    "compile_policies", "compile_policy", "evaluate", "needs_l7", "normalize_path",
+    "compile_policies", "compile_policy", "evaluate", "needs_l7", "normalize_path", "InvalidPath",
     "unsupported_field_warnings",
 ]
 
@@ -130,57 +130,75 @@ class Connection:
                 f"destination={self.destination_ip!r}:{self.destination_port!r}, sni={self.sni!r})")
 
 
-_DOT_SEGMENT = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)", re.IGNORECASE)
+_DOT_SEGMENT = re.compile(r"(^|/)\.{1,2}(/|$)")
+# Istio BASE normalization decodes these once: - . 0-9 A-Z _ a-z ~ (RFC 3986 unreserved)
+_UNRESERVED_ESCAPE = re.compile(r"%(?:2[dDeE]|3[0-9]|4[1-9a-fA-F]|5[0-9aAfF]|6[1-9a-fA-F]|7[0-9aAeE])")
 
 
-def normalize_path(path: str) -> str:
-    """The path Istio's default normalization (BASE) hands to authorization.
+class InvalidPath(ValueError):
+    """A request path Istio refuses outright (``%00``): the proxy answers 400."""
 
-    Query and fragment are not part of the path matched by ``paths``;
-    backslashes become slashes and dot segments (also ``%2e``) are removed as
-    in RFC 3986 5.2.4, so ``/public/../admin`` is checked (and must be
-    forwarded) as ``/admin``. The proxy should forward the normalized path.
+
+def _unescape(m: re.Match) -> str:
+    return chr(int(m.group()[1:], 16))
+
+
+def normalize_path(target: str, keep_query: bool = False) -> str:
+    """Istio's default (``BASE``) normalization of a request path.
+
+    As https://istio.io/latest/docs/reference/config/security/normalization/
+    lists it: percent-encoded unreserved characters (``%2d %2e %30-%39
+    %41-%5a %5f %61-%7a %7e``) are decoded once; ``%00`` rejects the request
+    (``InvalidPath``); a backslash becomes ``/``; ``.`` and ``..`` segments are
+    resolved as in RFC 3986; slashes are not merged and ``%2f`` stays encoded.
+    "The normalized request will be used for both the evaluation of
+    authorization policies and the request that is ultimately sent to the
+    backend server": ``paths`` are matched without the query, and the query is
+    kept (``keep_query``) for forwarding. A fragment is dropped.
     """
-    for sep in ("?", "#"):
-        i = path.find(sep)
-        if i >= 0:
-            path = path[:i]
+    i = target.find("#")
+    if i >= 0:
+        target = target[:i]
+    query = ""
+    i = target.find("?")
+    if i >= 0:
+        target, query = target[:i], target[i:]
+    path = target
+    if "%" in path:
+        if "%00" in path:
+            raise InvalidPath("request path contains %00")
+        path = _UNRESERVED_ESCAPE.sub(_unescape, path)
     if "\\" in path:
         path = path.replace("\\", "/")
-    if "." not in path and "%" not in path:
-        return path or "/"
-    if not _DOT_SEGMENT.search(path):
-        return path or "/"
-    out: list[str] = []
-    segments = path.split("/")
-    for i, seg in enumerate(segments):
-        s = seg.lower().replace("%2e", ".")
-        last = i == len(segments) - 1
-        if s == ".":
-            if last:
-                out.append("")
-            continue
-        if s == "..":
-            if len(out) > 1:
-                out.pop()
-            if last:
-                out.append("")
-            continue
-        out.append(seg)
-    result = "/".join(out)
-    if not result.startswith("/"):
-        result = "/" + result
-    return result
+    if "." in path and _DOT_SEGMENT.search(path):
+        out: list[str] = []
+        segments = path.split("/")
+        last = len(segments) - 1
+        for n, seg in enumerate(segments):
+            if seg == "." or seg == "..":
+                if seg == ".." and len(out) > 1:
+                    out.pop()
+                if n == last:
+                    out.append("")
+                continue
+            out.append(seg)
+        path = "/".join(out)
+    if not path.startswith("/"):
+        path = "/" + path
+    return path + query if keep_query else path
 
 
 class Request:
     """L7 attributes of one HTTP request on a ``Connection``.
 
+    ``path`` is the request target as received; ``Request.path`` is the
+    normalized path that ``paths`` match (no query) and ``Request.target`` the
+    normalized path with the query, which the proxy forwards (see
+    ``normalize_path``; raises ``InvalidPath`` for ``%00``: answer 400).
     ``headers`` maps lower-case names to values; repeated headers are joined
-    with "," (as Envoy does); pairs are accepted too. ``path`` is normalized
-    with ``normalize_path``.
+    with "," (as Envoy does); pairs are accepted too.
     """
-    __slots__ = ("connection", "host", "method", "path", "headers")
+    __slots__ = ("connection", "host", "method", "path", "target", "headers")
 
     def __init__(self, connection: Connection, *, host: str | None = None, method: str | None = None,
                  path: str | None = None,
@@ -188,7 +206,12 @@ class Request:
         self.connection = connection
         self.host = host
         self.method = method
-        self.path = normalize_path(path) if path is not None else None
+        if path is None:
+            self.path = self.target = None
+        else:
+            self.target = normalize_path(path, keep_query=True)
+            i = self.target.find("?")
+            self.path = self.target if i < 0 else self.target[:i]
         if headers is None:
             self.headers: Mapping[str, str] = {}
         elif isinstance(headers, Mapping):

@@ -16,8 +16,8 @@ import sys
 
 from nodeagent.cli import UserError
 from policy.authz import (
-    RBAC_DENIED_BODY, RBAC_DENIED_STATUS, RBAC_RESPONSE_FLAG, AuthorizationIndex, Connection, Request,
-    evaluate,
+    RBAC_DENIED_BODY, RBAC_DENIED_STATUS, RBAC_RESPONSE_FLAG, AuthorizationIndex, Connection, InvalidPath,
+    Request, evaluate,
 )
 from policy.errors import format_diagnostics
 from policy.loader import load_paths
@@ -204,8 +204,11 @@ def explain(args) -> dict:
     out["decided_at"] = "request" if http and ps.needs_l7 else "connection"
 
     if http:
-        req = Request(conn, host=args.host, method=args.method or "GET", path=args.path or "/",
-                      headers=_headers(args.header))
+        try:
+            req = Request(conn, host=args.host, method=args.method or "GET", path=args.path or "/",
+                          headers=_headers(args.header))
+        except InvalidPath as exc:
+            raise UserError(f"--path {args.path!r}: {exc}; the proxy answers 400 before any policy") from None
         out["request"] = {"method": req.method, "host": req.host, "path": req.path, "headers": dict(req.headers)}
         verdict = evaluate(ps, req)
     else:
@@ -234,9 +237,7 @@ def _route(snapshot, args, req: Request, src_wl, source_ip, port) -> dict | None
     service_port = args.service_port or host_port or port
     if service_port is None:
         return {"note": "no --service-port/--port and no port in --host: the route cannot be resolved"}
-    raw = args.path or "/"
-    q = raw.find("?")
-    path = req.path + (raw[q:] if q >= 0 else "")   # route the normalized path, as the proxy does
+    path = req.target   # the normalized path and query, as the proxy routes and forwards it
     attrs = RequestAttrs(method=req.method, scheme="http", authority=req.host, path=path,
                          headers=dict(req.headers), port=service_port, source=src_wl, source_ip=source_ip)
     plan = plan_request(snapshot, attrs, random.Random(0))

@@ -12,7 +12,7 @@ import pytest
 
 from policy.authz import (
     RBAC_DENIED_BODY, RBAC_DENIED_STATUS, RBAC_RESPONSE_FLAG, AuthorizationIndex, Connection,
-    Request, compile_policies, evaluate, needs_l7, normalize_path, unsupported_field_warnings,
+    InvalidPath, Request, compile_policies, evaluate, needs_l7, normalize_path, unsupported_field_warnings,
 )
 from policy.model import (
     AuthorizationPolicy, Condition, ExtensionProvider, Operation, PolicyTargetReference, Resource,
@@ -172,6 +172,8 @@ CASES = [
      req(path="/foo/buzz/bar/baz"), True, "foo/a"),
     ("path-dot-segments-normalized", [ap("d", "DENY", [rule(to=[op(paths=["/admin*"])])])],
      req(path="/public/../admin/users"), False, "foo/d"),
+    ("path-encoded-letters-normalized", [ap("d", "DENY", [rule(to=[op(paths=["/admin*"])])])],
+     req(path="/%61dmin"), False, "foo/d"),
     ("path-encoded-dot-segments-normalized", [ap("d", "DENY", [rule(to=[op(paths=["/admin*"])])])],
      req(path="/public/%2e%2e/admin"), False, "foo/d"),
 
@@ -402,10 +404,23 @@ def test_request_headers_pairs_are_joined():
 @pytest.mark.parametrize("raw,norm", [
     ("/a/b", "/a/b"), ("/a/./b", "/a/b"), ("/a/../b", "/b"), ("/../a", "/a"), ("/a/b/..", "/a/"),
     ("/a?x=/../y", "/a"), ("/a#frag", "/a"), ("\\a\\..\\b", "/b"), ("/a/%2E%2e/b", "/b"), ("", "/"),
-    ("/a.b/c..d", "/a.b/c..d"),
+    ("/a.b/c..d", "/a.b/c..d"), ("/%61dmin", "/admin"), ("/%41%5a%30%2D%5f%7E", "/AZ0-_~"),
+    # Istio's documented example: BASE keeps %2f encoded and does not merge slashes
+    ("/some%2fdata/%61%62%63", "/some%2fdata/abc"), ("/a//b", "/a//b"), ("/%2541", "/%2541"),
 ])
 def test_normalize_path(raw, norm):
     assert normalize_path(raw) == norm
+
+
+def test_normalized_target_keeps_the_query_for_forwarding():
+    assert normalize_path("/a/../b?x=/../y#f", keep_query=True) == "/b?x=/../y"
+    r = Request(conn(), method="GET", path="/p/./%61?q=1")
+    assert (r.path, r.target) == ("/p/a", "/p/a?q=1")
+
+
+def test_nul_in_path_is_refused():
+    with pytest.raises(InvalidPath, match="%00"):
+        Request(conn(), method="GET", path="/a%00b")
 
 
 def test_unsupported_field_warnings():

@@ -186,6 +186,7 @@ def test_strict_refuses_plaintext_before_authorization(config_dir, capsys):
     (["--from", "dev/sleep", "--to", "foo/httpbin-v1", "--labels", "a=b"], "is a WorkloadEntry"),
     (["--from", "dev/sleep", "--to", "foo/x", "--labels", "oops"], "--labels: expected KEY=VALUE"),
     (["--from", "dev/sleep", "--to", "foo/httpbin-v1", "--header", "novalue"], "--header: expected NAME=VALUE"),
+    (["--from", "dev/sleep", "--to", "foo/httpbin-v1", "--path", "/a%00"], "contains %00; the proxy answers 400"),
 ])
 def test_user_errors(config_dir, argv, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):

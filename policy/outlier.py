@@ -138,10 +138,14 @@ class OutlierDetector:
         self._ejected = frozenset(i for i in self._ejected if i in ids)
 
     def record_result(self, endpoint_id: str, status: int | None, now: float,
-                      local_failure: str | None = None) -> EjectionEvent | None:
+                      local_failure: str | None = None,
+                      connect_failure: bool = False) -> EjectionEvent | None:
         """One upstream outcome: an HTTP status, or ``status=None`` with
         ``local_failure`` "connect-failure" | "reset" | "refused-stream" |
-        "timeout" for a locally originated failure (None means "reset")."""
+        "timeout" for a locally originated failure (None means "reset";
+        ``connect_failure=True`` is short for ``local_failure="connect-failure"``)."""
+        if connect_failure and local_failure is None:
+            local_failure = "connect-failure"
         h = self._hosts.get(endpoint_id)
         if h is None:
             h = self._hosts[endpoint_id] = _HostState()

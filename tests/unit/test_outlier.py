@@ -96,6 +96,14 @@ def test_local_failures_map_to_gateway_errors_without_split():
     assert ev is not None and ev.reason == "consecutive_gateway"
 
 
+def test_connect_failure_shorthand():
+    d, (a,) = detector(consecutive_5xx=0, consecutive_gateway=2, split_external_local_origin_errors=True,
+                       consecutive_local_origin=2)
+    assert d.record_result(a, None, 1.0, connect_failure=True) is None
+    ev = d.record_result(a, None, 1.0, connect_failure=True)
+    assert ev is not None and ev.reason == "consecutive_local_origin"
+
+
 def test_split_counts_local_failures_separately():
     d, (a,) = detector(consecutive_5xx=2, split_external_local_origin_errors=True,
                        consecutive_local_origin=3)

@@ -178,6 +178,7 @@ def test_virtual_service_selection():
         + vs("private", "shop", "[secret]", "secret", "  exportTo: ['.']\n")
         + vs("to-dev", "shop", "[dev-only]", "x", "  exportTo: [dev]\n")
         + vs("any", "other", "['*.example.com']", "x")
+        + vs("hidden-only", "shop", "[alone.example.org]", "x", "  exportTo: ['.']\n")
     ))
     pick = lambda host, ns="shop": (lambda r: r.name if r else None)(s.virtual_service_for(host, ns))
     assert pick("reviews.shop.svc.cluster.local") == "exact-old"       # exact beats wildcard; oldest wins
@@ -186,10 +187,12 @@ def test_virtual_service_selection():
     assert pick("ratings.shop.svc.cluster.local") == "wild"            # the gateway-only VS is skipped
     assert pick("details.shop.svc.cluster.local") == "mesh-and-gw"
     assert pick("secret.shop.svc.cluster.local") == "private"
-    assert pick("secret.shop.svc.cluster.local", "dev") is None        # exportTo "."
+    assert pick("secret.shop.svc.cluster.local", "dev") == "wild"      # exportTo "." hides "private"
     assert pick("dev-only.shop.svc.cluster.local", "dev") == "to-dev"
-    assert pick("dev-only.shop.svc.cluster.local", "prod") is None
+    assert pick("dev-only.shop.svc.cluster.local", "prod") == "wild"
     assert pick("api.example.com", "anything") == "any"
+    assert pick("alone.example.org", "shop") == "hidden-only"
+    assert pick("alone.example.org", "dev") is None
     assert s.virtual_service_for("reviews.shop.svc.cluster.local", "shop") is \
         s.virtual_service_for("reviews.shop.svc.cluster.local", "shop")
 

@@ -30,8 +30,14 @@ from nodeagent.agent.persist import ensure_state_dir, load_registry, save_regist
 from nodeagent.agent.reconciler import Clock, MonotonicClock, Reconciler
 from nodeagent.agent.registry import Change, EnrollConflict, Outcome, Registry, RetrySet
 from nodeagent.agent.server import SOCKET_NAME, EnrollmentServer
-from nodeagent.agent.workload import WorkloadSpec, merge_workloads
+from nodeagent.agent.admin import to_jsonable
+from nodeagent.agent.workload import WorkloadSpec, merge_workloads, spiffe_id
+from nodeagent.agent.dataplane import DataPlane, DataPlaneCapture
 from nodeagent.identity import CAError, CertificateManager, IdentityError, SpiffeId, create_manager
+from nodeagent.store import ConfigStore
+from nodeagent.telemetry import IstioCollector, Telemetry, merge_exports
+from policy.errors import ConfigError
+from policy.snapshot import ConfigSnapshot, build_snapshot
 from nodeagent.identity import certs as x509certs
 
 log = logging.getLogger("nodeagent.agent")
@@ -75,16 +81,21 @@ class Readiness:
 class Agent:
     def __init__(self, options: AgentOptions, capture: Capture, clock: Clock | None = None) -> None:
         self.options = options
-        self.capture = capture
         self.clock = clock or MonotonicClock()
+        self.store = ConfigStore(options.config_dir)
+        self._empty_snapshot = build_snapshot(())
+        self.telemetry = Telemetry()
+        self.plane = DataPlane(self.snapshot, self.telemetry, options.trust_domain)
+        # Kernel capture feeds the proxy's per-workload listeners; `none` has neither.
+        self.capture = capture if capture.mode == "none" else DataPlaneCapture(capture, self.plane)
         self.state_dir = ensure_state_dir(options.state_dir)
         self._lock_fd = _lock_state_dir(self.state_dir)
         self.registry, extra = load_registry(self.state_dir)
         applied = applied_from_state(extra, self.state_dir)
-        self.reconciler = Reconciler(lambda: list(self.registry), capture, self.clock, RetrySet(),
+        self.reconciler = Reconciler(lambda: list(self.registry), self.capture, self.clock, RetrySet(),
                                      resync_interval=options.resync_interval, applied=applied)
         self._saved_applied = applied
-        self.readiness = Readiness(("state", "identities", "capture"))
+        self.readiness = Readiness(("state", "config", "identities", "listeners"))
         try:
             self.identities: CertificateManager = create_manager(
                 state_dir=self.state_dir, ca_url=options.ca_url, credential_dir=options.node_credential,
@@ -113,6 +124,9 @@ class Agent:
                                 "Enrolled workloads whose capture is not applied (in the retry set)",
                                 registry=self.metrics_registry)
         self._m_ready = Gauge("nodeagent_ready", "1 once the agent is ready", registry=self.metrics_registry)
+        self._m_config = Gauge("nodeagent_config_version", "Version of the configuration snapshot in use",
+                               registry=self.metrics_registry)
+        self.metrics_registry.register(IstioCollector(lambda: merge_exports([self.telemetry.export()])))
         self._save()  # the state file exists from the first start (uninstall recognises the dir by it)
 
     # -- lifecycle -------------------------------------------------------
@@ -122,9 +136,16 @@ class Agent:
         self._condition_met("state", f"{len(self.registry)} workload(s) re-adopted from {self.state_dir}")
         for face in self.faces:
             await face.start()
+        self._load_config()
+        self._tasks.append(asyncio.create_task(self.store.watch(self._config_changed, stop=self._stop),
+                                               name="config-watch"))
+        await self.plane.start()
         async with self._lock:
             await asyncio.get_running_loop().run_in_executor(None, self._reconcile, self.reconciler.step)
-        self._condition_met("capture", f"mode {self.capture.mode}")
+        attached = len(self.plane.attached)
+        self._condition_met("listeners", f"proxy runtime up; capture {self.capture.mode}; "
+                            + (f"listeners for {attached} workload(s)" if self.capture.mode != "none"
+                               else "no transparent listeners (explicit proxy only)"))
         self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconcile"))
         self._tasks.append(asyncio.create_task(self.identities.run(self._stop), name="identities"))
         self._tasks.append(asyncio.create_task(self._await_identities(), name="identities-ready"))
@@ -132,6 +153,28 @@ class Agent:
                  self.options.node, self.state_dir, self.capture.mode,
                  self.faces[0].host, self.faces[0].port, self.faces[2].host, self.faces[2].port,
                  self.faces[1].host, self.faces[1].port)
+
+    def snapshot(self) -> ConfigSnapshot:
+        """The config snapshot in use: the last good one (empty until one loads)."""
+        return self.store.snapshot or self._empty_snapshot
+
+    def _load_config(self) -> None:
+        try:
+            snapshot = self.store.load()
+        except ConfigError as exc:
+            detail = "; ".join(str(e) for e in exc.errors[:5])
+            log.error("configuration in %s refused (fix it; the agent reloads it when it changes):\n%s",
+                      self.store.describe(), "\n".join(str(e) for e in exc.errors))
+            self.readiness.set("config", False, f"{self.store.describe()}: {detail}")
+            return
+        for warning in self.store.last_warnings:
+            log.warning("%s", warning)
+        self._config_changed(snapshot)
+
+    def _config_changed(self, snapshot: ConfigSnapshot) -> None:
+        self._m_config.set(snapshot.version)
+        self._condition_met("config", f"version {snapshot.version}: {len(snapshot.resources)} object(s) "
+                                      f"from {self.store.describe()}")
 
     def _condition_met(self, name: str, detail: str) -> None:
         self.readiness.set(name, True, detail)
@@ -182,6 +225,7 @@ class Agent:
                 await task
         self._tasks.clear()
         await self.enrollment.close()
+        await self.plane.close()
         for face in self.faces:
             await face.close()
         if self._lock_fd is not None:
@@ -308,7 +352,7 @@ class Agent:
     # -- views (admin API) -------------------------------------------------
 
     def _snapshot_workloads(self) -> tuple:
-        return ()
+        return self.snapshot().workloads
 
     def workloads_view(self) -> dict[str, Any]:
         td = self.options.trust_domain
@@ -331,10 +375,27 @@ class Agent:
             for w in merge_workloads(self._snapshot_workloads(), self.registry)
         ]
         return {"node": self.options.node, "capture_mode": self.capture.mode, "enrolled": enrolled,
-                "retry": retry, "workloads": merged}
+                "retry": retry, "workloads": merged, "listeners": self.plane.listeners_view()}
 
     def config_dump_view(self) -> dict[str, Any]:
-        return {"config_dir": str(self.options.config_dir) if self.options.config_dir else None}
+        snap = self.snapshot()
+        resources = [
+            {"kind": r.kind, "apiVersion": r.api_version, "namespace": r.namespace, "name": r.name,
+             "source": f"{r.source.file}:{r.source.line}",
+             "spec": to_jsonable(r.raw.get("spec")) if r.raw else to_jsonable(r.spec)}
+            for r in snap.resources
+        ]
+        services = [
+            {"host": svc.host, "namespace": svc.namespace, "addresses": list(svc.addresses),
+             "ports": [{"number": p.number, "name": p.name, "protocol": p.protocol, "target_port": p.target_port}
+                       for p in svc.ports],
+             "resolution": svc.resolution, "location": svc.location, "endpoints": len(svc.endpoints)}
+            for _, svc in sorted(snap.services.items())
+        ]
+        return {"version": snap.version, "source": self.store.describe(),
+                "loaded": self.store.snapshot is not None,
+                "rejected_change": [str(e) for e in self.store.last_errors],
+                "resources": resources, "services": services}
 
     def certs_view(self) -> dict[str, Any]:
         now = time.time()
@@ -361,8 +422,44 @@ class Agent:
                 "status": health.status, "reason": health.reason, "certificates": identities,
                 "trust_bundle": roots}
 
+    def _endpoint_identity(self, address: str, endpoint) -> str | None:
+        """The enrolled identity when the address is an enrolled workload's, else the WorkloadEntry's."""
+        spec = self.registry.by_ip(address)
+        if spec is not None:
+            return spec.identity(self.options.trust_domain)
+        workload = getattr(endpoint, "workload", None) if endpoint is not None else None
+        sa = (workload.service_account if workload is not None else None) or getattr(endpoint, "service_account", None)
+        namespace = workload.namespace if workload is not None else None
+        if sa and namespace:
+            return spiffe_id(self.options.trust_domain, namespace, sa)
+        return None
+
     def endpoints_view(self) -> dict[str, Any]:
-        return {"services": []}
+        snap = self.snapshot()
+        services = []
+        for host, svc in sorted(snap.services.items()):
+            services.append({"host": host, "endpoints": [
+                {"address": e.address, "labels": dict(e.labels), "ports": dict(e.ports), "weight": e.weight,
+                 "workload": f"{e.workload.namespace}/{e.workload.name}" if e.workload else None,
+                 "identity": self._endpoint_identity(e.address, e)}
+                for e in svc.endpoints]})
+        clusters = []
+        runtime = self.plane.runtime
+        if runtime is not None:
+            now = runtime.loop.time()
+            for state in list(runtime.clusters.values()):
+                outlier = state.outlier.snapshot_state(now) if state.outlier is not None else {}
+                clusters.append({
+                    "cluster": str(state.key), "source_namespace": state.source_namespace,
+                    "outlier_detection": state.outlier is not None,
+                    "endpoints": [
+                        {"id": cep.id, "address": cep.address, "port": cep.port, "weight": cep.weight,
+                         "identity": self._endpoint_identity(cep.address, cep.endpoint),
+                         "ejected": cep.id in state.ejected, "outlier": outlier.get(cep.id)}
+                        for cep in state.endpoints],
+                })
+            clusters.sort(key=lambda c: (c["cluster"], c["source_namespace"]))
+        return {"config_version": snap.version, "services": services, "clusters": clusters}
 
     def health_view(self) -> dict[str, Any]:
         health = self.reconciler.health()

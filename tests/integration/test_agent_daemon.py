@@ -48,9 +48,45 @@ def cli(state_dir: Path, *args: str, check: bool = True) -> subprocess.Completed
     return proc
 
 
+MESH_YAML = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: web
+  namespace: shop
+spec:
+  hosts: [web.shop.svc.cluster.local]
+  addresses: [10.250.10.1]
+  ports:
+  - {number: 80, name: http, protocol: HTTP}
+  location: MESH_INTERNAL
+  resolution: STATIC
+  workloadSelector:
+    labels: {app: web}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: web-vm
+  namespace: shop
+spec:
+  address: 10.250.0.2
+  ports: {http: 8080}
+  labels: {app: web, version: v1}
+  serviceAccount: legacy-sa
+"""
+
+
 class AgentProcess:
-    def __init__(self, state_dir: Path, tmp: Path, capture: str = "none", extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, state_dir: Path, tmp: Path, capture: str = "none", extra: tuple[str, ...] = (),
+                 config_dir: Path | None = None) -> None:
         self.state_dir = state_dir
+        if config_dir is None:
+            config_dir = tmp / "config"
+            if not config_dir.exists():
+                config_dir.mkdir()
+                (config_dir / "mesh.yaml").write_text(MESH_YAML)
+        self.config_dir = config_dir
         self.admin, self.metrics, self.ready_port = free_port(), free_port(), free_port()
         self.log = tmp / f"agent-{time.monotonic_ns()}.log"
         self.notify_path = tmp / f"notify-{time.monotonic_ns()}.sock"
@@ -61,7 +97,8 @@ class AgentProcess:
         self.proc = subprocess.Popen(
             [PY, "-m", "nodeagent", "run", "--node", "node-1", "--state-dir", str(state_dir),
              "--capture", capture, "--admin", f"127.0.0.1:{self.admin}",
-             "--metrics", f"127.0.0.1:{self.metrics}", "--readiness", f"127.0.0.1:{self.ready_port}", *extra],
+             "--metrics", f"127.0.0.1:{self.metrics}", "--readiness", f"127.0.0.1:{self.ready_port}",
+             "--config-dir", str(config_dir), *extra],
             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
 
     def logs(self) -> str:
@@ -142,7 +179,9 @@ def test_lifecycle_enroll_restart_readopt_unenroll(agents, tmp_path):
     state = tmp_path / "state"
     agent = agents(state)
     ready = agent.wait_ready()
-    assert ready["ready"] is True and set(ready["conditions"]) >= {"state", "identities", "capture"}
+    assert ready["ready"] is True
+    assert set(ready["conditions"]) == {"state", "config", "identities", "listeners"}
+    assert ready["conditions"]["config"]["detail"].startswith("version 1: 2 object(s) from ")
     notes = agent.notifications("READY=1")
     assert any("READY=1" in n.split("\n") for n in notes)
     assert (state / "agent.sock").exists() and (os.stat(state / "agent.sock").st_mode & 0o777) == 0o600
@@ -165,10 +204,24 @@ def test_lifecycle_enroll_restart_readopt_unenroll(agents, tmp_path):
     assert table[1].split() == ["shop", "web", "netns", "pod-web", "10.250.0.2,10.250.0.12", "none",
                                 "spiffe://cluster.local/ns/shop/sa/web-sa"]
 
-    # Admin API: JSON everywhere; the certificate for the enrolled identity is issued.
+    # Admin API: JSON everywhere. The enrolled workload and the WorkloadEntry at the
+    # same address are ONE workload with the enrolled identity.
     view = agent.json("/workloads")
     assert view["enrolled"][0]["identity"] == "spiffe://cluster.local/ns/shop/sa/web-sa"
-    assert view["workloads"][0]["sources"] == ["enrolled"] and view["retry"] == []
+    assert view["retry"] == []
+    (merged,) = view["workloads"]
+    assert merged["sources"] == ["enrolled", "WorkloadEntry"] and merged["ports"] == {"http": 8080}
+    assert merged["identity"] == "spiffe://cluster.local/ns/shop/sa/web-sa"
+    endpoints = agent.json("/endpoints")
+    (svc,) = endpoints["services"]
+    assert svc["host"] == "web.shop.svc.cluster.local"
+    assert [(e["address"], e["identity"]) for e in svc["endpoints"]] == [
+        ("10.250.0.2", "spiffe://cluster.local/ns/shop/sa/web-sa")]
+    dump = agent.json("/config_dump")
+    assert dump["version"] == 1 and dump["rejected_change"] == []
+    assert [(r["kind"], r["name"]) for r in dump["resources"]] == [("ServiceEntry", "web"), ("WorkloadEntry", "web-vm")]
+    assert dump["resources"][1]["spec"]["serviceAccount"] == "legacy-sa"
+    assert dump["resources"][0]["source"].endswith("mesh.yaml:1")
     deadline = time.monotonic() + 10
     while True:
         certs = agent.json("/certs")
@@ -178,8 +231,6 @@ def test_lifecycle_enroll_restart_readopt_unenroll(agents, tmp_path):
         time.sleep(0.05)
     assert states == {"spiffe://cluster.local/ns/shop/sa/web-sa": "valid"}
     assert certs["ca"] == "embedded" and certs["trust_bundle"][0]["subject"].startswith("CN=")
-    for path in ("/config_dump", "/endpoints"):
-        assert isinstance(agent.json(path), dict)
     health = agent.json("/healthz")
     assert health["status"] == "OK" and health["ready"] is True
     status, metrics = http_get(agent.metrics, "/metrics")

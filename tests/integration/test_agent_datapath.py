@@ -1,0 +1,152 @@
+"""The whole node data path with the real agent (root): two pods in network
+namespaces built by redirect's topology builder, both enrolled; a request from
+the client pod is captured by the in-pod nftables rules into the agent's 15001
+listener in that pod, routed by the proxy, sent from the client pod's
+namespace to the server pod, captured there into 15006, admitted by
+PeerAuthentication/AuthorizationPolicy and relayed to the application. A
+DENY policy written to the config dir then refuses the connection, without a
+restart."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from redirect.topology import Topology
+from tests.integration.test_agent_daemon import agents, cli, http_get  # noqa: F401  (fixture)
+
+SERVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("hello from server, you are " + self.client_address[0]).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
+"""
+
+CLIENT = """
+import sys, urllib.request
+request = urllib.request.Request(sys.argv[1], headers={"Host": sys.argv[2]} if len(sys.argv) > 2 else {})
+try:
+    with urllib.request.urlopen(request, timeout=5) as r:
+        print(r.status, r.read().decode())
+except Exception as e:
+    print("ERR", type(e).__name__, e)
+"""
+
+
+def mesh_yaml(server_ip: str) -> str:
+    return f"""\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: server, namespace: shop}}
+spec:
+  hosts: [server.shop.svc.cluster.local]
+  addresses: [10.250.99.1]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  workloadSelector: {{labels: {{app: server}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: server, namespace: shop}}
+spec: {{address: {server_ip}, labels: {{app: server}}, serviceAccount: server}}
+"""
+
+
+DENY = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: shop}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules:
+  - from: [{source: {ipBlocks: [%s/32]}}]
+"""
+
+
+@pytest.fixture
+def topology(needs_root, needs_tool):
+    needs_tool("nft")
+    needs_tool("nsenter")
+    with Topology() as topo:
+        yield topo
+
+
+def curl(topo: Topology, url: str, host: str | None = None) -> str:
+    return topo.exec("client", [sys.executable, "-c", CLIENT, url, *([host] if host else [])],
+                     timeout=15).stdout.strip()
+
+
+def wait_for(check, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.1)
+
+
+def test_request_through_both_pods_listeners_and_policy(agents, topology, tmp_path):
+    topology.add_node("n1")
+    client = topology.add_pod("n1", "client")
+    server = topology.add_pod("n1", "server")
+    topology.spawn("server", [sys.executable, "-c", SERVER, "8080"])
+    topology.spawn("server", [sys.executable, "-c", SERVER, "9090"])  # in no ServiceEntry: passthrough
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "mesh.yaml").write_text(mesh_yaml(server.ip))
+    state = tmp_path / "state"
+    agent = agents(state, capture="nftables", config_dir=config)
+    agent.wait_ready()
+    for port in (8080, 9090):
+        assert wait_for(lambda: "ERR" not in curl(topology, f"http://{server.ip}:{port}/")), "server did not start"
+
+    for pod, sa in ((client, "client"), (server, "server")):
+        cli(state, "enroll", "--netns", pod.netns, "--name", pod.name, "--namespace", "shop",
+            "--service-account", sa, "--labels", f"app={pod.name}", "--ip", pod.ip)
+    listeners = {entry["workload"]: entry["listeners"] for entry in agent.json("/workloads")["listeners"]}
+    assert "0.0.0.0:15001" in listeners["shop/client"] and "0.0.0.0:15006" in listeners["shop/server"]
+
+    # By service VIP (only the proxy knows it: routed by the ServiceEntry)...
+    host = "server.shop.svc.cluster.local"
+    reply = curl(topology, "http://10.250.99.1/", host=host)
+    assert reply == f"200 hello from server, you are {server.ip}", reply  # relayed inside the server pod
+    # ... and to a port of the pod that no service declares (passed through as bytes).
+    reply = curl(topology, f"http://{server.ip}:9090/")
+    assert reply == f"200 hello from server, you are {server.ip}", reply
+
+    status, metrics = http_get(agent.metrics, "/metrics")
+    assert status == 200
+    requests = [line for line in metrics.splitlines() if line.startswith("istio_requests_total{")]
+    assert any('source_workload="client"' in line and 'destination_service="server.shop.svc.cluster.local"' in line
+               and 'response_code="200"' in line and 'reporter="source"' in line for line in requests), requests
+    inbound = [line for line in metrics.splitlines()
+               if line.startswith("istio_tcp_connections_opened_total{") and 'reporter="destination"' in line]
+    assert inbound, metrics
+    endpoints = agent.json("/endpoints")
+    (cluster,) = [c for c in endpoints["clusters"] if c["cluster"] == "outbound|80||server.shop.svc.cluster.local"]
+    assert [(e["address"], e["identity"], e["ejected"]) for e in cluster["endpoints"]] == [
+        (server.ip, "spiffe://cluster.local/ns/shop/sa/server", False)]
+
+    # A DENY policy lands in the watched config dir: the next connection is refused at the server pod.
+    (config / "deny.yaml").write_text(DENY % client.ip)
+    assert wait_for(lambda: agent.json("/config_dump")["version"] == 2)
+    reply = curl(topology, "http://10.250.99.1/", host=host)
+    assert reply.startswith("ERR") or reply.startswith("503"), reply
+    assert "denied by DENY policy shop/deny-client" in agent.logs()
+    reply = curl(topology, f"http://{server.ip}:9090/")  # L4 policy: every port of the workload
+    assert reply.startswith("ERR"), reply
+
+    # Unenrolling the server removes its capture: the app answers directly again (and the policy no longer applies).
+    cli(state, "unenroll", "--netns", server.netns)
+    reply = curl(topology, "http://10.250.99.1/", host=host)
+    assert reply == f"200 hello from server, you are {client.ip}", reply  # no inbound relay any more
+    assert agent.stop() == 0

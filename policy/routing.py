@@ -66,31 +66,15 @@ _REMOVE, _SET, _ADD = 0, 1, 2
 
 
 class HeaderOps:
-    """Envoy header manipulation, in order: for each level (destination, then
-    route: the route level wins a conflict, as Envoy evaluates the most
-    specific level first) remove, then set (replace), then add (append)."""
+    """Envoy header manipulation as an ordered list of (remove | set | add)
+    steps. ``set`` replaces (OVERWRITE_IF_EXISTS_OR_ADD), ``add`` appends
+    (APPEND_IF_EXISTS_OR_ADD). See ``_merge_levels`` for how route-level and
+    destination-level operations are ordered."""
 
     __slots__ = ("ops",)
 
     def __init__(self, ops: tuple[tuple[int, str, str], ...] = ()) -> None:
         self.ops = ops
-
-    @classmethod
-    def from_model(cls, ops) -> HeaderOps:
-        """From a model ``HeaderOperations`` (or None)."""
-        if ops is None:
-            return EMPTY_HEADER_OPS
-        out = [(_REMOVE, n.lower(), "") for n in ops.remove]
-        out += [(_SET, n.lower(), v) for n, v in ops.set.items()]
-        out += [(_ADD, n.lower(), v) for n, v in ops.add.items()]
-        return cls(tuple(out)) if out else EMPTY_HEADER_OPS
-
-    def then(self, other: HeaderOps) -> HeaderOps:
-        if not other.ops:
-            return self
-        if not self.ops:
-            return other
-        return HeaderOps(self.ops + other.ops)
 
     def __bool__(self) -> bool:
         return bool(self.ops)
@@ -143,6 +127,51 @@ class HeaderOps:
         return out
 
 
+class _Level:
+    """One level's operations as Istio translates them: removes, the
+    set-then-add list, and a ``host``/``:authority`` set (a host rewrite)."""
+
+    __slots__ = ("removes", "adds", "authority")
+
+    def __init__(self, ops) -> None:
+        self.removes: tuple = ()
+        self.adds: tuple = ()
+        self.authority: str | None = None
+        if ops is None:
+            return
+        # pseudo-headers and host are never removed (Istio's dropInternal)
+        self.removes = tuple((_REMOVE, n.lower(), "") for n in ops.remove
+                             if not _internal_header(n.lower()))
+        adds = []
+        for kind, mapping in ((_SET, ops.set), (_ADD, ops.add)):
+            for name, value in mapping.items():
+                n = name.lower()
+                if n in ("host", ":authority"):
+                    self.authority = value
+                if _internal_header(n):
+                    continue
+                adds.append((kind, n, value))
+        self.adds = tuple(adds)
+
+
+def _internal_header(name: str) -> bool:
+    return name.startswith(":") or name == "host"
+
+
+def _merge_levels(route: _Level, dest: _Level | None, weighted: bool) -> HeaderOps:
+    """Istio puts a single destination's operations into the route's own lists
+    (after the route's), and a weighted destination's into its weighted-cluster
+    level. Envoy evaluates a level's removes before its sets/adds, and the most
+    specific level (weighted cluster) first, so the route level wins there."""
+    if dest is None:
+        ops = route.removes + route.adds
+    elif weighted:
+        ops = dest.removes + dest.adds + route.removes + route.adds
+    else:
+        ops = route.removes + dest.removes + route.adds + dest.adds
+    return HeaderOps(ops) if ops else EMPTY_HEADER_OPS
+
+
 EMPTY_HEADER_OPS = HeaderOps()
 
 
@@ -158,6 +187,7 @@ class WeightedCluster:
     request_headers: HeaderOps
     response_headers: HeaderOps
     known: bool = True     # False: no such service/subset (the request gets 503 "NC")
+    authority: str | None = None   # host rewrite from this destination's headers (host / :authority)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,8 +203,7 @@ class _Route:
     """One compiled HTTPRoute (static per table)."""
 
     __slots__ = ("name", "matches", "destinations", "cum", "total", "timeout", "retry",
-                 "request_headers", "response_headers", "rewrite_uri", "regex_rewrite",
-                 "rewrite_authority", "delay", "delay_pct", "abort", "abort_grpc", "abort_pct",
+                 "rewrite_uri", "regex_rewrite", "rewrite_authority", "delay", "delay_pct", "abort", "abort_grpc", "abort_pct",
                  "mirrors", "reject", "redirect", "service", "service_port", "virtual_service")
 
 
@@ -426,11 +455,9 @@ def _compile_route(snapshot, hr, vs_res, service, port: int, source_ns: str) -> 
         r.matches = matches
     else:
         r.matches = ()
-    route_req = route_resp = EMPTY_HEADER_OPS
-    if hr.headers is not None:
-        route_req = HeaderOps.from_model(hr.headers.request)
-        route_resp = HeaderOps.from_model(hr.headers.response)
-    r.request_headers, r.response_headers = route_req, route_resp
+    headers = hr.headers
+    route_req = _Level(headers.request if headers is not None else None)
+    route_resp = _Level(headers.response if headers is not None else None)
     r.timeout = hr.timeout if hr.timeout else None
     r.retry = retry_policy_from(hr.retries)
     r.reject = None
@@ -451,18 +478,19 @@ def _compile_route(snapshot, hr, vs_res, service, port: int, source_ns: str) -> 
         # delegate (gateway-only in Istio) or nothing to route to
         r.reject = Reject(404, "NR")
     else:
-        single = len(hr.route) == 1
+        weighted = len(hr.route) > 1
         for rd in hr.route:
-            weight = 100 if single else (rd.weight or 0)
+            weight = (rd.weight or 0) if weighted else 100
             if weight <= 0:
-                continue
+                continue      # Istio drops weight-0 destinations
             key, known = _resolve_destination(snapshot, rd.destination, vs_res.namespace,
                                               source_ns, port)
-            d_req = d_resp = EMPTY_HEADER_OPS
-            if rd.headers is not None:
-                d_req = HeaderOps.from_model(rd.headers.request)
-                d_resp = HeaderOps.from_model(rd.headers.response)
-            dests.append(WeightedCluster(key, weight, d_req.then(route_req), d_resp.then(route_resp), known))
+            d_headers = rd.headers
+            d_req = _Level(d_headers.request if d_headers is not None else None)
+            d_resp = _Level(d_headers.response if d_headers is not None else None)
+            dests.append(WeightedCluster(key, weight, _merge_levels(route_req, d_req, weighted),
+                                         _merge_levels(route_resp, d_resp, weighted), known,
+                                         d_req.authority))
         if not dests:
             r.reject = Reject(503, "NC")
     r.destinations = tuple(dests)
@@ -480,7 +508,8 @@ def _compile_route(snapshot, hr, vs_res, service, port: int, source_ns: str) -> 
         pat = re2.compile(rw.uri_regex_rewrite.match)
         repl = rw.uri_regex_rewrite.rewrite
         r.regex_rewrite = (pat, repl)
-    r.rewrite_authority = rw.authority if rw is not None and rw.authority else None
+    # rewrite.authority, else a route-level host/:authority header set (Istio's host rewrite)
+    r.rewrite_authority = (rw.authority if rw is not None and rw.authority else None) or route_req.authority
     r.delay = r.delay_pct = r.abort = r.abort_grpc = r.abort_pct = None
     fault = hr.fault
     if fault is not None:
@@ -509,7 +538,6 @@ def _default_route(service, port: int) -> _Route:
     r.service_port = port
     r.virtual_service = None
     r.matches = ()
-    r.request_headers = r.response_headers = EMPTY_HEADER_OPS
     r.timeout = None
     r.retry = retry_policy_from(None)
     r.reject = None
@@ -641,7 +669,7 @@ def plan_for_service(snapshot: ConfigSnapshot, service: Service, service_port: i
         return _NO_CLUSTER
     if route.rewrite_uri is not None or route.regex_rewrite is not None:
         path = _rewrite_path(route, match, path, path_only)
-    authority = route.rewrite_authority or req.authority
+    authority = dest.authority or route.rewrite_authority or req.authority
     delay = abort = grpc = None
     if route.delay is not None and rand.random() * 100.0 < route.delay_pct:
         delay = route.delay

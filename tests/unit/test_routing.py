@@ -382,38 +382,72 @@ HEADERS = """  - headers:
       request:
         set: {x-route: r, x-both: route}
         add: {x-added: a}
-        remove: [x-secret]
+        remove: [x-secret, x-dest]
       response:
         set: {x-resp: r}
     route:
     - destination: {host: reviews, subset: v1}
       headers:
         request: {set: {x-dest: d, x-both: dest}, remove: [x-route-only]}
+        response: {add: {x-resp-dest: d}}
+%s"""
+
+SECOND = """      weight: 50
+    - destination: {host: reviews, subset: v1}
+      weight: 50
+      headers:
+        request: {set: {x-dest: d, x-both: dest}, remove: [x-route-only]}
         response: {add: {x-resp-dest: d}}"""
 
 
-def test_route_and_destination_header_ops_merge_with_route_winning():
-    p = plan(snapshot(vs(HEADERS)), req())
-    h = {"x-secret": "s", "x-added": "old", "x-route-only": "z", "keep": "k"}
+def test_single_destination_ops_join_the_route_level_after_the_route_ones():
+    # Istio appends a single destination's ops to the route's lists: all removes
+    # first, then the route's set/add, then the destination's (which wins a set)
+    p = plan(snapshot(vs(HEADERS % "")), req())
+    h = {"x-secret": "s", "x-added": "old", "x-route-only": "z", "x-dest": "old", "keep": "k"}
     p.request_headers.apply(h)
-    assert h == {"keep": "k", "x-dest": "d", "x-both": "route", "x-route": "r", "x-added": "old, a"}
+    assert h == {"keep": "k", "x-route": "r", "x-both": "dest", "x-added": "old, a", "x-dest": "d"}
     resp = {}
     p.response_headers.apply(resp)
-    assert resp == {"x-resp-dest": "d", "x-resp": "r"}
+    assert resp == {"x-resp": "r", "x-resp-dest": "d"}
+
+
+def test_weighted_destination_ops_run_first_and_the_route_level_wins():
+    p = plan(snapshot(vs(HEADERS % SECOND)), req())
+    h = {"x-secret": "s", "x-route-only": "z"}
+    p.request_headers.apply(h)
+    # the route level removes x-dest after the destination level set it
+    assert h == {"x-both": "route", "x-route": "r", "x-added": "a"}
 
 
 def test_header_ops_on_pairs_keep_multiple_values():
-    ops = plan(snapshot(vs(HEADERS)), req()).request_headers
+    ops = plan(snapshot(vs(HEADERS % "")), req()).request_headers
     out = ops.apply_pairs([("X-Added", "1"), ("X-Secret", "s"), ("Host", "h")])
-    assert out == [("X-Added", "1"), ("Host", "h"), ("x-dest", "d"), ("x-route", "r"),
-                   ("x-both", "route"), ("x-added", "a")]
+    assert out == [("X-Added", "1"), ("Host", "h"), ("x-route", "r"), ("x-added", "a"),
+                   ("x-dest", "d"), ("x-both", "dest")]
 
 
 def test_header_ops_views():
-    ops = plan(snapshot(vs(HEADERS)), req()).request_headers
-    assert ops.set == {"x-dest": "d", "x-both": "route", "x-route": "r"}
-    assert ops.add == {"x-added": "a"} and ops.remove == ("x-route-only", "x-secret")
+    ops = plan(snapshot(vs(HEADERS % "")), req()).request_headers
+    assert ops.set == {"x-dest": "d", "x-both": "dest", "x-route": "r"}
+    assert ops.add == {"x-added": "a"} and ops.remove == ("x-secret", "x-dest", "x-route-only")
     assert HeaderOps() == HeaderOps(()) and not HeaderOps()
+
+
+def test_setting_host_is_a_host_rewrite_and_pseudo_headers_are_not_removed():
+    snap = snapshot(vs("""  - headers:
+      request: {set: {host: api.internal, x-a: "1"}, remove: [host, x-b]}
+    route: [{destination: {host: reviews}}]"""))
+    p = plan(snap, req())
+    assert p.authority == "api.internal"
+    assert p.request_headers.ops == ((0, "x-b", ""), (1, "x-a", "1"))
+    snap = snapshot(vs("""  - route:
+    - destination: {host: reviews, subset: v1}
+      headers: {request: {set: {Host: v1.internal}}}
+      weight: 100
+    - destination: {host: reviews, subset: v2}
+      weight: 0"""))
+    assert plan(snap, req()).authority == "v1.internal"
 
 
 # -- faults ---------------------------------------------------------------------------------

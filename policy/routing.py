@@ -438,8 +438,8 @@ def _resolve_destination(snapshot, dest, vs_namespace: str, source_ns: str,
     return ClusterKey(host, dest.subset, port), known
 
 
-def _percent(p: float | None) -> float:
-    return 100.0 if p is None else float(p)
+def _percent(p: float | None, absent: float) -> float:
+    return absent if p is None else float(p)
 
 
 def _compile_route(snapshot, hr, vs_res, service, port: int, source_ns: str) -> _Route | None:
@@ -515,18 +515,19 @@ def _compile_route(snapshot, hr, vs_res, service, port: int, source_ns: str) -> 
     if fault is not None:
         if fault.delay is not None and fault.delay.fixed_delay is not None:
             r.delay = fault.delay.fixed_delay
-            r.delay_pct = _percent(fault.delay.percentage)
+            # Istio: a fault without a percentage (nor legacy percent) injects nothing
+            r.delay_pct = _percent(fault.delay.percentage, 0.0)
         if fault.abort is not None and (fault.abort.http_status is not None or fault.abort.grpc_status):
             r.abort = fault.abort.http_status
             r.abort_grpc = fault.abort.grpc_status
-            r.abort_pct = _percent(fault.abort.percentage)
+            r.abort_pct = _percent(fault.abort.percentage, 0.0)
     mirrors = []
     if hr.mirror is not None:
         key, _ = _resolve_destination(snapshot, hr.mirror, vs_res.namespace, source_ns, port)
-        mirrors.append((key, _percent(hr.mirror_percentage)))
+        mirrors.append((key, _percent(hr.mirror_percentage, 100.0)))   # absent: mirror all
     for mp in hr.mirrors:
         key, _ = _resolve_destination(snapshot, mp.destination, vs_res.namespace, source_ns, port)
-        mirrors.append((key, _percent(mp.percentage)))
+        mirrors.append((key, _percent(mp.percentage, 100.0)))
     r.mirrors = tuple(mirrors)
     return r
 

@@ -458,9 +458,24 @@ def fault_snapshot(fault: str):
 
 
 def test_fault_delay_and_abort_always():
-    snap = fault_snapshot("{delay: {fixedDelay: 7s, percentage: {value: 100}}, abort: {httpStatus: 500}}")
+    snap = fault_snapshot("{delay: {fixedDelay: 7s, percentage: {value: 100}}, "
+                          "abort: {httpStatus: 500, percentage: {value: 100}}}")
     p = plan(snap, req())
     assert (p.fault_delay, p.fault_abort, p.fault_grpc_status) == (7.0, 500, None)
+
+
+def test_fault_without_percentage_injects_nothing():
+    # Istio: "If left unspecified, no request will be delayed" / "... aborted"
+    snap = fault_snapshot("{delay: {fixedDelay: 7s}, abort: {httpStatus: 500}}")
+    r = random.Random(0)
+    for _ in range(100):
+        p = plan_request(snap, req(), r)
+        assert p.fault_delay is None and p.fault_abort is None
+
+
+def test_legacy_integer_delay_percent():
+    snap = fault_snapshot("{delay: {fixedDelay: 1s, percent: 100}}")
+    assert plan(snap, req()).fault_delay == 1.0
 
 
 def test_fault_zero_percent_never():

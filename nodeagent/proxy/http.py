@@ -282,7 +282,7 @@ class Exchange:
         "replay_bytes", "request_done", "response_done", "upstream", "plan", "endpoint",
         "tried", "attempt", "response_started", "out_chunked", "close_delimited",
         "status", "flags", "req_bytes", "resp_bytes", "t0", "abandoned", "timer", "try_timer",
-        "finished", "tunneling", "dest", "upstream_host", "cluster", "t_upstream", "_hmap", "mirrored",
+        "finished", "tunneling", "dest", "upstream_host", "cluster", "t_upstream", "_hmap", "mirrored", "out",
     )
 
     def __init__(self, down: HttpDownstream, method, url, headers, version, keep_alive, upgrade) -> None:
@@ -326,6 +326,7 @@ class Exchange:
         self.cluster = None
         self._hmap = None
         self.mirrored = False
+        self.out = []  # response bytes gathered during one upstream read, written once
         authority = b""
         keep = []
         for h in headers:
@@ -611,17 +612,26 @@ class Exchange:
             self.keep_alive = False
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
-        self.down.transport.write(b"".join(parts))
+        self.out.append(b"".join(parts))
 
     def upstream_body(self, body: bytes) -> None:
         self.resp_bytes += len(body)
-        self.down.transport.write(_chunk(body) if self.out_chunked else body)
+        self.out.append(_chunk(body) if self.out_chunked else body)
+
+    def flush(self) -> None:
+        """Write what one upstream read produced in one send (head and body together)."""
+        out = self.out
+        if out:
+            self.out = []
+            if not self.down.closing:
+                self.down.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def upstream_complete(self, conn) -> None:
         if self.finished:
             return
         if self.out_chunked:
-            self.down.transport.write(b"0\r\n\r\n")
+            self.out.append(b"0\r\n\r\n")
+        self.flush()
         self.upstream = None
         if self.down.write_paused:
             conn.transport.resume_reading()
@@ -634,6 +644,7 @@ class Exchange:
 
     def upstream_upgraded(self, tail: bytes) -> None:
         """101 from upstream: from now on both sides are a raw byte relay."""
+        self.flush()
         self.tunneling = True
         self.down.tunnel = self
         if tail:
@@ -785,6 +796,7 @@ class Exchange:
         self._finish()
 
     def _finish_abort(self) -> None:
+        self.flush()
         self.keep_alive = False
         self._finish()
         self.down.close()

@@ -382,6 +382,7 @@ class MirrorExchange:
     """A shadow copy of a request: sent once, its response read and dropped."""
 
     __slots__ = ("runtime", "state", "data", "abandoned", "endpoint", "upstream")
+    out = ()  # a mirror's response is dropped, never written anywhere
 
     def __init__(self, runtime, state: ClusterState, exchange, plan: ForwardPlan, body: bytes) -> None:
         self.runtime = runtime

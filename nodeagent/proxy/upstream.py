@@ -72,6 +72,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+            if exchange.out:
+                exchange.flush()
         except HttpParserUpgrade as exc:
             self.raw = True
             exchange.upstream_upgraded(data[exc.args[0]:])

@@ -1,0 +1,232 @@
+"""`python -m bench`: wrk against the upstream directly, `nodeagent proxy` and HAProxy.
+
+The upstream is an HAProxy answering ``200 ok`` itself (fast, not Python-bound).
+HAProxy 2.6 as the reference proxy runs with ``nbthread 1`` and ``http-reuse
+always``; nodeagent runs one worker with routing (a shop-like VirtualService and
+DestinationRule) and metrics on. Prints req/s, p50, p99 per target, the
+nodeagent/HAProxy ratio, and CPU microseconds per request (utime+stime deltas of
+the proxy process from /proc/<pid>/stat divided by the requests wrk completed).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+UPSTREAM_CFG = """global
+    nbthread 1
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend upstream
+    bind 127.0.0.2:{port}
+    bind 127.0.0.3:{port}
+    http-request return status 200 content-type text/plain string ok
+"""
+
+HAPROXY_CFG = """global
+    nbthread 1
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    http-reuse always
+frontend proxy
+    bind 127.0.0.1:{port}
+    default_backend upstream
+backend upstream
+    balance roundrobin
+    server v1 127.0.0.2:{up} 
+    server v2 127.0.0.3:{up}
+"""
+
+SHOP_CFG = """apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: catalog, namespace: shop}}
+spec:
+  hosts: [catalog.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  workloadSelector: {{labels: {{app: catalog}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: catalog-v1, namespace: shop}}
+spec:
+  address: 127.0.0.2
+  ports: {{http: {up}}}
+  labels: {{app: catalog, version: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: catalog-v2, namespace: shop}}
+spec:
+  address: 127.0.0.3
+  ports: {{http: {up}}}
+  labels: {{app: catalog, version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: frontend, namespace: shop}}
+spec:
+  address: 127.0.0.1
+  serviceAccount: frontend
+  labels: {{app: frontend, version: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: catalog, namespace: shop}}
+spec:
+  hosts: [catalog.shop.svc.cluster.local]
+  http:
+  - match: [{{uri: {{prefix: /newcatalog}}}}]
+    route: [{{destination: {{host: catalog.shop.svc.cluster.local, subset: v2}}}}]
+  - route:
+    - destination: {{host: catalog.shop.svc.cluster.local, subset: v1}}
+      weight: 50
+    - destination: {{host: catalog.shop.svc.cluster.local, subset: v2}}
+      weight: 50
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: catalog, namespace: shop}}
+spec:
+  host: catalog.shop.svc.cluster.local
+  trafficPolicy:
+    loadBalancer: {{simple: LEAST_REQUEST}}
+    outlierDetection: {{consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s}}
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"bench: nothing listens on {host}:{port}")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
+def wrk(url: str, seconds: float, connections: int, host: str | None) -> dict:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    if host:
+        cmd[1:1] = ["-H", f"Host: {host}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+    def latency(pct: str) -> float:
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+        "p50": latency("50"),
+        "p99": latency("99"),
+        "errors": int(non2xx.group(1)) if non2xx else 0,
+    }
+
+
+def measure(name: str, url: str, pid: int | None, args, host: str | None = None) -> dict:
+    wrk(url, args.warmup, args.connections, host)
+    before = cpu_seconds(pid) if pid else 0.0
+    res = wrk(url, args.duration, args.connections, host)
+    if pid:
+        res["cpu_us"] = (cpu_seconds(pid) - before) * 1e6 / max(1, res["requests"])
+    res["name"] = name
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=int, default=8, help="seconds per measured run (default 8)")
+    p.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per target (default 2)")
+    p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
+    p.add_argument("--path", default="/catalog/items", help="request path (default /catalog/items)")
+    args = p.parse_args(argv)
+    for tool in ("wrk", "haproxy"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is not installed (make setup installs it)", file=sys.stderr)
+            return 1
+    procs: list[subprocess.Popen] = []
+    tmp = Path(tempfile.mkdtemp(prefix="nodeagent-bench-"))
+    try:
+        up, hap = free_port(), free_port()
+        (tmp / "upstream.cfg").write_text(UPSTREAM_CFG.format(port=up))
+        (tmp / "haproxy.cfg").write_text(HAPROXY_CFG.format(port=hap, up=up))
+        (tmp / "config").mkdir()
+        (tmp / "config" / "shop.yaml").write_text(SHOP_CFG.format(up=up))
+        procs.append(subprocess.Popen(["haproxy", "-db", "-f", str(tmp / "upstream.cfg")]))
+        wait_port("127.0.0.2", up)
+        haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")])
+        procs.append(haproxy)
+        wait_port("127.0.0.1", hap)
+        na_port = free_port()
+        nodeagent = subprocess.Popen(
+            [sys.executable, "-m", "nodeagent", "proxy", "--config-dir", str(tmp / "config"),
+             "--listen", f"127.0.0.1:{na_port}", "--workload", "shop/frontend", "--workers", "1",
+             "--metrics", "127.0.0.1:0"], cwd=str(REPO), stderr=subprocess.DEVNULL)
+        procs.append(nodeagent)
+        wait_port("127.0.0.1", na_port)
+        host = "catalog.shop.svc.cluster.local"
+        results = [
+            measure("upstream (direct)", f"http://127.0.0.2:{up}{args.path}", None, args),
+            measure("nodeagent proxy", f"http://127.0.0.1:{na_port}{args.path}", nodeagent.pid, args, host),
+            measure("haproxy 2.6", f"http://127.0.0.1:{hap}{args.path}", haproxy.pid, args),
+        ]
+    finally:
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrk -t1 -c{args.connections}, {args.duration:g}s per target after {args.warmup:g}s warm-up, "
+          f"path {args.path}")
+    print(f"{'target':<20}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'non-2xx':>9}")
+    for r in results:
+        cpu = f"{r['cpu_us']:.1f}" if "cpu_us" in r else "-"
+        print(f"{r['name']:<20}{r['rps']:>10.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{cpu:>12}{r['errors']:>9}")
+    na, ha = results[1], results[2]
+    print(f"nodeagent/haproxy: {na['rps'] / ha['rps']:.2f}x req/s, "
+          f"{na['cpu_us'] / ha['cpu_us']:.2f}x CPU per request")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

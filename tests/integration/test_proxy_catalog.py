@@ -1,0 +1,96 @@
+"""The catalog rules from the seed, end to end through `nodeagent proxy` and real upstreams.
+
+ServiceEntry catalog + WorkloadEntries v1a, v1b, v2 + VirtualService
+(/newcatalog prefix -> subset v2, else v1) + DestinationRule (LEAST_CONN,
+consecutiveErrors 5, interval 1s, baseEjectionTime 2s).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.integration.proxy_harness import ProxyProcess, catalog_config
+from tests.integration.upstream import UpstreamServer
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    servers = [UpstreamServer(n, host=h).start() for n, h in
+               (("v1a", "127.0.0.11"), ("v1b", "127.0.0.12"), ("v2", "127.0.0.13"))]
+    (tmp_path / "catalog.yaml").write_text(catalog_config(*servers))
+    proxy = ProxyProcess(tmp_path).start()
+    yield proxy, {s.name: s for s in servers}
+    proxy.stop()
+    for s in servers:
+        s.stop()
+
+
+def instance(resp) -> str:
+    return resp[1]["x-instance"]
+
+
+def test_newcatalog_reaches_only_v2_and_the_rest_only_v1(catalog):
+    proxy, servers = catalog
+    for path in ("/newcatalog", "/newcatalog/items?id=3", "/newcatalogue"):
+        for _ in range(5):
+            status, headers, body = proxy.request(path)
+            assert status == 200
+            assert headers["x-instance"] == "v2"
+            assert json.loads(body)["path"] == path
+    seen = set()
+    for path in ("/", "/catalog", "/new", "/items/newcatalog"):
+        for _ in range(6):
+            status, headers, _ = proxy.request(path)
+            assert status == 200
+            seen.add(headers["x-instance"])
+    assert seen == {"v1a", "v1b"}
+
+
+def test_absolute_form_target_is_routed_like_curl_x(catalog):
+    proxy, _ = catalog
+    sock = proxy.raw()
+    sock.sendall(b"GET http://catalog.shop.svc.cluster.local/newcatalog HTTP/1.1\r\nHost: ignored\r\n"
+                 b"Connection: close\r\n\r\n")
+    data = b""
+    while True:
+        part = sock.recv(65536)
+        if not part:
+            break
+        data += part
+    sock.close()
+    assert data.startswith(b"HTTP/1.1 200")
+    assert b"x-instance: v2" in data
+
+
+def test_failing_v1_endpoint_is_ejected_then_readmitted(catalog):
+    proxy, servers = catalog
+    v1a, v1b = servers["v1a"], servers["v1b"]
+    v1a.status = 503
+    # Retries (Istio's default: 2 on 503) move each failed try to the healthy endpoint,
+    # so clients only see 200s while v1a collects consecutive errors.
+    for _ in range(100):
+        status, headers, _ = proxy.request("/")
+        assert status == 200
+        assert headers["x-instance"] == "v1b"
+        if v1a.hits >= 5:
+            break
+    assert v1a.hits == 5, "five consecutive gateway errors eject the endpoint"
+    ejected_at = time.monotonic()
+    hits_at_ejection = v1a.hits
+    while time.monotonic() - ejected_at < 1.5:
+        status, headers, _ = proxy.request("/")
+        assert (status, headers["x-instance"]) == (200, "v1b")
+    assert v1a.hits == hits_at_ejection, "an ejected endpoint receives nothing"
+    v1a.status = 200
+    # baseEjectionTime 2s, readmitted at the first 1s-interval sweep after it.
+    deadline = time.monotonic() + 5
+    while v1a.hits == hits_at_ejection and time.monotonic() < deadline:
+        proxy.request("/")
+        time.sleep(0.05)
+    readmitted_after = time.monotonic() - ejected_at
+    assert v1a.hits > hits_at_ejection, "v1a is readmitted after the ejection time"
+    assert 1.9 <= readmitted_after <= 4.5
+    seen = {instance(proxy.request("/")) for _ in range(10)}
+    assert seen == {"v1a", "v1b"}

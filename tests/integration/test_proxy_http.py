@@ -1,0 +1,285 @@
+"""HTTP/1.1 engine behaviour through `nodeagent proxy`: streaming, keep-alive,
+pipelining, 100-continue, HEAD, Upgrade, limits, garbage, TCP relay."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.integration.proxy_harness import ProxyProcess, metric_value, read_until_closed, service_config
+from tests.integration.upstream import UpstreamServer
+
+HOST = "echo.shop.svc.cluster.local"
+
+
+class TcpEcho:
+    """A plain TCP echo server (a non-HTTP service)."""
+
+    def __init__(self, host: str = "127.0.0.21") -> None:
+        self.sock = socket.socket()
+        self.sock.bind((host, 0))
+        self.sock.listen(16)
+        self.address = self.sock.getsockname()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn) -> None:
+        with conn:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                conn.sendall(data)
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("proxy-http")
+    echo = UpstreamServer("e0", host="127.0.0.31").start()
+    tcp = TcpEcho()
+    (d / "echo.yaml").write_text(service_config("echo", [echo]))
+    (d / "db.yaml").write_text(service_config("db", [tcp], protocol="TCP", port_name="tcp", number=5432))
+    proxy = ProxyProcess(d, extra=("--header-timeout", "1", "--forward", "127.0.0.1:0=db.shop.svc.cluster.local:5432")).start()
+    yield proxy, echo
+    proxy.stop()
+    echo.stop()
+    tcp.stop()
+
+
+_READERS: dict = {}
+
+
+def read_response(sock: socket.socket, head_only: bool = False) -> tuple:
+    """Read one HTTP/1.1 response (content-length or chunked), keeping any bytes that
+    belong to the next (pipelined) response for the next call."""
+    reader = _READERS.get(sock)
+    if reader is None:
+        reader = _READERS[sock] = sock.makefile("rb")
+    status = reader.readline().rstrip(b"\r\n")
+    assert status, "connection closed before a response head"
+    headers = {}
+    while True:
+        line = reader.readline()
+        if line in (b"\r\n", b"\n", b""):
+            break
+        k, _, v = line.partition(b":")
+        headers[k.strip().lower().decode()] = v.strip().decode()
+    if head_only:
+        return status, headers, reader  # the caller reads the rest through the same buffer
+    if "content-length" in headers:
+        return status, headers, reader.read(int(headers["content-length"]))
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            size = int(reader.readline().strip(), 16)
+            body += reader.read(size)
+            reader.readline()
+            if size == 0:
+                return status, headers, body
+    return status, headers, reader.read()
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_keep_alive_reuses_client_and_upstream_connections(env):
+    proxy, echo = env
+    before = echo.connections
+    sock = proxy.raw()
+    for i in range(20):
+        sock.sendall(f"GET /k{i} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        status, headers, body = read_response(sock)
+        assert status.startswith(b"HTTP/1.1 200")
+        assert json.loads(body)["path"] == f"/k{i}"
+    sock.close()
+    assert echo.connections - before <= 1, "upstream connection is pooled and kept alive"
+
+
+def test_pipelined_requests_are_answered_in_order(env):
+    proxy, _ = env
+    sock = proxy.raw()
+    # Different delays: a later request must not overtake an earlier one.
+    reqs = b"".join(
+        f"GET /p{i} HTTP/1.1\r\nHost: {HOST}\r\nx-delay: {0.2 if i == 0 else 0}\r\n\r\n".encode()
+        for i in range(6)
+    )
+    sock.sendall(reqs)
+    paths = []
+    for _ in range(6):
+        _, _, body = read_response(sock)
+        paths.append(json.loads(body)["path"])
+    sock.close()
+    assert paths == [f"/p{i}" for i in range(6)]
+
+
+def test_expect_100_continue(env):
+    proxy, _ = env
+    sock = proxy.raw()
+    sock.sendall(f"POST /upload HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n".encode())
+    interim = sock.recv(65536)
+    assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+    sock.sendall(b"hello")
+    status, _, body = read_response(sock)
+    assert status.startswith(b"HTTP/1.1 200")
+    record = json.loads(body)
+    assert record["body"] == "hello"
+    assert "expect" not in record["headers"]
+    sock.close()
+
+
+def test_head_has_no_body_and_connection_stays_usable(env):
+    proxy, _ = env
+    sock = proxy.raw()
+    sock.sendall(f"HEAD /h HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    status, headers, _ = read_response(sock, head_only=True)
+    assert status.startswith(b"HTTP/1.1 200")
+    assert headers["content-length"] == "1234"
+    # Had the proxy sent a body after the HEAD response, it would be read as the next status line.
+    sock.sendall(f"GET /after-head HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    status, _, body = read_response(sock)
+    assert json.loads(body)["path"] == "/after-head"
+    sock.close()
+
+
+def test_upgrade_switches_to_a_raw_relay(env):
+    proxy, echo = env
+    sock = proxy.raw()
+    sock.sendall(f"GET /ws HTTP/1.1\r\nHost: {HOST}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n".encode())
+    status, headers, reader = read_response(sock, head_only=True)
+    assert status.startswith(b"HTTP/1.1 101")
+    assert headers["upgrade"] == "websocket"
+    payload = b"\x81\x05hello-not-http\r\n\r\n" * 100
+    sock.sendall(payload)
+    assert reader.read(len(payload)) == payload
+    sock.close()
+
+
+def test_chunked_upload_of_50mb_streams_without_buffering(env):
+    proxy, _ = env
+    pid = proxy.proc.pid
+    base = rss_kb(pid)
+    sock = proxy.raw(timeout=30)
+    sock.sendall(f"POST /big HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+    block = bytes(range(256)) * 256  # 64 KiB
+    sha = hashlib.sha256()
+    peak = base
+    for i in range(800):  # 50 MiB
+        sock.sendall(b"%x\r\n%b\r\n" % (len(block), block))
+        sha.update(block)
+        if i % 100 == 0:
+            peak = max(peak, rss_kb(pid))
+    sock.sendall(b"0\r\n\r\n")
+    status, _, body = read_response(sock)
+    record = json.loads(body)
+    assert record["body_len"] == 800 * 65536
+    assert record["body_sha256"] == sha.hexdigest()
+    assert peak - base < 20_000, f"proxy RSS grew by {peak - base} KiB while streaming 50 MiB"
+    sock.close()
+
+
+def test_chunked_download_of_50mb_streams_without_buffering(env):
+    proxy, _ = env
+    pid = proxy.proc.pid
+    base = rss_kb(pid)
+    sock = proxy.raw(timeout=30)
+    sock.sendall(f"GET /bytes/52428800?chunked=1 HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    status, headers, reader = read_response(sock, head_only=True)
+    assert headers["transfer-encoding"] == "chunked"
+    # Read slowly at first: the proxy must push back on the upstream, not buffer.
+    time.sleep(0.5)
+    mid = rss_kb(pid)
+    total = 0
+    while True:
+        size = int(reader.readline().strip(), 16)
+        total += len(reader.read(size))
+        reader.readline()
+        if size == 0:
+            break
+    assert total == 52428800
+    assert mid - base < 20_000, f"proxy RSS grew by {mid - base} KiB with a stalled reader"
+    sock.close()
+
+
+def test_content_length_upload_and_chunked_response(env):
+    proxy, _ = env
+    status, headers, body = proxy.request("/cl", host=HOST, method="PUT", body=b"x" * 100_000,
+                                          headers={"x-chunked-response": "1"})
+    assert status == 200
+    assert headers.get("transfer-encoding") == "chunked"
+    assert json.loads(body)["body_len"] == 100_000
+
+
+def test_oversized_header_gets_431(env):
+    proxy, _ = env
+    sock = proxy.raw()
+    sock.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}\r\nx-big: {'a' * 70_000}\r\n\r\n".encode())
+    assert read_until_closed(sock).startswith(b"HTTP/1.1 431")
+    sock = proxy.raw()
+    many = "".join(f"x-h{i}: v\r\n" for i in range(150))
+    sock.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n{many}\r\n".encode())
+    assert read_until_closed(sock).startswith(b"HTTP/1.1 431")
+
+
+def test_slow_request_head_gets_408(env):
+    proxy, _ = env
+    sock = proxy.raw()
+    sock.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n".encode())  # never finished
+    started = time.monotonic()
+    data = read_until_closed(sock, limit=5)
+    assert data.startswith(b"HTTP/1.1 408")
+    assert 0.9 <= time.monotonic() - started < 3
+
+
+def test_garbage_on_http_port_gets_400_and_proxy_keeps_serving(env):
+    proxy, _ = env
+    sock = proxy.raw()
+    sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n")
+    assert read_until_closed(sock).startswith(b"HTTP/1.1 400")
+    status, _, _ = proxy.request("/still-alive", host=HOST)
+    assert status == 200
+
+
+def test_tcp_service_is_relayed_as_opaque_bytes(env):
+    proxy, _ = env
+    sock = socket.create_connection(("127.0.0.1", proxy.ports[1]), timeout=5)
+    payload = b"\x00\x01binary, not HTTP\xff" * 1000
+    sock.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        got += sock.recv(65536)
+    assert got == payload
+    sock.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        text = proxy.metrics()
+        if metric_value(text, "istio_tcp_connections_closed_total", destination_service="db.shop.svc.cluster.local") >= 1:
+            break
+        time.sleep(0.1)
+    labels = dict(destination_service="db.shop.svc.cluster.local", request_protocol="tcp",
+                  source_workload="frontend")
+    assert metric_value(text, "istio_tcp_connections_opened_total", **labels) >= 1
+    assert metric_value(text, "istio_tcp_connections_closed_total", **labels) >= 1
+    assert metric_value(text, "istio_tcp_sent_bytes_total", **labels) >= len(payload)
+    assert metric_value(text, "istio_tcp_received_bytes_total", **labels) >= len(payload)

@@ -262,6 +262,3 @@ def cluster_endpoints(snapshot: ConfigSnapshot, key: ClusterKey,
                        for e in eps if e.address)
     return memo_put(memo, mkey, result)
 
-
-def subset_exists(snapshot: ConfigSnapshot, host: str, subset: str, source_namespace: str) -> bool:
-    return snapshot.subset_labels(host, subset, source_namespace) is not None

@@ -27,13 +27,6 @@ GRPC_RETRY_ON = {
     "unavailable": 14,
 }
 
-# Every retry_on token this module understands (Envoy's HTTP and gRPC ones).
-KNOWN_RETRY_ON = frozenset({
-    "5xx", "gateway-error", "reset", "reset-before-request", "connect-failure",
-    "envoy-ratelimited", "retriable-4xx", "refused-stream", "retriable-status-codes",
-    "retriable-headers", "http3-post-connect-failure",
-}) | frozenset(GRPC_RETRY_ON)
-
 _LOCAL_ERRORS = frozenset({"connect-failure", "refused-stream", "reset", "timeout"})
 
 

@@ -190,8 +190,8 @@ class ConfigSnapshot:
 
     def resolve_host(self, authority: str, source_namespace: str) -> Service | None:
         """The Service a Host header / authority names, or None. Forms: ``name``,
-        ``name.ns``, ``name.ns.svc``, the FQDN, each optionally with ``:port``;
-        short names are relative to ``source_namespace``."""
+        ``name.ns``, ``name.ns.svc``, the FQDN, a ServiceEntry address (VIP), each
+        optionally with ``:port``; short names are relative to ``source_namespace``."""
         key = (authority, source_namespace)
         memo = self._memo_host
         try:
@@ -212,6 +212,10 @@ class ConfigSnapshot:
             svc = self.services.get(cand)
             if svc is not None:
                 return svc
+        # an IP literal: a ServiceEntry address (VIP)
+        svc = self._addr_index.get(host)
+        if svc is not None:
+            return svc
         # wildcard ServiceEntry hosts: the most specific (longest) pattern wins
         for pattern, svc in self._wildcard_services:
             if host_matches(pattern, host):
@@ -420,7 +424,9 @@ def build_snapshot(resources: Iterable[Resource], domain_suffix: str = "svc.clus
         resolution = se.resolution or "NONE"
         location = se.location or "MESH_EXTERNAL"
         for h in se.hosts:
-            host = h.lower().rstrip(".")
+            # a short name ("reviews") means reviews.<namespace>.<domain_suffix>, as for
+            # VirtualService and DestinationRule hosts; anything with a dot is literal
+            host = qualify_host(h, r.namespace, domain_suffix)
             host_eps = eps
             if not eps and se.workload_selector is None and resolution in ("DNS", "DNS_ROUND_ROBIN") \
                     and not host.startswith("*"):

@@ -241,6 +241,22 @@ def test_authorization_policies_for():
     assert len(s.authorization_policies) == 7
 
 
+def test_short_service_entry_hosts_are_qualified_with_their_namespace():
+    s = build_snapshot(objs(se("httpbin", "web", "[httpbin]", extra="  resolution: STATIC\n"
+                                                              "  endpoints: [{address: 127.0.5.1}]\n")
+                            + vs("httpbin", "web", "[httpbin]", "httpbin")))
+    svc = s.resolve_host("httpbin:80", "web")
+    assert svc.host == "httpbin.web.svc.cluster.local"
+    assert s.virtual_service_for(svc.host, "web").name == "httpbin"
+    assert s.resolve_host("httpbin", "other") is None
+    assert s.resolve_host("httpbin.web", "other") is svc
+
+
+def test_resolve_host_by_service_address(snap):
+    assert snap.resolve_host("127.0.10.1:80", "x").host == "catalog.shop.svc.cluster.local"
+    assert snap.resolve_host("127.0.99.1", "x") is None
+
+
 def test_peer_authentications_and_duplicate_hosts():
     pa = ("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\n"
           "spec: {mtls: {mode: STRICT}}\n---\n")

@@ -226,6 +226,9 @@ class Agent:
         self._tasks.clear()
         await self.enrollment.close()
         await self.plane.close()
+        backend = getattr(self.capture, "inner", self.capture)
+        if hasattr(backend, "close"):
+            backend.close()
         for face in self.faces:
             await face.close()
         if self._lock_fd is not None:
@@ -324,14 +327,16 @@ class Agent:
 
     def _save(self, about_to_apply: WorkloadSpec | None = None) -> None:
         applied = self.reconciler.applied_specs()
+        extra: dict[str, Any] = {"node": self.options.node, "capture": self.capture.mode}
+        pin_dir = getattr(getattr(self.capture, "inner", self.capture), "pin_dir", None)
+        if pin_dir:
+            extra["bpf_pin_dir"] = pin_dir
         if about_to_apply is not None and about_to_apply.key not in self.reconciler.applied:
             # Recorded before the rules go in (an intent): after a crash, whatever
             # may have been applied is found and removed or re-adopted; removal
             # is idempotent, so a superset is safe. Saves a second write per enroll.
             applied = sorted([*applied, about_to_apply], key=lambda s: s.key)
-        save_registry(self.state_dir, self.registry, {
-            "node": self.options.node, "capture": self.capture.mode,
-            "applied": [s.to_json() for s in applied]})
+        save_registry(self.state_dir, self.registry, {**extra, "applied": [s.to_json() for s in applied]})
         self._saved_applied = applied
 
     def _reconcile(self, fn, *args):

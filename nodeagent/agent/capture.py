@@ -43,8 +43,13 @@ class NoCapture:
         return []
 
 
-def select_capture(mode: str) -> Capture:
-    """The backend for ``--capture MODE``; CaptureError says why one is unavailable."""
+def select_capture(mode: str, bpf_pin_dir: str | None = None) -> Capture:
+    """The backend for ``--capture MODE``; CaptureError says why one is unavailable.
+
+    ``auto`` prefers nftables, then iptables (they capture inbound too, so
+    inbound PeerAuthentication/AuthorizationPolicy is enforced on this node),
+    then eBPF (outbound connects only).
+    """
     import shutil
 
     def have(tool: str) -> bool:
@@ -53,10 +58,7 @@ def select_capture(mode: str) -> Capture:
     if mode == "none":
         return NoCapture()
     if mode == "auto":
-        mode = "nftables" if have("nft") else "iptables" if have("iptables") else ""
-        if not mode:
-            raise CaptureError("--capture auto: neither nft nor iptables is installed; install nftables "
-                               "(Debian: apt-get install nftables) or run with --capture none")
+        mode = "nftables" if have("nft") else "iptables" if have("iptables") else "ebpf"
     if mode in ("nftables", "iptables"):
         tool = "nft" if mode == "nftables" else "iptables"
         if not have(tool):
@@ -65,12 +67,19 @@ def select_capture(mode: str) -> Capture:
             raise CaptureError(f"--capture {mode}: nsenter is not installed (Debian: util-linux)")
         from nodeagent.agent.netfilter import NetfilterCapture
         return NetfilterCapture("nft" if mode == "nftables" else "iptables")
-    raise CaptureError(f"--capture {mode}: the eBPF capture backend is not wired into the agent yet; "
-                       "use --capture nftables or iptables")
+    if mode == "ebpf":
+        from nodeagent.agent.ebpf import EbpfBackend
+        backend = EbpfBackend(bpf_pin_dir) if bpf_pin_dir else EbpfBackend()
+        backend.start()
+        return backend
+    raise CaptureError(f"--capture must be one of auto, nftables, iptables, ebpf, none; got {mode!r}")
 
 
-def capture_for_uninstall(mode: str) -> Capture | None:
+def capture_for_uninstall(mode: str, bpf_pin_dir: str | None = None) -> Capture | None:
     """The backend that removes what a previous run (recorded ``mode``) applied."""
+    if mode == "ebpf":
+        from nodeagent.agent.ebpf import EbpfBackend
+        return EbpfBackend(bpf_pin_dir) if bpf_pin_dir else EbpfBackend()
     if mode in ("nftables", "iptables"):
         from nodeagent.agent.netfilter import NetfilterCapture
         return NetfilterCapture("nft" if mode == "nftables" else "iptables")

@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--metrics", default="0.0.0.0:15020", help="Prometheus metrics address (default 0.0.0.0:15020)")
     run.add_argument("--readiness", default="0.0.0.0:15021",
                      help="readiness address, path /healthz/ready (default 0.0.0.0:15021)")
+    run.add_argument("--bpf-pin-dir", default="/sys/fs/bpf/nodeagent",
+                     help="where --capture ebpf pins its maps and links (default /sys/fs/bpf/nodeagent)")
     run.add_argument("--resync-interval", type=float, default=60.0,
                      help="seconds between full capture resyncs (default 60)")
     run.set_defaults(func=cmd_run)
@@ -113,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError("--resync-interval must be positive")
 
     async def main() -> None:
-        capture = select_capture(args.capture)
+        capture = select_capture(args.capture, args.bpf_pin_dir)
         agent = Agent(options, capture)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -229,17 +231,27 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
                         "or --all-netns to sweep every network namespace for nodeagent rules")
     specs: dict = {}
     mode = "none"
+    pin_dir = None
     if (state_dir / STATE_FILE).exists():
         try:
             registry, extra = load_registry(state_dir)
             for spec in [*registry, *applied_from_state(extra, state_dir)]:
                 specs[spec.key] = spec
             mode = str(extra.get("capture", "none"))
+            pin_dir = extra.get("bpf_pin_dir")
         except StateFileError as exc:
             raise UserError(f"{exc}; fix or remove the file, or use --all-netns") from None
     failures = 0
-    backend = capture_for_uninstall(mode)
-    if backend is not None:
+    backend = capture_for_uninstall(mode, pin_dir)
+    if backend is not None and hasattr(backend, "uninstall"):
+        # eBPF: detaching the programs and removing the pinned maps drops every enrollment at once.
+        try:
+            backend.uninstall()
+            print(f"detached the eBPF programs and removed {backend.pin_dir}")
+        except CaptureError as exc:
+            failures += 1
+            print(f"nodeagent: {exc}", file=sys.stderr)
+    elif backend is not None:
         for spec in specs.values():
             try:
                 backend.remove(spec)

@@ -150,3 +150,39 @@ def test_request_through_both_pods_listeners_and_policy(agents, topology, tmp_pa
     reply = curl(topology, "http://10.250.99.1/", host=host)
     assert reply == f"200 hello from server, you are {client.ip}", reply  # no inbound relay any more
     assert agent.stop() == 0
+
+
+def test_ebpf_capture_outbound_through_the_agent(agents, topology, tmp_path, needs_tool):
+    """--capture ebpf: the client's connect() goes to the agent's 15001 in its namespace."""
+    from bpf.loader import unavailable_reason
+    from tests.conftest import require
+
+    require(unavailable_reason() is None, f"eBPF capture unavailable: {unavailable_reason()}")
+    topology.add_node("n1")
+    client = topology.add_pod("n1", "client")
+    server = topology.add_pod("n1", "server")
+    topology.spawn("server", [sys.executable, "-c", SERVER, "8080"])
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "mesh.yaml").write_text(mesh_yaml(server.ip))
+    state = tmp_path / "state"
+    pin_dir = f"/sys/fs/bpf/naagt-{tmp_path.name[-12:]}"
+    agent = agents(state, capture="ebpf", config_dir=config, extra=("--bpf-pin-dir", pin_dir))
+    try:
+        agent.wait_ready(timeout=60)
+        assert wait_for(lambda: "ERR" not in curl(topology, f"http://{server.ip}:8080/")), "server did not start"
+        # Not enrolled: the VIP means nothing without the proxy.
+        assert curl(topology, "http://10.250.99.1/", host="server.shop.svc.cluster.local").startswith("ERR")
+        cli(state, "enroll", "--netns", client.netns, "--name", "client", "--namespace", "shop",
+            "--service-account", "client", "--labels", "app=client", "--ip", client.ip)
+        reply = curl(topology, "http://10.250.99.1/", host="server.shop.svc.cluster.local")
+        assert reply == f"200 hello from server, you are {client.ip}", reply  # upstream from the client's netns
+        status, metrics = http_get(agent.metrics, "/metrics")
+        assert 'source_workload="client"' in metrics
+        assert agent.stop() == 0
+        assert Path(pin_dir, "links").is_dir()  # programs stay attached while the agent is down
+    finally:
+        agent.stop()
+        out = cli(state, "uninstall", check=False)
+    assert out.returncode == 0, out.stderr
+    assert not Path(pin_dir).exists()

@@ -1,0 +1,110 @@
+"""The eBPF capture backend: ``bpf.loader.EbpfCapture`` as the agent's Capture.
+
+Enrolling is a map update (the programs are attached once at the cgroup v2
+root and stay attached across agent restarts through pinned links). eBPF mode
+captures OUTBOUND connects (cgroup/connect4/6, SO_ORIGINAL_DST answered by
+the getsockopt program): a pod's outbound connections go to the proxy's
+listener on 127.0.0.1:15001 inside its namespace, a cgroup's to 127.0.0.1 at
+its own port. Inbound connections are not redirected in this mode (see
+docs/operations.md: use nftables/iptables where inbound AuthorizationPolicy
+must be enforced on this node).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+from bpf.loader import DEFAULT_PIN_DIR, EbpfCapture, EbpfError, EbpfUnavailable
+from bpf.netns import netns_cookie
+
+from nodeagent.agent.capture import CaptureError
+from nodeagent.agent.netfilter import HOST_PORT_BASE
+from nodeagent.agent.workload import WorkloadSpec, netns_path
+from redirect.plan import OUTBOUND_PORT
+
+
+class EbpfBackend:
+    mode = "ebpf"
+
+    def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, host_port_base: int = HOST_PORT_BASE) -> None:
+        self.pin_dir = pin_dir
+        self.loader = EbpfCapture(pin_dir)
+        self.host_port_base = host_port_base
+        self._ports: dict[str, int] = {}
+        self._cookies: dict[str, int] = {}
+
+    def start(self) -> None:
+        try:
+            self.loader.start()
+        except (EbpfUnavailable, EbpfError) as exc:
+            raise CaptureError(f"--capture ebpf: {exc}") from None
+
+    def close(self) -> None:
+        self.loader.close()  # the pinned programs and maps stay: capture holds while the agent restarts
+
+    def host_port(self, spec: WorkloadSpec) -> int | None:
+        return self._ports.get(spec.target)
+
+    def apply(self, spec: WorkloadSpec) -> None:
+        try:
+            if spec.kind == "netns":
+                path = netns_path(spec.target)
+                enrollment = self.loader.enroll_netns(path, proxy_port=OUTBOUND_PORT)
+                self._cookies[spec.target] = enrollment.key
+                return
+            if spec.target not in self._ports:
+                used = set(self._ports.values())
+                self._ports[spec.target] = next(p for p in range(self.host_port_base, 65536) if p not in used)
+            self.loader.enroll_cgroup(spec.target.lstrip("/"), self._ports[spec.target])
+        except (EbpfError, OSError, ValueError) as exc:
+            raise CaptureError(f"{spec.ref}: {exc}") from None
+
+    def remove(self, spec: WorkloadSpec) -> None:
+        try:
+            if spec.kind == "netns":
+                cookie = self._cookies.pop(spec.target, None)
+                path = netns_path(spec.target)
+                if cookie is None and os.path.exists(path):
+                    cookie = netns_cookie(path)
+                if cookie is not None:
+                    self.loader.unenroll_netns(cookie)
+                # else: the namespace is gone and this process never knew its cookie; sweep() removes it
+                return
+            self._ports.pop(spec.target, None)
+            try:
+                self.loader.unenroll_cgroup(spec.target.lstrip("/"))
+            except EbpfError:
+                pass  # the cgroup is gone: sweep() drops its entry by id
+        except (EbpfError, OSError) as exc:
+            raise CaptureError(f"{spec.ref}: {exc}") from None
+
+    def sweep(self, keep: Iterable[WorkloadSpec]) -> list[str]:
+        """Drop map entries of namespaces/cgroups nodeagent no longer holds (gone pods)."""
+        keep_netns, keep_cgroups = set(), set()
+        for spec in keep:
+            try:
+                if spec.kind == "netns":
+                    keep_netns.add(self._cookies.get(spec.target) or netns_cookie(netns_path(spec.target)))
+                else:
+                    keep_cgroups.add(self.loader.cgroup_id(spec.target.lstrip("/")))
+            except (EbpfError, OSError):
+                continue  # gone: its entry (if any) is stale too
+        removed = []
+        try:
+            for enrollment in self.loader.enrollments():
+                if enrollment.kind == "netns" and enrollment.key not in keep_netns:
+                    self.loader.unenroll_netns(enrollment.key)
+                    removed.append(f"netns cookie {enrollment.key}")
+                elif enrollment.kind == "cgroup" and enrollment.key not in keep_cgroups:
+                    self.loader.unenroll_cgroup(enrollment.key)
+                    removed.append(f"cgroup id {enrollment.key}")
+        except (EbpfError, OSError) as exc:
+            raise CaptureError(f"bpf sweep: {exc}") from None
+        return removed
+
+    def uninstall(self) -> None:
+        """Detach the programs and remove every pin (``nodeagent uninstall``)."""
+        try:
+            self.loader.cleanup()
+        except (EbpfError, OSError) as exc:
+            raise CaptureError(f"bpf cleanup of {self.pin_dir}: {exc}") from None

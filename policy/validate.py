@@ -169,7 +169,7 @@ def decode(node: Node, ty, path: str, ctx: Ctx) -> Any:
             return INVALID
         out_map: dict = {}
         seen_keys: set = set()
-        for knode, vnode in node.value:
+        for knode, vnode in _merged(node):
             key = scalar_value(knode) if isinstance(knode, ScalarNode) else None
             if ty.int_keys:
                 if isinstance(key, str) and key.isdigit():
@@ -272,7 +272,7 @@ def _mapping_items(node: Node, path: str, ctx: Ctx, what: str) -> list[tuple[str
         return None
     items = []
     seen: set[str] = set()
-    for knode, vnode in node.value:
+    for knode, vnode in _merged(node):
         if not isinstance(knode, ScalarNode) or node_type_name(knode) != "string":
             ctx.err(path, f"field names must be strings, got {_show(knode)}", _line(knode))
             continue
@@ -283,6 +283,26 @@ def _mapping_items(node: Node, path: str, ctx: Ctx, what: str) -> list[tuple[str
         seen.add(key)
         items.append((key, knode, vnode))
     return items
+
+
+def _merged(node: MappingNode, depth: int = 0) -> list[tuple[Node, Node]]:
+    """Key/value pairs with YAML merge keys (``<<: *anchor``) expanded; explicit keys win."""
+    pairs = []
+    merges = []
+    for knode, vnode in node.value:
+        if isinstance(knode, ScalarNode) and knode.tag == _TAG + "merge" and depth < 20:
+            sources = vnode.value if isinstance(vnode, SequenceNode) else [vnode]
+            merges.extend(src for src in sources if isinstance(src, MappingNode))
+        else:
+            pairs.append((knode, vnode))
+    if merges:
+        explicit = {k.value for k, _ in pairs if isinstance(k, ScalarNode)}
+        for src in merges:
+            for k, v in _merged(src, depth + 1):
+                if isinstance(k, ScalarNode) and k.value not in explicit:
+                    explicit.add(k.value)
+                    pairs.append((k, v))
+    return pairs
 
 
 def _unknown(ctx: Ctx, path: str, key: str, known, line: int) -> None:

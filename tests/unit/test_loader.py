@@ -411,3 +411,32 @@ def test_service_entry_and_workload_entry_decoding():
     assert se.addresses == ("127.0.10.1", "10.9.0.0/16")
     assert we == m.WorkloadEntry("127.0.1.1", m.frozen_map({"http": 8081}), m.frozen_map({"app": "catalog", "version": "v1"}),
                                  "n1", "us/east/a", 3, "catalog")
+
+
+def test_yaml_anchors_and_merge_keys():
+    text = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  trafficPolicy:
+    outlierDetection: &od
+      consecutive5xxErrors: 3
+      interval: 10s
+  subsets:
+  - name: v1
+    labels: &v1 {version: v1, app: reviews}
+    trafficPolicy:
+      outlierDetection:
+        <<: *od
+        interval: 1s
+  - name: v1-canary
+    labels:
+      <<: *v1
+      track: canary
+"""
+    r = one(text)
+    assert r.spec.subsets[0].traffic_policy.outlier_detection == m.OutlierDetection(consecutive_5xx_errors=3, interval=1.0)
+    assert dict(r.spec.subsets[1].labels) == {"version": "v1", "app": "reviews", "track": "canary"}
+    assert r.raw["spec"]["subsets"][1]["labels"]["track"] == "canary"

@@ -282,10 +282,14 @@ def test_cli_errors_are_clear(tmp_path):
     assert out.stderr.strip() == "nodeagent: enroll: ips: '1.2.3' is not an IP address"
     out = cli(state, "uninstall", check=False)
     assert out.returncode == 1 and "no nodeagent state in" in out.stderr
-    for args in (["--admin", "localhost"], ["--capture", "ebpf"]):
+    for args, message in (
+        (["--admin", "localhost"], "nodeagent: --admin must be HOST:PORT (e.g. 127.0.0.1:15000), got 'localhost'"),
+        (["--config-dir", str(tmp_path / "missing")], f"nodeagent: --config-dir {tmp_path / 'missing'} is not a directory"),
+        (["--capture", "magic"], "argument --capture: invalid choice: 'magic'"),
+    ):
         proc = subprocess.run([PY, "-m", "nodeagent", "run", "--state-dir", str(tmp_path / "s"), *args],
                               cwd=REPO, capture_output=True, text=True, timeout=30)
-        assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.returncode in (1, 2) and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_readiness_is_503_until_identities_are_issued(agents, tmp_path):

@@ -195,3 +195,20 @@ def test_lb_policy_translation():
 def test_cluster_key_renders_as_envoy_cluster_name():
     assert str(ClusterKey(HOST, "v1", 9080)) == f"outbound|9080|v1|{HOST}"
     assert str(ClusterKey(HOST, None, 9080)) == f"outbound|9080||{HOST}"
+
+
+def test_explicit_client_tls_settings():
+    dr = DestinationRule(host="ratings", traffic_policy=TrafficPolicy(tls=ClientTLSSettings(
+        mode="SIMPLE", sni="ratings.example.com", subject_alt_names=("spiffe://x/ns/prod/sa/ratings",))))
+    p = cluster_policy(snapshot(dr), ClusterKey(HOST, None, 9080), "prod")
+    assert (p.tls_mode, p.sni, p.subject_alt_names) == ("SIMPLE", "ratings.example.com",
+                                                         ("spiffe://x/ns/prod/sa/ratings",))
+
+
+def test_http_idle_timeout_wins_over_tcp_idle_timeout():
+    dr = DestinationRule(host="ratings", traffic_policy=TrafficPolicy(connection_pool=ConnectionPoolSettings(
+        tcp=TCPSettings(idle_timeout=50.0))))
+    assert cluster_policy(snapshot(dr), ClusterKey(HOST, None, 9080), "prod").idle_timeout == 50.0
+    dr = DestinationRule(host="ratings", traffic_policy=TrafficPolicy(connection_pool=ConnectionPoolSettings(
+        tcp=TCPSettings(idle_timeout=50.0), http=HTTPSettings(idle_timeout=20.0))))
+    assert cluster_policy(snapshot(dr), ClusterKey(HOST, None, 9080), "prod").idle_timeout == 20.0

@@ -260,3 +260,14 @@ def test_hash_key_drives_the_ring_per_key_type():
         p = make_picker(lb)
         k = hash_key(lb, headers, path, ip)
         assert len({p.pick(e, k, r).id for _ in range(50)}) == 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.text(min_size=0, max_size=30), min_size=1, max_size=30), st.integers(1, 6))
+def test_any_key_maps_to_one_endpoint_and_fresh_pickers_agree(keys, n):
+    e = eps(*([1] * n))
+    r = random.Random(0)
+    a, b = RingHashPicker(64), RingHashPicker(64)
+    for k in keys:
+        first = a.pick(e, k, r).id
+        assert a.pick(e, k, r).id == first == b.pick(e, k, r).id

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from policy.model import OutlierDetection
 from policy.outlier import EjectionEvent, OutlierDetector, OutlierPolicy, outlier_policy_from
@@ -264,3 +266,31 @@ def test_catalog_rule_500s_do_not_count_as_gateway_errors():
     d = OutlierDetector(p, endpoint_ids=["a"])
     for i in range(20):
         assert d.record_result("a", 500, float(i)) is None
+
+
+# -- properties ----------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(min_value=1, max_value=12),
+    pct=st.sampled_from([10.0, 25.0, 50.0, 100.0]),
+    events=st.lists(st.tuples(st.integers(0, 11), st.sampled_from([200, 404, 500, 502, 503, 504, None]),
+                              st.floats(min_value=0.0, max_value=5.0)), max_size=120),
+)
+def test_ejections_never_exceed_the_cap_and_all_return(n, pct, events):
+    d, ids = detector(n, consecutive_5xx=2, consecutive_gateway=2, max_ejection_percent=pct,
+                      interval=1.0, base_ejection_time=2.0)
+    cap = max(1, int(n * pct / 100 + 1e-9))
+    now = 0.0
+    for idx, status, dt in events:
+        now += dt
+        while d.next_sweep <= now:
+            d.sweep(d.next_sweep)
+        ev = d.record_result(ids[idx % n], status, now)
+        if ev is not None:
+            assert ev.until > ev.at and d.is_ejected(ev.endpoint_id)
+        assert len(d.ejected()) <= cap
+    # with no more failures, everyone is back once the longest ejection (300s cap) has passed
+    d.sweep(now + 301.0)
+    assert d.ejected() == frozenset()

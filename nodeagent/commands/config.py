@@ -13,7 +13,9 @@ Errors name file:line, object and field; the exit code is 1.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -260,6 +262,22 @@ def _keys_from_files(paths: list[str], namespace: str | None, recursive: bool) -
     return keys
 
 
+def _quiet_broken_pipe(fn):
+    """`nodeagent get ... | head` must end quietly when the reader goes away."""
+    @functools.wraps(fn)
+    def wrapper(args):
+        try:
+            rc = fn(args)
+            sys.stdout.flush()
+            return rc
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 0
+    return wrapper
+
+
+@_quiet_broken_pipe
 def cmd_get(args) -> int:
     store = _store_for_read(args)
     if not store.embedded and not store.directory.exists():

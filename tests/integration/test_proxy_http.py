@@ -56,10 +56,17 @@ def env(tmp_path_factory):
     tcp = TcpEcho()
     (d / "echo.yaml").write_text(service_config("echo", [echo]))
     (d / "db.yaml").write_text(service_config("db", [tcp], protocol="TCP", port_name="tcp", number=5432))
-    proxy = ProxyProcess(d, extra=("--header-timeout", "1", "--forward", "127.0.0.1:0=db.shop.svc.cluster.local:5432")).start()
+    rpc = UpstreamServer("rpc0", host="127.0.0.32").start()
+    (d / "rpc.yaml").write_text(service_config("rpc", [rpc], protocol="GRPC", port_name="grpc", number=9000))
+    proxy = ProxyProcess(d, extra=(
+        "--header-timeout", "1",
+        "--forward", "127.0.0.1:0=db.shop.svc.cluster.local:5432",
+        "--forward", "127.0.0.1:0=rpc.shop.svc.cluster.local:9000",
+    )).start()
     yield proxy, echo
     proxy.stop()
     echo.stop()
+    rpc.stop()
     tcp.stop()
 
 
@@ -283,3 +290,20 @@ def test_tcp_service_is_relayed_as_opaque_bytes(env):
     assert metric_value(text, "istio_tcp_connections_closed_total", **labels) >= 1
     assert metric_value(text, "istio_tcp_sent_bytes_total", **labels) >= len(payload)
     assert metric_value(text, "istio_tcp_received_bytes_total", **labels) >= len(payload)
+
+
+def test_grpc_port_speaks_http1_when_the_client_does_else_relays(env):
+    proxy, _ = env
+    port = proxy.ports[2]
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(b"GET /rpc HTTP/1.1\r\nHost: rpc\r\n\r\n")
+    status, headers, body = read_response(sock)
+    assert status.startswith(b"HTTP/1.1 200") and headers["x-instance"] == "rpc0"
+    assert json.loads(body)["headers"]["host"] == "rpc"
+    sock.close()
+    # HTTP/2 prior knowledge is not parsed: the bytes reach the upstream untouched,
+    # and it is the upstream (an HTTP/1.1 server) that refuses them.
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    reply = read_until_closed(sock)
+    assert reply.startswith(b"HTTP/1.1 400") and b"content-length: 0" in reply

@@ -22,6 +22,8 @@ SERVICES = {  # name -> loopback addresses of its upstream instances
     "headers": ["127.0.0.49"],
     "rewrite": ["127.0.0.50"],
     "pool": ["127.0.0.51"],
+    "limited": ["127.0.0.53"],
+    "pertry": ["127.0.0.54", "127.0.0.55"],
 }
 
 
@@ -130,6 +132,15 @@ ROUTES = "".join([
 """),
 ])
 
+ROUTES += vs("pertry", f"""  - retries:
+      attempts: 2
+      perTryTimeout: 0.3s
+      retryOn: 5xx
+    route:
+    - destination:
+        host: {fqdn("pertry")}
+""")
+
 POOL_DR = f"""---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -144,7 +155,32 @@ spec:
         maxConnections: 1
       http:
         http1MaxPendingRequests: 1
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: limited
+  namespace: shop
+spec:
+  host: {fqdn("limited")}
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        connectTimeout: 0.5s
+      http:
+        maxRequestsPerConnection: 2
+        idleTimeout: 0.5s
 """
+
+
+class ClosedPort:
+    """An address where nothing listens (connection refused)."""
+
+    def __init__(self, host: str) -> None:
+        import socket
+        with socket.socket() as s:
+            s.bind((host, 0))
+            self.address = s.getsockname()
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +190,7 @@ def env(tmp_path_factory):
     for name, hosts in SERVICES.items():
         servers[name] = [UpstreamServer(f"{name}{i}", host=h).start() for i, h in enumerate(hosts)]
         (d / f"{name}.yaml").write_text(service_config(name, servers[name]))
+    (d / "dead.yaml").write_text(service_config("dead", [ClosedPort("127.0.0.52")]))
     (d / "routes.yaml").write_text(ROUTES + POOL_DR)
     proxy = ProxyProcess(d, access_log=True).start()
     yield proxy, servers
@@ -306,3 +343,41 @@ def test_unknown_host_is_404_nr(env):
     assert status == 404
     time.sleep(0.2)
     assert metric_value(proxy.metrics(), "istio_requests_total", response_code="404", response_flags="NR") >= 1
+
+
+def test_connect_failure_gives_503_uf(env):
+    proxy, _ = env
+    status, _, body = proxy.request("/", host=fqdn("dead"))
+    assert status == 503
+    assert b"connection failure" in body
+    time.sleep(0.2)
+    assert metric_value(proxy.metrics(), "istio_requests_total", destination_service=fqdn("dead"),
+                        response_code="503", response_flags="UF") == 1
+
+
+def test_max_requests_per_connection_and_idle_timeout(env):
+    proxy, servers = env
+    server = servers["limited"][0]
+    for _ in range(6):
+        assert proxy.request("/", host=fqdn("limited"))[0] == 200
+    assert server.connections == 3, "two requests per upstream connection"
+    proxy.request("/", host=fqdn("limited"))  # opens a 4th, which then idles
+    time.sleep(1.2)  # idleTimeout 0.5s (+ the sweep tick)
+    before = server.connections
+    assert proxy.request("/", host=fqdn("limited"))[0] == 200
+    assert server.connections == before + 1, "the idle connection was closed; a new one is opened"
+
+
+def test_per_try_timeout_moves_to_another_endpoint(env):
+    proxy, servers = env
+    slow, fast = servers["pertry"]
+    slow.delay = 2.0
+    try:
+        for _ in range(6):
+            started = time.monotonic()
+            status, headers, _ = proxy.request("/", host=fqdn("pertry"))
+            assert (status, headers["x-instance"]) == (200, fast.name)
+            assert time.monotonic() - started < 1.0
+        assert slow.hits >= 1, "some first tries went to the slow endpoint and timed out"
+    finally:
+        slow.delay = 0.0

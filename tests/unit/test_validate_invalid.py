@@ -486,6 +486,249 @@ CASES = [
 """, "spec.selector.matchLabels[app]", 'wildcard "*" is not allowed'),
 ]
 
+# more of Istio's webhook rules
+CASES += [
+    ("vs-no-routes", VS.replace("spec:\n", "spec:   #<\n"), """\
+  hosts: [reviews]
+""", "spec", "one of http, tcp or tls routes is required"),
+    ("vs-duplicate-hosts", VS, """\
+  hosts:
+  - "*.shop.svc.cluster.local"
+  - reviews.shop.svc.cluster.local   #<
+  http:
+  - route:
+    - destination: {host: reviews}
+""", "spec.hosts[1]", "duplicate hosts in virtual service"),
+    ("vs-gateway-name", VS, ROUTE + """\
+  gateways:
+  - "shop/Bad_Gateway"   #<
+""", "spec.gateways[0]", 'invalid gateway "shop/Bad_Gateway"'),
+    ("vs-destination-star", VS, """\
+  hosts: [reviews]
+  http:
+  - route:
+    - destination:
+        host: "*"   #<
+""", "spec.http[0].route[0].destination.host", 'invalid destination host "*"'),
+    ("redirect-empty", VS, """\
+  hosts: [reviews]
+  http:
+  - redirect: {redirectCode: 301}   #<
+""", "spec.http[0].redirect", "redirect must specify uri, authority, scheme or port"),
+    ("redirect-port-and-derive", VS, """\
+  hosts: [reviews]
+  http:
+  - redirect:
+      port: 8080
+      derivePort: FROM_REQUEST_PORT   #<
+""", "spec.http[0].redirect.derivePort", "only one of port, derivePort may be set"),
+    ("rewrite-empty", VS, ROUTE + """\
+    rewrite: {}   #<
+""", "spec.http[0].rewrite", "rewrite must specify uri, authority or uriRegexRewrite"),
+    ("rewrite-uri-and-regex", VS, ROUTE + """\
+    rewrite:
+      uri: /a
+      uriRegexRewrite:   #<
+        match: ^/b
+        rewrite: /c
+""", "spec.http[0].rewrite.uriRegexRewrite", "cannot contain both uri and uriRegexRewrite"),
+    ("rewrite-regex-invalid", VS, ROUTE + """\
+    rewrite:
+      uriRegexRewrite:
+        match: "(?<name>x"   #<
+        rewrite: /c
+""", "spec.http[0].rewrite.uriRegexRewrite.match", "invalid RE2 regular expression"),
+    ("direct-response-status", VS, """\
+  hosts: [reviews]
+  http:
+  - directResponse:
+      status: 999   #<
+      body: {string: nope}
+""", "spec.http[0].directResponse.status", "between 200 and 599, got 999"),
+    ("delay-without-fixed-delay", VS, ROUTE + """\
+    fault:
+      delay:   #<
+        percentage: {value: 5}
+""", "spec.http[0].fault.delay.fixedDelay", "required field is missing"),
+    ("delay-exponential", VS, ROUTE + """\
+    fault:
+      delay:
+        exponentialDelay: 1s   #<
+""", "spec.http[0].fault.delay.exponentialDelay", "exponentialDelay is not supported"),
+    ("abort-without-status", VS, ROUTE + """\
+    fault:
+      abort:   #<
+        percentage: {value: 5}
+""", "spec.http[0].fault.abort.httpStatus", "required field is missing"),
+    ("abort-http2", VS, ROUTE + """\
+    fault:
+      abort:
+        http2Error: REFUSED_STREAM   #<
+""", "spec.http[0].fault.abort.http2Error", "HTTP/2 abort fault injection is not supported"),
+    ("fault-empty", VS, ROUTE + """\
+    fault: {}   #<
+""", "spec.http[0].fault", "fault injection must have an abort and/or a delay"),
+    ("mirror-and-mirrors", VS, ROUTE + """\
+    mirror: {host: reviews}
+    mirrors:   #<
+    - destination: {host: ratings}
+""", "spec.http[0].mirrors", "cannot contain both mirror and mirrors"),
+    ("mirror-percent-legacy", VS, ROUTE + """\
+    mirror: {host: reviews}
+    mirrorPercent: 101   #<
+""", "spec.http[0].mirrorPercent", "must be <= 100, got 101"),
+    ("retry-attempts-zero", VS, ROUTE + """\
+    retries:
+      attempts: 0   #<
+      perTryTimeout: 2s
+""", "spec.http[0].retries.attempts", "attempts is 0"),
+    ("timeout-sub-ms", VS, ROUTE + """\
+    timeout: 500us   #<
+""", "spec.http[0].timeout", "duration must be at least 1ms"),
+    ("tls-route-no-match", VS, """\
+  hosts: [api.example.com]
+  tls:
+  - route:   #<
+    - destination: {host: api.example.com}
+""", "spec.tls[0].match", "TLS route must have at least one match condition"),
+    ("tcp-weights", VS, """\
+  hosts: [mongo]
+  tcp:
+  - route:   #<
+    - destination: {host: mongo, subset: a}
+    - destination: {host: mongo, subset: b}
+""", "spec.tcp[0].route", "total destination weight 0 != 100"),
+    ("dr-consistent-hash-empty", DR, """\
+  host: reviews
+  trafficPolicy:
+    loadBalancer:
+      consistentHash: {}   #<
+""", "spec.trafficPolicy.loadBalancer.consistentHash", "consistentHash needs one of"),
+    ("dr-ring-size-conflict", DR, """\
+  host: reviews
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        useSourceIp: true
+        minimumRingSize: 1024   #<
+        ringHash: {minimumRingSize: 2048}
+""", "spec.trafficPolicy.loadBalancer.consistentHash.minimumRingSize", "cannot be set together with ringHash"),
+    ("dr-locality-total", DR, """\
+  host: reviews
+  trafficPolicy:
+    loadBalancer:
+      localityLbSetting:
+        distribute:
+        - from: us-west/*
+          to:   #<
+            "us-west/*": 50
+            "us-east/*": 20
+""", "spec.trafficPolicy.loadBalancer.localityLbSetting.distribute[0].to", "total locality weight 70 != 100"),
+    ("dr-istio-mutual-certs", DR, """\
+  host: reviews
+  trafficPolicy:
+    tls:
+      mode: ISTIO_MUTUAL
+      clientCertificate: /etc/cert.pem   #<
+""", "spec.trafficPolicy.tls.clientCertificate", "cannot be set when mode is ISTIO_MUTUAL"),
+    ("dr-pool-empty", DR, """\
+  host: reviews
+  trafficPolicy:
+    connectionPool: {}   #<
+""", "spec.trafficPolicy.connectionPool", "connection pool must have at least one of tcp or http"),
+    ("dr-port-level-duplicate", DR, """\
+  host: reviews
+  trafficPolicy:
+    portLevelSettings:
+    - port: {number: 80}
+      tls: {mode: SIMPLE}
+    - port: {number: 80}   #<
+      tls: {mode: DISABLE}
+""", "spec.trafficPolicy.portLevelSettings[1].port", "duplicate port 80"),
+    ("se-none-with-endpoints", SE, """\
+  hosts: [catalog.shop.svc.cluster.local]
+  ports: [{number: 80, name: http}]
+  endpoints:   #<
+  - address: 127.0.1.1
+""", "spec.endpoints", "no endpoints may be given with resolution NONE"),
+    ("se-multiple-hosts-tcp", SE, """\
+  hosts: [a.example.com, b.example.com]
+  ports:
+  - number: 27017
+    name: mongo
+    protocol: TCP   #<
+  resolution: DNS
+""", "spec.ports[0].protocol", "multiple hosts with a non-HTTP, non-TLS port"),
+    ("se-cidr-with-dns", SE, """\
+  hosts: [db.example.com]
+  addresses:   #<
+  - 10.0.0.0/24
+  ports: [{number: 5432, name: tcp-pg, protocol: TCP}]
+  resolution: DNS
+""", "spec.addresses", "CIDR addresses are allowed only with resolution NONE or STATIC"),
+    ("se-dns-short-host", SE, """\
+  hosts:
+  - catalog   #<
+  ports: [{number: 80, name: http}]
+  resolution: DNS
+""", "spec.hosts[0]", "hosts must be fully qualified"),
+    ("se-selector-and-endpoints", SE, """\
+  hosts: [catalog.shop.svc.cluster.local]
+  ports: [{number: 80, name: http}]
+  resolution: STATIC
+  workloadSelector:   #<
+    labels: {app: catalog}
+  endpoints:
+  - address: 127.0.1.1
+""", "spec.workloadSelector", "only one of workloadSelector or endpoints may be set"),
+    ("se-duplicate-port", SE, """\
+  hosts: [catalog.shop.svc.cluster.local]
+  ports:
+  - {number: 80, name: http}
+  - {number: 80, name: http-alt}   #<
+""", "spec.ports[1].number", "port 80 already defined"),
+    ("ap-selector-and-target", AP, """\
+  selector:
+    matchLabels: {app: reviews}
+  targetRef:   #<
+    kind: Service
+    name: reviews
+""", "spec.targetRef", "only one of selector or targetRef(s) may be set"),
+    ("ap-provider-without-custom", AP, """\
+  action: DENY
+  provider:   #<
+    name: ext-authz
+""", "spec.provider", "may only be set when action is CUSTOM"),
+    ("ap-when-no-values", AP, """\
+  rules:
+  - when:
+    - key: source.ip   #<
+""", "spec.rules[0].when[0]", "at least one of values or notValues must be set"),
+    ("ap-when-port-value", AP, """\
+  rules:
+  - when:
+    - key: destination.port
+      values: ["http"]   #<
+""", "spec.rules[0].when[0].values[0]", 'must be a port number between 1 and 65535, got "http"'),
+    ("ap-empty-value", AP, """\
+  rules:
+  - to:
+    - operation:
+        paths: [""]   #<
+""", "spec.rules[0].to[0].operation.paths[0]", "empty value is not allowed"),
+    ("ap-target-ref-namespace", AP, """\
+  targetRef:
+    kind: Service
+    name: reviews
+    namespace: other   #<
+""", "spec.targetRef.namespace", "cross-namespace targetRef is not allowed"),
+    ("we-port-name", WE, """\
+  address: 127.0.1.1
+  ports:
+    HTTP_1: 8080   #<
+""", "spec.ports[HTTP_1]", 'invalid port name "HTTP_1"'),
+]
+
 META_CASES = [
     ("name-dns1123", """\
 apiVersion: networking.istio.io/v1

@@ -278,6 +278,75 @@ class Curl:
         return f"Curl(status={self.status}, exit={self.exit_code}, body={self.body[:120]!r}, error={self.error!r})"
 
 
+class Sniffer:
+    """Every frame on one interface of a namespace, read with ``socket(AF_PACKET)``
+    in a background thread (no tcpdump), for a bounded time."""
+
+    ETH_P_ALL = 0x0003
+
+    def __init__(self, netns: str, iface: str, limit_s: float = 15.0) -> None:
+        self.netns, self.iface, self.limit_s = netns, iface, limit_s
+        self.frames: list[bytes] = []
+        self._stop = None
+        self._thread = None
+        self._sock = None
+
+    def __enter__(self) -> "Sniffer":
+        import socket
+        import threading
+
+        from redirect.netns import run_in_netns
+
+        def make():
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(self.ETH_P_ALL))
+            sock.bind((self.iface, 0))
+            return sock
+
+        self._sock = run_in_netns(self.netns, make)
+        self._sock.settimeout(0.05)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import socket
+        import time
+
+        deadline = time.monotonic() + self.limit_s
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                self.frames.append(self._sock.recv(65535))
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+
+    def __exit__(self, *exc) -> None:
+        import time
+
+        time.sleep(0.1)  # frames already on the wire when the caller is done
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._sock.close()
+
+    def contains(self, marker: bytes) -> bool:
+        return any(marker in f for f in self.frames)
+
+    def tcp_ports(self) -> set[int]:
+        """Every TCP port (source or destination) of the IPv4 frames seen."""
+        ports = set()
+        for f in self.frames:
+            if len(f) < 34 or f[12:14] != b"\x08\x00" or f[23] != 6:
+                continue
+            ihl = (f[14] & 0x0F) * 4
+            tcp = 14 + ihl
+            if len(f) >= tcp + 4:
+                ports.add(int.from_bytes(f[tcp:tcp + 2], "big"))
+                ports.add(int.from_bytes(f[tcp + 2:tcp + 4], "big"))
+        return ports
+
+
 class LabPod:
     __slots__ = ("name", "node", "ip", "namespace", "service_account", "labels", "port", "server", "enrolled")
 
@@ -518,6 +587,11 @@ class MeshLab:
         return [(s.name, dict(s.labels), s.value)
                 for fam in text_string_to_metric_families(body) for s in fam.samples]
 
+    def count(self, node: str, metric: str, **labels: str) -> float:
+        """Sum of a metric's samples on a node whose labels include ``labels``."""
+        return sum(v for name, lab, v in self.metrics(node)
+                   if name == metric and all(lab.get(k) == want for k, want in labels.items()))
+
     def enroll(self, pod: LabPod) -> str:
         labels = ",".join(f"{k}={v}" for k, v in pod.labels.items())
         out = self.cli("enroll", "--netns", self.topo.netns(pod.name), "--name", pod.name,
@@ -600,6 +674,22 @@ class MeshLab:
         while len(out) < count:  # curl stopped early (connection refused, reset, timeout)
             out.append(Curl(0, "", proc.returncode, proc.stderr.strip()))
         return out
+
+    def sniff(self, node: str, peer: str, limit_s: float = 15.0) -> Sniffer:
+        """A Sniffer on ``node``'s link to node ``peer`` (e.g. node2's ``nl1``)."""
+        return Sniffer(self.topo.netns(node), f"nl{self.topo.nodes[peer].index}", limit_s)
+
+    def send_udp(self, pod: str, address: str, port: int, payload: bytes) -> None:
+        """One UDP datagram from inside a pod (UDP is never captured: plaintext on the wire)."""
+        import socket
+
+        from redirect.netns import run_in_netns
+
+        def send():
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(payload, (address, port))
+
+        run_in_netns(self.topo.netns(pod), send)
 
     def nft_tables(self, ns: str) -> list[str]:
         proc = self.exec(ns, ["nft", "list", "tables"], check=True)

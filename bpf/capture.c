@@ -10,6 +10,10 @@
 //   na_sockops     sockops, ACTIVE_ESTABLISHED: the entry moves to a key the
 //                  proxy can compute from the socket it accepted
 //                  (netns cookie, client ip, client port, proxy port).
+//   na_fast_sockops, na_fast_msg (optional, per workload flag): the captured
+//                  client socket and the proxy's accepted socket go into a
+//                  SOCKHASH, and sk_msg hands data between them directly
+//                  (no TCP/IP loopback path).
 //   na_getsockopt  cgroup/getsockopt: getsockopt(SOL_IP, SO_ORIGINAL_DST) (or
 //                  SOL_IPV6, IP6T_SO_ORIGINAL_DST) on
 //                  that accepted socket answers from the map, so the proxy
@@ -59,10 +63,12 @@ struct wl_cfg {            // maps.WorkloadConfig
     __u32 pad;
 };
 
+#define NA_WL_FAST_PATH 1  // wl_cfg.flags / orig_dst.flags: same-node sk_msg fast path
+
 struct orig_dst {          // maps.OriginalDst
     __u32 ip6[4];          // network order
     __u16 port;            // host order
-    __u16 pad;
+    __u16 flags;           // the workload's flags when captured
     __u32 id;
     __u64 netns;
 };
@@ -144,6 +150,7 @@ static __always_inline int remember(struct bpf_sock_addr *ctx, struct wl_cfg *cf
     if (excl_dst.lookup(&ck))
         return 0;
     od->id = cfg->id;
+    od->flags = cfg->flags;
     od->netns = netns;
     __u64 cookie = bpf_get_socket_cookie(ctx);
     cookie_dst.update(&cookie, od);
@@ -310,4 +317,120 @@ int na_getsockopt(struct bpf_sockopt *ctx)
     asm volatile("" ::: "memory");
     ctx->retval = 0;
     return 1;
+}
+
+// ---- same-node fast path (optional) -------------------------------------------------
+// Both ends of a captured client -> proxy connection live on this node. Once
+// both sockets are in local_socks, sk_msg moves each sendmsg straight into the
+// peer socket's receive queue. A sender whose message ever took the TCP path
+// (its peer was not in the map yet) is marked in tcp_used and never redirected
+// afterwards, so bytes can never overtake earlier bytes still in TCP.
+
+struct sock_key {          // maps.encode_sock_key
+    __u64 netns;
+    __u32 local[4];        // IPv4 as ::ffff:a.b.c.d
+    __u32 remote[4];
+    __u16 local_port;      // host order
+    __u16 remote_port;     // host order
+    __u32 pad;
+};
+
+#define NA_SOCKHASH_PINNED(_name, _key_type, _max_entries, _pinned) \
+struct _name##_table_t { \
+    _key_type key; \
+    int leaf; \
+    int (*update) (_key_type *, int *); \
+    int (*delete) (_key_type *); \
+    int (*sock_hash_update) (void *, void *, u64); \
+    int (*msg_redirect_hash) (void *, void *, u64); \
+    int (*sk_redirect_hash) (void *, void *, u64); \
+    u32 max_entries; \
+}; \
+__attribute__((section("maps/sockhash:" _pinned))) \
+struct _name##_table_t _name = { .max_entries = (_max_entries) }; \
+BPF_ANNOTATE_KV_PAIR(_name, _key_type, int)
+
+NA_SOCKHASH_PINNED(local_socks, struct sock_key, 65536, NA_PIN("local_socks"));
+BPF_TABLE_PINNED("lru_hash", struct sock_key, __u8, tcp_used, 65536, NA_PIN("tcp_used"));
+
+static __always_inline __u16 na_port_from_be(__u32 port)
+{
+    if (port > 0xffff)   // some context fields carry the be16 in the high half
+        port >>= 16;
+    return NA_BSWAP16(port);
+}
+
+// sock_ops and sk_msg contexts share these field names. Every field is read
+// unconditionally (branch-selected ctx loads can be merged into one load from
+// a computed ctx address, which the verifier refuses).
+#define NA_FILL_SOCK_KEY(ctx, key) do { \
+    __u32 fam_ = (ctx)->family; \
+    __u32 l4_ = (ctx)->local_ip4, r4_ = (ctx)->remote_ip4; \
+    __u32 l0_ = (ctx)->local_ip6[0], l1_ = (ctx)->local_ip6[1], l2_ = (ctx)->local_ip6[2], l3_ = (ctx)->local_ip6[3]; \
+    __u32 r0_ = (ctx)->remote_ip6[0], r1_ = (ctx)->remote_ip6[1], r2_ = (ctx)->remote_ip6[2], r3_ = (ctx)->remote_ip6[3]; \
+    __u32 lp_ = (ctx)->local_port, rp_ = (ctx)->remote_port; \
+    asm volatile("" ::: "memory"); \
+    (key)->local_port = (__u16)lp_; \
+    (key)->remote_port = na_port_from_be(rp_); \
+    if (fam_ == AF_INET) { \
+        (key)->local[2] = NA_MAPPED_WORD; (key)->local[3] = l4_; \
+        (key)->remote[2] = NA_MAPPED_WORD; (key)->remote[3] = r4_; \
+    } else { \
+        (key)->local[0] = l0_; (key)->local[1] = l1_; (key)->local[2] = l2_; (key)->local[3] = l3_; \
+        (key)->remote[0] = r0_; (key)->remote[1] = r1_; (key)->remote[2] = r2_; (key)->remote[3] = r3_; \
+    } \
+} while (0)
+
+int na_fast_sockops(struct bpf_sock_ops *skops)
+{
+    __u32 op = skops->op;
+    if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+        return 1;
+    __u32 family = skops->family;
+    if (family != AF_INET && family != AF_INET6)
+        return 1;
+    struct sock_key own = {.netns = bpf_get_netns_cookie(skops)};
+    NA_FILL_SOCK_KEY(skops, &own);
+    struct pair_key pk = {.netns = own.netns};
+    struct orig_dst *od = 0;
+    if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+        // the captured client: na_sockops may or may not have moved its entry yet
+        __u64 cookie = bpf_get_socket_cookie(skops);
+        od = cookie_dst.lookup(&cookie);
+        __builtin_memcpy(pk.ip6, own.local, sizeof(pk.ip6));
+        pk.port = own.local_port;
+        pk.proxy_port = own.remote_port;
+    } else {
+        // the proxy's accepted socket: its peer is a captured client
+        __builtin_memcpy(pk.ip6, own.remote, sizeof(pk.ip6));
+        pk.port = own.remote_port;
+        pk.proxy_port = own.local_port;
+    }
+    if (!od)
+        od = pair_dst.lookup(&pk);
+    if (!od || !(od->flags & NA_WL_FAST_PATH))
+        return 1;
+    tcp_used.delete(&own);
+    local_socks.sock_hash_update(skops, &own, BPF_ANY);
+    return 1;
+}
+
+int na_fast_msg(struct sk_msg_md *msg)
+{
+    struct sock_key own = {.netns = bpf_get_netns_cookie(msg)};
+    NA_FILL_SOCK_KEY(msg, &own);
+    if (tcp_used.lookup(&own))
+        return SK_PASS;
+    struct sock_key peer = {
+        .netns = own.netns,
+        .local_port = own.remote_port,
+        .remote_port = own.local_port,
+    };
+    __builtin_memcpy(peer.local, own.remote, sizeof(peer.local));
+    __builtin_memcpy(peer.remote, own.local, sizeof(peer.remote));
+    if (local_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS) == SK_PASS)
+        return SK_PASS;
+    __u8 one = 1;   // peer unknown: this message goes by TCP, and so will all later ones
+    tcp_used.update(&own, &one);
+    return SK_PASS;
 }

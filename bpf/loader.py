@@ -42,6 +42,7 @@ SOURCE = Path(__file__).with_name("capture.c")
 PROG_CGROUP_SOCK_ADDR = 18
 PROG_SOCK_OPS = 13
 PROG_CGROUP_SOCKOPT = 25
+PROG_SK_MSG = 16
 
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
@@ -61,6 +62,8 @@ class Program:
     name: str          # function in capture.c
     prog_type: int
     attach_type: int   # also the expected attach type at load
+    optional: bool = False   # the same-node fast path: capture works without it
+    target: str = "cgroup"   # "cgroup": a pinned bpf_link at the cgroup v2 root; "map": attached to local_socks
 
 
 PROGRAMS = (
@@ -68,6 +71,8 @@ PROGRAMS = (
     Program("na_connect6", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET6_CONNECT),
     Program("na_sockops", PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
     Program("na_getsockopt", PROG_CGROUP_SOCKOPT, bpfsys.CGROUP_GETSOCKOPT),
+    Program("na_fast_sockops", PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS, optional=True),
+    Program("na_fast_msg", PROG_SK_MSG, bpfsys.SK_MSG_VERDICT, optional=True, target="map"),
 )
 
 # (key size, value size) of each pinned map: a pin left by an agent with
@@ -79,6 +84,8 @@ MAP_LAYOUTS = {
     maps.MAP_EXCL_DST: (maps.CIDR_KEY_SIZE, 1),
     maps.MAP_COOKIE: (8, maps.ORIGINAL_DST_SIZE),
     maps.MAP_PAIR: (maps.PAIR_KEY_SIZE, maps.ORIGINAL_DST_SIZE),
+    maps.MAP_SOCKS: (maps.SOCK_KEY_SIZE, 4),
+    maps.MAP_TCP_USED: (maps.SOCK_KEY_SIZE, 1),
 }
 
 
@@ -86,13 +93,19 @@ MAP_LAYOUTS = {
 class AttachStep:
     program: Program
     link_pin: str
-    action: str        # "create" (new link, pinned) or "replace" (swap program in the pinned link)
+    action: str        # "create" (new link, pinned), "replace" (swap program in the pinned link),
+                       # "attach-map" (sk_msg onto the pinned SOCKHASH; replaces an earlier program)
 
 
-def attach_plan(pin_dir: str, existing_pins: set[str]) -> list[AttachStep]:
-    """What start() does per program, given the pins that already exist."""
+def attach_plan(pin_dir: str, existing_pins: set[str], loaded: set[str] | None = None) -> list[AttachStep]:
+    """What start() does per program, given the pins that already exist (and which programs loaded)."""
     steps = []
     for prog in PROGRAMS:
+        if loaded is not None and prog.name not in loaded:
+            continue
+        if prog.target == "map":
+            steps.append(AttachStep(prog, f"{pin_dir}/maps/{maps.MAP_SOCKS}", "attach-map"))
+            continue
         pin = f"{pin_dir}/links/{prog.name}"
         steps.append(AttachStep(prog, pin, "replace" if pin in existing_pins else "create"))
     return steps
@@ -209,6 +222,7 @@ class _Compiled:
     bpf: object
     prog_fds: dict[str, int]
     map_ids: dict[str, int]
+    skipped: dict[str, str]   # optional programs the kernel refused: name -> reason
 
 
 _COMPILED: dict[tuple, _Compiled] = {}
@@ -275,7 +289,7 @@ class EbpfCapture:
 
     def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, *, bpffs: str = DEFAULT_BPFFS,
                  skip_mark: int = SKIP_MARK, source: str | None = None,
-                 max_cgroup_depth: int = 8) -> None:
+                 max_cgroup_depth: int = 8, local_fast_path: bool = True) -> None:
         self.pin_dir = pin_dir.rstrip("/")
         self.bpffs = bpffs.rstrip("/")
         if not (self.pin_dir + "/").startswith(self.bpffs + "/") or self.pin_dir == self.bpffs:
@@ -283,6 +297,8 @@ class EbpfCapture:
         self.skip_mark = skip_mark
         self.source = source if source is not None else SOURCE.read_text()
         self.max_cgroup_depth = max_cgroup_depth
+        self.local_fast_path = local_fast_path
+        self.fast_path_problem: str | None = None   # why the fast path is off on this kernel
         self.cgroup_root: str | None = None
         self.header_tree: headers.HeaderTree | None = None
         self.timings: dict[str, float] = {}
@@ -305,6 +321,7 @@ class EbpfCapture:
         headers.activate(self.header_tree)
         log.info("bpf: %s", self.header_tree.describe())
 
+        self._close_maps()   # a second start() re-adopts: no handle of the first may leak
         before = self._pins()
         try:
             for sub in ("", "/maps", "/links"):
@@ -335,6 +352,7 @@ class EbpfCapture:
         if cached is not None and self._pinned_map_ids() == cached.map_ids:
             self.timings["compile"] = 0.0
             self.program_ids = {name: bpfsys.prog_id(fd) for name, fd in cached.prog_fds.items()}
+            self.fast_path_problem = next(iter(cached.skipped.values()), None)
             return cached
         if cached is not None:   # the pins were replaced under us: recompile against the new ones
             _COMPILED.pop(key).bpf.cleanup()
@@ -349,6 +367,7 @@ class EbpfCapture:
         self.timings["compile"] = time.monotonic() - started
         started = time.monotonic()
         prog_fds = {}
+        skipped = {}
         try:
             for prog in PROGRAMS:
                 out.clear()
@@ -356,15 +375,22 @@ class EbpfCapture:
                     with _stderr_to(out):
                         fn = bpf.load_func(prog.name.encode(), prog.prog_type, attach_type=prog.attach_type)
                 except Exception as exc:
-                    raise EbpfError(f"bpf: the kernel refused program {prog.name} ({exc}); verifier log:\n"
-                                    f"{_tail(out[0] if out else '')}") from None
+                    message = (f"bpf: the kernel refused program {prog.name} ({exc}); verifier log:\n"
+                               f"{_tail(out[0] if out else '')}")
+                    if not prog.optional:
+                        raise EbpfError(message) from None
+                    skipped[prog.name] = message
+                    continue
                 prog_fds[prog.name] = fn.fd
         except BaseException:
             bpf.cleanup()
             raise
         self.timings["load"] = time.monotonic() - started
-        compiled = _Compiled(bpf, prog_fds, self._pinned_map_ids())
+        compiled = _Compiled(bpf, prog_fds, self._pinned_map_ids(), skipped)
         _COMPILED[key] = compiled
+        self.fast_path_problem = next(iter(skipped.values()), None)
+        if self.fast_path_problem:
+            log.warning("bpf: same-node fast path off: %s", self.fast_path_problem.splitlines()[0])
         self.program_ids = {name: bpfsys.prog_id(fd) for name, fd in prog_fds.items()}
         return compiled
 
@@ -398,11 +424,14 @@ class EbpfCapture:
         started = time.monotonic()
         cg_fd = os.open(self.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            for step in attach_plan(self.pin_dir, existing):
+            for step in attach_plan(self.pin_dir, existing, set(compiled.prog_fds)):
                 prog_fd = compiled.prog_fds[step.program.name]
                 what = f"{step.program.name} at cgroup {self.cgroup_root}"
                 try:
-                    if step.action == "replace":
+                    if step.action == "attach-map":
+                        what = f"{step.program.name} to {step.link_pin}"
+                        bpfsys.prog_attach(prog_fd, self._map_fds[maps.MAP_SOCKS], step.program.attach_type, what)
+                    elif step.action == "replace":
                         link_fd = bpfsys.obj_get(step.link_pin)
                         try:
                             bpfsys.link_update(link_fd, prog_fd, what)
@@ -468,10 +497,12 @@ class EbpfCapture:
                 if owner == workload_id and key not in keep:
                     bpfsys.map_delete(fd, key)
 
-    def _enroll(self, kind: str, key: int, proxy_ip: str, proxy_port: int, excludes: Excludes) -> Enrollment:
+    def _enroll(self, kind: str, key: int, proxy_ip: str, proxy_port: int, excludes: Excludes,
+                fast_path: bool | None) -> Enrollment:
         # encode everything first: a bad port or CIDR changes nothing
         wid = self._allocate_id((kind, key))
-        config = maps.WorkloadConfig(wid, proxy_ip, proxy_port)
+        fast = (self.local_fast_path if fast_path is None else fast_path) and self.fast_path_problem is None
+        config = maps.WorkloadConfig(wid, proxy_ip, proxy_port, maps.FLAG_FAST_PATH if fast else 0)
         raw_config = config.encode()
         [maps.encode_port_key(wid, p) for p in excludes.ports]
         [maps.encode_cidr_key(wid, c) for c in excludes.destinations]
@@ -483,9 +514,10 @@ class EbpfCapture:
         return Enrollment(kind, key, config, excludes)
 
     def enroll_netns(self, netns_path: str, proxy_port: int = 15001, excludes: Excludes = Excludes(),
-                     proxy_ip: str = "127.0.0.1") -> Enrollment:
+                     proxy_ip: str = "127.0.0.1", fast_path: bool | None = None) -> Enrollment:
         """Capture every outbound TCP connection made in this network namespace (a pod)."""
-        enrollment = self._enroll(maps.MAP_NETNS, netns_cookie(netns_path), proxy_ip, proxy_port, excludes)
+        enrollment = self._enroll(maps.MAP_NETNS, netns_cookie(netns_path), proxy_ip, proxy_port, excludes,
+                                  fast_path)
         log.info("bpf: capturing netns %s (cookie %d) -> %s:%d", netns_path, enrollment.key, proxy_ip, proxy_port)
         return enrollment
 
@@ -501,9 +533,10 @@ class EbpfCapture:
             raise EbpfError(f"bpf: cgroup {path}: {exc.strerror}") from None
 
     def enroll_cgroup(self, cgroup_path: str, proxy_port: int, excludes: Excludes = Excludes(),
-                      proxy_ip: str = "127.0.0.1") -> Enrollment:
+                      proxy_ip: str = "127.0.0.1", fast_path: bool | None = None) -> Enrollment:
         """Capture the processes of this cgroup v2 (and its sub-cgroups): a host service."""
-        enrollment = self._enroll(maps.MAP_CGROUP, self.cgroup_id(cgroup_path), proxy_ip, proxy_port, excludes)
+        enrollment = self._enroll(maps.MAP_CGROUP, self.cgroup_id(cgroup_path), proxy_ip, proxy_port, excludes,
+                                  fast_path)
         log.info("bpf: capturing cgroup %s (id %d) -> %s:%d", cgroup_path, enrollment.key, proxy_ip, proxy_port)
         return enrollment
 

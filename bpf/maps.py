@@ -18,11 +18,16 @@ MAP_EXCL_PORT = "excl_port"    # PortKey -> u8
 MAP_EXCL_DST = "excl_dst"      # CidrKey (LPM trie) -> u8
 MAP_COOKIE = "cookie_dst"      # u64 socket cookie -> OriginalDst (until established)
 MAP_PAIR = "pair_dst"          # PairKey -> OriginalDst (the proxy's lookup)
-MAP_NAMES = (MAP_NETNS, MAP_CGROUP, MAP_EXCL_PORT, MAP_EXCL_DST, MAP_COOKIE, MAP_PAIR)
+MAP_SOCKS = "local_socks"      # SOCKHASH SockKey -> socket (same-node fast path)
+MAP_TCP_USED = "tcp_used"      # SockKey -> u8: this sender once went by TCP, never redirect it
+MAP_NAMES = (MAP_NETNS, MAP_CGROUP, MAP_EXCL_PORT, MAP_EXCL_DST, MAP_COOKIE, MAP_PAIR, MAP_SOCKS, MAP_TCP_USED)
+
+FLAG_FAST_PATH = 1             # WorkloadConfig.flags: use the sk_msg fast path
 
 _U64 = struct.Struct("=Q")
 _CFG = struct.Struct("=I4sHHI")       # id, proxy ip (net order), proxy port, flags, pad
-_ORIG = struct.Struct("=16sHHIQ")    # ip, port, pad, id, netns cookie
+_ORIG = struct.Struct("=16sHHIQ")    # ip, port, flags, id, netns cookie
+_SOCK = struct.Struct("=Q16s16sHHI")  # netns cookie, local ip, remote ip, local port, remote port, pad
 _PAIR = struct.Struct("=Q16sHHI")     # netns cookie, client ip, client port, proxy port, pad
 _PORT = struct.Struct("=IHH")         # id, port, pad
 _CIDR = struct.Struct("=II16s")       # prefixlen (bits after this field), id, ip
@@ -74,14 +79,16 @@ class WorkloadConfig:
     workload_id: int
     proxy_ip: str
     proxy_port: int
+    flags: int = 0
 
     def encode(self) -> bytes:
-        return _CFG.pack(self.workload_id, _ip4(self.proxy_ip), _port(self.proxy_port, "proxy port"), 0, 0)
+        return _CFG.pack(self.workload_id, _ip4(self.proxy_ip), _port(self.proxy_port, "proxy port"),
+                         self.flags, 0)
 
     @classmethod
     def decode(cls, raw: bytes) -> "WorkloadConfig":
-        wid, ip, port, _flags, _pad = _CFG.unpack(raw[:_CFG.size])
-        return cls(wid, str(ipaddress.IPv4Address(ip)), port)
+        wid, ip, port, flags, _pad = _CFG.unpack(raw[:_CFG.size])
+        return cls(wid, str(ipaddress.IPv4Address(ip)), port, flags)
 
 
 WORKLOAD_CONFIG_SIZE = _CFG.size
@@ -94,14 +101,15 @@ class OriginalDst:
     port: int
     workload_id: int = 0
     netns_cookie: int = 0
+    flags: int = 0
 
     def encode(self) -> bytes:
-        return _ORIG.pack(_ip16(self.ip), _port(self.port), 0, self.workload_id, self.netns_cookie)
+        return _ORIG.pack(_ip16(self.ip), _port(self.port), self.flags, self.workload_id, self.netns_cookie)
 
     @classmethod
     def decode(cls, raw: bytes) -> "OriginalDst":
-        ip, port, _pad, wid, netns = _ORIG.unpack(raw[:_ORIG.size])
-        return cls(_ip_str(ip), port, wid, netns)
+        ip, port, flags, wid, netns = _ORIG.unpack(raw[:_ORIG.size])
+        return cls(_ip_str(ip), port, wid, netns, flags)
 
 
 ORIGINAL_DST_SIZE = _ORIG.size
@@ -147,3 +155,17 @@ def decode_cidr_key(raw: bytes) -> tuple[int, str]:
     if ip[:12] == _MAPPED_PREFIX and plen >= 32 + 96:
         return wid, f"{ipaddress.IPv4Address(ip[12:])}/{plen - 32 - 96}"
     return wid, f"{ipaddress.IPv6Address(ip)}/{plen - 32}"
+
+
+def encode_sock_key(netns_cookie: int, local: tuple[str, int], remote: tuple[str, int]) -> bytes:
+    """Key of MAP_SOCKS / MAP_TCP_USED: one socket by its netns and addresses."""
+    return _SOCK.pack(netns_cookie, _ip16(local[0]), _ip16(remote[0]), _port(local[1], "local port"),
+                      _port(remote[1], "remote port"), 0)
+
+
+def decode_sock_key(raw: bytes) -> tuple[int, tuple[str, int], tuple[str, int]]:
+    netns, lip, rip, lport, rport, _pad = _SOCK.unpack(raw[:_SOCK.size])
+    return netns, (_ip_str(lip), lport), (_ip_str(rip), rport)
+
+
+SOCK_KEY_SIZE = _SOCK.size

@@ -24,6 +24,7 @@ OBJ_PIN = 6
 OBJ_GET = 7
 PROG_ATTACH = 8
 PROG_DETACH = 9
+PROG_GET_FD_BY_ID = 13
 OBJ_GET_INFO_BY_FD = 15
 PROG_QUERY = 16
 LINK_CREATE = 28
@@ -35,6 +36,7 @@ CGROUP_SOCK_OPS = 3
 CGROUP_INET4_CONNECT = 10
 CGROUP_INET6_CONNECT = 11
 CGROUP_GETSOCKOPT = 21
+SK_MSG_VERDICT = 7
 
 BPF_ANY = 0
 BPF_F_RDONLY = 1 << 3  # file_flags for OBJ_GET
@@ -139,6 +141,11 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int, what: str) -> in
     return fd
 
 
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int, what: str) -> None:
+    """Legacy attach (used for sk_msg on a SOCKHASH, which replaces any earlier program)."""
+    _bpf(PROG_ATTACH, [(0, "u32", target_fd), (4, "u32", prog_fd), (8, "u32", attach_type)], f"attach {what}")
+
+
 def link_update(link_fd: int, new_prog_fd: int, what: str) -> None:
     _bpf(LINK_UPDATE, [(0, "u32", link_fd), (4, "u32", new_prog_fd)], f"replace program of {what}")
 
@@ -157,6 +164,22 @@ def _info(fd: int, size: int, what: str) -> bytes:
 def prog_id(prog_fd: int) -> int:
     """struct bpf_prog_info.id (offset 4)."""
     return int.from_bytes(_info(prog_fd, 64, f"program fd {prog_fd}")[4:8], "little")
+
+
+def prog_name_and_load_time(prog_id: int) -> tuple[str, int] | None:
+    """(name, load time in ns of CLOCK_BOOTTIME) of a loaded program, or None once it is gone."""
+    try:
+        fd, _ = _bpf(PROG_GET_FD_BY_ID, [(0, "u32", prog_id)], f"open program id {prog_id}")
+    except BpfError as exc:
+        if exc.errno == errno_mod.ENOENT:
+            return None
+        raise
+    try:
+        raw = _info(fd, 96, f"program id {prog_id}")
+    finally:
+        os.close(fd)
+    # struct bpf_prog_info: ... u64 load_time at 40, char name[16] at 64
+    return raw[64:80].split(b"\0", 1)[0].decode(), int.from_bytes(raw[40:48], "little")
 
 
 def link_info(link_fd: int) -> tuple[int, int, int, int]:

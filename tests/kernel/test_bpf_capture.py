@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bpf import origdst
+from bpf import maps, origdst
 from bpf import sys as bpfsys
 from bpf.loader import EbpfCapture, Excludes, cgroup2_root
 from bpf.netns import netns_cookie, run_in_netns, socket_netns_cookie
@@ -120,7 +120,7 @@ def ask(netns: str, addr: tuple[str, int], mark: int | None = None) -> str:
 
 class World:
     def __init__(self):
-        self.netns = {k: f"nabpf{k}{TAG}" for k in ("a", "b", "c")}
+        self.netns = {k: f"nabpf{k}{TAG}" for k in ("a", "b", "c", "d")}
         self.responders: list[Responder] = []
         self.cgroups: list[Path] = []
         self.cap: EbpfCapture | None = None
@@ -247,6 +247,77 @@ def test_unenroll_stops_capture_and_reenroll_restores_it(world):
     assert ask(world.netns["a"], ("10.250.1.2", 81)) == "server 10.250.1.2:81"
 
 
+def local_socks(pin_dir: str) -> set[tuple]:
+    fd = bpfsys.obj_get(f"{pin_dir}/maps/{maps.MAP_SOCKS}")
+    try:
+        return {maps.decode_sock_key(k) for k in bpfsys.map_keys(fd, maps.SOCK_KEY_SIZE)}
+    finally:
+        os.close(fd)
+
+
+def echo_once(listener: socket.socket, accepted: list) -> threading.Thread:
+    def serve() -> None:
+        listener.settimeout(3)
+        conn, _ = listener.accept()
+        accepted.append(conn)
+        with conn:
+            conn.settimeout(5)
+            while data := conn.recv(65536):
+                conn.sendall(data)
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def exchange(sock: socket.socket, rounds: int = 300) -> None:
+    """Many writes of varying sizes, some pipelined, each echoed back in order."""
+    sock.settimeout(5)
+    expected = bytearray()
+    received = bytearray()
+    for i in range(rounds):
+        chunk = bytes([(i + j) % 251 for j in range(1 + (i * 37) % 3000)])
+        sock.sendall(chunk)
+        expected += chunk
+        if i % 7 == 0:   # read back what is there so far, leaving the rest in flight
+            while len(received) < len(expected) - 4096:
+                received += sock.recv(65536)
+    while len(received) < len(expected):
+        data = sock.recv(65536)
+        assert data, "echo closed early"
+        received += data
+    assert received == expected
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_same_node_fast_path_pairs_the_sockets_and_keeps_bytes_in_order(world, fast_path):
+    ns = world.netns["d"]
+    assert world.cap.fast_path_problem is None
+    listener = listen_in(ns, ("127.0.0.1", 15001))
+    accepted: list = []
+    enrolled = world.cap.enroll_netns(f"/run/netns/{ns}", 15001, fast_path=fast_path)
+    try:
+        assert bool(enrolled.config.flags & maps.FLAG_FAST_PATH) is fast_path
+        server = echo_once(listener, accepted)
+        sock = run_in_netns(f"/run/netns/{ns}", socket.socket)
+        with sock:
+            sock.settimeout(3)
+            sock.connect(DST)
+            exchange(sock)
+            here = sock.getsockname()[:2]
+            paired = {(local, remote) for cookie, local, remote in local_socks(PIN_DIR) if cookie == enrolled.key}
+            if fast_path:   # both ends are in the SOCKHASH: sk_msg moved the bytes
+                assert paired == {(here, ("127.0.0.1", 15001)), (("127.0.0.1", 15001), here)}
+            else:
+                assert paired == set()
+            assert origdst.so_original_dst(accepted[0]) == DST
+        server.join(timeout=5)
+        assert not server.is_alive()
+    finally:
+        world.cap.unenroll_netns(enrolled.key)
+        listener.close()
+    assert all(cookie != enrolled.key for cookie, _, _ in local_socks(PIN_DIR))   # closed sockets leave
+
+
 CHILD = r"""
 import ctypes, os, socket, sys
 cgroup, netns, host, port = sys.argv[1:5]
@@ -328,11 +399,11 @@ def test_restarted_agent_readopts_pinned_maps_and_links(world):
                                str(world.enrolled.key)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     state = json.loads(done.stdout)
-    assert state["plan"] == ["replace", "replace", "replace", "replace"]
+    assert state["plan"] == ["replace"] * 5 + ["attach-map"]
     assert state["enrollments"] == [["netns", world.enrolled.key, 15001, [81], list(EXCLUDES.destinations)]]
     assert state["orig"] == list(DST)
     # the new process's programs now serve the pinned links, and keep working after it exited
-    assert state["links"] == state["program_ids"]
+    assert state["links"] == {k: v for k, v in state["program_ids"].items() if k != "na_fast_msg"}
     world.program_ids |= set(state["program_ids"].values())
     assert ask(world.netns["a"], DST).startswith("proxy 10.250.1.2:80 10.250.1.2:80")
     assert ask(world.netns["b"], DST) == "server 10.250.1.2:80"
@@ -353,9 +424,15 @@ def attached_ids() -> set[int]:
 def test_cleanup_detaches_and_unpins_everything(world):
     # runs last in this module
     ours = world.program_ids | set(world.cap.program_ids.values())
-    assert set(world.cap.program_ids.values()) <= attached_ids()
+    linked = {v for k, v in world.cap.program_ids.items() if k != "na_fast_msg"}
+    assert linked <= attached_ids()
     world.cap.cleanup()
     assert not os.path.exists(PIN_DIR)
     assert attached_ids().isdisjoint(ours)
     assert ask(world.netns["a"], DST) == "server 10.250.1.2:80"
+    # every program of both agent generations is freed (sk_msg went with its SOCKHASH)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(bpfsys.prog_name_and_load_time(p) for p in ours):
+        time.sleep(0.05)
+    assert [bpfsys.prog_name_and_load_time(p) for p in ours if bpfsys.prog_name_and_load_time(p)] == []
     world.cap.cleanup()     # idempotent

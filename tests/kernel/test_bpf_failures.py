@@ -6,6 +6,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -42,12 +43,27 @@ print(json.dumps(out))
 """
 
 
-def attached_count() -> int:
+def boottime_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def ours_attached_since(since_ns: int) -> list[str]:
+    """Capture programs attached at the cgroup root that were loaded after ``since_ns``.
+
+    (Other agents on this machine may attach their own at any time; only
+    programs loaded during the failed start could be ours.)
+    """
     fd = os.open(cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
     try:
-        return sum(len(bpfsys.prog_query(fd, t)) for t in ATTACH_TYPES)
+        ids = {pid for t in ATTACH_TYPES for pid in bpfsys.prog_query(fd, t)}
     finally:
         os.close(fd)
+    found = []
+    for pid in ids:
+        info = bpfsys.prog_name_and_load_time(pid)
+        if info and info[0].startswith("na_") and info[1] >= since_ns:
+            found.append(info[0])
+    return found
 
 
 def try_start(prefix: list[str], pin_dir: str, bpffs: str) -> dict:
@@ -75,14 +91,14 @@ def test_no_bpffs_and_no_right_to_mount_it(needs_root, needs_tool, tmp_path):
     setpriv = needs_tool("setpriv")
     bpffs = tmp_path / "bpf"
     bpffs.mkdir()
-    before = attached_count()
+    since = boottime_ns()
     # root keeps CAP_BPF and CAP_NET_ADMIN but loses CAP_SYS_ADMIN: it may load, but not mount
     result = try_start([setpriv, "--inh-caps=-sys_admin", "--bounding-set=-sys_admin"],
                        f"{bpffs}/nodeagent", str(bpffs))
     assert result["unavailable"] == (f"bpffs is not mounted at {bpffs} and mounting it failed: Operation not "
                                      f"permitted; run `mount -t bpf bpf {bpffs}` as root")
     assert os.listdir(bpffs) == []
-    assert attached_count() == before
+    assert ours_attached_since(since) == []
 
 
 def rejected_source() -> str:
@@ -95,7 +111,7 @@ def rejected_source() -> str:
 
 def test_program_rejected_by_the_verifier_leaves_nothing_behind(needs_root):
     pin_dir = f"/sys/fs/bpf/nodeagent-test-{secrets.token_hex(3)}"
-    before = attached_count()
+    since = boottime_ns()
     cap = EbpfCapture(pin_dir, source=rejected_source())
     with pytest.raises(EbpfError) as info:
         cap.start()
@@ -103,7 +119,7 @@ def test_program_rejected_by_the_verifier_leaves_nothing_behind(needs_root):
     assert message.startswith("bpf: the kernel refused program na_connect4 (")
     assert "verifier log:" in message and "invalid mem access" in message
     assert not os.path.exists(pin_dir)          # the maps the compile pinned are gone again
-    assert attached_count() == before
+    assert ours_attached_since(since) == []
 
 
 def test_compile_error_names_the_problem_and_leaves_nothing_behind(needs_root):

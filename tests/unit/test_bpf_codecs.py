@@ -23,6 +23,7 @@ def test_original_dst_round_trip_and_layout():
     assert len(raw) == maps.ORIGINAL_DST_SIZE == 32
     assert raw[:16] == MAPPED + bytes([10, 250, 1, 2])      # IPv4 as ::ffff:a.b.c.d
     assert raw[16:18] == (80).to_bytes(2, "little")
+    assert raw[18:20] == bytes(2)                            # flags
     assert raw[20:24] == (3).to_bytes(4, "little")
     assert raw[24:32] == (0x1122334455).to_bytes(8, "little")
     assert maps.OriginalDst.decode(raw) == od
@@ -83,17 +84,25 @@ def test_attach_plan_creates_missing_links_and_replaces_pinned_ones():
     fresh = loader.attach_plan(pin, set())
     assert [(s.program.name, s.action) for s in fresh] == [
         ("na_connect4", "create"), ("na_connect6", "create"), ("na_sockops", "create"),
-        ("na_getsockopt", "create")]
-    assert [s.link_pin for s in fresh] == [f"{pin}/links/na_connect4", f"{pin}/links/na_connect6",
-                                           f"{pin}/links/na_sockops", f"{pin}/links/na_getsockopt"]
+        ("na_getsockopt", "create"), ("na_fast_sockops", "create"), ("na_fast_msg", "attach-map")]
+    assert [s.link_pin for s in fresh] == [
+        f"{pin}/links/na_connect4", f"{pin}/links/na_connect6", f"{pin}/links/na_sockops",
+        f"{pin}/links/na_getsockopt", f"{pin}/links/na_fast_sockops", f"{pin}/maps/local_socks"]
     partly = loader.attach_plan(pin, {f"{pin}/links/na_sockops", f"{pin}/maps/netns"})
-    assert [s.action for s in partly] == ["create", "create", "replace", "create"]
+    assert [s.action for s in partly] == ["create", "create", "replace", "create", "create", "attach-map"]
+
+
+def test_attach_plan_leaves_out_optional_programs_the_kernel_refused():
+    core = {"na_connect4", "na_connect6", "na_sockops", "na_getsockopt"}
+    plan = loader.attach_plan("/sys/fs/bpf/x", set(), loaded=core)
+    assert {s.program.name for s in plan} == core
+    assert all(not p.optional for p in loader.PROGRAMS if p.name in core)
 
 
 def test_attach_types_match_the_kernel_enum():
     by_name = {p.name: (p.prog_type, p.attach_type) for p in loader.PROGRAMS}
     assert by_name == {"na_connect4": (18, 10), "na_connect6": (18, 11), "na_sockops": (13, 3),
-                       "na_getsockopt": (25, 21)}
+                       "na_getsockopt": (25, 21), "na_fast_sockops": (13, 3), "na_fast_msg": (16, 7)}
 
 
 def test_privilege_problem():
@@ -121,3 +130,16 @@ def test_decide_capture_modes():
         loader.decide_capture("ebpf", "no headers")
     with pytest.raises(ValueError, match="--capture must be one of auto, ebpf, nftables, iptables"):
         loader.decide_capture("tproxy", None)
+
+
+def test_sock_key_layout_and_flags():
+    raw = maps.encode_sock_key(7, ("127.0.0.1", 40000), ("127.0.0.1", 15001))
+    assert len(raw) == maps.SOCK_KEY_SIZE == 48
+    assert raw[8:24] == MAPPED + bytes([127, 0, 0, 1])
+    assert raw[40:44] == (40000).to_bytes(2, "little") + (15001).to_bytes(2, "little")
+    assert maps.decode_sock_key(raw) == (7, ("127.0.0.1", 40000), ("127.0.0.1", 15001))
+    cfg = maps.WorkloadConfig(1, "127.0.0.1", 15001, maps.FLAG_FAST_PATH)
+    assert cfg.encode()[10:12] == (1).to_bytes(2, "little")
+    assert maps.WorkloadConfig.decode(cfg.encode()) == cfg
+    od = maps.OriginalDst("10.250.1.2", 80, flags=maps.FLAG_FAST_PATH)
+    assert maps.OriginalDst.decode(od.encode()).flags == maps.FLAG_FAST_PATH

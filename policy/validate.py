@@ -623,16 +623,25 @@ def _gateways(ctx: Ctx, path: str, gateways: tuple[str, ...]) -> None:
 
 
 def _weights(ctx: Ctx, path: str, dests) -> None:
+    """Istio (since 1.17, pkg/config/validation): each weight >= 0 and, with several
+    destinations, a total above 0; weights are relative proportions. Istio before 1.17
+    required a total of exactly 100: that is kept as a warning, so configurations
+    stay portable."""
     if ctx.has_errors_under(path):
         return
     total = 0
+    ok = True
     for i, d in enumerate(dests):
-        w = d.weight or 0
-        _range(ctx, f"{path}[{i}].weight", d.weight, 0, 100)
-        total += w
-    if len(dests) > 1 and total != 100:
-        ctx.err(path, f"total destination weight {total} != 100 (with several destinations the "
-                      f"weights must add up to 100)")
+        ok = _range(ctx, f"{path}[{i}].weight", d.weight, 0) and ok
+        total += d.weight or 0
+    if not ok or len(dests) < 2:
+        return
+    if total == 0:
+        ctx.err(path, "total destination weight = 0 (with several destinations give them weights, "
+                      "e.g. 80 and 20)")
+    elif total != 100:
+        ctx.warn(path, f"total destination weight {total} != 100: nodeagent (like Istio 1.17+) uses the "
+                       f"weights as proportions; Istio releases before 1.17 reject this")
 
 
 # --------------------------------------------------------------------------

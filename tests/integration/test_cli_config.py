@@ -47,8 +47,9 @@ def test_validate_reports_every_error_with_file_line_object_path():
     p = run("validate", "-f", "bad-weight.yaml")
     assert p.returncode == 1
     assert p.stderr.splitlines() == [
-        "bad-weight.yaml:15: VirtualService shop/reviews: spec.http[0].route[0].weight: must be <= 100, got 105",
         "bad-weight.yaml:19: VirtualService shop/reviews: spec.http[0].route[1].weight: must be >= 0, got -5",
+        'bad-weight.yaml:20: VirtualService shop/reviews: spec.http[0].timeout: must be a duration with a unit '
+        'such as "10s" or "10ms", got 10',
         "nodeagent: configuration is invalid: 2 errors",
     ]
     assert p.stdout == ""
@@ -153,7 +154,7 @@ def test_apply_of_invalid_input_changes_nothing(tmp_path):
     before = sorted(p.name for p in conf.iterdir())
     p = run("apply", "-f", SHOP / "catalog.yaml", "-f", "bad-weight.yaml", "--config-dir", conf)
     assert p.returncode == 1
-    assert "bad-weight.yaml:15: VirtualService shop/reviews: spec.http[0].route[0].weight" in p.stderr
+    assert "bad-weight.yaml:19: VirtualService shop/reviews: spec.http[0].route[1].weight" in p.stderr
     assert p.stderr.splitlines()[-1] == "nodeagent: 2 errors: nothing was applied"
     assert sorted(p.name for p in conf.iterdir()) == before
     p = run("apply", "-f", "empty.yaml", "--config-dir", conf)

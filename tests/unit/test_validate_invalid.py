@@ -45,22 +45,14 @@ CASES = [
     - destination: {host: reviews, subset: v2}
       weight: -5   #<
 """, "spec.http[0].route[1].weight", "must be >= 0, got -5"),
-    ("weight-over-100", VS, """\
-  hosts: [reviews]
-  http:
-  - route:
-    - destination: {host: reviews}
-      weight: 150   #<
-""", "spec.http[0].route[0].weight", "must be <= 100, got 150"),
-    ("weights-total", VS, """\
+    ("weights-total-zero", VS, """\
   hosts: [reviews]
   http:
   - route:   #<
     - destination: {host: reviews, subset: v1}
-      weight: 80
     - destination: {host: reviews, subset: v2}
-      weight: 10
-""", "spec.http[0].route", "total destination weight 90 != 100"),
+      weight: 0
+""", "spec.http[0].route", "total destination weight = 0"),
     ("unknown-field", VS, """\
   hosts: [reviews]
   http:
@@ -597,7 +589,14 @@ CASES += [
   - route:   #<
     - destination: {host: mongo, subset: a}
     - destination: {host: mongo, subset: b}
-""", "spec.tcp[0].route", "total destination weight 0 != 100"),
+""", "spec.tcp[0].route", "total destination weight = 0"),
+    ("tcp-weight-negative", VS, """\
+  hosts: [mongo]
+  tcp:
+  - route:
+    - destination: {host: mongo, subset: a}
+      weight: -1   #<
+""", "spec.tcp[0].route[0].weight", "must be >= 0, got -1"),
     ("dr-consistent-hash-empty", DR, """\
   host: reviews
   trafficPolicy:
@@ -852,8 +851,29 @@ def test_the_brief_example_exactly():
       weight: -5
 """
     res = load_text(text, "shop.yaml")
-    assert "shop.yaml:14: VirtualService shop/reviews: spec.http[0].route[1].weight: must be >= 0, got -5" in \
-        [str(e) for e in res.errors]
+    assert [str(e) for e in res.errors] == [
+        "shop.yaml:14: VirtualService shop/reviews: spec.http[0].route[1].weight: must be >= 0, got -5"]
+
+
+def test_weights_are_proportions_with_a_portability_warning():
+    # Istio 1.17+ accepts any non-negative weights (relative); older releases wanted 100
+    text = VS + """\
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews, subset: v1}
+      weight: 150
+    - destination: {host: reviews, subset: v2}
+      weight: 50
+"""
+    res = load_text(text, "shop.yaml")
+    assert res.errors == [] and len(res.resources) == 1
+    (w,) = res.warnings
+    assert str(w).startswith("shop.yaml:9: warning: VirtualService shop/reviews: spec.http[0].route: "
+                             "total destination weight 200 != 100")
+    one_dest = VS + "  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews}\n      weight: 30\n"
+    res = load_text(one_dest, "shop.yaml")
+    assert res.errors == [] and res.warnings == []
 
 
 def test_all_errors_of_a_file_are_reported():

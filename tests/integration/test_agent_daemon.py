@@ -342,3 +342,35 @@ def test_enroll_round_trip_latency(agents, tmp_path):
     assert p50 < 100.0, samples
     assert len(client.call({"op": "list"})["workloads"]) == 40
     assert agent.stop() == 0
+
+
+def test_config_bad_at_start_then_fixed_then_bad_change_refused(agents, tmp_path):
+    config = tmp_path / "cfg"
+    config.mkdir()
+    broken = ("apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
+              "metadata: {name: v, namespace: shop}\nspec: {hosts: 7}\n")
+    (config / "mesh.yaml").write_text(MESH_YAML + "---\n" + broken)
+    agent = agents(tmp_path / "state", config_dir=config)
+    agent.wait_http()
+    status, body = http_get(agent.ready_port, "/healthz/ready")
+    detail = json.loads(body)
+    assert status == 503 and detail["conditions"]["config"]["ok"] is False
+    assert "mesh.yaml:" in detail["conditions"]["config"]["detail"]
+    assert "hosts" in detail["conditions"]["config"]["detail"]
+    assert agent.json("/config_dump")["loaded"] is False
+
+    # Fixed on disk: picked up by the watch, the agent becomes ready.
+    (config / "mesh.yaml").write_text(MESH_YAML)
+    ready = agent.wait_ready()
+    assert ready["conditions"]["config"]["ok"] is True
+    version = agent.json("/config_dump")["version"]
+
+    # A bad change is refused; the last good snapshot keeps serving and stays ready.
+    (config / "broken.yaml").write_text(broken)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not agent.json("/config_dump")["rejected_change"]:
+        time.sleep(0.1)
+    dump = agent.json("/config_dump")
+    assert dump["version"] == version and any("broken.yaml" in e for e in dump["rejected_change"])
+    assert http_get(agent.ready_port, "/healthz/ready")[0] == 200
+    assert agent.stop() == 0

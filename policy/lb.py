@@ -19,7 +19,6 @@ from urllib.parse import unquote
 if TYPE_CHECKING:
     from policy.cluster import ClusterEndpoint, LbPolicy
 
-MAX_RING_SIZE = 8 * 1024 * 1024   # Envoy's maximum_ring_size default
 
 
 def hash64(data: str) -> int:
@@ -202,6 +201,38 @@ class RandomPicker(Picker):
         return endpoints[bisect.bisect_right(cum, rand.random() * cum[-1])]
 
 
+MAX_RING_POINTS = 1 << 18   # beyond this the points per endpoint are scaled down
+_RING_CACHE: dict = {}       # (endpoint ids and weights, points per weight) -> ring, shared
+_RING_CACHE_SIZE = 32
+
+
+def _ring(ids: tuple[tuple[str, int], ...], per_weight: int) -> tuple[list[int], list[int]]:
+    """Sorted point hashes and, per point, the index of its endpoint in ``ids``."""
+    key = (ids, per_weight)
+    ring = _RING_CACHE.get(key)
+    if ring is not None:
+        return ring
+    total = sum(max(w, 1) for _, w in ids) * per_weight
+    scale = min(1.0, MAX_RING_POINTS / total) if total else 1.0
+    points: list[tuple[int, int]] = []
+    for idx, (endpoint_id, w) in enumerate(ids):
+        count = max(1, int(max(w, 1) * per_weight * scale))
+        base = endpoint_id.encode()
+        block = 0
+        while count > 0:
+            digest = hashlib.blake2b(base + b"_%d" % block, digest_size=64).digest()
+            for j in range(0, min(count, 8) * 8, 8):
+                points.append((int.from_bytes(digest[j:j + 8], "big"), idx))
+            count -= 8
+            block += 1
+    points.sort()
+    ring = ([p[0] for p in points], [p[1] for p in points])
+    if len(_RING_CACHE) >= _RING_CACHE_SIZE:
+        del _RING_CACHE[next(iter(_RING_CACHE))]
+    _RING_CACHE[key] = ring
+    return ring
+
+
 class RingHashPicker(Picker):
     """Consistent hashing on a 64-bit ring (Ketama-style, as Envoy's ring hash).
 
@@ -212,48 +243,24 @@ class RingHashPicker(Picker):
     endpoint moves only the keys that were on it, adding one moves about
     1/(N+1) of the keys (all of them to the new endpoint). A key maps to the
     first point clockwise of its hash; excluded endpoints are skipped by walking
-    on. No key -> a random point (as Envoy). Rings beyond ``MAX_RING_SIZE``
-    points are scaled down."""
+    on. No key -> a random point (as Envoy). Rings are shared between pickers
+    with the same endpoints (e.g. one per source namespace, or across
+    snapshots); beyond ``MAX_RING_POINTS`` points they are scaled down, which
+    gives up that stability for very large clusters."""
 
-    __slots__ = ("minimum_ring_size", "_eps", "_ids", "_hashes", "_owners")
+    __slots__ = ("minimum_ring_size", "_eps", "_hashes", "_owners")
 
     def __init__(self, minimum_ring_size: int = 1024) -> None:
         self.minimum_ring_size = max(1, minimum_ring_size)
         self._eps = None
-        self._ids: tuple = ()
         self._hashes: list[int] = []
-        self._owners: list = []
-
-    def _build(self, endpoints) -> None:
-        self._eps = endpoints
-        ids = tuple((e.id, e.weight) for e in endpoints)
-        if ids == self._ids:
-            # same endpoints in a new tuple: keep the ring, refresh the objects
-            by_id = {e.id: e for e in endpoints}
-            self._owners = [by_id[o.id] for o in self._owners]
-            return
-        self._ids = ids
-        per_weight = self.minimum_ring_size
-        total = sum(max(e.weight, 1) for e in endpoints) * per_weight
-        scale = min(1.0, MAX_RING_SIZE / total) if total else 1.0
-        points: list[tuple[int, object]] = []
-        for e in endpoints:
-            count = max(1, int(max(e.weight, 1) * per_weight * scale))
-            base = e.id.encode()
-            block = 0
-            while count > 0:
-                digest = hashlib.blake2b(base + b"_%d" % block, digest_size=64).digest()
-                for j in range(0, min(count, 8) * 8, 8):
-                    points.append((int.from_bytes(digest[j:j + 8], "big"), e))
-                count -= 8
-                block += 1
-        points.sort(key=lambda p: p[0])
-        self._hashes = [p[0] for p in points]
-        self._owners = [p[1] for p in points]
+        self._owners: list[int] = []
 
     def pick(self, endpoints, hash_key, rand, exclude=()):
         if endpoints is not self._eps:
-            self._build(endpoints)
+            self._eps = endpoints
+            self._hashes, self._owners = _ring(tuple((e.id, e.weight) for e in endpoints),
+                                               self.minimum_ring_size)
         hashes = self._hashes
         n = len(hashes)
         if not n:
@@ -262,11 +269,11 @@ class RingHashPicker(Picker):
         i = bisect.bisect_left(hashes, h)
         owners = self._owners
         if not exclude:
-            return owners[i if i < n else 0]
+            return endpoints[owners[i if i < n else 0]]
         for _ in range(n):
             if i >= n:
                 i = 0
-            e = owners[i]
+            e = endpoints[owners[i]]
             if e.id not in exclude:
                 return e
             i += 1

@@ -3,20 +3,24 @@
 Layout under the pin directory (default /sys/fs/bpf/nodeagent):
 
     maps/netns maps/cgroup maps/excl_port maps/excl_dst maps/cookie_dst maps/pair_dst
-    links/na_connect4 links/na_connect6 links/na_sockops links/na_getsockopt
+    maps/local_socks maps/tcp_used
+    links/na_connect4 links/na_connect6 links/na_sockops links/na_getsockopt links/na_fast_sockops
 
-The three programs are attached ONCE, at the cgroup v2 root, with bpf_links
+The cgroup programs are attached ONCE, at the cgroup v2 root, with bpf_links
 that are pinned: they stay attached while the agent restarts, and a new agent
 re-adopts them by atomically swapping its freshly loaded programs into the
-pinned links (BPF_LINK_UPDATE), so there is no window without capture.
-Enrolling or removing a workload is a map update (no compile, no attach).
-``cleanup()`` detaches the links and removes every pin.
+pinned links (BPF_LINK_UPDATE), so there is no window without capture. The
+sk_msg program of the same-node fast path is attached to the pinned SOCKHASH
+(re-attaching replaces it). Enrolling or removing a workload is a map update
+(no compile, no attach). ``cleanup()`` detaches the links and removes every pin.
 
 Errors: ``EbpfUnavailable`` when this host cannot do eBPF capture at all
 (no bcc, no kernel headers, no privileges, no bpffs/cgroup v2) - with
 ``--capture auto`` the daemon falls back to nftables; ``EbpfError`` when an
 operation fails (a program the verifier rejects, a map that cannot be
-updated). A failed ``start()`` removes whatever it created.
+updated). A failed ``start()`` removes whatever it created. The fast-path
+programs are optional: when the kernel refuses them, capture runs without
+(``fast_path_problem`` says why, one warning line).
 """
 from __future__ import annotations
 
@@ -304,7 +308,6 @@ class EbpfCapture:
         self.timings: dict[str, float] = {}
         self.program_ids: dict[str, int] = {}
         self._map_fds: dict[str, int] = {}
-        self._started = False
 
     # -- start ---------------------------------------------------------------
 
@@ -332,7 +335,6 @@ class EbpfCapture:
         except BaseException:
             self._rollback(before)
             raise
-        self._started = True
 
     def _pins(self) -> set[str]:
         found = set()
@@ -417,8 +419,8 @@ class EbpfCapture:
             self._map_fds[name] = fd
             if _map_sizes(fd) != MAP_LAYOUTS[name]:
                 raise EbpfError(f"bpf: pinned map {path} has key/value sizes {_map_sizes(fd)}, expected "
-                                f"{MAP_LAYOUTS[name]} (left by another nodeagent version); run "
-                                f"`nodeagent` eBPF cleanup or remove {self.pin_dir}")
+                                f"{MAP_LAYOUTS[name]} (left by another nodeagent version); remove that state with "
+                                f"`python -m bpf.loader cleanup --pin-dir {self.pin_dir}`")
 
     def _attach(self, compiled: _Compiled, existing: set[str]) -> None:
         started = time.monotonic()
@@ -603,7 +605,6 @@ class EbpfCapture:
     def close(self) -> None:
         """Release this process's handles; pinned maps and links stay (agent restart)."""
         self._close_maps()
-        self._started = False
 
     def cleanup(self) -> None:
         """Detach every program and remove every pin (works without start(), e.g. after a crash)."""
@@ -633,7 +634,47 @@ class EbpfCapture:
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(self.pin_dir)
         self._forget_compiled()
-        self._started = False
         if problems:
             raise EbpfError("bpf: cleanup could not detach: " + "; ".join(problems))
         log.info("bpf: capture removed (%s)", self.pin_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bpf.loader status|cleanup [--pin-dir DIR]``: inspect or remove pinned capture state."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m bpf.loader")
+    parser.add_argument("action", choices=("status", "cleanup"))
+    parser.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
+    args = parser.parse_args(argv)
+    capture = EbpfCapture(args.pin_dir)
+    if args.action == "cleanup":
+        try:
+            capture.cleanup()
+        except EbpfError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        print(f"removed {args.pin_dir}")
+        return 0
+    if not os.path.isdir(args.pin_dir):
+        print(f"no eBPF capture state at {args.pin_dir}")
+        return 0
+    for name in maps.MAP_NAMES:
+        path = f"{args.pin_dir}/maps/{name}"
+        if os.path.exists(path):
+            capture._map_fds[name] = bpfsys.obj_get(path, readonly=True)
+    links = sorted(os.listdir(f"{args.pin_dir}/links")) if os.path.isdir(f"{args.pin_dir}/links") else []
+    print(f"links: {' '.join(links) or '-'}")
+    try:
+        for e in capture.enrollments():
+            print(f"{e.kind} {e.key}: -> {e.config.proxy_ip}:{e.config.proxy_port} "
+                  f"fast_path={'on' if e.config.flags & maps.FLAG_FAST_PATH else 'off'} "
+                  f"exclude ports={list(e.excludes.ports)} destinations={list(e.excludes.destinations)}")
+    finally:
+        capture.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

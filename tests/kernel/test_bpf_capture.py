@@ -413,6 +413,17 @@ def test_restarted_agent_readopts_pinned_maps_and_links(world):
     assert ask(world.netns["a"], DST).startswith("proxy 10.250.1.2:80")
 
 
+def test_status_command_lists_links_and_enrollments(world):
+    done = subprocess.run([sys.executable, "-m", "bpf.loader", "status", "--pin-dir", PIN_DIR], cwd=REPO,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "links: na_connect4 na_connect6 na_fast_sockops na_getsockopt na_sockops",
+        f"netns {world.enrolled.key}: -> 127.0.0.1:15001 fast_path=on exclude ports=[81] "
+        f"destinations=['10.250.1.3/32', 'fd00:250::3/128']",
+    ]
+
+
 def attached_ids() -> set[int]:
     fd = os.open(cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
     try:

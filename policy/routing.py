@@ -53,7 +53,8 @@ class RequestAttrs:
     method: str
     scheme: str                    # "http" | "https"
     authority: str                 # Host header / :authority, as received
-    path: str                      # path incl. ?query, as received
+    path: str                      # path incl. ?query, normalized as Envoy's HCM does before
+                                   # routing (policy.authz.normalize_path(p, keep_query=True))
     headers: Mapping[str, str]     # lower-case name -> value
     port: int                      # destination service port
     source: WorkloadRef | None     # the calling workload (sourceLabels, sourceNamespace)

@@ -31,8 +31,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ListenerSpec:
+    """A listener: where, and the context its connections get.
+
+    ``sock``: an already bound socket (e.g. bound inside a pod's network
+    namespace by setns in a thread); workers then share it instead of binding
+    their own SO_REUSEPORT sockets.
+    """
+
     address: tuple[str, int]
     context: ListenerContext
+    sock: socket.socket | None = None
 
 
 @dataclass
@@ -130,7 +138,7 @@ def _start_metrics(address: tuple[str, int], source) -> tuple[object, tuple[str,
 def run(config: ProxyConfig) -> int:
     """Run the proxy until SIGTERM/SIGINT. Returns an exit code."""
     workers = max(1, config.workers)
-    sockets = [bind_socket(spec.address, reuse_port=workers > 1) for spec in config.listeners]
+    sockets = [spec.sock or bind_socket(spec.address, reuse_port=workers > 1) for spec in config.listeners]
     bound = [s.getsockname()[:2] for s in sockets]
     if workers == 1:
         return _run_single(config, sockets, bound)
@@ -177,9 +185,13 @@ def _run_multi(config, sockets, bound, workers) -> int:
             parent_end.close()
             code = 0
             try:
-                for s in sockets:
-                    s.close()
-                own = [bind_socket(addr, reuse_port=True) for addr in bound]
+                own = []
+                for spec, s, addr in zip(config.listeners, sockets, bound):
+                    if spec.sock is not None:
+                        own.append(s)  # pre-bound: every worker accepts on the same socket
+                    else:
+                        s.close()
+                        own.append(bind_socket(addr, reuse_port=True))
                 loop = _new_loop()
                 asyncio.set_event_loop(loop)
                 loop.run_until_complete(_worker_main(config, own, child_end, None))

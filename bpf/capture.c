@@ -255,13 +255,24 @@ int na_sockops(struct bpf_sock_ops *skops)
 
 // getsockopt(SOL_IP, SO_ORIGINAL_DST) / getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)
 // on the socket the proxy accepted, answered from pair_dst.
+static __always_inline int na_sockopt_pass(struct bpf_sockopt *ctx)
+{
+    // Leave every other getsockopt as the kernel answered it. Buffers larger
+    // than a page are only partly visible to BPF: optlen 0 tells the kernel to
+    // keep the caller's original buffer (iptables-legacy reads big tables this
+    // way; see Documentation/bpf/prog_cgroup_sockopt.rst).
+    if (ctx->optlen > 4096)
+        ctx->optlen = 0;
+    return 1;
+}
+
 int na_getsockopt(struct bpf_sockopt *ctx)
 {
     if (ctx->optname != NA_SO_ORIGINAL_DST)
-        return 1;
+        return na_sockopt_pass(ctx);
     int level = ctx->level;
     if (level != NA_SOL_IP && level != NA_SOL_IPV6)
-        return 1;
+        return na_sockopt_pass(ctx);
     struct bpf_sock *sk = ctx->sk;
     if (!sk)
         return 1;

@@ -413,6 +413,20 @@ def test_restarted_agent_readopts_pinned_maps_and_links(world):
     assert ask(world.netns["a"], DST).startswith("proxy 10.250.1.2:80")
 
 
+def test_other_getsockopt_calls_pass_through_even_with_big_buffers(world, needs_tool):
+    # iptables-legacy reads its table with getsockopt into a buffer larger than a page
+    restore = needs_tool("iptables-legacy-restore")
+    legacy = needs_tool("iptables-legacy")
+    rules = "".join(f"-A OUTPUT -p tcp --dport {20000 + i} -j ACCEPT\n" for i in range(80))
+    ns = world.netns["b"]
+    subprocess.run(["ip", "netns", "exec", ns, restore], input=f"*filter\n{rules}COMMIT\n", text=True,
+                   check=True, capture_output=True, timeout=20)
+    listed = subprocess.run(["ip", "netns", "exec", ns, legacy, "-w", "-S", "OUTPUT"], text=True, check=True,
+                            capture_output=True, timeout=20).stdout
+    assert listed.count("-j ACCEPT") == 80
+    assert "--dport 20079" in listed
+
+
 def test_status_command_lists_links_and_enrollments(world):
     done = subprocess.run([sys.executable, "-m", "bpf.loader", "status", "--pin-dir", PIN_DIR], cwd=REPO,
                           capture_output=True, text=True, timeout=30)

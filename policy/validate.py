@@ -432,6 +432,9 @@ def _decode_special(node: Node, name: str, path: str, ctx: Ctx) -> Any:
             ctx.err(path, "one of exact, prefix or regex is required")
             return INVALID
         kind, value = found[0]
+        if kind in ("prefix", "regex") and value == "":
+            ctx.err(f"{path}.{kind}", f"{kind} string match should not be empty")
+            return INVALID
         if kind == "regex":
             err = regex_error(value)
             if err:
@@ -482,6 +485,8 @@ _RE2_OPTIONS.log_errors = False   # no C++ log lines on stderr
 
 def regex_error(pattern: str) -> str | None:
     """None when ``pattern`` compiles as RE2 (Istio's regex dialect), else the reason."""
+    if len(pattern) > 1024:
+        return f"regex is too large, max length allowed is 1024 (got {len(pattern)})"
     try:
         re2.compile(pattern, _RE2_OPTIONS)
     except Exception as exc:  # re2.error and friends
@@ -502,9 +507,13 @@ def wildcard_domain_error(host: str) -> str | None:
     if h == "*":
         return None
     if h.startswith("*"):
-        if not h.startswith("*."):
-            return f'invalid host "{host}": a wildcard must be "*" or a "*." prefix'
-        h = h[2:]
+        first, _, rest = h.partition(".")
+        # Istio accepts a wildcard only in the first label: "*", "*.x", or partial "*foo.x"
+        if not re.fullmatch(r"\*|\*-?[a-z0-9]([-a-z0-9]*[a-z0-9])?", first):
+            return f'invalid host "{host}": a wildcard is only allowed at the start of the first label'
+        if not rest:
+            return None
+        h = rest
     if h.endswith("."):
         h = h[:-1]
     for label in h.split("."):
@@ -578,6 +587,19 @@ def _fmt_secs(v: float) -> str:
     return f"{v:g}s"
 
 
+def _header_op_error(name: str, allow_authority: bool) -> str | None:
+    """Istio's ValidateHTTPHeader(WithAuthority)OperationName."""
+    if allow_authority and name.lower() in (":authority", "host"):
+        return None
+    if name.startswith(":"):
+        return f'invalid header "{name}": header cannot have ":" prefix'
+    if not _HEADER_NAME.match(name):
+        return f'invalid HTTP header name "{name}"'
+    if name.lower() == "host":
+        return f'invalid header "{name}": cannot set Host header (use :authority in request set/add)'
+    return None
+
+
 def _header_names(ctx: Ctx, path: str, headers: m.Headers | None) -> None:
     if headers is None:
         return
@@ -587,11 +609,13 @@ def _header_names(ctx: Ctx, path: str, headers: m.Headers | None) -> None:
             continue
         for op in ("set", "add"):
             for name in getattr(ops, op):
-                if not _HEADER_NAME.match(name):
-                    ctx.err(f"{path}.{part}.{op}[{name}]", f'invalid HTTP header name "{name}"')
+                e = _header_op_error(name, allow_authority=(part == "request"))
+                if e:
+                    ctx.err(f"{path}.{part}.{op}[{name}]", e)
         for i, name in enumerate(ops.remove):
-            if not _HEADER_NAME.match(name):
-                ctx.err(f"{path}.{part}.remove[{i}]", f'invalid HTTP header name "{name}"')
+            e = _header_op_error(name, allow_authority=False)
+            if e:
+                ctx.err(f"{path}.{part}.remove[{i}]", e)
 
 
 def _export_to(ctx: Ctx, path: str, export_to: tuple[str, ...]) -> None:
@@ -704,6 +728,8 @@ def _c_http_route(r: m.HTTPRoute, path: str, ctx: Ctx) -> None:
 def _c_redirect(r: m.HTTPRedirect, path: str, ctx: Ctx) -> None:
     if not r.uri and not r.authority and r.port is None and r.derive_port is None and not r.scheme:
         ctx.err(path, "redirect must specify uri, authority, scheme or port")
+    if r.scheme and r.scheme not in ("http", "https"):
+        ctx.err(f"{path}.scheme", f'invalid redirect scheme "{r.scheme}": must be "http" or "https"')
     if r.redirect_code is not None and not 300 <= r.redirect_code <= 399:
         ctx.err(f"{path}.redirectCode", f"must be a 3xx HTTP redirect code, got {r.redirect_code}")
     _port(ctx, f"{path}.port", r.port)
@@ -712,6 +738,12 @@ def _c_redirect(r: m.HTTPRedirect, path: str, ctx: Ctx) -> None:
 def _c_direct_response(r: m.HTTPDirectResponse, path: str, ctx: Ctx) -> None:
     if not 200 <= r.status <= 599:
         ctx.err(f"{path}.status", f"must be an HTTP status code between 200 and 599, got {r.status}")
+    if r.body is not None:
+        size = len(r.body.string or r.body.bytes or "")
+        if size > 1 << 20:
+            ctx.err(f"{path}.body", f"direct response body must be less than 1MB, got {size} bytes")
+        elif size > 100 << 10:
+            ctx.warn(f"{path}.body", f"large direct response body ({size} bytes)")
 
 
 def _c_rewrite(r: m.HTTPRewrite, path: str, ctx: Ctx) -> None:
@@ -722,6 +754,10 @@ def _c_rewrite(r: m.HTTPRewrite, path: str, ctx: Ctx) -> None:
 
 
 def _c_regex_rewrite(r: m.RegexRewrite, path: str, ctx: Ctx) -> None:
+    if not r.match or not r.rewrite:
+        ctx.err(f"{path}.match" if not r.match else f"{path}.rewrite",
+                "uriRegexRewrite needs both match and rewrite")
+        return
     e = regex_error(r.match)
     if e:
         ctx.err(f"{path}.match", f"invalid RE2 regular expression {r.match!r}: {e}")
@@ -733,6 +769,7 @@ def _c_retry(r: m.HTTPRetry, path: str, ctx: Ctx) -> None:
         ctx.err(f"{path}.attempts", "retry policy configured but attempts is 0 (retries disabled): "
                                     "set attempts >= 1 or remove the other retry fields")
     _min_duration(ctx, f"{path}.perTryTimeout", r.per_try_timeout)
+    _min_duration(ctx, f"{path}.backoff", r.backoff)
     for pol in r.retry_on:
         if pol in _RETRY_ON:
             continue
@@ -761,10 +798,18 @@ def _c_delay(d: m.Delay, path: str, ctx: Ctx) -> None:
         _range(ctx, f"{path}.percent", d.percent, 0, 100)
 
 
+_GRPC_STATUS = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+                "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
+                "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"}
+
+
 def _c_abort(a: m.Abort, path: str, ctx: Ctx) -> None:
     if a.http_status is None and a.grpc_status is None and a.http2_error is None \
             and not ctx.has_errors_under(f"{path}.httpStatus", f"{path}.grpcStatus"):
-        ctx.err(f"{path}.httpStatus", "required field is missing (or grpcStatus)")
+        ctx.warn(path, "abort configured, but no httpStatus (or grpcStatus) is set: it aborts nothing")
+    if a.grpc_status is not None and a.grpc_status not in _GRPC_STATUS:
+        ctx.err(f"{path}.grpcStatus", f'gRPC status "{a.grpc_status}" is not supported (use a code name '
+                                      f"such as UNAVAILABLE or NOT_FOUND)")
     if a.http_status is not None and not 200 <= a.http_status <= 599:
         ctx.err(f"{path}.httpStatus", f"must be an HTTP status code between 200 and 599, got {a.http_status}")
     if a.http2_error is not None:
@@ -1014,6 +1059,15 @@ def _c_service_entry(se: m.ServiceEntry, path: str, ctx: Ctx) -> None:
         validate_labels(se.workload_selector.match_labels, f"{path}.workloadSelector.labels", ctx, selector=True)
     if resolution == "NONE" and se.endpoints:
         ctx.err(f"{path}.endpoints", "no endpoints may be given with resolution NONE (set resolution: STATIC or DNS)")
+    if resolution == "NONE" and se.workload_selector is not None:
+        ctx.warn(f"{path}.workloadSelector", "workloadSelector should not be set when resolution is NONE")
+    if resolution == "DNS_ROUND_ROBIN" and len(se.endpoints) > 1:
+        ctx.err(f"{path}.endpoints", "there must be 0 or 1 endpoint with resolution DNS_ROUND_ROBIN")
+    for i, h in enumerate(se.hosts):
+        first = h.split(".", 1)[0]
+        if first.startswith("*") and first != "*":
+            ctx.warn(f"{path}.hosts[{i}]", f'partial wildcard "{first}" is not supported by all proxies; '
+                                           f'prefer "*." followed by a domain')
     unix = False
     for i, ep in enumerate(se.endpoints):
         ep_path = f"{path}.endpoints[{i}]"
@@ -1063,8 +1117,19 @@ def _c_service_port(p: m.ServicePort, path: str, ctx: Ctx) -> None:
 
 
 def _c_workload_entry(we: m.WorkloadEntry, path: str, ctx: Ctx) -> None:
-    if not we.address and not ctx.has_errors_under(f"{path}.address"):
-        ctx.err(f"{path}.address", "required field is missing")
+    addr = we.address or ""
+    if not addr and not ctx.has_errors_under(f"{path}.address"):
+        if we.network:
+            ctx.warn(f"{path}.address", f'address is unset with network "{we.network}"')
+        else:
+            ctx.err(f"{path}.address", "required field is missing")
+    elif addr.startswith("unix://"):
+        if not addr[len("unix://"):].startswith(("/", "@")):
+            ctx.err(f"{path}.address", f'invalid unix address "{addr}": must be an absolute path')
+        if we.ports:
+            ctx.err(f"{path}.ports", f"unix endpoint {addr} must not include ports")
+    elif addr and not is_ip(addr) and (wildcard_domain_error(addr) or addr.startswith("*")):
+        ctx.err(f"{path}.address", f'"{addr}" is not a valid IP address or FQDN')
     for name, port in we.ports.items():
         if not is_dns1123_label(name):
             ctx.err(f"{path}.ports[{name}]", f'invalid port name "{name}": must be a DNS-1123 label')

@@ -547,11 +547,75 @@ CASES += [
       delay:
         exponentialDelay: 1s   #<
 """, "spec.http[0].fault.delay.exponentialDelay", "exponentialDelay is not supported"),
-    ("abort-without-status", VS, ROUTE + """\
+    ("abort-grpc-status", VS, ROUTE + """\
     fault:
-      abort:   #<
-        percentage: {value: 5}
-""", "spec.http[0].fault.abort.httpStatus", "required field is missing"),
+      abort:
+        grpcStatus: TEAPOT   #<
+""", "spec.http[0].fault.abort.grpcStatus", 'gRPC status "TEAPOT" is not supported'),
+    ("prefix-empty", VS, """\
+  hosts: [reviews]
+  http:
+  - match:
+    - uri:
+        prefix: ""   #<
+    route:
+    - destination: {host: reviews}
+""", "spec.http[0].match[0].uri.prefix", "prefix string match should not be empty"),
+    ("regex-too-long", VS, """\
+  hosts: [reviews]
+  http:
+  - match:
+    - uri:
+        regex: "REGEX"   #<
+    route:
+    - destination: {host: reviews}
+""".replace("REGEX", "a" * 1100), "spec.http[0].match[0].uri.regex", "regex is too large"),
+    ("retry-backoff", VS, ROUTE + """\
+    retries:
+      attempts: 2
+      backoff: 0s   #<
+""", "spec.http[0].retries.backoff", "duration must be at least 1ms"),
+    ("redirect-scheme", VS, """\
+  hosts: [reviews]
+  http:
+  - redirect:
+      uri: /x
+      scheme: ftp   #<
+""", "spec.http[0].redirect.scheme", 'must be "http" or "https"'),
+    ("regex-rewrite-empty", VS, ROUTE + """\
+    rewrite:
+      uriRegexRewrite:
+        match: ""   #<
+        rewrite: /x
+""", "spec.http[0].rewrite.uriRegexRewrite.match", "needs both match and rewrite"),
+    ("header-pseudo", VS, ROUTE + """\
+    headers:
+      request:
+        set:
+          ":path": /x   #<
+""", "spec.http[0].headers.request.set[:path]", 'header cannot have ":" prefix'),
+    ("header-host-response", VS, ROUTE + """\
+    headers:
+      response:
+        add:
+          host: x   #<
+""", "spec.http[0].headers.response.add[host]", "cannot set Host header"),
+    ("se-dns-rr-endpoints", SE, """\
+  hosts: [db.example.com]
+  ports: [{number: 5432, name: tcp-pg, protocol: TCP}]
+  resolution: DNS_ROUND_ROBIN
+  endpoints:   #<
+  - address: a.db.example.com
+  - address: b.db.example.com
+""", "spec.endpoints", "0 or 1 endpoint with resolution DNS_ROUND_ROBIN"),
+    ("we-unix-ports", WE, """\
+  address: unix:///var/run/app.sock
+  ports:   #<
+    http: 80
+""", "spec.ports", "must not include ports"),
+    ("we-address-invalid", WE, """\
+  address: "not an address"   #<
+""", "spec.address", "is not a valid IP address or FQDN"),
     ("abort-http2", VS, ROUTE + """\
     fault:
       abort:
@@ -834,6 +898,33 @@ def test_invalid_spec(case):
 def test_invalid_metadata_and_kind(case):
     _id, text, obj, path, fragment = case
     _check(text, obj, path, fragment)
+
+
+def test_istio_warnings_load():
+    text = VS + ROUTE + """\
+    fault:
+      abort:
+        percentage: {value: 5}
+    headers:
+      request:
+        set: {":authority": reviews-v2, host: reviews-v2}
+"""
+    res = load_text(text, "shop.yaml")
+    assert res.errors == [] and len(res.resources) == 1
+    assert [str(w) for w in res.warnings] == [
+        "shop.yaml:13: warning: VirtualService shop/reviews: spec.http[0].fault.abort: abort configured, but no "
+        "httpStatus (or grpcStatus) is set: it aborts nothing"]
+    se_text = SE + """\
+  hosts: ["*foo.example.com"]
+  ports: [{number: 80, name: http}]
+  workloadSelector: {labels: {app: x}}
+"""
+    res = load_text(se_text, "se.yaml")
+    assert res.errors == []
+    assert sorted(w.path for w in res.warnings) == ["spec.hosts[0]", "spec.workloadSelector"]
+    we_text = WE + "  network: vpc-2\n"
+    res = load_text(we_text, "we.yaml")
+    assert res.errors == [] and "address is unset" in str(res.warnings[0])
 
 
 def test_case_count():

@@ -595,8 +595,6 @@ def _header_op_error(name: str, allow_authority: bool) -> str | None:
         return f'invalid header "{name}": header cannot have ":" prefix'
     if not _HEADER_NAME.match(name):
         return f'invalid HTTP header name "{name}"'
-    if name.lower() == "host":
-        return f'invalid header "{name}": cannot set Host header (use :authority in request set/add)'
     return None
 
 

@@ -594,12 +594,12 @@ CASES += [
         set:
           ":path": /x   #<
 """, "spec.http[0].headers.request.set[:path]", 'header cannot have ":" prefix'),
-    ("header-host-response", VS, ROUTE + """\
+    ("header-pseudo-response", VS, ROUTE + """\
     headers:
       response:
         add:
-          host: x   #<
-""", "spec.http[0].headers.response.add[host]", "cannot set Host header"),
+          ":authority": x   #<
+""", "spec.http[0].headers.response.add[:authority]", 'header cannot have ":" prefix'),
     ("se-dns-rr-endpoints", SE, """\
   hosts: [db.example.com]
   ports: [{number: 5432, name: tcp-pg, protocol: TCP}]

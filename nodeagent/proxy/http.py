@@ -19,6 +19,8 @@ from httptools import (
     HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser, parse_url,
 )
 
+from nodeagent.proxy.context import RequestInfo
+
 log = logging.getLogger(__name__)
 
 BUFFER_LIMIT = 256 * 1024  # request bytes held while no upstream connection is ready
@@ -106,6 +108,10 @@ class HttpDownstream(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER)
         if self.peer is None:
             self.peer = self.runtime.peer_info(self.ctx, transport)
+            if not self.runtime.authorize_connection(self.ctx, self.peer):
+                self.closing = True
+                transport.abort()
+                return
         self.last_activity = self.runtime.loop.time()
         self.runtime.downstreams.add(self)
 
@@ -385,6 +391,14 @@ class Exchange:
         if self.upgrade and self.method == b"CONNECT":
             self.local_reply(LocalReply(405, "-", b"CONNECT is not supported on this listener\n"))
             return
+        authorizer = self.down.ctx.authorizer
+        if authorizer is not None:
+            denied = authorizer.authorize_request(self.down.peer, RequestInfo(
+                self.method.decode("latin-1"), self.path.decode("latin-1"),
+                self.authority.decode("latin-1"), self.header_map()))
+            if denied:
+                self.local_reply(LocalReply(403, "RBAC", b"RBAC: access denied"))
+                return
         plan = self.runtime.plan(self)
         if plan.__class__ is LocalReply:
             self.local_reply(plan)

@@ -102,6 +102,7 @@ class ClusterState:
     __slots__ = (
         "key", "source_namespace", "version", "policy", "endpoints", "by_id", "picker",
         "outlier", "pool", "service", "rand", "no_endpoint_labels", "ejected", "protocol",
+        "connector",
     )
 
     def __init__(self, key, source_namespace, connector, rand) -> None:
@@ -114,6 +115,7 @@ class ClusterState:
         self.picker = None
         self.outlier = None
         self.pool = ClusterPool(key, PoolLimits(), connector)
+        self.connector = connector  # the listener's; ``for_cluster`` may bind it to this cluster (seam)
         self.service = None
         self.rand = rand
         self.no_endpoint_labels = None
@@ -145,6 +147,12 @@ class ClusterState:
             connect_timeout=policy.connect_timeout,
             idle_timeout=policy.idle_timeout,
         )
+        # Seam for the mTLS tunnel (nodeagent.proxy.tunnel.TunnelConnector): a connector may bind
+        # itself to the cluster's TLS mode, and name the destination principal it will verify.
+        bind = getattr(self.connector, "for_cluster", None)
+        if bind is not None and (self.policy is None or policy.tls_mode != self.policy.tls_mode):
+            self.pool.connector = bind(policy)
+        principal_of = getattr(self.pool.connector, "destination_principal", None)
         old = self.by_id
         by_id = {}
         for cep in endpoints:
@@ -152,7 +160,11 @@ class ClusterState:
             if prev is not None and prev.cluster_endpoint == cep:
                 by_id[cep.id] = prev
             else:
-                by_id[cep.id] = UpstreamEndpoint(cep, destination_labels(service, cep.endpoint, self.protocol))
+                labels = destination_labels(service, cep.endpoint, self.protocol)
+                principal = principal_of(cep) if principal_of is not None else None
+                if principal:
+                    labels = labels[:2] + (principal,) + labels[3:]
+                by_id[cep.id] = UpstreamEndpoint(cep, labels)
         self.by_id = by_id
         self.endpoints = endpoints
         self.no_endpoint_labels = destination_labels(service, None, self.protocol)
@@ -256,6 +268,17 @@ class ProxyRuntime:
         if dest is None and ctx.original_destination is not None:
             dest = ctx.original_destination(transport.get_extra_info("socket"))
         return PeerInfo(remote=tuple(remote[:2]), local=tuple(local[:2]), original_destination=dest)
+
+    def authorize_connection(self, ctx: ListenerContext, peer: PeerInfo) -> bool:
+        """The listener's L4 authorization hook (inbound listeners); True = accept."""
+        authorizer = ctx.authorizer
+        if authorizer is None:
+            return True
+        denied = authorizer.authorize_connection(peer)
+        if denied:
+            log.info("connection from %s:%s denied on %s: %s", peer.remote[0], peer.remote[1], ctx.name, denied)
+            return False
+        return True
 
     def source_ref(self, ctx: ListenerContext, snapshot):
         """The snapshot's WorkloadRef of the listener's source workload (None when unknown)."""

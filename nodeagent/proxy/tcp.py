@@ -223,6 +223,9 @@ class DispatchProtocol(asyncio.Protocol):
         self.transport = transport
         runtime = self.runtime
         self.peer = peer = runtime.peer_info(self.ctx, transport)
+        if not runtime.authorize_connection(self.ctx, peer):
+            transport.abort()
+            return
         dest = peer.original_destination
         if dest is None:
             self._become(HttpDownstream(runtime, self.ctx, peer))

@@ -186,3 +186,70 @@ def test_ebpf_capture_outbound_through_the_agent(agents, topology, tmp_path, nee
         out = cli(state, "uninstall", check=False)
     assert out.returncode == 0, out.stderr
     assert not Path(pin_dir).exists()
+
+
+def test_host_mode_cgroup_workload_with_ebpf(agents, needs_root, tmp_path):
+    """A host service (a cgroup, no pod) enrolled with --cgroup: its outbound connects
+    go to its own listener on 127.0.0.1, which names it as the source workload."""
+    import secrets
+    import subprocess
+
+    from bpf.loader import cgroup2_root, unavailable_reason
+    from tests.conftest import require
+
+    require(unavailable_reason() is None, f"eBPF capture unavailable: {unavailable_reason()}")
+    root = cgroup2_root()
+    require(root is not None, "needs cgroup v2")
+    from tests.integration.test_agent_daemon import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", SERVER.replace('"0.0.0.0"', '"127.0.0.77"'), str(port)])
+    cgroup = f"naagt-{secrets.token_hex(3)}"
+    cgroup_dir = Path(root, cgroup)
+    cgroup_dir.mkdir()
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "mesh.yaml").write_text(mesh_yaml("127.0.0.77").replace("targetPort: 8080", f"targetPort: {port}"))
+    state = tmp_path / "state"
+    pin_dir = f"/sys/fs/bpf/naagt-{secrets.token_hex(3)}"
+    agent = agents(state, capture="ebpf", config_dir=config, extra=("--bpf-pin-dir", pin_dir))
+    client_cmd = (f"echo $$ > {cgroup_dir}/cgroup.procs && exec {sys.executable} -c '{CLIENT}' "
+                  f"http://10.250.99.1/ server.shop.svc.cluster.local")
+    try:
+        agent.wait_ready(timeout=60)
+        out = cli(state, "enroll", "--cgroup", f"/{cgroup}", "--name", "batch", "--namespace", "ops",
+                  "--service-account", "batch", "--labels", "app=batch")
+        assert "capture applied" in out.stdout, out.stdout
+        (listener,) = agent.json("/workloads")["listeners"]
+        assert listener["workload"] == "ops/batch" and listener["listeners"] == ["127.0.0.1:15100"]
+        assert wait_for(lambda: _connects(("127.0.0.77", port))), "server did not start"
+        reply = subprocess.run(["sh", "-c", client_cmd], capture_output=True, text=True, timeout=20).stdout.strip()
+        assert reply == "200 hello from server, you are 127.0.0.1", reply
+        status, metrics = http_get(agent.metrics, "/metrics")
+        assert 'source_workload="batch"' in metrics and 'source_workload_namespace="ops"' in metrics
+        cli(state, "unenroll", "--cgroup", f"/{cgroup}")
+        reply = subprocess.run(["sh", "-c", client_cmd], capture_output=True, text=True, timeout=20).stdout.strip()
+        assert reply.startswith("ERR"), reply  # the VIP means nothing without the proxy
+        assert agent.stop() == 0
+    finally:
+        agent.stop()
+        server.kill()
+        server.wait()
+        cli(state, "uninstall", check=False)
+        for _ in range(50):
+            try:
+                cgroup_dir.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+    assert not Path(pin_dir).exists() and not cgroup_dir.exists()
+
+
+def _connects(address) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(address, timeout=1).close()
+    except OSError:
+        return False
+    return True

@@ -269,11 +269,13 @@ def start_capture(requested: str, pin_dir: str = DEFAULT_PIN_DIR, **kwargs) -> "
 
     Returns the started EbpfCapture, or None when nftables/iptables should be
     used (for ``auto`` one warning line says why). ``ebpf`` on a host that
-    cannot do it raises EbpfUnavailable with the reason.
+    cannot do it raises EbpfUnavailable with the reason. An explicit ``ebpf``
+    prepares missing kernel headers (once); ``auto`` falls back at once instead.
     """
     problem = None
     capture = None
     if requested in ("auto", "ebpf"):
+        kwargs.setdefault("prepare_headers", requested == "ebpf")
         capture = EbpfCapture(pin_dir, **kwargs)
         try:
             capture.start()
@@ -293,7 +295,8 @@ class EbpfCapture:
 
     def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, *, bpffs: str = DEFAULT_BPFFS,
                  skip_mark: int = SKIP_MARK, source: str | None = None,
-                 max_cgroup_depth: int = 8, local_fast_path: bool = True) -> None:
+                 max_cgroup_depth: int = 8, local_fast_path: bool = True,
+                 prepare_headers: bool = False) -> None:
         self.pin_dir = pin_dir.rstrip("/")
         self.bpffs = bpffs.rstrip("/")
         if not (self.pin_dir + "/").startswith(self.bpffs + "/") or self.pin_dir == self.bpffs:
@@ -302,6 +305,7 @@ class EbpfCapture:
         self.source = source if source is not None else SOURCE.read_text()
         self.max_cgroup_depth = max_cgroup_depth
         self.local_fast_path = local_fast_path
+        self.prepare_headers = prepare_headers
         self.fast_path_problem: str | None = None   # why the fast path is off on this kernel
         self.cgroup_root: str | None = None
         self.header_tree: headers.HeaderTree | None = None
@@ -312,7 +316,17 @@ class EbpfCapture:
     # -- start ---------------------------------------------------------------
 
     def start(self) -> None:
-        """Compile (once per process), pin the maps, attach or re-adopt the programs."""
+        """Compile (once per process), pin the maps, attach or re-adopt the programs.
+
+        With ``prepare_headers`` a missing header tree is prepared first from
+        Debian's packages (once, ~15 s; `python -m bpf.headers prepare` does the same).
+        """
+        if self.prepare_headers and headers.find_header_tree() is None and privilege_problem() is None:
+            try:
+                headers.prepare_debian_tree(log=log.info)
+            except (headers.HeaderError, OSError) as exc:
+                raise EbpfUnavailable(f"{headers.explain_missing()}; preparing Debian's header packages "
+                                      f"failed: {exc}") from None
         reason = unavailable_reason(self.bpffs)
         if reason:
             raise EbpfUnavailable(reason)

@@ -171,7 +171,13 @@ def measure(name: str, url: str, pid: int | None, args, host: str | None = None)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["mesh"]:  # `python -m bench mesh`: the two-node mesh path, bench/mesh.py
+        from bench.mesh import main as mesh_main
+        return mesh_main(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+                                epilog="`python -m bench mesh --help`: client pod -> agent -> mTLS -> agent -> "
+                                       "pod vs an HAProxy chain with an mTLS hop (root)")
     p.add_argument("--duration", type=int, default=8, help="seconds per measured run (default 8)")
     p.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per target (default 2)")
     p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")

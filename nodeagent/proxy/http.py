@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 
 from httptools import (
     HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser, parse_url,
@@ -48,6 +49,57 @@ _REASONS = {
 }
 
 
+class RequestHeaders:
+    """Request headers as a read-only lower-case str Mapping, decoded on first use.
+
+    Routing looks at headers only when a route matches on them, so most
+    requests never pay for the decoding."""
+
+    __slots__ = ("_pairs", "_map")
+
+    def __init__(self, pairs: list) -> None:
+        self._pairs = pairs
+        self._map = None
+
+    def _dict(self) -> dict:
+        hmap = self._map
+        if hmap is None:
+            hmap = {}
+            for name, value in self._pairs:
+                key = name.decode("latin-1").lower()
+                val = value.decode("latin-1")
+                hmap[key] = hmap[key] + "," + val if key in hmap else val
+            self._map = hmap
+        return hmap
+
+    def __getitem__(self, key: str) -> str:
+        return self._dict()[key]
+
+    def get(self, key: str, default=None):
+        return self._dict().get(key, default)
+
+    def __contains__(self, key) -> bool:
+        return key in self._dict()
+
+    def __iter__(self):
+        return iter(self._dict())
+
+    def __len__(self) -> int:
+        return len(self._dict())
+
+    def keys(self):
+        return self._dict().keys()
+
+    def items(self):
+        return self._dict().items()
+
+    def values(self):
+        return self._dict().values()
+
+
+Mapping.register(RequestHeaders)
+
+
 class LocalReply:
     """A response the proxy itself answers (no route, fault abort, overflow, redirect...)."""
 
@@ -59,6 +111,9 @@ class LocalReply:
         self.body = body
         self.headers = headers
         self.route_name = route_name
+
+
+_STATUS_LINES = {code: b"HTTP/1.1 %d %b\r\n" % (code, reason) for code, reason in _REASONS.items()}
 
 
 def _chunk(data: bytes) -> bytes:
@@ -369,16 +424,11 @@ class Exchange:
         self.authority = authority
         self.headers = keep
 
-    def header_map(self) -> dict:
-        """Request headers as a lower-case str dict (for routing matches; built once)."""
+    def header_map(self) -> RequestHeaders:
+        """Request headers as a lower-case str Mapping (decoded lazily, once)."""
         hmap = self._hmap
         if hmap is None:
-            hmap = {}
-            for name, value in self.headers:
-                key = name.decode("latin-1").lower()
-                val = value.decode("latin-1")
-                hmap[key] = hmap[key] + "," + val if key in hmap else val
-            self._hmap = hmap
+            hmap = self._hmap = RequestHeaders(self.headers)
         return hmap
 
     def path_str(self) -> str:
@@ -576,7 +626,7 @@ class Exchange:
         status = 502 if flag == "UPE" else 503
         self.local_reply(LocalReply(status, flag, b"upstream connect error or disconnect/reset before headers. reset reason: connection termination", route_name=self.plan.route_name))
 
-    def upstream_head(self, conn, status: int, reason: bytes, headers: list) -> None:
+    def upstream_head(self, conn, status: int, headers: list) -> None:
         self._cancel_try_timer()
         self.cluster.record(self.endpoint, status, self.runtime.loop.time())
         if status >= 500 and not self.upgrade and self._retryable_status(status):
@@ -605,7 +655,7 @@ class Exchange:
             out.append(h)
         if plan.response_ops is not None:
             out = apply_header_ops(out, plan.response_ops)
-        parts = [b"HTTP/1.1 %d " % status, reason or _REASONS.get(status, b"Unknown"), b"\r\n"]
+        parts = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d %b\r\n" % (status, _REASONS.get(status, b"Unknown"))]
         for name, value in out:
             parts += (name, b": ", value, b"\r\n")
         if status == 101:

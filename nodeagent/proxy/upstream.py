@@ -38,7 +38,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "pool", "endpoint", "transport", "parser", "exchange", "requests", "idle_since",
-        "closed", "raw", "head_only", "status", "reason", "headers", "keep_alive",
+        "closed", "raw", "head_only", "status", "headers", "keep_alive",
     )
 
     def __init__(self, pool: "ClusterPool", endpoint: tuple[str, int]) -> None:
@@ -53,7 +53,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.raw = False
         self.head_only = False
         self.status = 0
-        self.headers = None
+        self.headers = []
         self.keep_alive = True
 
     # asyncio.Protocol
@@ -111,23 +111,19 @@ class UpstreamConnection(asyncio.Protocol):
         if self.exchange is not None:
             self.exchange.upstream_resume_writing()
 
-    # httptools callbacks
-    def on_message_begin(self) -> None:
-        self.headers = []
-
-    def on_status(self, reason: bytes) -> None:
-        self.reason = reason
-
+    # httptools callbacks (no on_status: the reason phrase is regenerated, as Envoy does)
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         self.status = status
+        headers = self.headers
+        self.headers = []
         if 100 <= status < 200 and status != 101:
             return  # interim responses are consumed here (we strip Expect upstream)
         self.keep_alive = self.parser.should_keep_alive()
-        self.exchange.upstream_head(self, status, self.reason, self.headers)
+        self.exchange.upstream_head(self, status, headers)
         if self.head_only and status != 101:
             raise _HeadResponseDone()
 

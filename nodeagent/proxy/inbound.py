@@ -1,0 +1,620 @@
+"""The inbound side of a workload: PeerAuthentication, AuthorizationPolicy, then the application.
+
+Both inbound listeners end here:
+
+- the mTLS tunnel (15008, ``nodeagent.proxy.tunnel.TunnelServer``): the peer
+  principal is the verified client certificate's, the stream is ``mutual_tls``;
+- plaintext (15006, ``InboundPlane.plaintext_factory``): no principal,
+  ``none``; STRICT refuses the connection with a reset.
+
+``InboundPlane.admit`` decides at connect: the PeerAuthentication mode for the
+target port (``policy.peerauthn``), the protocol of the target port (the
+workload's service port: name ``http*``/``grpc*`` or protocol HTTP), and for
+opaque TCP the L4 AuthorizationPolicy verdict (``policy.authz``).
+``InboundPlane.attach`` then serves the stream:
+
+- HTTP: the engine's ``HttpDownstream`` with this plane as its runtime, so
+  every request is authorized here (``plan``) with the real peer principal
+  (403 ``RBAC: access denied``, flag RBAC), its path normalized as
+  authorized, and forwarded to the application at the original destination
+  (no VirtualService at the destination; upstream connections pooled per
+  workload and target, marked 0x539 in netns mode);
+- TCP: the engine's ``TcpRelay`` to the application, with TCP metrics.
+
+Metrics carry ``reporter="destination"``, the peer's principal and workload
+(looked up in the snapshot by principal and address) and
+``connection_security_policy`` (with ``MeshTelemetry``).
+
+Live connections are registered; on a snapshot change (``recheck``, called by
+the watcher every 0.25 s or by the daemon) every one is re-checked: a
+plaintext connection that STRICT now refuses is reset, a TCP stream or an
+idle HTTP connection that the L4 verdict now denies is closed; HTTP requests
+are authorized one by one against the current snapshot anyway.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from policy.authz import (AuthorizationIndex, Connection, InvalidPath, RBAC_DENIED_BODY, RBAC_DENIED_STATUS,
+                          RBAC_RESPONSE_FLAG, Request, evaluate, needs_l7, normalize_path)
+from policy.cluster import ClusterKey
+from policy.peerauthn import PeerAuthenticationIndex, accepts
+
+from nodeagent.identity.spiffe import SpiffeId
+from nodeagent.proxy.context import ListenerContext, PeerInfo, PlainConnector, WorkloadIdentity
+from nodeagent.proxy.http import HttpDownstream, LocalReply
+from nodeagent.proxy.runtime import ForwardPlan
+from nodeagent.proxy.tcp import TcpRelay, port_kind
+from nodeagent.proxy.upstream import ClusterPool, PoolLimits
+
+log = logging.getLogger(__name__)
+
+_SNIFF_LIMIT = 4096
+_CONTEXT_CACHE_LIMIT = 4096
+_IDENTITY_HEADERS = frozenset((b"x-forwarded-client-cert",))  # never trusted from a client
+
+
+@dataclass(frozen=True, eq=False)
+class InboundWorkload:
+    """A local workload as its inbound listeners see it.
+
+    ``addresses``: the workload's own IPs (a CONNECT must target one of them).
+    ``connector``: how the proxy reaches the application (the daemon's
+    NetnsConnector, mark 0x539, in netns mode; PlainConnector on loopback).
+    """
+
+    namespace: str
+    name: str
+    service_account: str
+    labels: Mapping[str, str]
+    addresses: tuple[str, ...]
+    trust_domain: str = "cluster.local"
+    connector: object = field(default_factory=PlainConnector)
+
+    @property
+    def identity(self) -> SpiffeId:
+        return SpiffeId.workload(self.namespace, self.service_account, self.trust_domain)
+
+    @property
+    def principal(self) -> str:
+        return self.identity.principal
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class InboundContext(ListenerContext):
+    """A ListenerContext for inbound streams: the peer as ``source``, plus the
+    security policy label and the local workload."""
+
+    security_policy: str = "none"
+    workload: InboundWorkload | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    allowed: bool
+    reason: str = ""
+    workload: InboundWorkload | None = None
+    principal: str | None = None
+    remote: tuple[str, int] = ("", 0)
+    target: tuple[str, int] = ("", 0)
+    mtls: bool = False
+    kind: str = "tcp"  # "http" | "sniff" | "tcp"
+
+
+class _AppEndpoint:
+    __slots__ = ("id", "addr", "host", "labels")
+
+    def __init__(self, target: tuple[str, int], labels: tuple) -> None:
+        self.addr = target
+        self.id = self.host = "%s:%d" % target
+        self.labels = labels
+
+
+class AppCluster:
+    """The local application behind one (workload, target): what the engine's
+    exchanges and relays need from a cluster (pick/done/record/pool/labels)."""
+
+    __slots__ = ("key", "pool", "endpoint", "no_endpoint_labels", "version")
+
+    def __init__(self, workload: InboundWorkload, target: tuple[str, int]) -> None:
+        self.key = ClusterKey(f"inbound.{workload.name}.{workload.namespace}", None, target[1])
+        self.pool = ClusterPool(self.key, PoolLimits(), workload.connector)
+        self.endpoint = _AppEndpoint(target, ())
+        self.no_endpoint_labels = ()
+        self.version = None
+
+    def refresh(self, labels: tuple, version) -> None:
+        self.endpoint.labels = labels
+        self.no_endpoint_labels = labels
+        self.version = version
+
+    def pick(self, exchange, tried):
+        return self.endpoint
+
+    def done(self, endpoint) -> None:
+        pass
+
+    def labels_for(self, endpoint) -> tuple:
+        return self.no_endpoint_labels
+
+    def record(self, endpoint, status: int, now: float) -> None:
+        pass  # no outlier detection towards the local application
+
+    def sweep(self, now: float) -> None:
+        self.pool.sweep(now)
+
+
+class _Policies:
+    __slots__ = ("version", "authz", "peer")
+
+    def __init__(self, snapshot, trust_domain: str, aliases: tuple[str, ...]) -> None:
+        self.version = snapshot.version
+        self.authz = AuthorizationIndex(snapshot, trust_domain=trust_domain, trust_domain_aliases=aliases)
+        self.peer = PeerAuthenticationIndex(snapshot)
+
+
+class InboundConnection:
+    """One live inbound stream, as the registry re-checks it."""
+
+    __slots__ = ("admission", "transport", "tracked")
+
+    def __init__(self, admission: Admission, transport, tracked) -> None:
+        self.admission = admission
+        self.transport = transport
+        self.tracked = tracked
+
+
+class InboundPlane:
+    """Inbound policy and serving for the local workloads of one ProxyRuntime.
+
+    For the engine's ``HttpDownstream`` and ``TcpRelay`` this object is the
+    runtime (it delegates loop, limits, telemetry and bookkeeping to the
+    shared ``ProxyRuntime`` and answers ``plan`` itself).
+    """
+
+    def __init__(self, runtime, *, trust_domain: str = "cluster.local",
+                 trust_domain_aliases: tuple[str, ...] = ()) -> None:
+        self.runtime = runtime
+        self.snapshots = runtime.snapshots
+        self.trust_domain = trust_domain
+        self.aliases = tuple(trust_domain_aliases)
+        self.connections: set[InboundConnection] = set()
+        self.clusters: dict[tuple, AppCluster] = {}
+        self._policies: _Policies | None = None
+        self._contexts: dict[tuple, InboundContext] = {}
+        self._watch: asyncio.Task | None = None
+        self._checked_version = None
+
+    # --- what the engine reads from its runtime ------------------------
+    @property
+    def loop(self):
+        return self.runtime.loop
+
+    @property
+    def limits(self):
+        return self.runtime.limits
+
+    @property
+    def downstreams(self):
+        return self.runtime.downstreams
+
+    @property
+    def telemetry(self):
+        return self.runtime.telemetry
+
+    @property
+    def access_log(self):
+        return self.runtime.access_log
+
+    def peer_info(self, ctx, transport) -> PeerInfo:
+        return self.runtime.peer_info(ctx, transport)
+
+    def authorize_connection(self, ctx, peer) -> bool:
+        return True  # inbound streams are admitted by ``admit`` before the engine sees them
+
+    def record_exchange(self, exchange) -> None:
+        self.runtime.record_exchange(exchange)
+
+    def telemetry_local_error(self, down, status: int) -> None:
+        self.runtime.telemetry_local_error(down, status)
+
+    def mirror(self, exchange, plan) -> None:  # inbound plans never mirror
+        pass
+
+    # --- lifecycle -----------------------------------------------------
+    def start(self) -> None:
+        """Watch for snapshot changes (re-check live connections) and sweep idle app connections."""
+        if self._watch is None:
+            self._checked_version = self.snapshots().version
+            self._watch = asyncio.get_running_loop().create_task(self._watch_forever())
+
+    async def _watch_forever(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            try:
+                if self.snapshots().version != self._checked_version:
+                    self.recheck()
+                now = self.loop.time()
+                for cluster in list(self.clusters.values()):
+                    cluster.sweep(now)
+            except Exception:  # a bug must not stop re-checks for every workload
+                log.exception("inbound: re-check failed")
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        for entry in list(self.connections):
+            entry.transport.abort()
+        for cluster in self.clusters.values():
+            cluster.pool.close_all()
+
+    # --- policy --------------------------------------------------------
+    def policies(self) -> tuple[object, _Policies]:
+        snapshot = self.snapshots()
+        cached = self._policies
+        if cached is None or cached.version != snapshot.version:
+            cached = _Policies(snapshot, self.trust_domain, self.aliases)
+            self._policies = cached
+        return snapshot, cached
+
+    def _kind(self, snapshot, target: tuple[str, int]) -> tuple[str, object]:
+        found = snapshot.service_by_address(target[0], target[1])
+        if found is None:
+            return "tcp", None
+        service, sport = found
+        return port_kind(sport), service
+
+    def _mtls_refusal(self, pol: _Policies, wl: InboundWorkload, port: int, mtls: bool) -> str | None:
+        mode = pol.peer.mode(wl.namespace, wl.labels, port)
+        if accepts(mode, mtls):
+            return None
+        return f"PeerAuthentication {mode} for {wl.ref} port {port}: plaintext refused"
+
+    def _connection(self, principal, remote, target) -> Connection:
+        return Connection(source_principal=principal, source_ip=remote[0], destination_ip=target[0],
+                          destination_port=target[1])
+
+    def admit(self, workload: InboundWorkload, principal: str | None, remote: tuple[str, int],
+              target: tuple[str, int], *, mtls: bool) -> Admission:
+        """Decide a new inbound stream at connect."""
+        snapshot, pol = self.policies()
+        refusal = self._mtls_refusal(pol, workload, target[1], mtls)
+        if refusal is not None:
+            return Admission(False, refusal)
+        kind, _ = self._kind(snapshot, target)
+        admission = Admission(True, "", workload, principal, tuple(remote[:2]), tuple(target), mtls, kind)
+        if kind == "tcp":
+            verdict = evaluate(pol.authz.for_workload(workload.namespace, workload.labels),
+                               self._connection(principal, remote, target))
+            if not verdict.allowed:
+                self._count_tcp_denial(admission)
+                return Admission(False, verdict.reason)
+        return admission
+
+    def _count_tcp_denial(self, admission: Admission) -> None:
+        ctx = self.context(admission)
+        entry = self.telemetry.tcp_entry(ctx, self.cluster(admission).no_endpoint_labels[:-1] + ("tcp",),
+                                         RBAC_RESPONSE_FLAG)
+        entry[0] += 1
+        entry[1] += 1
+
+    # --- contexts, clusters, labels ------------------------------------
+    def context(self, admission: Admission) -> InboundContext:
+        wl = admission.workload
+        snapshot = self.snapshots()
+        source = self._source_identity(snapshot, admission.principal, admission.remote[0])
+        security = "mutual_tls" if admission.mtls else "none"
+        key = (wl, admission.principal, source.name if source is not None else None, security)
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            if len(self._contexts) >= _CONTEXT_CACHE_LIMIT:
+                self._contexts.clear()
+            ctx = InboundContext(f"inbound {wl.ref}", source, "destination", wl.connector,
+                                 security_policy=security, workload=wl)
+            self._contexts[key] = ctx
+        return ctx
+
+    def _source_identity(self, snapshot, principal: str | None, ip: str) -> WorkloadIdentity | None:
+        if not principal:
+            return None
+        parts = principal.split("/")
+        if len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa":
+            return WorkloadIdentity(namespace="unknown", name="unknown", principal=principal)
+        ns, sa = parts[2], parts[4]
+        candidates = [w for w in snapshot.workloads if w.namespace == ns and w.service_account == sa]
+        match = next((w for w in candidates if w.address == ip), None)
+        if match is None and len(candidates) == 1:
+            match = candidates[0]
+        if match is None:
+            return WorkloadIdentity(namespace=ns, name="unknown", service_account=sa, principal=principal)
+        return WorkloadIdentity(namespace=ns, name=match.name, service_account=sa, labels=dict(match.labels),
+                                principal=principal)
+
+    def cluster(self, admission: Admission) -> AppCluster:
+        wl, target = admission.workload, admission.target
+        key = (wl, target)
+        cluster = self.clusters.get(key)
+        if cluster is None:
+            cluster = AppCluster(wl, target)
+            self.clusters[key] = cluster
+        snapshot = self.snapshots()
+        if cluster.version != snapshot.version:
+            cluster.refresh(self._destination_labels(snapshot, wl, target), snapshot.version)
+        return cluster
+
+    def _destination_labels(self, snapshot, wl: InboundWorkload, target) -> tuple:
+        kind, service = self._kind(snapshot, target)
+        if service is not None:
+            host, name = service.host, (service.host.split(".", 1)[0] if service.mesh_internal else service.host)
+            sns = service.namespace
+        else:
+            host = name = sns = "unknown"
+        return (wl.name, wl.namespace, wl.principal, wl.labels.get("app", "unknown"),
+                wl.labels.get("version", "unknown"), host, name, sns, "tcp" if kind == "tcp" else "http")
+
+    # --- serving -------------------------------------------------------
+    def attach(self, admission: Admission, transport) -> asyncio.Protocol:
+        """Serve an admitted stream on ``transport``; returns the protocol to feed its events to."""
+        tracked = _Tracked(self)
+        entry = InboundConnection(admission, transport, tracked)
+        tracked.entry = entry
+        self.connections.add(entry)
+        ctx = self.context(admission)
+        peer = PeerInfo(remote=admission.remote, local=admission.target, original_destination=admission.target,
+                        peer_principal=admission.principal or "")
+        if admission.kind == "http":
+            inner = HttpDownstream(self, ctx, peer)
+        elif admission.kind == "sniff":
+            inner = _Sniff(self, entry, ctx, peer)
+        else:
+            inner = TcpRelay(self, ctx, peer, self.cluster(admission))
+        tracked.inner = inner
+        tracked.connection_made(transport)
+        return tracked
+
+    def plan(self, exchange):
+        """Per request on an inbound HTTP stream: PeerAuthentication, AuthorizationPolicy, then the app."""
+        down = exchange.down
+        ctx = down.ctx
+        peer = down.peer
+        wl = ctx.workload
+        target = peer.original_destination
+        snapshot, pol = self.policies()
+        admission = Admission(True, "", wl, peer.peer_principal or None, peer.remote, target,
+                              ctx.security_policy == "mutual_tls", "http")
+        cluster = self.cluster(admission)
+        exchange.dest = cluster.no_endpoint_labels
+        refusal = self._mtls_refusal(pol, wl, target[1], admission.mtls)
+        if refusal is not None:  # the policy changed under a live plaintext connection
+            log.info("inbound %s: %s", wl.ref, refusal)
+            _reset(down.transport)
+            down.close()
+            return LocalReply(503, "-")
+        policies = pol.authz.for_workload(wl.namespace, wl.labels)
+        conn = self._connection(admission.principal, peer.remote, target)
+        raw_path = exchange.path.decode("latin-1")
+        target_path = None
+        try:
+            if raw_path[:1] == "/":
+                target_path = normalize_path(raw_path, keep_query=True)
+            if needs_l7(policies):
+                verdict = evaluate(policies, Request(conn, host=exchange.authority.decode("latin-1"),
+                                                     method=exchange.method.decode("latin-1"), path=raw_path,
+                                                     headers=exchange.header_map()))
+            else:
+                verdict = evaluate(policies, conn)
+        except InvalidPath:
+            return LocalReply(400, "-", b"Bad Request")
+        if not verdict.allowed:
+            log.debug("inbound %s <- %s %s denied: %s", wl.ref, admission.principal, raw_path, verdict.reason)
+            return LocalReply(RBAC_DENIED_STATUS, RBAC_RESPONSE_FLAG, RBAC_DENIED_BODY)
+        plan = ForwardPlan()
+        plan.cluster = cluster
+        plan.path = target_path.encode("latin-1") if target_path is not None and target_path != raw_path else None
+        plan.authority = None
+        plan.request_ops = _STRIP_IDENTITY if any(n.lower() in _IDENTITY_HEADERS for n, _ in exchange.headers) else None
+        plan.response_ops = None
+        plan.timeout = None
+        plan.per_try_timeout = None
+        plan.retry = None
+        plan.delay = None
+        plan.abort = None
+        plan.mirror = None
+        plan.mirror_authority = None
+        plan.route_name = ""
+        return plan
+
+    # --- live connections ----------------------------------------------
+    def recheck(self) -> int:
+        """Re-decide every live inbound stream on the current snapshot; returns how many were closed."""
+        snapshot, pol = self.policies()
+        self._checked_version = snapshot.version
+        closed = 0
+        for entry in list(self.connections):
+            a = entry.admission
+            refusal = self._mtls_refusal(pol, a.workload, a.target[1], a.mtls)
+            if refusal is not None:
+                log.info("inbound %s <- %s closed after a policy change: %s", a.workload.ref,
+                         a.principal or a.remote[0], refusal)
+                _reset(entry.transport)
+                closed += 1
+                continue
+            inner = entry.tracked.inner
+            is_http = isinstance(inner, HttpDownstream)
+            policies = pol.authz.for_workload(a.workload.namespace, a.workload.labels)
+            if is_http and (needs_l7(policies) or inner.active is not None):
+                continue  # decided per request
+            verdict = evaluate(policies, self._connection(a.principal, a.remote, a.target))
+            if not verdict.allowed:
+                log.info("inbound %s <- %s closed after a policy change: %s", a.workload.ref,
+                         a.principal or a.remote[0], verdict.reason)
+                if is_http:
+                    inner.close()
+                else:
+                    entry.transport.abort()
+                closed += 1
+        return closed
+
+    # --- plaintext 15006 -------------------------------------------------
+    def plaintext_factory(self, workload: InboundWorkload,
+                          target_of: Callable[[socket.socket], tuple[str, int] | None] | None = None):
+        """Protocol factory for a plaintext inbound listener (15006) of ``workload``.
+
+        ``target_of(sock)``: the original destination (default SO_ORIGINAL_DST).
+        """
+        if target_of is None:
+            from redirect import original_dst
+
+            def target_of(sock):
+                try:
+                    return original_dst(sock)
+                except OSError:
+                    return None
+        return lambda: _PlaintextInbound(self, workload, target_of)
+
+
+_RST = struct.pack("ii", 1, 0)
+
+
+def _reset(transport) -> None:
+    """Close with a TCP reset (SO_LINGER 0), as a refused connection should look."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
+        except OSError:
+            pass
+    transport.abort()
+
+
+class _StripIdentityHeaders:
+    """Request header op: drop client-supplied identity headers (x-forwarded-client-cert)."""
+
+    def apply_pairs(self, pairs):
+        return [(n, v) for n, v in pairs if n.lower().encode("latin-1") not in _IDENTITY_HEADERS]
+
+
+_STRIP_IDENTITY = _StripIdentityHeaders()
+
+
+class _Tracked(asyncio.Protocol):
+    """Forwards a stream's events to the engine's protocol; unregisters it when it ends."""
+
+    __slots__ = ("plane", "entry", "inner")
+
+    def __init__(self, plane: InboundPlane) -> None:
+        self.plane = plane
+        self.entry = None
+        self.inner = None
+
+    def connection_made(self, transport) -> None:
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self):
+        handler = getattr(self.inner, "eof_received", None)
+        return handler() if handler is not None else False
+
+    def connection_lost(self, exc) -> None:
+        self.plane.connections.discard(self.entry)
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class _Sniff(asyncio.Protocol):
+    """HTTP2/GRPC-declared ports: HTTP/1.x if the first line says so, else an opaque relay (L4 checked)."""
+
+    def __init__(self, plane: InboundPlane, entry: InboundConnection, ctx, peer) -> None:
+        self.plane = plane
+        self.entry = entry
+        self.ctx = ctx
+        self.peer = peer
+        self.transport = None
+        self.buffer = b""
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        from nodeagent.proxy.tcp import _REQUEST_LINE
+        self.buffer += data
+        if b"\n" not in self.buffer and len(self.buffer) < _SNIFF_LIMIT:
+            return
+        a = self.entry.admission
+        tracked = self.entry.tracked
+        if _REQUEST_LINE.match(self.buffer):
+            inner = HttpDownstream(self.plane, self.ctx, self.peer)
+            tracked.inner = inner
+            inner.connection_made(self.transport)
+            inner.data_received(self.buffer)
+            return
+        _, pol = self.plane.policies()
+        verdict = evaluate(pol.authz.for_workload(a.workload.namespace, a.workload.labels),
+                           self.plane._connection(a.principal, a.remote, a.target))
+        if not verdict.allowed:
+            self.plane._count_tcp_denial(a)
+            self.transport.abort()
+            return
+        inner = TcpRelay(self.plane, self.ctx, self.peer, self.plane.cluster(a), initial=self.buffer)
+        tracked.inner = inner
+        inner.connection_made(self.transport)
+
+    def connection_lost(self, exc) -> None:
+        pass
+
+
+class _PlaintextInbound(asyncio.Protocol):
+    """A plaintext inbound connection (15006): STRICT resets it; else admitted as ``none``."""
+
+    def __init__(self, plane: InboundPlane, workload: InboundWorkload, target_of) -> None:
+        self.plane = plane
+        self.workload = workload
+        self.target_of = target_of
+        self.next = None
+
+    def connection_made(self, transport) -> None:
+        remote = tuple((transport.get_extra_info("peername") or ("", 0))[:2])
+        target = self.target_of(transport.get_extra_info("socket"))
+        if target is None:
+            log.info("inbound %s <- %s refused: no original destination", self.workload.ref, remote[0])
+            _reset(transport)
+            return
+        admission = self.plane.admit(self.workload, None, remote, target, mtls=False)
+        if not admission.allowed:
+            log.info("inbound %s <- %s:%s refused: %s", self.workload.ref, remote[0], remote[1], admission.reason)
+            _reset(transport)
+            return
+        self.next = self.plane.attach(admission, transport)
+        transport.set_protocol(self.next)
+
+    def data_received(self, data: bytes) -> None:
+        if self.next is not None:
+            self.next.data_received(data)
+
+    def connection_lost(self, exc) -> None:
+        if self.next is not None:
+            self.next.connection_lost(exc)
+
+
+__all__ = ["InboundWorkload", "InboundContext", "InboundPlane", "Admission", "AppCluster"]

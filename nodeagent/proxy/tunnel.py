@@ -1,0 +1,565 @@
+"""The node-to-node mTLS tunnel (port 15008): HBONE-style CONNECT over TLS 1.3.
+
+Source side (``TunnelConnector``, a ``Connector``): for an endpoint that is in
+the mesh (``MeshDirectory`` knows its SPIFFE identity: an enrolled workload,
+or a WorkloadEntry / ServiceEntry endpoint with a ``serviceAccount``) and
+whose cluster TLS mode is ISTIO_MUTUAL (the default for in-mesh services;
+DestinationRule ``tls.mode: DISABLE`` sends plaintext), the connector
+
+1. opens TCP to ``<endpoint ip>:15008`` (marked 0x539, from inside the source
+   pod's network namespace when it has one),
+2. runs a TLS 1.3 handshake presenting the SOURCE workload's certificate
+   (``TunnelTls`` through its per-workload scoped guard),
+3. checks that the server is exactly the identity the snapshot places at that
+   address (anything else: the connection is refused, never used),
+4. sends ``CONNECT <ip>:<port> HTTP/1.1`` and waits for ``200``,
+5. hands the byte stream inside the tunnel to the engine's protocol as if it
+   were a plain TCP connection (HTTP/1.1 requests, or relayed bytes).
+
+Pools are per (source identity, cluster): every source workload's listener has
+its own connector, and the engine pools upstream connections per connector
+and cluster, so a tunnel carries only one workload's requests and is reused
+with keep-alive. No identity header is ever sent or trusted: the destination
+learns the caller from the client certificate alone.
+
+Destination side (``TunnelServer``): one TLS listener per local workload
+address. The handshake presents the DESTINATION workload's certificate and
+requires a client certificate that chains to the trust bundle; then
+``peer_identity`` checks trust domain, validity and revocation. The CONNECT
+target must be an address of this workload. Policy and the inner stream are
+handled by ``nodeagent.proxy.inbound.InboundPlane``.
+
+HTTP/2 (HBONE proper, for ztunnel interop): ALPN offers only ``http/1.1``
+today, and one TLS connection carries one CONNECT stream. Offering ``h2`` in
+front of it and multiplexing CONNECT streams is the next step; the CONNECT
+request and reply used here are the same messages HBONE sends as HTTP/2
+HEADERS frames, so the policy side does not change.
+
+Limit: asyncio's TLS transport cannot half-close (no TLS close_notify while
+still reading), so an opaque TCP stream whose client shuts down its sending
+side closes the whole tunnel stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+import socket
+from typing import Callable
+
+from nodeagent.identity.errors import IdentityError, PeerRejected
+from nodeagent.identity.spiffe import SpiffeId
+from nodeagent.identity.tls import TunnelTls
+from nodeagent.telemetry import Telemetry, merge_exports
+
+log = logging.getLogger(__name__)
+
+TUNNEL_PORT = 15008
+HEAD_LIMIT = 8192  # a CONNECT request or reply head larger than this is refused
+HEAD_TIMEOUT = 10.0  # the CONNECT request must arrive this soon after the handshake
+HANDSHAKE_TIMEOUT = 10.0
+
+_CONNECT_LINE = re.compile(rb"^CONNECT (\S+) HTTP/1\.1$")
+_STATUS_LINE = re.compile(rb"^HTTP/1\.[01] (\d{3})(?: (.*))?$")
+
+
+class TunnelError(ConnectionError):
+    """A tunnel could not be set up (the engine treats it as a connect failure)."""
+
+
+def format_target(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def parse_target(target: str) -> tuple[str, int] | None:
+    """``ip:port`` or ``[v6]:port`` -> (ip, port); None when malformed."""
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    if host.startswith("["):
+        if not host.endswith("]"):
+            return None
+        host = host[1:-1]
+    elif ":" in host:
+        return None
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return None
+    number = int(port)
+    if not 0 < number < 65536:
+        return None
+    return host, number
+
+
+# ---------------------------------------------------------------------------
+# who is in the mesh
+
+
+class MeshDirectory:
+    """The SPIFFE identity living at an address, if that address is in the mesh.
+
+    Sources: ``local(ip)`` (the daemon's enrolled workloads, optional), then
+    the snapshot's WorkloadEntry objects and ServiceEntry inline endpoints that
+    name a ``serviceAccount`` (an entry without one is not a mesh workload: it
+    is reached in plaintext). Recomputed once per snapshot version.
+    """
+
+    def __init__(self, snapshots: Callable[[], object], trust_domain: str = "cluster.local",
+                 local: Callable[[str], SpiffeId | None] | None = None) -> None:
+        self.snapshots = snapshots
+        self.trust_domain = trust_domain
+        self.local = local
+        self._version = None
+        self._by_address: dict[str, SpiffeId] = {}
+
+    def identity_at(self, address: str) -> SpiffeId | None:
+        if self.local is not None:
+            found = self.local(address)
+            if found is not None:
+                return found
+        snapshot = self.snapshots()
+        if snapshot.version != self._version or self._version is None:
+            self._by_address = self._index(snapshot)
+            self._version = snapshot.version
+        return self._by_address.get(address)
+
+    def _index(self, snapshot) -> dict[str, SpiffeId]:
+        out: dict[str, SpiffeId] = {}
+        for res in snapshot.resources:
+            if res.kind == "WorkloadEntry":
+                entries = ((res.namespace, res.spec),)
+            elif res.kind == "ServiceEntry":
+                entries = tuple((res.namespace, ep) for ep in res.spec.endpoints)
+            else:
+                continue
+            for namespace, we in entries:
+                if not we.address or not we.service_account:
+                    continue
+                try:
+                    identity = SpiffeId.workload(namespace, we.service_account, self.trust_domain)
+                except ValueError:
+                    continue  # validation reports bad names; such an entry is not a mesh workload
+                out.setdefault(we.address, identity)
+        return out
+
+
+# ---------------------------------------------------------------------------
+# metrics: connection_security_policy per record
+
+
+class MeshTelemetry:
+    """``Telemetry`` with Istio's ``connection_security_policy`` decided per record.
+
+    Drop-in for ``nodeagent.telemetry.Telemetry`` (same ``record_http``,
+    ``tcp_entry`` and ``export``). The label comes from the listener context
+    when it declares one (``InboundContext.security_policy``: ``mutual_tls``
+    on 15008, ``none`` on plaintext 15006); on the source side it is
+    ``mutual_tls`` when the destination principal is known, which only the
+    tunnel's verified handshake provides (as ztunnel reports it), else
+    ``unknown``.
+    """
+
+    POLICIES = ("unknown", "mutual_tls", "none")
+
+    def __init__(self) -> None:
+        self.parts: dict[str, Telemetry] = {}
+        for name in self.POLICIES:
+            part = Telemetry()
+            part.security_policy = name
+            self.parts[name] = part
+
+    def _part(self, ctx, dest) -> Telemetry:
+        policy = getattr(ctx, "security_policy", None)
+        if policy is None:
+            policy = "mutual_tls" if len(dest) > 2 and dest[2] != "unknown" else "unknown"
+        return self.parts.get(policy) or self.parts["unknown"]
+
+    def record_http(self, ctx, dest: tuple, status: int, flags: str, duration_ms: float,
+                    req_bytes: int, resp_bytes: int) -> None:
+        self._part(ctx, dest).record_http(ctx, dest, status, flags, duration_ms, req_bytes, resp_bytes)
+
+    def tcp_entry(self, ctx, dest: tuple, flags: str = "-") -> list:
+        return self._part(ctx, dest).tcp_entry(ctx, dest, flags)
+
+    def export(self) -> dict:
+        return merge_exports([part.export() for part in self.parts.values()])
+
+
+# ---------------------------------------------------------------------------
+# source side
+
+
+class TunnelConnector:
+    """A ``Connector`` that reaches mesh endpoints through the mTLS tunnel.
+
+    ``plain``: the connector used for destinations outside the mesh or with
+    ``tls.mode: DISABLE`` (PlainConnector / the daemon's NetnsConnector).
+    ``mark``/``netns``: how the tunnel's own TCP socket is opened (mark 0x539
+    and the source pod's namespace in netns mode). ``source_address``: bind
+    the tunnel socket to this address (loopback tests; in a pod the kernel
+    picks the pod's address). ``tunnel_port``: the destination port (15008;
+    an int or ``f(ip) -> port`` for loopback tests).
+
+    The engine calls ``for_cluster(policy)`` (when it supports the seam) so a
+    cluster's ``tls_mode`` is honoured, and ``destination_principal(endpoint)``
+    for the ``destination_principal`` metric label.
+    """
+
+    __slots__ = ("tls", "source", "directory", "plain", "mark", "netns", "source_address",
+                 "tunnel_port", "tls_mode", "handshake_timeout", "_warned")
+
+    def __init__(self, tls: TunnelTls, source: SpiffeId, directory: MeshDirectory, plain, *,
+                 mark: int | None = None, netns: str | None = None, source_address: str | None = None,
+                 tunnel_port: int | Callable[[str], int] = TUNNEL_PORT, tls_mode: str | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        tls.scoped(source)  # fails now (ForeignIdentityError) if this node does not serve ``source``
+        self.tls = tls
+        self.source = source
+        self.directory = directory
+        self.plain = plain
+        self.mark = mark
+        self.netns = netns
+        self.source_address = source_address
+        self.tunnel_port = tunnel_port
+        self.tls_mode = tls_mode
+        self.handshake_timeout = handshake_timeout
+        self._warned = False
+
+    def for_cluster(self, policy) -> "TunnelConnector":
+        """The same connector, bound to one cluster's TLS mode (ClusterPolicy.tls_mode)."""
+        return TunnelConnector(self.tls, self.source, self.directory, self.plain, mark=self.mark,
+                               netns=self.netns, source_address=self.source_address,
+                               tunnel_port=self.tunnel_port, tls_mode=policy.tls_mode,
+                               handshake_timeout=self.handshake_timeout)
+
+    def tunnel_identity(self, address: str) -> SpiffeId | None:
+        """The identity the tunnel must find at ``address``; None = plaintext."""
+        mode = self.tls_mode
+        if mode is not None and mode != "ISTIO_MUTUAL":
+            if mode != "DISABLE" and not self._warned:
+                self._warned = True
+                log.warning("tunnel: DestinationRule tls.mode %s (TLS origination to the application) is not "
+                            "supported; connections from %s go out in plaintext", mode, self.source)
+            return None
+        return self.directory.identity_at(address)
+
+    def destination_principal(self, endpoint) -> str | None:
+        identity = self.tunnel_identity(endpoint.address)
+        return identity.principal if identity is not None else None
+
+    def port_for(self, address: str) -> int:
+        port = self.tunnel_port
+        return port(address) if callable(port) else port
+
+    async def connect(self, protocol_factory, address: str, port: int, timeout: float):
+        expected = self.tunnel_identity(address)
+        if expected is None:
+            return await self.plain.connect(protocol_factory, address, port, timeout)
+        return await asyncio.wait_for(self._tunnel(protocol_factory, address, port, expected, timeout), timeout)
+
+    def _socket(self, family) -> socket.socket:
+        if self.netns is not None:
+            from redirect import marked_socket
+            from redirect.plan import PROXY_MARK
+            return marked_socket(family, netns=self.netns, mark=self.mark if self.mark is not None else PROXY_MARK)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if self.mark is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
+            if self.source_address is not None:
+                sock.bind((self.source_address, 0))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _tunnel(self, protocol_factory, address, port, expected: SpiffeId, timeout: float):
+        loop = asyncio.get_running_loop()
+        try:
+            ctx = self.tls.client_context(self.source)
+        except IdentityError as exc:
+            raise TunnelError(f"tunnel from {self.source}: {exc}") from None
+        sock = self._socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (address, self.port_for(address)))
+        except BaseException:
+            sock.close()
+            raise
+        waiter = loop.create_future()
+        client = _TunnelClient(self, waiter, protocol_factory, expected, address, port)
+        try:
+            transport, _ = await loop.create_connection(
+                lambda: client, sock=sock, ssl=ctx, server_hostname="",
+                ssl_handshake_timeout=min(timeout, self.handshake_timeout))
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            return await waiter
+        except BaseException:
+            transport.abort()
+            raise
+
+
+class _TunnelClient(asyncio.Protocol):
+    """Client end of one tunnel: verify the server, CONNECT, then forward to the inner protocol."""
+
+    __slots__ = ("connector", "waiter", "factory", "expected", "address", "port", "transport",
+                 "buffer", "inner")
+
+    def __init__(self, connector: TunnelConnector, waiter, factory, expected: SpiffeId, address: str,
+                 port: int) -> None:
+        self.connector = connector
+        self.waiter = waiter
+        self.factory = factory
+        self.expected = expected
+        self.address = address
+        self.port = port
+        self.transport = None
+        self.buffer = b""
+        self.inner = None
+
+    def _fail(self, message: str) -> None:
+        if not self.waiter.done():
+            self.waiter.set_exception(TunnelError(message))
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        try:
+            self.connector.tls.peer_identity(transport.get_extra_info("ssl_object"), expected=self.expected)
+        except PeerRejected as exc:
+            self._fail(f"tunnel to {self.address}: {exc}")
+            return
+        target = format_target(self.address, self.port).encode("ascii")
+        transport.write(b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, target))
+
+    def data_received(self, data: bytes) -> None:
+        inner = self.inner
+        if inner is not None:
+            inner.data_received(data)
+            return
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buffer) > HEAD_LIMIT:
+                self._fail(f"tunnel to {self.address}: CONNECT reply head too large")
+            return
+        head, rest = self.buffer[:end], self.buffer[end + 4:]
+        self.buffer = b""
+        match = _STATUS_LINE.match(head.split(b"\r\n", 1)[0])
+        if match is None or match.group(1) != b"200":
+            line = head.split(b"\r\n", 1)[0].decode("latin-1")[:200]
+            self._fail(f"tunnel to {self.address}: CONNECT {self.address}:{self.port} refused ({line})")
+            return
+        if self.waiter.done():  # the caller gave up (timeout): do not hand out the stream
+            self.transport.abort()
+            return
+        inner = self.factory()
+        self.inner = inner
+        inner.connection_made(self.transport)
+        self.waiter.set_result((self.transport, inner))
+        if rest:
+            inner.data_received(rest)
+
+    def eof_received(self):
+        if self.inner is not None and hasattr(self.inner, "eof_received"):
+            return self.inner.eof_received()
+        self._fail(f"tunnel to {self.address}: closed before the CONNECT reply")
+        return False
+
+    def connection_lost(self, exc) -> None:
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
+        elif not self.waiter.done():
+            self.waiter.set_exception(TunnelError(
+                f"tunnel to {self.address}: connection closed before the CONNECT reply"
+                + (f" ({exc})" if exc else "")))
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+
+# ---------------------------------------------------------------------------
+# destination side
+
+
+class TunnelServer:
+    """The 15008 listener of one local workload.
+
+    ``await server.start(sock=...)`` (a socket the daemon opened inside the
+    pod's namespace) or ``start(host=..., port=...)`` (loopback). Accepted
+    streams are admitted and served by ``plane`` (an ``InboundPlane``).
+    ``stats`` counts accepted/refused tunnels; ``recent`` keeps the last
+    accepted peers (principal, certificate serial) for the admin API.
+    """
+
+    def __init__(self, plane, workload, tls: TunnelTls, *, handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        self.plane = plane
+        self.workload = workload
+        self.tls = tls
+        self.handshake_timeout = handshake_timeout
+        self.server: asyncio.AbstractServer | None = None
+        self.stats = {"accepted": 0, "refused": 0}
+        self.last_refusal = ""
+        self.recent: collections.deque = collections.deque(maxlen=64)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if self.server is None or not self.server.sockets:
+            return None
+        return self.server.sockets[0].getsockname()[:2]
+
+    async def start(self, sock: socket.socket | None = None, host: str | None = None,
+                    port: int = TUNNEL_PORT) -> "TunnelServer":
+        loop = asyncio.get_running_loop()
+        ctx = self.tls.server_context(self.workload.identity)
+        if sock is None:
+            if host is None:
+                raise ValueError("TunnelServer.start needs a listening socket or a host address")
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, port))
+                sock.listen(1024)
+            except OSError as exc:
+                sock.close()
+                raise OSError(exc.errno, f"cannot listen for the tunnel of {self.workload.ref} on "
+                                         f"{format_target(host, port)}: {exc.strerror}") from None
+        sock.setblocking(False)
+        self.server = await loop.create_server(lambda: _TunnelServerProtocol(self), sock=sock, ssl=ctx,
+                                               backlog=1024, ssl_handshake_timeout=self.handshake_timeout)
+        return self
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    def refused(self, remote, reason: str) -> None:
+        self.stats["refused"] += 1
+        self.last_refusal = reason
+        log.info("tunnel %s <- %s refused: %s", self.workload.ref, format_target(*remote[:2]), reason)
+
+
+class _TunnelServerProtocol(asyncio.Protocol):
+    __slots__ = ("server", "transport", "peer", "serial", "remote", "buffer", "inner", "timer", "done")
+
+    def __init__(self, server: TunnelServer) -> None:
+        self.server = server
+        self.transport = None
+        self.peer: SpiffeId | None = None
+        self.remote = ("", 0)
+        self.buffer = b""
+        self.inner = None
+        self.timer = None
+        self.done = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.remote = tuple((transport.get_extra_info("peername") or ("", 0))[:2])
+        ssl_object = transport.get_extra_info("ssl_object")
+        try:
+            self.peer = self.server.tls.peer_identity(ssl_object)
+        except PeerRejected as exc:
+            self.server.refused(self.remote, str(exc))
+            self.done = True
+            transport.abort()
+            return
+        der = ssl_object.getpeercert(binary_form=True)
+        from cryptography import x509
+        self.serial = x509.load_der_x509_certificate(der).serial_number
+        self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self._head_timeout)
+
+    def _head_timeout(self) -> None:
+        self.timer = None
+        if self.inner is None and not self.done:
+            self._reply_and_close(408, "no CONNECT request within %.0f s" % HEAD_TIMEOUT)
+
+    def _reply_and_close(self, status: int, reason: str) -> None:
+        self.done = True
+        self.server.refused(self.remote, f"{self.peer}: {reason}")
+        text = {400: b"Bad Request", 403: b"Forbidden", 405: b"Method Not Allowed", 408: b"Request Timeout",
+                431: b"Request Header Fields Too Large"}.get(status, b"Error")
+        self.transport.write(b"HTTP/1.1 %d %b\r\ncontent-length: 0\r\nconnection: close\r\n\r\n" % (status, text))
+        self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        inner = self.inner
+        if inner is not None:
+            inner.data_received(data)
+            return
+        if self.done:
+            return
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buffer) > HEAD_LIMIT:
+                self._reply_and_close(431, "CONNECT request head too large")
+            return
+        head, rest = self.buffer[:end], self.buffer[end + 4:]
+        self.buffer = b""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        line = head.split(b"\r\n", 1)[0]
+        match = _CONNECT_LINE.match(line)
+        if match is None:
+            if line.split(b" ", 1)[0] != b"CONNECT":
+                self._reply_and_close(405, "only CONNECT is served on the tunnel port")
+            else:
+                self._reply_and_close(400, "malformed CONNECT request line")
+            return
+        target = parse_target(match.group(1).decode("latin-1"))
+        if target is None:
+            self._reply_and_close(400, "CONNECT target is not ip:port")
+            return
+        workload = self.server.workload
+        if target[0] not in workload.addresses:
+            self._reply_and_close(403, f"CONNECT target {format_target(*target)} is not an address of {workload.ref}")
+            return
+        plane = self.server.plane
+        admission = plane.admit(workload, self.peer.principal, self.remote, target, mtls=True)
+        if not admission.allowed:
+            self._reply_and_close(403, admission.reason)
+            return
+        self.done = True
+        self.server.stats["accepted"] += 1
+        self.server.recent.append((self.peer.principal, self.serial))
+        self.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        self.inner = plane.attach(admission, self.transport)
+        if rest:
+            self.inner.data_received(rest)
+
+    def eof_received(self):
+        if self.inner is not None and hasattr(self.inner, "eof_received"):
+            return self.inner.eof_received()
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+
+__all__ = ["TUNNEL_PORT", "MeshDirectory", "MeshTelemetry", "TunnelConnector", "TunnelError", "TunnelServer",
+           "format_target", "parse_target"]

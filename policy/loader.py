@@ -138,7 +138,12 @@ def load_text(text: str, file: str, default_namespace: str = "default",
         if isinstance(doc, ScalarNode) and node_type_name(doc) == "null":
             continue
         count += 1
-        _load_object(doc, file, index + 1, default_namespace, keys, res)
+        try:
+            _load_object(doc, file, index + 1, default_namespace, keys, res)
+        except Exception as exc:  # a validator bug must not become a traceback for the user
+            res.errors.append(Diagnostic(
+                file, _line(doc), f"document {index + 1}: internal error while validating "
+                                  f"({exc.__class__.__name__}: {exc}); please report this"))
     if count == 0:
         res.warnings.append(Diagnostic(file, None, "no objects in this file (it is empty)", severity="warning"))
     if res.ignored:

@@ -16,6 +16,7 @@ Pure: no I/O.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import http
 import ipaddress
@@ -900,6 +901,44 @@ def _c_virtual_service(vs: m.VirtualService, path: str, ctx: Ctx) -> None:
                             f'SNI host "{sni}" is not a compatible subset of any of the virtual service hosts: '
                             f"[{', '.join(vs.hosts)}]")
     _export_to(ctx, f"{path}.exportTo", vs.export_to)
+    _unreachable_rules(ctx, f"{path}.http", vs.http, "HTTP")
+    _unreachable_rules(ctx, f"{path}.tcp", vs.tcp, "TCP")
+    _unreachable_rules(ctx, f"{path}.tls", vs.tls, "TLS")
+
+
+def _unreachable_rules(ctx: Ctx, path: str, routes, kind: str) -> None:
+    """Istio's analyzeUnreachable*Rules, as warnings: rules after a rule without matches
+    never apply, and a match identical to an earlier one is ineffective."""
+    def rule_name(r, i):
+        name = getattr(r, "name", None)
+        return f'"{name}"' if name else f"#{i}"
+
+    catch_all = None
+    seen: list = []     # (match without its name, rule name); matches hold read-only maps: not hashable
+    for i, r in enumerate(routes):
+        rpath = f"{path}[{i}]"
+        if not r.match:
+            if catch_all is not None:
+                ctx.warn(rpath, f"{kind} rule {rule_name(r, i)} is unreachable: only the last rule can have "
+                                f"no matches (rule {catch_all} matches everything)")
+            else:
+                catch_all = rule_name(r, i)
+            continue
+        if catch_all is not None:
+            ctx.warn(rpath, f"{kind} rule {rule_name(r, i)} is unreachable: rule {catch_all} without matches "
+                            f"comes before it")
+            continue
+        dups = 0
+        for j, mt in enumerate(r.match):
+            key = dataclasses.replace(mt, name=None) if isinstance(mt, m.HTTPMatchRequest) else mt
+            prior = next((name for k, name in seen if k == key), None)
+            if prior is not None:
+                dups += 1
+                ctx.warn(f"{rpath}.match[{j}]", f"match is ineffective: the same match is in rule {prior}")
+            else:
+                seen.append((key, rule_name(r, i)))
+        if dups == len(r.match):
+            ctx.warn(rpath, f"{kind} rule {rule_name(r, i)} is unreachable: all its matches are used by prior rules")
 
 
 def _c_destination_rule(dr: m.DestinationRule, path: str, ctx: Ctx) -> None:

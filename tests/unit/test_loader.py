@@ -440,3 +440,39 @@ spec:
     assert r.spec.subsets[0].traffic_policy.outlier_detection == m.OutlierDetection(consecutive_5xx_errors=3, interval=1.0)
     assert dict(r.spec.subsets[1].labels) == {"version": "v1", "app": "reviews", "track": "canary"}
     assert r.raw["spec"]["subsets"][1]["labels"]["track"] == "canary"
+
+
+def test_unreachable_rules_are_warnings():
+    text = doc("VirtualService", """\
+  hosts: [reviews]
+  http:
+  - name: jason
+    match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - name: again
+    match: [{name: other-name, headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: reviews, subset: v3}}]
+  - route: [{destination: {host: reviews, subset: v1}}]
+  - match: [{uri: {prefix: /late}}]
+    route: [{destination: {host: reviews}}]
+""")
+    res = load_text(text, "t.yaml")
+    assert res.errors == [] and len(res.resources) == 1
+    got = [(w.line, w.path, w.message.split(":")[0]) for w in res.warnings]
+    assert got == [
+        (13, "spec.http[1].match[0]", "match is ineffective"),
+        (12, "spec.http[1]", 'HTTP rule "again" is unreachable'),
+        (16, "spec.http[3]", "HTTP rule #3 is unreachable"),
+    ]
+
+
+def test_a_validator_bug_is_an_error_not_a_traceback(monkeypatch):
+    from policy import validate
+
+    def broken(obj, path, ctx):
+        raise KeyError("boom")
+
+    monkeypatch.setitem(validate.CHECKS, "Destination", broken)
+    res = load_text(doc("VirtualService", "  hosts: [r]\n  http:\n  - route: [{destination: {host: r}}]\n"), "t.yaml")
+    (e,) = res.errors
+    assert e.line == 1 and "internal error while validating (KeyError: 'boom')" in e.message

@@ -13,6 +13,7 @@ import enum
 import ipaddress
 import json
 import logging
+import os
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Protocol
 
@@ -146,7 +147,9 @@ class HttpFace:
         except OSError as exc:
             await self.runner.cleanup()
             self.runner = None
-            raise OSError(exc.errno, f"{self.name} cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise OSError(f"{self.name} cannot listen on {self.host}:{self.port}: {reason} "
+                          f"(choose another address with --{self.name})") from None
         sockets = site._server.sockets if site._server else ()  # the bound port when 0 was asked
         if sockets:
             self.port = sockets[0].getsockname()[1]

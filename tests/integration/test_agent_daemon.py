@@ -282,6 +282,18 @@ def test_cli_errors_are_clear(tmp_path):
     assert out.stderr.strip() == "nodeagent: enroll: ips: '1.2.3' is not an IP address"
     out = cli(state, "uninstall", check=False)
     assert out.returncode == 1 and "no nodeagent state in" in out.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        proc = subprocess.run([PY, "-m", "nodeagent", "run", "--state-dir", str(tmp_path / "busy"), "--capture",
+                               "none", "--config-dir", str(tmp_path), "--admin", f"127.0.0.1:{port}",
+                               "--metrics", "127.0.0.1:0", "--readiness", "127.0.0.1:0"],
+                              cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"nodeagent: admin cannot listen on 127.0.0.1:{port}: Address already in use " \
+           "(choose another address with --admin)" in proc.stderr
+    assert not (tmp_path / "busy" / "agent.sock").exists()
     for args, message in (
         (["--admin", "localhost"], "nodeagent: --admin must be HOST:PORT (e.g. 127.0.0.1:15000), got 'localhost'"),
         (["--config-dir", str(tmp_path / "missing")], f"nodeagent: --config-dir {tmp_path / 'missing'} is not a directory"),

@@ -2,12 +2,15 @@
 
 It owns the persisted workload registry, the capture reconciler, the
 enrollment socket, and the admin / metrics / readiness servers, and wires the
-config store, identities and proxy runtime into them. Startup order:
-state dir and registry -> enrollment socket (re-adopted workloads keep their
-capture; the first reconcile step re-applies it idempotently) -> config ->
-identities -> proxy listeners -> readiness (HTTP 200 and systemd READY=1).
-SIGTERM stops the servers and the proxy but leaves capture rules in place:
-a stopped agent fails closed, and the next start re-adopts its workloads.
+config store (``nodeagent.store``), identities (``nodeagent.identity``), the
+proxy runtime (``nodeagent.proxy``) and capture (``redirect``/``bpf``) into
+them. Startup order: state-dir lock and registry -> enrollment socket -> HTTP
+faces (readiness 503 meanwhile) -> config -> proxy runtime -> re-adoption of
+every enrolled workload (listeners, then capture; idempotent) -> identities
+(issued in the background; readiness waits for them) -> ready (HTTP 200 and
+systemd READY=1). SIGTERM stops the servers and the proxy but leaves capture
+in place: a stopped agent fails closed, and the next start re-adopts its
+workloads without re-enrollment.
 """
 from __future__ import annotations
 
@@ -24,21 +27,20 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from nodeagent.agent import protocol, sdnotify
-from nodeagent.agent.admin import HttpFace, admin_app, metrics_app, readiness_app
+from nodeagent.agent.admin import HttpFace, admin_app, metrics_app, readiness_app, to_jsonable
 from nodeagent.agent.capture import Capture
+from nodeagent.agent.dataplane import DataPlane, DataPlaneCapture
 from nodeagent.agent.persist import ensure_state_dir, load_registry, save_registry
 from nodeagent.agent.reconciler import Clock, MonotonicClock, Reconciler
-from nodeagent.agent.registry import Change, EnrollConflict, Outcome, Registry, RetrySet
+from nodeagent.agent.registry import Change, EnrollConflict, Outcome, RetrySet, StateFileError
 from nodeagent.agent.server import SOCKET_NAME, EnrollmentServer
-from nodeagent.agent.admin import to_jsonable
-from nodeagent.agent.workload import WorkloadSpec, merge_workloads, spiffe_id
-from nodeagent.agent.dataplane import DataPlane, DataPlaneCapture
+from nodeagent.agent.workload import SpecError, WorkloadSpec, merge_workloads, spec_from_json, spiffe_id
 from nodeagent.identity import CAError, CertificateManager, IdentityError, SpiffeId, create_manager
+from nodeagent.identity import certs as x509certs
 from nodeagent.store import ConfigStore
 from nodeagent.telemetry import IstioCollector, Telemetry, merge_exports
 from policy.errors import ConfigError
 from policy.snapshot import ConfigSnapshot, build_snapshot
-from nodeagent.identity import certs as x509certs
 
 log = logging.getLogger("nodeagent.agent")
 
@@ -472,6 +474,10 @@ class Agent:
         identity_health = self.identities.health()
         if not identity_health.ok:
             reasons.append(f"identities: {identity_health.reason}")
+        if self.store.last_errors:
+            serving = f"serving version {self.store.snapshot.version}" if self.store.snapshot else "no config loaded"
+            reasons.append(f"config: the last change was refused ({len(self.store.last_errors)} error(s), "
+                           f"see /config_dump); {serving}")
         return {"status": "OK" if not reasons else "Degraded", "reasons": reasons,
                 "capture": health.status, "identities": identity_health.status, "ready": self.readiness.ready,
                 "node": self.options.node, "uptime_s": round(time.time() - self.started_at, 3)}
@@ -501,9 +507,6 @@ def _lock_state_dir(state_dir: Path) -> int:
 
 def applied_from_state(extra: dict[str, Any], state_dir: Path) -> list[WorkloadSpec]:
     """The capture the previous run had applied (``applied`` in the state file)."""
-    from nodeagent.agent.registry import StateFileError
-    from nodeagent.agent.workload import SpecError, spec_from_json
-
     raw = extra.get("applied", [])
     if not isinstance(raw, list):
         raise StateFileError(f"{state_dir}/workloads.json: 'applied' must be a list")

@@ -200,8 +200,7 @@ def run(lab, args) -> list[dict]:
     vips = {name: f"{meshlab.SERVICE_NET}.{i + 1}" for i, name in enumerate(sorted(services))}
     text, _ = meshlab.mesh_config(docs, {"catalog-v2": lab.pods["catalog-v2"].ip}, vips)
     lab.write_config(text)
-    for pod in ("client", "catalog-v2"):
-        lab.place(lab.pods[pod])
+    lab.place_all([lab.pods["client"], lab.pods["catalog-v2"]])
     for node in lab.nodes:
         lab.start_agent(node, wait=False)
     for node in lab.nodes:

@@ -22,12 +22,25 @@ import time
 
 from nodeagent import meshlab
 from nodeagent.meshlab import LabError, MeshLab, start_shop
+from redirect.netns import NetnsError
 
 MARKER = b"DEMO-PLAINTEXT-MARKER-5b1c"
 
 
+_quiet = False
+
+
 def say(text: str = "") -> None:
-    print(text, flush=True)
+    """Print a report line; a closed stdout (`make demo | head`) must not stop the teardown."""
+    global _quiet
+    if _quiet:
+        return
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _quiet = True
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), sys.stdout.fileno())
 
 
 def section(title: str) -> None:
@@ -189,14 +202,14 @@ def live() -> int:
             except (LabError, ValueError, KeyError) as exc:
                 failed.append(step.__name__)
                 say(f"  FAILED: {exc}")
-    except LabError as exc:
+    except (LabError, NetnsError, OSError) as exc:
         say(f"nodeagent demo: {exc}")
         failed.append("setup")
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the teardown short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        section("teardown")
         problems = lab.teardown()
+        section("teardown")
         say("  agents and CA stopped, capture uninstalled, processes killed, namespaces deleted"
             if not problems else f"  left behind: {problems}")
     say(f"\ndone in {time.monotonic() - started:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else ""))
@@ -267,7 +280,9 @@ def main() -> int:
     def on_term(signum, frame):
         raise KeyboardInterrupt
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
     try:
         return live()
     except KeyboardInterrupt:

@@ -436,9 +436,9 @@ class MeshLab:
         ca = self.topo.add_node(self.ca_node)
         self.ca_address = ca.link_address
         self.cli("ca", "init", "--dir", self.ca_dir)
-        for node in nodes:
-            self.cli("ca", "node-credential", "--dir", self.ca_dir, "--node", node,
-                     "--out", self.credential_dir(node))
+        self._cli_parallel("ca node-credential", [
+            (node, ["ca", "node-credential", "--dir", self.ca_dir, "--node", node, "--out", self.credential_dir(node)])
+            for node in nodes])
         log = open(os.path.join(self.dir, "ca.log"), "w")
         self.ca_proc = self.topo.spawn(self.ca_node, [PY, "-m", "nodeagent", "ca", "serve", "--dir", self.ca_dir,
                                                       "--listen", f"{self.ca_address}:{CA_PORT}"],
@@ -600,33 +600,43 @@ class MeshLab:
         pod.enrolled = True
         return out.strip()
 
-    def enroll_all(self, pods) -> None:
-        """Enroll several pods at once (one ``nodeagent enroll`` process each, in parallel)."""
+    def _cli_parallel(self, what: str, jobs: list[tuple[object, list[str]]]) -> None:
+        """Run several ``nodeagent`` commands at once (one process each), all bounded."""
         import subprocess
 
-        procs = []
-        for pod in pods:
-            labels = ",".join(f"{k}={v}" for k, v in pod.labels.items())
-            argv = [PY, "-m", "nodeagent", "enroll", "--netns", self.topo.netns(pod.name), "--name", pod.name,
-                    "--namespace", pod.namespace, "--service-account", pod.service_account,
-                    "--labels", labels, "--ip", pod.ip, "--state-dir", self.state_dir(pod.node)]
-            procs.append((pod, subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                                cwd=self.repo)))
+        procs = [(key, subprocess.Popen([PY, "-m", "nodeagent", *argv], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, cwd=self.repo))
+                 for key, argv in jobs]
         errors = []
-        for pod, proc in procs:
+        for key, proc in procs:
             try:
                 out, err = proc.communicate(timeout=self.timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.communicate()
-                errors.append(f"{pod.name}: enroll took longer than {self.timeout} s")
+                errors.append(f"{key}: took longer than {self.timeout} s")
                 continue
             if proc.returncode != 0:
-                errors.append(f"{pod.name}: {err.strip() or out.strip()}")
-            else:
-                pod.enrolled = True
+                errors.append(f"{key}: {err.strip() or out.strip()}")
         if errors:
-            raise LabError("enroll failed: " + "; ".join(errors))
+            raise LabError(f"{what} failed: " + "; ".join(errors))
+
+    def place_all(self, pods) -> None:
+        """``nodeagent ca place`` for every pod's identity on its node (in parallel; the CA dir is locked)."""
+        self._cli_parallel("ca place", [
+            (pod.name, ["ca", "place", "--dir", self.ca_dir, "--node", pod.node, "--namespace", pod.namespace,
+                        "--service-account", pod.service_account]) for pod in pods])
+
+    def enroll_all(self, pods) -> None:
+        """``nodeagent enroll`` for several pods at once."""
+        pods = list(pods)
+        self._cli_parallel("enroll", [
+            (pod.name, ["enroll", "--netns", self.topo.netns(pod.name), "--name", pod.name,
+                        "--namespace", pod.namespace, "--service-account", pod.service_account,
+                        "--labels", ",".join(f"{k}={v}" for k, v in pod.labels.items()),
+                        "--ip", pod.ip, "--state-dir", self.state_dir(pod.node)]) for pod in pods])
+        for pod in pods:
+            pod.enrolled = True
 
     def wait_certificates(self, node: str, timeout: float | None = None) -> None:
         """Every enrolled workload of the node holds a certificate from the CA service."""
@@ -798,8 +808,7 @@ def start_shop(lab: MeshLab, *, placement: dict[str, str] | None = None, failing
     lab.write_config(text)
     shop = Shop(lab, docs, workloads, services, service_ips, dropped)
     enrolled = [p for p in lab.pods.values() if p.name != SHOP_OUTSIDER[0]]
-    for pod in enrolled:
-        lab.place(pod)
+    lab.place_all(enrolled)
     lab.log(f"topology: {len(lab.nodes)} nodes, {len(lab.pods)} pods; config generated "
             f"({time.monotonic() - started:.1f} s)")
     for node in lab.nodes:

@@ -386,3 +386,39 @@ def test_config_bad_at_start_then_fixed_then_bad_change_refused(agents, tmp_path
     assert dump["version"] == version and any("broken.yaml" in e for e in dump["rejected_change"])
     assert http_get(agent.ready_port, "/healthz/ready")[0] == 200
     assert agent.stop() == 0
+
+
+def test_remote_ca_issues_only_identities_placed_on_this_node(agents, tmp_path):
+    """--ca-url: the CA service signs for this node only what its registry places here."""
+    from nodeagent.identity.ca import CADirectory, issue_node_credential
+
+    ca_dir = tmp_path / "ca"
+    directory = CADirectory.init(ca_dir, trust_domain="cluster.local")
+    issue_node_credential(directory, "node-1", tmp_path / "cred")
+    directory.place("node-1", "shop", "web-sa")
+    ca = subprocess.Popen([PY, "-m", "nodeagent", "ca", "serve", "--dir", str(ca_dir), "--listen", "127.0.0.1:0"],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ca.stdout.readline()
+        url = line.split()[-1]
+        assert url.startswith("https://127.0.0.1:"), line + ca.stderr.read()
+        agent = agents(tmp_path / "state", extra=("--ca-url", url, "--node-credential", str(tmp_path / "cred")))
+        agent.wait_ready()
+        cli(agent.state_dir, *enroll_args("web", "pod-web", "10.250.0.2"))
+        cli(agent.state_dir, *enroll_args("db", "pod-db", "10.250.0.3"))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            certs = {c["identity"]: c for c in agent.json("/certs")["certificates"]}
+            if certs["spiffe://cluster.local/ns/shop/sa/web-sa"]["state"] == "valid" and \
+                    "error" in certs["spiffe://cluster.local/ns/shop/sa/db-sa"]:
+                break
+            time.sleep(0.1)
+        assert certs["spiffe://cluster.local/ns/shop/sa/web-sa"]["state"] == "valid"
+        refused = certs["spiffe://cluster.local/ns/shop/sa/db-sa"]
+        assert refused["state"] == "missing" and "does not place shop/db-sa on node node-1" in refused["error"]
+        health = agent.json("/healthz")
+        assert health["status"] == "Degraded" and health["identities"] == "Degraded"
+        assert agent.stop() == 0
+    finally:
+        ca.terminate()
+        ca.wait(timeout=10)

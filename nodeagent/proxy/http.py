@@ -132,13 +132,14 @@ class HttpDownstream(asyncio.Protocol):
     __slots__ = (
         "runtime", "ctx", "peer", "transport", "parser", "active", "queue", "parsing",
         "url", "headers", "head_bytes", "raw_pending", "reading_head", "head_started",
-        "last_activity", "pauses", "write_paused", "closing", "tunnel", "error_status",
+        "last_activity", "pauses", "write_paused", "closing", "tunnel", "error_status", "target",
     )
 
-    def __init__(self, runtime, ctx, peer=None) -> None:
+    def __init__(self, runtime, ctx, peer=None, target=None) -> None:
         self.runtime = runtime
         self.ctx = ctx
         self.peer = peer
+        self.target = target  # (service host, port) when the listener knows the destination service
         self.transport = None
         self.parser = HttpRequestParser(self)
         self.active = None

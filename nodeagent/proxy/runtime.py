@@ -339,7 +339,17 @@ class ProxyRuntime:
             exchange.method.decode("latin-1"), "http", authority, exchange.path.decode("latin-1"),
             exchange.header_map(), port, source, down.peer.remote[0],
         )
-        result = routing.plan_request(snapshot, attrs, self.rand)
+        target = down.target
+        if target is None:
+            result = routing.plan_request(snapshot, attrs, self.rand)
+        else:
+            # The listener knows the destination service (SO_ORIGINAL_DST, --forward):
+            # route as that service whatever the Host header says.
+            service = snapshot.services.get(target[0])
+            if service is None:
+                result = routing.Reject(404, "NR")
+            else:
+                result = routing.plan_for_service(snapshot, service, target[1], attrs, self.rand)
         if result.__class__ is routing.Reject:
             flags = result.response_flags or "-"
             exchange.dest = destination_labels(None, None, "http") if flags == "NR" else exchange.dest

@@ -124,7 +124,9 @@ class TcpRelay(asyncio.Protocol):
                 timeout = 10.0
             self.upstream_host = "%s:%d" % addr
             try:
-                _, self.upstream = await self.ctx.connector.connect(
+                # The cluster's connector (seam: the mTLS tunnel bound to the cluster's tls mode).
+                connector = state.pool.connector if state is not None else self.ctx.connector
+                _, self.upstream = await connector.connect(
                     lambda: _UpstreamSide(self), addr[0], addr[1], timeout)
             except (OSError, asyncio.TimeoutError):
                 if state is not None:
@@ -248,8 +250,9 @@ class DispatchProtocol(asyncio.Protocol):
             return
         self.kind = port_kind(sport)
         self.state = runtime.cluster(ClusterKey(service.host, None, sport.number), src_ns, snapshot, self.ctx)
+        self.target = (service.host, sport.number)
         if self.kind == "http":
-            self._become(HttpDownstream(runtime, self.ctx, peer))
+            self._become(HttpDownstream(runtime, self.ctx, peer, self.target))
         elif self.kind == "tcp":
             self._become(TcpRelay(runtime, self.ctx, peer, self.state))
         # "sniff": wait for the first bytes
@@ -267,7 +270,7 @@ class DispatchProtocol(asyncio.Protocol):
         if b"\n" not in buf and len(buf) < _SNIFF_LIMIT:
             return
         if _REQUEST_LINE.match(buf):
-            self._become(HttpDownstream(self.runtime, self.ctx, self.peer), buf)
+            self._become(HttpDownstream(self.runtime, self.ctx, self.peer, self.target), buf)
         else:
             self._become(TcpRelay(self.runtime, self.ctx, self.peer, self.state, initial=buf))
 

@@ -62,6 +62,7 @@ def env(tmp_path_factory):
         "--header-timeout", "1",
         "--forward", "127.0.0.1:0=db.shop.svc.cluster.local:5432",
         "--forward", "127.0.0.1:0=rpc.shop.svc.cluster.local:9000",
+        "--forward", "127.0.0.1:0=echo.shop.svc.cluster.local:80",
     )).start()
     yield proxy, echo
     proxy.stop()
@@ -307,3 +308,13 @@ def test_grpc_port_speaks_http1_when_the_client_does_else_relays(env):
     sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
     reply = read_until_closed(sock)
     assert reply.startswith(b"HTTP/1.1 400") and b"content-length: 0" in reply
+
+
+def test_listener_bound_to_a_service_routes_whatever_the_host_header(env):
+    proxy, echo = env
+    sock = socket.create_connection(("127.0.0.1", proxy.ports[3]), timeout=5)
+    sock.sendall(b"GET /bound HTTP/1.1\r\nHost: localhost:1234\r\n\r\n")
+    status, headers, body = read_response(sock)
+    assert status.startswith(b"HTTP/1.1 200") and headers["x-instance"] == echo.name
+    assert json.loads(body)["headers"]["host"] == "localhost:1234"
+    sock.close()

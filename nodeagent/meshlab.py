@@ -623,9 +623,10 @@ class MeshLab:
 
     def place_all(self, pods) -> None:
         """``nodeagent ca place`` for every pod's identity on its node (in parallel; the CA dir is locked)."""
+        wanted = sorted({(pod.node, pod.namespace, pod.service_account) for pod in pods})
         self._cli_parallel("ca place", [
-            (pod.name, ["ca", "place", "--dir", self.ca_dir, "--node", pod.node, "--namespace", pod.namespace,
-                        "--service-account", pod.service_account]) for pod in pods])
+            (f"{ns}/{sa} on {node}", ["ca", "place", "--dir", self.ca_dir, "--node", node, "--namespace", ns,
+                                      "--service-account", sa]) for node, ns, sa in wanted])
 
     def enroll_all(self, pods) -> None:
         """``nodeagent enroll`` for several pods at once."""

@@ -183,3 +183,22 @@ def test_parse_target():
     assert parse_target("[fd00::1]:8080") == ("fd00::1", 8080)
     for bad in ("b.shop:80", "10.0.0.1", "10.0.0.1:0", "10.0.0.1:70000", "fd00::1:80", "[fd00::1:80", ":80"):
         assert parse_target(bad) is None, bad
+
+
+def test_tcp_with_tls_disable_goes_plaintext_and_istio_mutual_through_the_tunnel(ca_dir):
+    from tests.integration.test_mesh_loopback import B_HOST
+
+    async def scenario():
+        mesh = await Mesh(ca_dir, dr("    tls:\n      mode: DISABLE\n"), tcp_app=True).start()
+        try:
+            out = await mesh.node1.outbound(A, A_ADDR, mesh.tunnel_ports, fixed_destination=(B_HOST, 9000))
+            for expected_tunnels in (0, 1):
+                reader, writer = await asyncio.open_connection(*out)
+                writer.write(b"ping\n")
+                assert await asyncio.wait_for(reader.readline(), 5) == b"ping\n"
+                writer.close()
+                assert mesh.tunnel.stats["accepted"] == expected_tunnels
+                mesh.set_config(dr("    tls:\n      mode: ISTIO_MUTUAL\n"))
+        finally:
+            await mesh.close()
+    run(scenario())

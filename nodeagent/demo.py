@@ -225,17 +225,17 @@ def live() -> int:
 
 EXPLAIN = [
     ("productpage -> reviews, no user", "shop/bookinfo-productpage", "shop/reviews-v1",
-     ["--method", "GET", "--path", "/reviews", "--host", "reviews.shop.svc.cluster.local:9080"]),
+     ["--port", "9080", "--method", "GET", "--path", "/reviews", "--host", "reviews.shop.svc.cluster.local:9080"]),
     ("productpage -> reviews as jason", "shop/bookinfo-productpage", "shop/reviews-v2",
-     ["--method", "GET", "--path", "/reviews", "--host", "reviews.shop.svc.cluster.local:9080",
+     ["--port", "9080", "--method", "GET", "--path", "/reviews", "--host", "reviews.shop.svc.cluster.local:9080",
       "--header", "end-user=jason"]),
     ("shop-client -> reviews", "shop/shop-client", "shop/reviews-v1",
-     ["--method", "GET", "--path", "/reviews", "--host", "reviews.shop.svc.cluster.local:9080"]),
+     ["--port", "9080", "--method", "GET", "--path", "/reviews", "--host", "reviews.shop.svc.cluster.local:9080"]),
     ("shop-client DELETE catalog", "shop/shop-client", "shop/catalog-v2",
-     ["--method", "DELETE", "--path", "/newcatalog/1", "--host", "catalog.shop.svc.cluster.local:80"]),
+     ["--port", "8080", "--method", "DELETE", "--path", "/newcatalog/1", "--host", "catalog.shop.svc.cluster.local:80"]),
     ("shop-client GET /newcatalog", "shop/shop-client", "shop/catalog-v2",
-     ["--method", "GET", "--path", "/newcatalog/1", "--host", "catalog.shop.svc.cluster.local:80"]),
-    ("plaintext -> catalog-v2", "plaintext", "shop/catalog-v2", []),
+     ["--port", "8080", "--method", "GET", "--path", "/newcatalog/1", "--host", "catalog.shop.svc.cluster.local:80"]),
+    ("plaintext -> catalog-v2", "plaintext", "shop/catalog-v2", ["--port", "8080"]),
 ]
 
 

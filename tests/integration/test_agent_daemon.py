@@ -94,12 +94,13 @@ class AgentProcess:
         self.notify.bind(str(self.notify_path))
         self.notify.settimeout(10)
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1"}
+        self._log_file = open(self.log, "w")
         self.proc = subprocess.Popen(
             [PY, "-m", "nodeagent", "run", "--node", "node-1", "--state-dir", str(state_dir),
              "--capture", capture, "--admin", f"127.0.0.1:{self.admin}",
              "--metrics", f"127.0.0.1:{self.metrics}", "--readiness", f"127.0.0.1:{self.ready_port}",
              "--config-dir", str(config_dir), *extra],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=self._log_file)
 
     def logs(self) -> str:
         return self.log.read_text()
@@ -152,6 +153,7 @@ class AgentProcess:
                 self.proc.wait(timeout=5)
                 raise AssertionError(f"agent did not exit on SIGTERM:\n{self.logs()}")
         self.notify.close()
+        self._log_file.close()
         return self.proc.returncode
 
 
@@ -421,4 +423,4 @@ def test_remote_ca_issues_only_identities_placed_on_this_node(agents, tmp_path):
         assert agent.stop() == 0
     finally:
         ca.terminate()
-        ca.wait(timeout=10)
+        ca.communicate(timeout=10)  # also closes the pipes

@@ -262,6 +262,13 @@ class InboundPlane:
         for cluster in self.clusters.values():
             cluster.pool.close_all()
 
+    def forget(self, workload: InboundWorkload) -> None:
+        """A workload left (or changed): drop its application pools and cached contexts."""
+        for key in [k for k in self.clusters if k[0] is workload]:
+            self.clusters.pop(key).pool.close_all()
+        for key in [k for k in self._contexts if k[0] is workload]:
+            del self._contexts[key]
+
     # --- policy --------------------------------------------------------
     def policies(self) -> tuple[object, _Policies]:
         snapshot = self.snapshots()
@@ -420,7 +427,8 @@ class InboundPlane:
         except InvalidPath:
             return LocalReply(400, "-", b"Bad Request")
         if not verdict.allowed:
-            log.debug("inbound %s <- %s %s denied: %s", wl.ref, admission.principal, raw_path, verdict.reason)
+            log.info("inbound %s <- %s %s denied: %s", wl.ref, admission.principal or peer.remote[0], raw_path,
+                     verdict.reason)
             return LocalReply(RBAC_DENIED_STATUS, RBAC_RESPONSE_FLAG, RBAC_DENIED_BODY)
         plan = ForwardPlan()
         plan.cluster = cluster

@@ -46,9 +46,10 @@ import collections
 import logging
 import re
 import socket
+import ssl
 from typing import Callable
 
-from nodeagent.identity.errors import IdentityError, PeerRejected
+from nodeagent.identity.errors import IdentityError, NoCertificate, PeerRejected
 from nodeagent.identity.spiffe import SpiffeId
 from nodeagent.identity.tls import TunnelTls
 from nodeagent.telemetry import Telemetry, merge_exports
@@ -419,10 +420,35 @@ class TunnelServer:
             return None
         return self.server.sockets[0].getsockname()[:2]
 
+    def _server_context(self) -> ssl.SSLContext:
+        """TunnelTls's reloading context; before the workload's first certificate is issued
+        (a workload just enrolled), a front context that takes the current one at each
+        handshake, so the listener can open now and serve as soon as the certificate exists."""
+        identity = self.workload.identity
+        try:
+            return self.tls.server_context(identity)
+        except NoCertificate:
+            pass
+        self.tls.scoped(identity)  # still refuses an identity this node does not serve
+        front = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        front.minimum_version = front.maximum_version = ssl.TLSVersion.TLSv1_3
+        front.verify_mode = ssl.CERT_REQUIRED  # kept by the connection; trust store and cert come from the switch
+
+        def switch(ssl_object, server_name, _ctx):
+            try:
+                ssl_object.context = self.tls.server_context(identity)
+            except IdentityError as exc:
+                log.warning("tunnel %s: refusing a handshake: %s", self.workload.ref, exc)
+                return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+            return None
+
+        front.sni_callback = switch
+        return front
+
     async def start(self, sock: socket.socket | None = None, host: str | None = None,
                     port: int = TUNNEL_PORT) -> "TunnelServer":
         loop = asyncio.get_running_loop()
-        ctx = self.tls.server_context(self.workload.identity)
+        ctx = self._server_context()
         if sock is None:
             if host is None:
                 raise ValueError("TunnelServer.start needs a listening socket or a host address")
@@ -523,7 +549,8 @@ class _TunnelServerProtocol(asyncio.Protocol):
             self._reply_and_close(400, "CONNECT target is not ip:port")
             return
         workload = self.server.workload
-        if target[0] not in workload.addresses:
+        allowed = workload.addresses or (self.transport.get_extra_info("sockname") or ("",))[:1]
+        if target[0] not in allowed:
             self._reply_and_close(403, f"CONNECT target {format_target(*target)} is not an address of {workload.ref}")
             return
         plane = self.server.plane

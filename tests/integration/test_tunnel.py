@@ -202,3 +202,28 @@ def test_tcp_with_tls_disable_goes_plaintext_and_istio_mutual_through_the_tunnel
         finally:
             await mesh.close()
     run(scenario())
+
+
+def test_a_listener_opens_before_its_first_certificate_and_serves_once_issued(ca_dir, tmp_path):
+    async def scenario():
+        mesh = await Mesh(ca_dir).start()
+        try:
+            late = SpiffeId.workload("shop", "late")
+            mesh.node2.manager.add_workload(late)  # enrolled: no certificate yet
+            server = await mesh.node2.tunnel(mesh.node2.workload("late", "127.0.30.1"), "127.0.30.1")
+            ctx = build_context(False, adhoc(ca_dir, A), mesh.node2.manager.trust_bundle)
+            assert await tunnel_attempt(server.address, ctx, "127.0.30.1:1") == b""
+            await mesh.node2.manager.refresh()  # the certificate arrives
+            answer = await tunnel_attempt(server.address, ctx, "127.0.30.1:1")
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+            assert server.recent[-1][0] == A.principal
+            # The front context still verifies clients against the trust bundle.
+            stranger_ca = CADirectory.init(tmp_path / "stranger", now=time.time() - DAY)
+            stranger = adhoc(stranger_ca, A)
+            both = TrustBundle((*stranger_ca.trust_bundle(time.time()).roots,
+                                *mesh.node2.manager.trust_bundle.roots))
+            assert await tunnel_attempt(server.address, build_context(False, stranger, both), "127.0.30.1:1") == b""
+            assert server.stats["accepted"] == 1
+        finally:
+            await mesh.close()
+    run(scenario())

@@ -250,6 +250,7 @@ class ProxyRuntime:
         self.clusters: dict = {}
         self._sources: dict = {}
         self._authorities: dict = {}
+        self._fast_clusters: dict = {}
         self._sweeper = None
 
     # --- lifecycle ----------------------------------------------------
@@ -362,11 +363,11 @@ class ProxyRuntime:
         plan.cluster = self.cluster(result.cluster, src_ns, snapshot, ctx)
         plan.path = result.path.encode("latin-1") if result.path is not attrs.path and result.path != attrs.path else None
         plan.authority = result.authority.encode("latin-1") if result.authority != authority else None
-        plan.request_ops = self._ops(result.request_headers)
-        plan.response_ops = self._ops(result.response_headers)
+        plan.request_ops = result.request_headers or None
+        plan.response_ops = result.response_headers or None
         plan.timeout = result.timeout
-        plan.retry = result.retry
-        plan.per_try_timeout = result.retry.per_try_timeout if result.retry is not None else None
+        retry = plan.retry = result.retry
+        plan.per_try_timeout = retry.per_try_timeout if retry is not None else None
         plan.delay = result.fault_delay
         plan.abort = result.fault_abort
         plan.route_name = result.route_name or ""
@@ -378,11 +379,12 @@ class ProxyRuntime:
         exchange.dest = plan.cluster.no_endpoint_labels
         return plan
 
-    @staticmethod
-    def _ops(ops):
-        return ops if ops else None
-
     def cluster(self, key, source_namespace, snapshot, ctx: ListenerContext) -> ClusterState:
+        # Fast path by identity: a snapshot's compiled routes hand out the same
+        # ClusterKey objects, whose dataclass hash is comparatively slow.
+        fast = self._fast_clusters.get((id(key), source_namespace, id(ctx.connector)))
+        if fast is not None and fast[0] is key and fast[1].version == snapshot.version:
+            return fast[1]
         ck = (key, source_namespace, id(ctx.connector))
         state = self.clusters.get(ck)
         if state is None:
@@ -390,6 +392,9 @@ class ProxyRuntime:
             self.clusters[ck] = state
         if state.version != snapshot.version:
             state.refresh(snapshot, self.loop.time())
+        if len(self._fast_clusters) > 4096:
+            self._fast_clusters.clear()
+        self._fast_clusters[(id(key), source_namespace, id(ctx.connector))] = (key, state)
         return state
 
     def mirror(self, exchange, plan: ForwardPlan) -> None:

@@ -263,7 +263,9 @@ class InboundPlane:
             cluster.pool.close_all()
 
     def forget(self, workload: InboundWorkload) -> None:
-        """A workload left (or changed): drop its application pools and cached contexts."""
+        """A workload left (or changed): close its live inbound streams, drop its pools and contexts."""
+        for entry in [e for e in self.connections if e.admission.workload is workload]:
+            entry.transport.abort()
         for key in [k for k in self.clusters if k[0] is workload]:
             self.clusters.pop(key).pool.close_all()
         for key in [k for k in self._contexts if k[0] is workload]:

@@ -57,6 +57,7 @@ from nodeagent.telemetry import Telemetry, merge_exports
 log = logging.getLogger(__name__)
 
 TUNNEL_PORT = 15008
+TLS_MODE_LABEL = "security.istio.io/tlsMode"  # "disabled" on an endpoint: never tunnelled
 HEAD_LIMIT = 8192  # a CONNECT request or reply head larger than this is refused
 HEAD_TIMEOUT = 10.0  # the CONNECT request must arrive this soon after the handshake
 HANDSHAKE_TIMEOUT = 10.0
@@ -104,7 +105,9 @@ class MeshDirectory:
     Sources: ``local(ip)`` (the daemon's enrolled workloads, optional), then
     the snapshot's WorkloadEntry objects and ServiceEntry inline endpoints that
     name a ``serviceAccount`` (an entry without one is not a mesh workload: it
-    is reached in plaintext). Recomputed once per snapshot version.
+    is reached in plaintext; so is one labelled ``security.istio.io/tlsMode:
+    disabled``, Istio's label for endpoints without mTLS). Recomputed once per
+    snapshot version.
     """
 
     def __init__(self, snapshots: Callable[[], object], trust_domain: str = "cluster.local",
@@ -138,6 +141,8 @@ class MeshDirectory:
             for namespace, we in entries:
                 if not we.address or not we.service_account:
                     continue
+                if we.labels.get(TLS_MODE_LABEL, "istio") != "istio":
+                    continue  # Istio's opt-out: the endpoint cannot terminate mTLS
                 try:
                     identity = SpiffeId.workload(namespace, we.service_account, self.trust_domain)
                 except ValueError:

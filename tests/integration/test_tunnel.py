@@ -227,3 +227,19 @@ def test_a_listener_opens_before_its_first_certificate_and_serves_once_issued(ca
         finally:
             await mesh.close()
     run(scenario())
+
+
+def test_an_endpoint_labelled_tls_mode_disabled_is_reached_in_plaintext(ca_dir):
+    async def scenario():
+        mesh = await Mesh(ca_dir).start()
+        try:
+            text = mesh.config.snapshot.resources  # the WorkloadEntry of B, relabelled
+            from tests.integration.test_mesh_loopback import base_config
+            mesh.config.set(base_config(mesh.app.port).replace(
+                "    app: b\n    version: v1\n", "    app: b\n    version: v1\n    security.istio.io/tlsMode: disabled\n"))
+            assert text != mesh.config.snapshot.resources
+            status, _, _ = await get(mesh.a_out, "/x")
+            assert status == 200 and mesh.app.hits == 1 and mesh.tunnel.stats["accepted"] == 0
+        finally:
+            await mesh.close()
+    run(scenario())

@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 _SNIFF_LIMIT = 4096
 _CONTEXT_CACHE_LIMIT = 4096
 _IDENTITY_HEADERS = frozenset((b"x-forwarded-client-cert",))  # never trusted from a client
+# The proxy's own ports inside a pod (admin, outbound, inbound, tunnel, metrics, health): an inbound
+# stream never targets them, or a peer could make the pod's outbound listener speak for the pod.
+PROXY_PORTS = frozenset((15000, 15001, 15006, 15008, 15020, 15021))
 
 
 @dataclass(frozen=True, eq=False)
@@ -300,6 +303,8 @@ class InboundPlane:
     def admit(self, workload: InboundWorkload, principal: str | None, remote: tuple[str, int],
               target: tuple[str, int], *, mtls: bool) -> Admission:
         """Decide a new inbound stream at connect."""
+        if target[1] in PROXY_PORTS:
+            return Admission(False, f"port {target[1]} of {workload.ref} is the proxy's own port")
         snapshot, pol = self.policies()
         refusal = self._mtls_refusal(pol, workload, target[1], mtls)
         if refusal is not None:

@@ -49,6 +49,8 @@ import socket
 import ssl
 from typing import Callable
 
+from cryptography import x509
+
 from nodeagent.identity.errors import IdentityError, NoCertificate, PeerRejected
 from nodeagent.identity.spiffe import SpiffeId
 from nodeagent.identity.tls import TunnelTls
@@ -505,9 +507,7 @@ class _TunnelServerProtocol(asyncio.Protocol):
             self.done = True
             transport.abort()
             return
-        der = ssl_object.getpeercert(binary_form=True)
-        from cryptography import x509
-        self.serial = x509.load_der_x509_certificate(der).serial_number
+        self.serial = x509.load_der_x509_certificate(ssl_object.getpeercert(binary_form=True)).serial_number
         self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self._head_timeout)
 
     def _head_timeout(self) -> None:

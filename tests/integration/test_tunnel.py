@@ -125,6 +125,10 @@ def test_connect_must_target_this_workload_and_be_a_connect(ca_dir):
             other = await tunnel_attempt(mesh.tunnel.address, ctx, f"{A_ADDR}:{mesh.app.port}")
             assert other.startswith(b"HTTP/1.1 403 Forbidden\r\n")
             assert f"CONNECT target {A_ADDR}:{mesh.app.port} is not an address of shop/b" in mesh.tunnel.last_refusal
+            for port in (15001, 15006, 15008):  # never the proxy's own listeners inside the pod
+                answer = await tunnel_attempt(mesh.tunnel.address, ctx, f"{B_ADDR}:{port}")
+                assert answer.startswith(b"HTTP/1.1 403 Forbidden\r\n"), answer
+                assert mesh.tunnel.last_refusal.endswith(f"port {port} of shop/b is the proxy's own port")
             reader, writer = await asyncio.open_connection(*mesh.tunnel.address, ssl=ctx, server_hostname="")
             writer.write(b"GET / HTTP/1.1\r\nhost: b\r\n\r\n")
             assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 405 ")

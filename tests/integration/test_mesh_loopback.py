@@ -568,3 +568,47 @@ def test_tcp_stream_through_the_tunnel_and_closed_by_a_policy_change(ca_dir):
         finally:
             await mesh.close()
     run(scenario())
+
+
+L7_ALLOW = f"""---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: b-l7
+  namespace: {NS}
+spec:
+  selector:
+    matchLabels:
+      app: b
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/shop/sa/a"]
+    to:
+    - operation:
+        methods: ["GET"]
+        paths: ["/public/*"]
+"""
+
+
+def test_l7_policy_per_request_with_the_peer_principal_and_normalized_paths(ca_dir):
+    async def scenario():
+        mesh = await Mesh(ca_dir, L7_ALLOW).start()
+        try:
+            client = await HttpClient.open(mesh.a_out)
+            status, _, body = await client.request("/public/x?q=1")
+            assert status == 200 and json.loads(body)["path"] == "/public/x?q=1"
+            # The same kept-alive tunnel: each request is decided on its own.
+            assert (await client.request("/private"))[0] == 403
+            assert (await client.request("/public/x", method="POST"))[0] == 403
+            assert (await client.request("/public/../private"))[0] == 403  # normalized before matching
+            status, _, body = await client.request("/%70ublic/y")
+            assert status == 200 and json.loads(body)["path"] == "/public/y"  # the app sees what was authorized
+            client.close()
+            assert (await get(mesh.c_out, "/public/x"))[0] == 403  # right path, wrong principal
+            assert mesh.tunnel.stats["accepted"] == 2
+            assert mesh.app.hits == 2
+        finally:
+            await mesh.close()
+    run(scenario())

@@ -14,6 +14,8 @@
 //                  client socket and the proxy's accepted socket go into a
 //                  SOCKHASH, and sk_msg hands data between them directly
 //                  (no TCP/IP loopback path).
+//   na_inbound     sk_lookup, one instance per enrolled netns: inbound TCP to the
+//                  pod goes to the proxy's inbound listener (15006); see below.
 //   na_getsockopt  cgroup/getsockopt: getsockopt(SOL_IP, SO_ORIGINAL_DST) (or
 //                  SOL_IPV6, IP6T_SO_ORIGINAL_DST) on
 //                  that accepted socket answers from the map, so the proxy
@@ -101,6 +103,8 @@ BPF_TABLE_PINNED("hash", struct port_key, __u8, excl_port, 16384, NA_PIN("excl_p
 BPF_TABLE_PINNED("lpm_trie", struct cidr_key, __u8, excl_dst, 16384, NA_PIN("excl_dst"), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", __u64, struct orig_dst, cookie_dst, 65536, NA_PIN("cookie_dst"));
 BPF_TABLE_PINNED("lru_hash", struct pair_key, struct orig_dst, pair_dst, 65536, NA_PIN("pair_dst"));
+// inbound connections steered by na_inbound (see below), same key as pair_dst
+BPF_TABLE_PINNED("lru_hash", struct pair_key, struct orig_dst, in_dst, 65536, NA_PIN("in_dst"));
 
 static __always_inline struct wl_cfg *select_workload(__u64 netns)
 {
@@ -298,6 +302,8 @@ int na_getsockopt(struct bpf_sockopt *ctx)
     }
     struct orig_dst *od = pair_dst.lookup(&key);
     if (!od)
+        od = in_dst.lookup(&key);   // an inbound connection na_inbound steered to the proxy
+    if (!od)
         return 1;
     if (level == NA_SOL_IP) {
         if (od->ip6[0] != 0 || od->ip6[1] != 0 || od->ip6[2] != NA_MAPPED_WORD)
@@ -443,5 +449,109 @@ int na_fast_msg(struct sk_msg_md *msg)
         return SK_PASS;
     __u8 one = 1;   // peer unknown: this message goes by TCP, and so will all later ones
     tcp_used.update(&own, &one);
+    return SK_PASS;
+}
+
+// ---- inbound capture (sk_lookup) ------------------------------------------------------
+// TCP arriving at an enrolled pod is steered to the proxy's inbound listener
+// (15006) by an sk_lookup program attached to the pod's network namespace:
+// the kernel looks the listener up in in_listen and the connection is
+// accepted by it with the ORIGINAL destination as its local address (as with
+// TPROXY). The steering is recorded in in_dst under the pair key the
+// getsockopt hook computes from the accepted socket, so SO_ORIGINAL_DST
+// answers the same as for outbound captures and the proxy code is unchanged.
+//
+// sk_lookup programs cannot call bpf_get_netns_cookie, so the loader loads
+// one instance of na_inbound per enrolled namespace with that namespace's
+// cookie patched into the NA_NETNS_MAGIC immediate (one 64-bit load).
+// Passed untouched, as in the nftables plan: non-TCP, loopback (the pod
+// talking to itself - 127/8, ::1, or source == destination address - and the
+// proxy's own connections to the application),
+// the tunnel port and excluded ports (in_port), probe sources (in_src).
+// With no listener registered (the agent is restarting), new connections are
+// dropped (the client retries its SYN): never a bypass to the application.
+
+#define NA_NETNS_MAGIC "0x6e6174696e626e64"   // loader.INBOUND_MAGIC
+#define NA_LOOPBACK_IFINDEX 1
+
+struct in_sock_key {       // maps.encode_listen_key
+    __u64 netns;
+    __u32 family;
+    __u32 pad;
+};
+
+struct in_port_key {       // maps.encode_in_port_key
+    __u64 netns;
+    __u16 port;            // host order
+    __u16 pad;
+    __u32 pad2;
+};
+
+struct in_src_key {        // maps.encode_in_src_key (LPM trie)
+    __u32 prefixlen;       // 64 (netns) + prefix length of the 128-bit address
+    __u32 netns[2];
+    __u32 ip6[4];
+};
+
+struct in_listen_table_t {
+    struct in_sock_key key;
+    int leaf;
+    struct bpf_sock *(*lookup) (struct in_sock_key *);
+    int (*delete) (struct in_sock_key *);
+    u32 max_entries;
+};
+__attribute__((section("maps/sockhash:" NA_PIN("in_listen"))))
+struct in_listen_table_t in_listen = { .max_entries = 8192 };
+BPF_ANNOTATE_KV_PAIR(in_listen, struct in_sock_key, int);
+
+BPF_TABLE_PINNED("hash", struct in_port_key, __u8, in_port, 16384, NA_PIN("in_port"));
+BPF_TABLE_PINNED("lpm_trie", struct in_src_key, __u8, in_src, 16384, NA_PIN("in_src"), BPF_F_NO_PREALLOC);
+
+int na_inbound(struct bpf_sk_lookup *ctx)
+{
+    __u64 netns;
+    asm volatile("%0 = " NA_NETNS_MAGIC " ll" : "=r"(netns));
+    // every context field read unconditionally (see na_sockops)
+    __u32 proto = ctx->protocol, family = ctx->family, ifindex = ctx->ingress_ifindex;
+    __u32 lport = ctx->local_port, rport = ctx->remote_port;
+    __u32 l4 = ctx->local_ip4, r4 = ctx->remote_ip4;
+    __u32 l6_0 = ctx->local_ip6[0], l6_1 = ctx->local_ip6[1], l6_2 = ctx->local_ip6[2], l6_3 = ctx->local_ip6[3];
+    __u32 r6_0 = ctx->remote_ip6[0], r6_1 = ctx->remote_ip6[1], r6_2 = ctx->remote_ip6[2], r6_3 = ctx->remote_ip6[3];
+    asm volatile("" ::: "memory");
+    if (proto != IPPROTO_TCP || ifindex == NA_LOOPBACK_IFINDEX)
+        return SK_PASS;        // non-TCP; 127.0.0.0/8 and ::1 (ingress_ifindex is lo's)
+    // The pod calling its own address (also the proxy's connection to the
+    // application): ingress_ifindex is then the address's device, not lo, but
+    // the source the kernel picks for a local destination is that destination.
+    if (family == AF_INET ? r4 == l4
+                          : (r6_0 == l6_0 && r6_1 == l6_1 && r6_2 == l6_2 && r6_3 == l6_3))
+        return SK_PASS;
+    struct in_port_key pk = {.netns = netns, .port = (__u16)lport};
+    if (in_port.lookup(&pk))
+        return SK_PASS;        // the tunnel port, or an excluded inbound port
+    struct in_src_key sk_src = {.prefixlen = 64 + 128, .netns = {(__u32)netns, (__u32)(netns >> 32)}};
+    struct orig_dst od = {.port = (__u16)lport, .netns = netns};
+    struct pair_key key = {.netns = netns, .port = na_port_from_be(rport), .proxy_port = (__u16)lport};
+    if (family == AF_INET) {
+        sk_src.ip6[2] = NA_MAPPED_WORD;
+        sk_src.ip6[3] = r4;
+        od.ip6[2] = NA_MAPPED_WORD;
+        od.ip6[3] = l4;
+    } else {
+        sk_src.ip6[0] = r6_0; sk_src.ip6[1] = r6_1; sk_src.ip6[2] = r6_2; sk_src.ip6[3] = r6_3;
+        od.ip6[0] = l6_0; od.ip6[1] = l6_1; od.ip6[2] = l6_2; od.ip6[3] = l6_3;
+    }
+    if (in_src.lookup(&sk_src))
+        return SK_PASS;        // a node probe source: straight to the application
+    __builtin_memcpy(key.ip6, sk_src.ip6, sizeof(key.ip6));
+    struct in_sock_key lk = {.netns = netns, .family = family};
+    struct bpf_sock *sk = in_listen.lookup(&lk);
+    if (!sk)
+        return SK_DROP;        // no proxy listening: fail closed
+    long err = bpf_sk_assign(ctx, sk, 0);
+    bpf_sk_release(sk);
+    if (err)
+        return SK_DROP;
+    in_dst.update(&key, &od);
     return SK_PASS;
 }

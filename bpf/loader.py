@@ -26,15 +26,19 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
+import socket
+import struct
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import headers, maps, origdst, sys as bpfsys
-from .netns import netns_cookie
+from . import headers, inbound, maps, origdst, sys as bpfsys
+from .inbound import InboundConfig, InboundEnrollment
+from .netns import netns_cookie, socket_netns_cookie
 
 log = logging.getLogger("nodeagent.bpf")
 
@@ -90,6 +94,10 @@ MAP_LAYOUTS = {
     maps.MAP_PAIR: (maps.PAIR_KEY_SIZE, maps.ORIGINAL_DST_SIZE),
     maps.MAP_SOCKS: (maps.SOCK_KEY_SIZE, 4),
     maps.MAP_TCP_USED: (maps.SOCK_KEY_SIZE, 1),
+    maps.MAP_IN_LISTEN: (maps.LISTEN_KEY_SIZE, 4),
+    maps.MAP_IN_PORT: (maps.IN_PORT_KEY_SIZE, 1),
+    maps.MAP_IN_SRC: (maps.IN_SRC_KEY_SIZE, 1),
+    maps.MAP_IN_DST: (maps.PAIR_KEY_SIZE, maps.ORIGINAL_DST_SIZE),
 }
 
 
@@ -227,6 +235,8 @@ class _Compiled:
     prog_fds: dict[str, int]
     map_ids: dict[str, int]
     skipped: dict[str, str]   # optional programs the kernel refused: name -> reason
+    inbound_code: bytes | None = None    # na_inbound, relocated, to be patched per netns
+    inbound_problem: str | None = None   # why the kernel refused it (inbound capture off)
 
 
 _COMPILED: dict[tuple, _Compiled] = {}
@@ -239,6 +249,26 @@ def _map_id(fd: int) -> int:
 def _map_sizes(fd: int) -> tuple[int, int]:
     raw = bpfsys._info(fd, 32, f"map fd {fd}")
     return int.from_bytes(raw[8:12], "little"), int.from_bytes(raw[12:16], "little")
+
+
+def _prepare_inbound(bpf) -> tuple[bytes | None, str | None]:
+    """na_inbound's relocated instructions, checked by loading one instance; or why not."""
+    what = f"bpf: the kernel refused {inbound.INBOUND_PROGRAM} (inbound capture needs sk_lookup with " \
+           f"ingress_ifindex, Linux 5.17 or newer)"
+    try:
+        code = bytes(bpf.dump_func(inbound.INBOUND_PROGRAM.encode()))
+        fd = _load_inbound_instance(code, 0)
+    except (bpfsys.BpfError, ValueError) as exc:
+        return None, f"{what}: {exc}"
+    except Exception as exc:   # bcc raises plain Exceptions
+        return None, f"{what}: {exc}"
+    os.close(fd)
+    return code, None
+
+
+def _load_inbound_instance(code: bytes, netns_cookie: int) -> int:
+    return bpfsys.prog_load(bpfsys.PROG_TYPE_SK_LOOKUP, inbound.patch_netns(code, netns_cookie),
+                            name=inbound.INBOUND_PROGRAM, expected_attach_type=bpfsys.SK_LOOKUP)
 
 
 # ---- choosing the capture mode (--capture ebpf|nftables|auto) -------------------------------
@@ -307,6 +337,8 @@ class EbpfCapture:
         self.local_fast_path = local_fast_path
         self.prepare_headers = prepare_headers
         self.fast_path_problem: str | None = None   # why the fast path is off on this kernel
+        self.inbound_problem: str | None = None     # why inbound capture (sk_lookup) is off on this kernel
+        self._compiled: _Compiled | None = None
         self.cgroup_root: str | None = None
         self.header_tree: headers.HeaderTree | None = None
         self.timings: dict[str, float] = {}
@@ -346,6 +378,8 @@ class EbpfCapture:
             compiled = self._compile()
             self._open_maps()
             self._attach(compiled, before)
+            self._compiled = compiled
+            self._readopt_inbound()
         except BaseException:
             self._rollback(before)
             raise
@@ -369,6 +403,7 @@ class EbpfCapture:
             self.timings["compile"] = 0.0
             self.program_ids = {name: bpfsys.prog_id(fd) for name, fd in cached.prog_fds.items()}
             self.fast_path_problem = next(iter(cached.skipped.values()), None)
+            self.inbound_problem = cached.inbound_problem
             return cached
         if cached is not None:   # the pins were replaced under us: recompile against the new ones
             _COMPILED.pop(key).bpf.cleanup()
@@ -401,12 +436,16 @@ class EbpfCapture:
         except BaseException:
             bpf.cleanup()
             raise
+        inbound_code, inbound_problem = _prepare_inbound(bpf)
         self.timings["load"] = time.monotonic() - started
-        compiled = _Compiled(bpf, prog_fds, self._pinned_map_ids(), skipped)
+        compiled = _Compiled(bpf, prog_fds, self._pinned_map_ids(), skipped, inbound_code, inbound_problem)
         _COMPILED[key] = compiled
         self.fast_path_problem = next(iter(skipped.values()), None)
         if self.fast_path_problem:
             log.warning("bpf: same-node fast path off: %s", self.fast_path_problem.splitlines()[0])
+        self.inbound_problem = inbound_problem
+        if inbound_problem:
+            log.warning("bpf: inbound capture off: %s", inbound_problem.splitlines()[0])
         self.program_ids = {name: bpfsys.prog_id(fd) for name, fd in prog_fds.items()}
         return compiled
 
@@ -566,8 +605,10 @@ class EbpfCapture:
         return True
 
     def unenroll_netns(self, netns: str | int) -> bool:
-        """Stop capturing a netns (by path, or by the cookie from its Enrollment once it is gone)."""
-        return self._unenroll(maps.MAP_NETNS, netns if isinstance(netns, int) else netns_cookie(netns))
+        """Stop capturing a netns, both directions (by path, or by the cookie from its Enrollment once it is gone)."""
+        cookie = netns if isinstance(netns, int) else netns_cookie(netns)
+        inbound_removed = self.unenroll_inbound(cookie)
+        return self._unenroll(maps.MAP_NETNS, cookie) or inbound_removed
 
     def unenroll_cgroup(self, cgroup: str | int) -> bool:
         return self._unenroll(maps.MAP_CGROUP, cgroup if isinstance(cgroup, int) else self.cgroup_id(cgroup))
@@ -604,12 +645,202 @@ class EbpfCapture:
         found = maps.OriginalDst.decode(raw)
         return found.ip, found.port
 
+    # -- inbound (sk_lookup, per netns) -----------------------------------------
+
+    def _inbound_link_pin(self, cookie: int) -> str:
+        return f"{self.pin_dir}/links/{inbound.link_name(cookie)}"
+
+    def _inbound_instance(self, cookie: int) -> int:
+        if self._compiled is None or self._compiled.inbound_code is None:
+            raise EbpfError(self.inbound_problem or "bpf: capture not started; call start() first")
+        try:
+            return _load_inbound_instance(self._compiled.inbound_code, cookie)
+        except bpfsys.BpfError as exc:
+            raise EbpfError(f"bpf: {exc}") from None
+
+    def enroll_inbound(self, netns_path: str, listeners: list[socket.socket] | None = None,
+                       config: InboundConfig = InboundConfig()) -> InboundEnrollment:
+        """Capture TCP arriving at this network namespace (a pod) into its inbound listener.
+
+        ``listeners``: the proxy's listening sockets inside that namespace (one
+        per address family; any bound port, 15006 by convention). None finds
+        them among this process's sockets on port 15006 (the agent's data
+        plane opened them). Re-enrolling updates the pass-through ports and
+        sources and the listeners; the per-netns program stays attached.
+        """
+        if self.inbound_problem:
+            raise EbpfError(self.inbound_problem)
+        cookie = netns_cookie(netns_path)
+        ports = config.port_entries(cookie)          # validate before changing anything
+        sources = config.source_entries(cookie)
+        found = listeners is None
+        socks = inbound.listeners_in_process(cookie) if found else list(listeners)
+        try:
+            if found and not socks:
+                raise EbpfError(f"bpf: no inbound listener on port {inbound.INBOUND_PORT} in {netns_path} "
+                                f"in this process; open it before enrolling inbound capture")
+            families = {}
+            for sock in socks:
+                if sock.getsockopt(socket.SOL_SOCKET, inbound.SO_ACCEPTCONN) != 1:
+                    raise EbpfError(f"bpf: inbound listener {sock.getsockname()} is not listening")
+                if socket_netns_cookie(sock) != cookie:
+                    raise EbpfError(f"bpf: inbound listener {sock.getsockname()} is not inside {netns_path}")
+                families[sock.family] = sock
+            try:
+                self._sync_keys(maps.MAP_IN_PORT, maps.IN_PORT_KEY_SIZE, cookie, ports)
+                self._sync_keys(maps.MAP_IN_SRC, maps.IN_SRC_KEY_SIZE, cookie, {k: b"\x01" for k in sources})
+                listen_fd = self._fd(maps.MAP_IN_LISTEN)
+                for family in (socket.AF_INET, socket.AF_INET6):
+                    key = maps.encode_listen_key(cookie, family)
+                    if family in families:
+                        bpfsys.map_update(listen_fd, key, struct.pack("=I", families[family].fileno()))
+                    else:
+                        bpfsys.map_delete(listen_fd, key)
+            except bpfsys.BpfError as exc:
+                raise EbpfError(f"bpf: enrolling inbound capture of {netns_path} failed: {exc}") from None
+            pin = self._inbound_link_pin(cookie)
+            if not os.path.exists(pin):
+                self._attach_inbound(netns_path, cookie, pin)
+        finally:
+            if found:
+                for sock in socks:
+                    sock.close()
+        log.info("bpf: capturing inbound of netns %s (cookie %d) -> listeners %s", netns_path, cookie,
+                 ",".join(socket.AddressFamily(f).name for f in sorted(families)) or "none (fail closed)")
+        return InboundEnrollment(cookie, config, tuple(sorted(families)), pin)
+
+    def _attach_inbound(self, netns_path: str, cookie: int, pin: str) -> None:
+        prog_fd = self._inbound_instance(cookie)
+        try:
+            ns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            os.close(prog_fd)
+            raise EbpfError(f"bpf: cannot open network namespace {netns_path}: {exc.strerror}") from None
+        try:
+            link_fd = bpfsys.link_create(prog_fd, ns_fd, bpfsys.SK_LOOKUP,
+                                         f"{inbound.INBOUND_PROGRAM} to netns {netns_path}")
+            try:
+                bpfsys.obj_pin(link_fd, pin)
+            except bpfsys.BpfError:
+                bpfsys.link_detach(link_fd, pin)
+                raise
+            finally:
+                os.close(link_fd)   # the pin keeps it attached
+        except bpfsys.BpfError as exc:
+            raise EbpfError(f"bpf: {exc}") from None
+        finally:
+            os.close(ns_fd)
+            os.close(prog_fd)
+
+    def _sync_keys(self, name: str, key_size: int, cookie: int, want: dict[bytes, bytes]) -> None:
+        """Make the entries of netns ``cookie`` in map ``name`` exactly ``want`` (keys start with it)."""
+        fd = self._fd(name)
+        for key, value in want.items():
+            bpfsys.map_update(fd, key, value)
+        for key in bpfsys.map_keys(fd, key_size):
+            if self._key_cookie(name, key) == cookie and key not in want:
+                bpfsys.map_delete(fd, key)
+
+    @staticmethod
+    def _key_cookie(name: str, key: bytes) -> int:
+        if name == maps.MAP_IN_SRC:
+            return maps.decode_in_src_key(key)[0]
+        return maps.decode_u64(key)   # in_port and in_listen keys start with the cookie
+
+    def unenroll_inbound(self, netns: str | int) -> bool:
+        """Stop capturing inbound for a netns (by path or cookie); False when it was not enrolled."""
+        cookie = netns if isinstance(netns, int) else netns_cookie(netns)
+        removed = False
+        pin = self._inbound_link_pin(cookie)
+        if os.path.exists(pin):
+            try:
+                fd = bpfsys.obj_get(pin)
+                try:
+                    bpfsys.link_detach(fd, pin)
+                finally:
+                    os.close(fd)
+            except bpfsys.BpfError as exc:
+                raise EbpfError(f"bpf: {exc}") from None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pin)
+            removed = True
+        try:
+            for name, size in ((maps.MAP_IN_PORT, maps.IN_PORT_KEY_SIZE), (maps.MAP_IN_SRC, maps.IN_SRC_KEY_SIZE),
+                               (maps.MAP_IN_LISTEN, maps.LISTEN_KEY_SIZE)):
+                fd = self._fd(name)
+                for key in bpfsys.map_keys(fd, size):
+                    if self._key_cookie(name, key) == cookie:
+                        removed = bpfsys.map_delete(fd, key) or removed
+        except bpfsys.BpfError as exc:
+            raise EbpfError(f"bpf: removing inbound capture of netns cookie {cookie}: {exc}") from None
+        # in_dst entries of the namespace age out of the LRU map (cookies are never reused)
+        return removed
+
+    def inbound_enrollments(self) -> list[InboundEnrollment]:
+        """What the pins and maps say is captured inbound."""
+        cookies: dict[int, dict] = {}
+
+        def entry(cookie: int) -> dict:
+            return cookies.setdefault(cookie, {"excl": [], "tunnel": inbound.TUNNEL_PORT, "src": [], "fam": []})
+
+        links = f"{self.pin_dir}/links"
+        for name in sorted(os.listdir(links)) if os.path.isdir(links) else ():
+            cookie = inbound.cookie_of_link(name)
+            if cookie is not None:
+                entry(cookie)
+        fd = self._fd(maps.MAP_IN_PORT)
+        for key in bpfsys.map_keys(fd, maps.IN_PORT_KEY_SIZE):
+            cookie, port = maps.decode_in_port_key(key)
+            value = bpfsys.map_lookup(fd, key, 1)
+            if value == bytes([maps.IN_PORT_TUNNEL]):
+                entry(cookie)["tunnel"] = port
+            elif value is not None:
+                entry(cookie)["excl"].append(port)
+        for key in bpfsys.map_keys(self._fd(maps.MAP_IN_SRC), maps.IN_SRC_KEY_SIZE):
+            cookie, cidr = maps.decode_in_src_key(key)
+            entry(cookie)["src"].append(cidr)
+        for key in bpfsys.map_keys(self._fd(maps.MAP_IN_LISTEN), maps.LISTEN_KEY_SIZE):
+            cookie, family = maps.decode_listen_key(key)
+            entry(cookie)["fam"].append(family)
+        return [InboundEnrollment(c, InboundConfig(tuple(sorted(e["excl"])), tuple(sorted(e["src"])), e["tunnel"]),
+                                  tuple(sorted(e["fam"])), self._inbound_link_pin(c))
+                for c, e in sorted(cookies.items())]
+
+    def _readopt_inbound(self) -> None:
+        """Swap freshly loaded na_inbound instances into the pinned per-netns links (agent restart).
+
+        A link whose namespace is gone is removed with its map entries.
+        """
+        links = f"{self.pin_dir}/links"
+        if not os.path.isdir(links) or self._compiled is None or self._compiled.inbound_code is None:
+            return
+        for name in sorted(os.listdir(links)):
+            cookie = inbound.cookie_of_link(name)
+            if cookie is None:
+                continue
+            path = f"{links}/{name}"
+            prog_fd = self._inbound_instance(cookie)
+            try:
+                link_fd = bpfsys.obj_get(path)
+                try:
+                    bpfsys.link_update(link_fd, prog_fd, f"{inbound.INBOUND_PROGRAM} ({path})")
+                finally:
+                    os.close(link_fd)
+            except bpfsys.BpfError as exc:
+                if exc.errno not in (errno.ENOLINK, errno.ENOENT):
+                    raise EbpfError(f"bpf: {exc}") from None
+                log.info("bpf: netns cookie %d is gone; removing its inbound capture", cookie)
+                self.unenroll_inbound(cookie)
+            finally:
+                os.close(prog_fd)
+
     # -- teardown --------------------------------------------------------------
 
     def _close_maps(self) -> None:
         for fd in self._map_fds.values():
             os.close(fd)
         self._map_fds.clear()
+        self._compiled = None
 
     def _forget_compiled(self) -> None:
         for key in [k for k in _COMPILED if f'-DNA_PIN_DIR="{self.pin_dir}"' in k[1]]:
@@ -685,6 +916,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{e.kind} {e.key}: -> {e.config.proxy_ip}:{e.config.proxy_port} "
                   f"fast_path={'on' if e.config.flags & maps.FLAG_FAST_PATH else 'off'} "
                   f"exclude ports={list(e.excludes.ports)} destinations={list(e.excludes.destinations)}")
+        if all(name in capture._map_fds for name in (maps.MAP_IN_PORT, maps.MAP_IN_SRC, maps.MAP_IN_LISTEN)):
+            for i in capture.inbound_enrollments():
+                fams = ",".join({socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}.get(f, str(f)) for f in i.listeners)
+                print(f"inbound netns {i.key}: -> listeners={fams or '-'} tunnel={i.config.tunnel_port} "
+                      f"exclude ports={list(i.config.exclude_ports)} probe sources={list(i.config.probe_sources)}")
     finally:
         capture.close()
     return 0

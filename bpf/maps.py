@@ -20,9 +20,16 @@ MAP_COOKIE = "cookie_dst"      # u64 socket cookie -> OriginalDst (until establi
 MAP_PAIR = "pair_dst"          # PairKey -> OriginalDst (the proxy's lookup)
 MAP_SOCKS = "local_socks"      # SOCKHASH SockKey -> socket (same-node fast path)
 MAP_TCP_USED = "tcp_used"      # SockKey -> u8: this sender once went by TCP, never redirect it
-MAP_NAMES = (MAP_NETNS, MAP_CGROUP, MAP_EXCL_PORT, MAP_EXCL_DST, MAP_COOKIE, MAP_PAIR, MAP_SOCKS, MAP_TCP_USED)
+MAP_IN_LISTEN = "in_listen"    # SOCKHASH ListenKey -> the proxy's inbound listener of a netns
+MAP_IN_PORT = "in_port"        # InPortKey -> u8 (IN_PORT_TUNNEL / IN_PORT_EXCLUDED): not captured inbound
+MAP_IN_SRC = "in_src"          # InSrcKey (LPM trie) -> u8: probe sources, not captured inbound
+MAP_IN_DST = "in_dst"          # PairKey -> OriginalDst of an inbound connection (the proxy's lookup)
+MAP_NAMES = (MAP_NETNS, MAP_CGROUP, MAP_EXCL_PORT, MAP_EXCL_DST, MAP_COOKIE, MAP_PAIR, MAP_SOCKS, MAP_TCP_USED,
+             MAP_IN_LISTEN, MAP_IN_PORT, MAP_IN_SRC, MAP_IN_DST)
 
 FLAG_FAST_PATH = 1             # WorkloadConfig.flags: use the sk_msg fast path
+IN_PORT_EXCLUDED = 1           # MAP_IN_PORT values
+IN_PORT_TUNNEL = 2
 
 _U64 = struct.Struct("=Q")
 _CFG = struct.Struct("=I4sHHI")       # id, proxy ip (net order), proxy port, flags, pad
@@ -31,6 +38,9 @@ _SOCK = struct.Struct("=Q16s16sHHI")  # netns cookie, local ip, remote ip, local
 _PAIR = struct.Struct("=Q16sHHI")     # netns cookie, client ip, client port, proxy port, pad
 _PORT = struct.Struct("=IHH")         # id, port, pad
 _CIDR = struct.Struct("=II16s")       # prefixlen (bits after this field), id, ip
+_LISTEN = struct.Struct("=QII")       # netns cookie, address family, pad
+_IN_PORT = struct.Struct("=QHHI")     # netns cookie, port, pad, pad
+_IN_SRC = struct.Struct("=IQ16s")     # prefixlen (bits after this field), netns cookie, ip
 
 
 def _ip4(value: str) -> bytes:
@@ -169,3 +179,52 @@ def decode_sock_key(raw: bytes) -> tuple[int, tuple[str, int], tuple[str, int]]:
 
 
 SOCK_KEY_SIZE = _SOCK.size
+
+
+# ---- inbound (sk_lookup) -------------------------------------------------------------
+
+
+def encode_listen_key(netns_cookie: int, family: int) -> bytes:
+    """Key of MAP_IN_LISTEN: the inbound listener of one netns for one address family."""
+    return _LISTEN.pack(netns_cookie, family, 0)
+
+
+def decode_listen_key(raw: bytes) -> tuple[int, int]:
+    netns, family, _pad = _LISTEN.unpack(raw[:_LISTEN.size])
+    return netns, family
+
+
+LISTEN_KEY_SIZE = _LISTEN.size
+
+
+def encode_in_port_key(netns_cookie: int, port: int) -> bytes:
+    return _IN_PORT.pack(netns_cookie, _port(port, "inbound port"), 0, 0)
+
+
+def decode_in_port_key(raw: bytes) -> tuple[int, int]:
+    netns, port, _a, _b = _IN_PORT.unpack(raw[:_IN_PORT.size])
+    return netns, port
+
+
+IN_PORT_KEY_SIZE = _IN_PORT.size
+
+
+def encode_in_src_key(netns_cookie: int, cidr: str) -> bytes:
+    """LPM trie key: the 64-bit netns cookie is always matched, then the (v4-mapped) source prefix."""
+    try:
+        net = ipaddress.ip_network(cidr, strict=False)
+    except ValueError as exc:
+        raise ValueError(f"probe source must be an IP address or CIDR, got {cidr!r}") from exc
+    if net.version == 4:
+        return _IN_SRC.pack(64 + 96 + net.prefixlen, netns_cookie, _MAPPED_PREFIX + net.network_address.packed)
+    return _IN_SRC.pack(64 + net.prefixlen, netns_cookie, net.network_address.packed)
+
+
+def decode_in_src_key(raw: bytes) -> tuple[int, str]:
+    plen, netns, ip = _IN_SRC.unpack(raw[:_IN_SRC.size])
+    if ip[:12] == _MAPPED_PREFIX and plen >= 64 + 96:
+        return netns, f"{ipaddress.IPv4Address(ip[12:])}/{plen - 64 - 96}"
+    return netns, f"{ipaddress.IPv6Address(ip)}/{plen - 64}"
+
+
+IN_SRC_KEY_SIZE = _IN_SRC.size

@@ -20,6 +20,7 @@ MAP_LOOKUP_ELEM = 1
 MAP_UPDATE_ELEM = 2
 MAP_DELETE_ELEM = 3
 MAP_GET_NEXT_KEY = 4
+PROG_LOAD = 5
 OBJ_PIN = 6
 OBJ_GET = 7
 PROG_ATTACH = 8
@@ -37,6 +38,10 @@ CGROUP_INET4_CONNECT = 10
 CGROUP_INET6_CONNECT = 11
 CGROUP_GETSOCKOPT = 21
 SK_MSG_VERDICT = 7
+SK_LOOKUP = 36
+
+# enum bpf_prog_type (the ones loaded here without bcc)
+PROG_TYPE_SK_LOOKUP = 30
 
 BPF_ANY = 0
 BPF_F_RDONLY = 1 << 3  # file_flags for OBJ_GET
@@ -201,3 +206,42 @@ def prog_query(target_fd: int, attach_type: int, max_progs: int = 64) -> list[in
                    f"query cgroup fd {target_fd}")
     count = ctypes.c_uint32.from_address(ctypes.addressof(attr) + 24).value
     return list(ids[:count])
+
+
+def prog_load(prog_type: int, insns: bytes, *, name: str, expected_attach_type: int = 0,
+              license: str = "GPL", log_size: int = 1 << 18) -> int:
+    """Load already-relocated instructions (e.g. bcc's ``dump_func`` output, patched).
+
+    On refusal the BpfError message carries the verifier log's last lines.
+    """
+    if len(insns) % 8:
+        raise ValueError(f"program {name}: {len(insns)} bytes is not a whole number of instructions")
+    ibuf = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license.encode())
+    log = ctypes.create_string_buffer(log_size)
+    attr = _Attr()
+    base = ctypes.addressof(attr)
+    for offset, typ, value in ((0, ctypes.c_uint32, prog_type), (4, ctypes.c_uint32, len(insns) // 8),
+                               (8, ctypes.c_uint64, ctypes.addressof(ibuf)),
+                               (16, ctypes.c_uint64, ctypes.addressof(lic)),
+                               (24, ctypes.c_uint32, 1), (28, ctypes.c_uint32, log_size),
+                               (32, ctypes.c_uint64, ctypes.addressof(log)),
+                               (68, ctypes.c_uint32, expected_attach_type)):
+        typ.from_address(base + offset).value = value
+    raw_name = name.encode()[:15]
+    ctypes.memmove(base + 48, raw_name, len(raw_name))
+    fd = _libc.syscall(_SYS_BPF, PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        tail = [ln for ln in log.value.decode(errors="replace").splitlines() if ln.strip()][-8:]
+        detail = ("; verifier log:\n" + "\n".join("    " + ln for ln in tail)) if tail else ""
+        raise BpfError(err, f"load program {name}: {os.strerror(err)}{detail}")
+    return fd
+
+
+def netns_link_info(link_fd: int) -> tuple[int, int, int, int]:
+    """(link id, program id, netns inode, attach type) of a netns link (sk_lookup)."""
+    raw = _info(link_fd, 64, f"link fd {link_fd}")
+    # struct bpf_link_info: u32 type, u32 id, u32 prog_id, u32 pad, union { netns {u32 netns_ino; u32 attach_type} }
+    return (int.from_bytes(raw[4:8], "little"), int.from_bytes(raw[8:12], "little"),
+            int.from_bytes(raw[16:20], "little"), int.from_bytes(raw[20:24], "little"))

@@ -35,7 +35,7 @@ import yaml
 
 from policy import model as m
 from policy.errors import ConfigError, Diagnostic
-from policy.loader import LoadResult, config_files, load_paths, load_text
+from policy.loader import YAML_LOADER, LoadResult, config_files, load_paths, load_text
 from policy.snapshot import ConfigSnapshot, build_snapshot
 
 __all__ = [
@@ -94,7 +94,7 @@ def _doc_spans(text: str) -> list[tuple[tuple[str, str, str] | None, int, int]]:
     spans = []
     prev_end = 0
     try:
-        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        nodes = list(yaml.compose_all(text, Loader=YAML_LOADER))
     except yaml.YAMLError:
         return []
     for node in nodes:

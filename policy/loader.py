@@ -92,6 +92,10 @@ def object_display(kind: str, api_version: str, name: str) -> str:
     return f"{kind.lower()}.{group}/{name}" if group else f"{kind.lower()}/{name}"
 
 
+# libyaml's parser when available (several times faster); same nodes, tags and marks
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _line(node: Node) -> int:
     return node.start_mark.line + 1
 
@@ -115,7 +119,7 @@ def load_text(text: str, file: str, default_namespace: str = "default",
     keys = known_keys if known_keys is not None else {}
     docs: list[Node] = []
     try:
-        for doc in yaml.compose_all(text, Loader=yaml.SafeLoader):
+        for doc in yaml.compose_all(text, Loader=YAML_LOADER):
             docs.append(doc)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark

@@ -179,3 +179,14 @@ def test_usage_errors(tmp_path):
     assert p.returncode == 1 and "delete needs -f PATH or KIND NAME" in p.stderr
     p = run("get", "vs", "--config-dir", tmp_path / "nope")
     assert p.returncode == 1 and "does not exist" in p.stderr
+
+
+def test_validate_istio_samples_directory(samples_dir):
+    p = run("validate", "-f", samples_dir / "more")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("valid: ") and "ignored" in p.stdout          # the Sidecar
+    assert "error" not in p.stderr.lower()
+    assert "Sidecar seexamples/default" in p.stderr                         # one warning for it
+    p = run("validate", "-f", samples_dir / "bookinfo-networking" / "virtual-service-reviews-80-20.yaml",
+            "-f", samples_dir / "bookinfo-networking" / "destination-rule-all.yaml")
+    assert p.returncode == 0 and p.stderr == ""

@@ -484,7 +484,7 @@ class DestinationRule:
 @_frozen
 class ServicePort:
     number: int
-    protocol: str | None = None     # HTTP|HTTPS|GRPC|HTTP2|MONGO|TCP|TLS|... (upper-cased as written)
+    protocol: str | None = None     # HTTP|HTTPS|GRPC|HTTP2|MONGO|TCP|TLS|... (upper-cased; None = sniff)
     name: str = ""
     target_port: int | None = None
 

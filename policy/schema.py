@@ -112,6 +112,13 @@ def _build_retry(kw: dict) -> m.HTTPRetry:
     return m.HTTPRetry(**kw)
 
 
+def _build_service_port(kw: dict) -> m.ServicePort:
+    # Istio parses protocols case-insensitively; the model carries them upper-case
+    if isinstance(kw.get("protocol"), str):
+        kw["protocol"] = kw["protocol"].upper()
+    return m.ServicePort(**kw)
+
+
 def _build_selector_labels(kw: dict) -> m.WorkloadSelector:
     return m.WorkloadSelector(match_labels=kw.get("labels", m.EMPTY_MAP))
 
@@ -267,7 +274,8 @@ MESSAGES: dict[str, Message] = {
         "endpoints": F(ListOf(Msg("WorkloadEntry"))), "workloadSelector": F(Msg("SEWorkloadSelector")),
         "exportTo": F(STRS), "subjectAltNames": F(STRS)}),
     "ServicePort": Message(m.ServicePort, {
-        "number": F(U32), "protocol": F(STR), "name": F(STR), "targetPort": F(U32)}, required=("number",)),
+        "number": F(U32), "protocol": F(STR), "name": F(STR), "targetPort": F(U32)}, required=("number",),
+        build=_build_service_port),
     "WorkloadEntry": Message(m.WorkloadEntry, {
         "address": F(STR), "ports": F(MapOf(U32)), "labels": F(STRMAP), "network": F(STR),
         "locality": F(STR), "weight": F(U32), "serviceAccount": F(STR)}),

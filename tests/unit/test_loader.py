@@ -389,7 +389,7 @@ def test_service_entry_and_workload_entry_decoding():
   hosts: [catalog.shop.svc.cluster.local]
   addresses: [127.0.10.1, 10.9.0.0/16]
   ports:
-  - {number: 80, name: http, protocol: HTTP, targetPort: 8080}
+  - {number: 80, name: http, protocol: http, targetPort: 8080}
   location: MESH_INTERNAL
   resolution: STATIC
   workloadSelector:

@@ -177,11 +177,15 @@ def counted(shop) -> None:
         for name, labels, value in lab.metrics(node):
             if name != "istio_requests_total" or not value:
                 continue
-            rows[(node, labels["reporter"], labels["source_workload"], labels["destination_workload"],
+            source = labels["source_workload"]
+            if source == "unknown" and labels["source_principal"] != "unknown":
+                source = labels["source_principal"].split("/ns/", 1)[-1].replace("/sa/", "/")  # ns/sa
+            rows[(node, labels["reporter"], source, labels["destination_workload"],
                   labels["response_code"], labels["connection_security_policy"])] += value
-    say(f"  {'node':6} {'reporter':11} {'source':15} {'destination':15} {'code':5} {'security':11} count")
+    say("  (source: the workload, or ns/service-account proven by the peer certificate)")
+    say(f"  {'node':6} {'reporter':11} {'source':26} {'destination':15} {'code':5} {'security':11} count")
     for key, value in sorted(rows.items()):
-        say("  %-6s %-11s %-15s %-15s %-5s %-11s %d" % (*key, value))
+        say("  %-6s %-11s %-26s %-15s %-5s %-11s %d" % (*key, value))
 
 
 def live() -> int:

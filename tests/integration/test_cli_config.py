@@ -1,6 +1,7 @@
 """`nodeagent validate|apply|create|get|delete` as a user runs them (subprocess, real files)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -24,6 +25,31 @@ def run(*args, cwd=DATA, env_dir=None, stdin=None):
                        input=stdin, capture_output=True, text=True, timeout=60)
     assert "Traceback" not in p.stderr, p.stderr
     return p
+
+
+class Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def call(capsys, monkeypatch):
+    """The same CLI in-process (fast): ``nodeagent.cli.main(argv)`` with real files."""
+    from nodeagent.cli import main
+
+    def invoke(*args, env_dir=None, stdin=None):
+        monkeypatch.chdir(DATA)
+        if env_dir is None:
+            monkeypatch.delenv("NODEAGENT_CONFIG_DIR", raising=False)
+        else:
+            monkeypatch.setenv("NODEAGENT_CONFIG_DIR", str(env_dir))
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin or ""))
+        capsys.readouterr()
+        rc = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err, err
+        return Result(rc, out, err)
+    return invoke
 
 
 def test_validate_valid_directory():
@@ -86,9 +112,9 @@ def test_validate_several_files_and_stdin():
     assert p.returncode == 1 and "duplicate object" in p.stderr
 
 
-def test_round_trip_apply_create_get_delete(tmp_path):
+def test_round_trip_apply_create_get_delete(tmp_path, call):
     conf = tmp_path / "config.d"
-    p = run("apply", "-f", SHOP / "catalog.yaml", "--config-dir", conf)
+    p = call("apply", "-f", SHOP / "catalog.yaml", "--config-dir", conf)
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines() == [
         "serviceentry.networking.istio.io/catalog created",
@@ -101,83 +127,83 @@ def test_round_trip_apply_create_get_delete(tmp_path):
     assert (conf / "virtualservice.shop.catalog.yaml").is_file()
 
     # the environment variable names the directory too
-    p = run("apply", "-f", SHOP, env_dir=conf)
+    p = call("apply", "-f", SHOP, env_dir=conf)
     assert p.returncode == 0
     assert "virtualservice.networking.istio.io/catalog unchanged" in p.stdout
     assert "virtualservice.networking.istio.io/reviews created" in p.stdout
     assert "peerauthentication.security.istio.io/default created" in p.stdout
 
-    p = run("create", "-f", SHOP / "security.yaml", "--config-dir", conf)
+    p = call("create", "-f", SHOP / "security.yaml", "--config-dir", conf)
     assert p.returncode == 1
     assert 'peerauthentications.security.istio.io "default" already exists in namespace shop' in p.stderr
 
-    p = run("get", "vs", "-n", "shop", "--config-dir", conf)
+    p = call("get", "vs", "-n", "shop", "--config-dir", conf)
     assert p.returncode == 0
     assert p.stdout.splitlines()[0].split() == ["NAME", "GATEWAYS", "HOSTS"]
     assert [ln.split()[0] for ln in p.stdout.splitlines()[1:]] == ["catalog", "productpage", "ratings", "reviews"]
-    p = run("get", "VirtualServices", "--config-dir", conf)
+    p = call("get", "VirtualServices", "--config-dir", conf)
     assert p.returncode == 0 and "No resources found in default namespace." in p.stderr
 
-    p = run("get", "dr", "catalog", "-n", "shop", "-o", "yaml", "--config-dir", conf)
+    p = call("get", "dr", "catalog", "-n", "shop", "-o", "yaml", "--config-dir", conf)
     assert p.returncode == 0
     got = yaml.safe_load(p.stdout)
     src = [d for d in yaml.safe_load_all((SHOP / "catalog.yaml").read_text()) if d["kind"] == "DestinationRule"][0]
     assert got == src
-    p = run("get", "se", "-A", "-o", "json", "--config-dir", conf)
+    p = call("get", "se", "-A", "-o", "json", "--config-dir", conf)
     items = json.loads(p.stdout)["items"]
     assert sorted(i["metadata"]["name"] for i in items) == ["catalog", "productpage", "ratings", "reviews"]
-    p = run("get", "workloadentry", "-n", "shop", "-o", "name", "--config-dir", conf)
+    p = call("get", "workloadentry", "-n", "shop", "-o", "name", "--config-dir", conf)
     assert "workloadentry.networking.istio.io/catalog-v1a" in p.stdout.splitlines()
     for alias in ("ap", "authorizationpolicies", "AuthorizationPolicy", "authorizationpolicies.security.istio.io"):
-        p = run("get", alias, "-n", "shop", "--config-dir", conf)
+        p = call("get", alias, "-n", "shop", "--config-dir", conf)
         assert p.returncode == 0 and "reviews-from-productpage" in p.stdout, alias
 
-    p = run("delete", "vs", "reviews", "-n", "shop", "--config-dir", conf)
+    p = call("delete", "vs", "reviews", "-n", "shop", "--config-dir", conf)
     assert p.returncode == 0 and p.stdout.strip() == "virtualservice.networking.istio.io/reviews deleted"
-    p = run("get", "vs", "reviews", "-n", "shop", "--config-dir", conf)
+    p = call("get", "vs", "reviews", "-n", "shop", "--config-dir", conf)
     assert p.returncode == 1 and 'virtualservices.networking.istio.io "reviews" not found' in p.stderr
-    p = run("delete", "vs", "reviews", "-n", "shop", "--config-dir", conf)
+    p = call("delete", "vs", "reviews", "-n", "shop", "--config-dir", conf)
     assert p.returncode == 1 and "not found" in p.stderr
-    assert run("delete", "vs", "reviews", "-n", "shop", "--ignore-not-found", "--config-dir", conf).returncode == 0
+    assert call("delete", "vs", "reviews", "-n", "shop", "--ignore-not-found", "--config-dir", conf).returncode == 0
 
-    p = run("delete", "-f", SHOP / "security.yaml", "--config-dir", conf)
+    p = call("delete", "-f", SHOP / "security.yaml", "--config-dir", conf)
     assert p.returncode == 0 and len(p.stdout.splitlines()) == 4
-    p = run("get", "pa", "-A", "--config-dir", conf)
+    p = call("get", "pa", "-A", "--config-dir", conf)
     assert p.returncode == 0 and "No resources found" in p.stderr
-    p = run("validate", "-f", conf)
+    p = call("validate", "-f", conf)
     assert p.returncode == 0 and p.stdout.strip() == "valid: 19 objects in 19 files"
 
 
-def test_apply_of_invalid_input_changes_nothing(tmp_path):
+def test_apply_of_invalid_input_changes_nothing(tmp_path, call):
     conf = tmp_path / "c"
-    run("apply", "-f", SHOP / "security.yaml", "--config-dir", conf)
+    call("apply", "-f", SHOP / "security.yaml", "--config-dir", conf)
     before = sorted(p.name for p in conf.iterdir())
-    p = run("apply", "-f", SHOP / "catalog.yaml", "-f", "bad-weight.yaml", "--config-dir", conf)
+    p = call("apply", "-f", SHOP / "catalog.yaml", "-f", "bad-weight.yaml", "--config-dir", conf)
     assert p.returncode == 1
     assert "bad-weight.yaml:19: VirtualService shop/reviews: spec.http[0].route[1].weight" in p.stderr
     assert p.stderr.splitlines()[-1] == "nodeagent: 2 errors: nothing was applied"
     assert sorted(p.name for p in conf.iterdir()) == before
-    p = run("apply", "-f", "empty.yaml", "--config-dir", conf)
+    p = call("apply", "-f", "empty.yaml", "--config-dir", conf)
     assert p.returncode == 1 and "no objects passed to apply" in p.stderr
 
 
-def test_apply_namespace_flag(tmp_path):
+def test_apply_namespace_flag(tmp_path, call):
     conf = tmp_path / "c"
-    p = run("apply", "-f", SHOP / "security.yaml", "-n", "prod", "--config-dir", conf)
+    p = call("apply", "-f", SHOP / "security.yaml", "-n", "prod", "--config-dir", conf)
     assert p.returncode == 1 and 'does not match the namespace "prod"' in p.stderr
     obj = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: db}\nspec: {host: db}\n"
-    p = run("apply", "-f", "-", "-n", "prod", "--config-dir", conf, stdin=obj)
+    p = call("apply", "-f", "-", "-n", "prod", "--config-dir", conf, stdin=obj)
     assert p.returncode == 0 and (conf / "destinationrule.prod.db.yaml").exists()
-    p = run("get", "dr", "-n", "prod", "--config-dir", conf)
+    p = call("get", "dr", "-n", "prod", "--config-dir", conf)
     assert p.stdout.splitlines()[1].split()[:2] == ["db", "db"]
 
 
-def test_usage_errors(tmp_path):
-    p = run("get", "gateways", "--config-dir", tmp_path)
+def test_usage_errors(tmp_path, call):
+    p = call("get", "gateways", "--config-dir", tmp_path)
     assert p.returncode == 1 and 'doesn\'t have a resource type "gateways"' in p.stderr
-    p = run("delete", "--config-dir", tmp_path)
+    p = call("delete", "--config-dir", tmp_path)
     assert p.returncode == 1 and "delete needs -f PATH or KIND NAME" in p.stderr
-    p = run("get", "vs", "--config-dir", tmp_path / "nope")
+    p = call("get", "vs", "--config-dir", tmp_path / "nope")
     assert p.returncode == 1 and "does not exist" in p.stderr
 
 
@@ -190,3 +216,16 @@ def test_validate_istio_samples_directory(samples_dir):
     p = run("validate", "-f", samples_dir / "bookinfo-networking" / "virtual-service-reviews-80-20.yaml",
             "-f", samples_dir / "bookinfo-networking" / "destination-rule-all.yaml")
     assert p.returncode == 0 and p.stderr == ""
+
+
+
+def test_apply_get_delete_as_a_subprocess(tmp_path):
+    conf = tmp_path / "c"
+    p = run("apply", "-f", SHOP / "security.yaml", "--config-dir", conf)
+    assert p.returncode == 0 and "authorizationpolicy.security.istio.io/ratings-from-reviews created" in p.stdout
+    p = run("get", "ap", "-n", "shop", "-o", "name", env_dir=conf)
+    assert p.stdout.splitlines() == ["authorizationpolicy.security.istio.io/catalog-no-delete",
+                                     "authorizationpolicy.security.istio.io/ratings-from-reviews",
+                                     "authorizationpolicy.security.istio.io/reviews-from-productpage"]
+    p = run("delete", "ap", "catalog-no-delete", "-n", "shop", "--config-dir", conf)
+    assert p.returncode == 0 and p.stdout.strip() == "authorizationpolicy.security.istio.io/catalog-no-delete deleted"

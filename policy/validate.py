@@ -1191,8 +1191,12 @@ def _c_authz(ap: m.AuthorizationPolicy, path: str, ctx: Ctx) -> None:
     if ap.action != "CUSTOM" and ap.provider is not None:
         ctx.err(f"{path}.provider", f"may only be set when action is CUSTOM, got action {ap.action}")
     # what loads but is enforced fail-closed (JWT principals, CUSTOM providers, ...)
-    from policy import authz   # lazy: policy.authz is a consumer of the model, not of this module
-    for p, msg in authz.unsupported_field_warnings(ap, path):
+    try:
+        from policy import authz   # lazy: policy.authz is a consumer of the model, not of this module
+        notes = authz.unsupported_field_warnings(ap, path)
+    except Exception:              # advisory only: never refuse a valid policy because of it
+        notes = []
+    for p, msg in notes:
         ctx.warn(p, msg)
 
 

@@ -182,6 +182,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per target (default 2)")
     p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     p.add_argument("--path", default="/catalog/items", help="request path (default /catalog/items)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure the proxies this many times, interleaved, and keep each one's best run "
+                        "(a shared machine only ever makes a run slower; default 1)")
     args = p.parse_args(argv)
     for tool in ("wrk", "haproxy"):
         if shutil.which(tool) is None:
@@ -208,11 +211,15 @@ def main(argv=None) -> int:
         procs.append(nodeagent)
         wait_port("127.0.0.1", na_port)
         host = "catalog.shop.svc.cluster.local"
-        results = [
-            measure("upstream (direct)", f"http://127.0.0.2:{up}{args.path}", None, args),
-            measure("nodeagent proxy", f"http://127.0.0.1:{na_port}{args.path}", nodeagent.pid, args, host),
-            measure("haproxy 2.6", f"http://127.0.0.1:{hap}{args.path}", haproxy.pid, args),
-        ]
+        results = [measure("upstream (direct)", f"http://127.0.0.2:{up}{args.path}", None, args), None, None]
+        for _ in range(max(1, args.rounds)):
+            runs = [
+                measure("nodeagent proxy", f"http://127.0.0.1:{na_port}{args.path}", nodeagent.pid, args, host),
+                measure("haproxy 2.6", f"http://127.0.0.1:{hap}{args.path}", haproxy.pid, args),
+            ]
+            for i, run in enumerate(runs, start=1):
+                if results[i] is None or run["rps"] > results[i]["rps"]:
+                    results[i] = run
     finally:
         for proc in reversed(procs):
             proc.send_signal(signal.SIGTERM)
@@ -223,7 +230,7 @@ def main(argv=None) -> int:
                 proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrk -t1 -c{args.connections}, {args.duration:g}s per target after {args.warmup:g}s warm-up, "
-          f"path {args.path}")
+          f"path {args.path}" + (f", best of {args.rounds} interleaved rounds" if args.rounds > 1 else ""))
     print(f"{'target':<20}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'non-2xx':>9}")
     for r in results:
         cpu = f"{r['cpu_us']:.1f}" if "cpu_us" in r else "-"

@@ -131,8 +131,8 @@ class HttpDownstream(asyncio.Protocol):
 
     __slots__ = (
         "runtime", "ctx", "peer", "transport", "parser", "active", "queue", "parsing",
-        "url", "headers", "head_bytes", "raw_pending", "reading_head", "head_started",
-        "last_activity", "pauses", "write_paused", "closing", "tunnel", "error_status", "target",
+        "url", "headers", "head_bytes", "raw_pending", "reading_head", "head_age",
+        "idle_age", "pauses", "write_paused", "closing", "tunnel", "error_status", "target",
     )
 
     def __init__(self, runtime, ctx, peer=None, target=None) -> None:
@@ -150,8 +150,10 @@ class HttpDownstream(asyncio.Protocol):
         self.head_bytes = 0
         self.raw_pending = 0
         self.reading_head = False
-        self.head_started = 0.0
-        self.last_activity = 0.0
+        # Ages in seconds, advanced by the runtime's sweep tick and reset by activity
+        # (a plain store per read instead of a clock call).
+        self.head_age = 0.0
+        self.idle_age = 0.0
         self.pauses = 0
         self.write_paused = False
         self.closing = False
@@ -168,7 +170,6 @@ class HttpDownstream(asyncio.Protocol):
                 self.closing = True
                 transport.abort()
                 return
-        self.last_activity = self.runtime.loop.time()
         self.runtime.downstreams.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -177,7 +178,7 @@ class HttpDownstream(asyncio.Protocol):
             return
         if self.closing:
             return
-        self.last_activity = self.runtime.loop.time()
+        self.idle_age = 0.0
         if not self.reading_head:
             self.raw_pending = 0
         try:
@@ -231,7 +232,7 @@ class HttpDownstream(asyncio.Protocol):
         self.headers = []
         self.head_bytes = 0
         self.reading_head = True
-        self.head_started = self.runtime.loop.time()
+        self.head_age = 0.0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -290,7 +291,7 @@ class HttpDownstream(asyncio.Protocol):
         if exchange is not self.active:
             return
         self.active = None
-        self.last_activity = self.runtime.loop.time()
+        self.idle_age = 0.0
         if not keep_alive:
             self.close()
             return
@@ -325,14 +326,19 @@ class HttpDownstream(asyncio.Protocol):
             self.closing = True
             self.transport.close()
 
-    def check_timers(self, now: float, limits) -> None:
-        """Called by the runtime's sweep: slow request heads get 408, idle connections close."""
-        if self.closing or self.tunnel is not None:
+    def check_timers(self, tick: float, limits) -> None:
+        """Called by the runtime's sweep every ``tick`` seconds: slow request heads get 408,
+        idle connections close."""
+        if self.closing or self.tunnel is not None or self.active is not None:
             return
-        if self.reading_head and self.active is None and now - self.head_started > limits.header_timeout:
-            self.protocol_error(408)
-        elif self.active is None and not self.queue and now - self.last_activity > limits.idle_timeout:
-            self.close()
+        if self.reading_head:
+            self.head_age += tick
+            if self.head_age > limits.header_timeout:
+                self.protocol_error(408)
+        elif not self.queue:
+            self.idle_age += tick
+            if self.idle_age > limits.idle_timeout:
+                self.close()
 
 
 class Exchange:
@@ -344,7 +350,7 @@ class Exchange:
         "replay_bytes", "request_done", "response_done", "upstream", "plan", "endpoint",
         "tried", "attempt", "response_started", "out_chunked", "close_delimited",
         "status", "flags", "req_bytes", "resp_bytes", "t0", "abandoned", "timer", "try_timer",
-        "finished", "tunneling", "dest", "upstream_host", "cluster", "t_upstream", "_hmap", "mirrored", "out",
+        "finished", "tunneling", "dest", "upstream_host", "cluster", "_hmap", "mirrored", "out",
     )
 
     def __init__(self, down: HttpDownstream, method, url, headers, version, keep_alive, upgrade) -> None:
@@ -377,7 +383,6 @@ class Exchange:
         self.req_bytes = 0
         self.resp_bytes = 0
         self.t0 = time.monotonic()
-        self.t_upstream = 0.0
         self.abandoned = False
         self.timer = None
         self.try_timer = None
@@ -504,7 +509,6 @@ class Exchange:
             self.tried = [endpoint]
         else:
             self.tried.append(endpoint)
-        self.t_upstream = time.monotonic()
         overflow = cluster.pool.acquire(self, endpoint.addr)
         if overflow is not None:
             self.local_reply(LocalReply(503, "UO", b"upstream connect error or disconnect/reset before headers. reset reason: overflow", route_name=plan.route_name))

@@ -29,6 +29,7 @@ from nodeagent.proxy.upstream import ClusterPool, PoolLimits, UNLIMITED
 
 log = logging.getLogger(__name__)
 
+SWEEP_TICK = 0.25  # seconds between outlier sweeps checks, pool idle sweeps and client timers
 _ERROR_FOR_RETRY = {"connect-failure": "connect-failure", "reset": "reset", "per-try-timeout": "timeout"}
 
 
@@ -259,14 +260,15 @@ class ProxyRuntime:
         self._sweeper = self.loop.create_task(self._sweep_forever())
 
     async def _sweep_forever(self) -> None:
+        tick = SWEEP_TICK
         while True:
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(tick)
             now = self.loop.time()
             for state in list(self.clusters.values()):
                 state.sweep(now)
             limits = self.limits
             for down in list(self.downstreams):
-                down.check_timers(now, limits)
+                down.check_timers(tick, limits)
 
     async def close(self) -> None:
         if self._sweeper is not None:

@@ -5,12 +5,15 @@ root and stay attached across agent restarts through pinned links). eBPF mode
 captures OUTBOUND connects (cgroup/connect4/6, SO_ORIGINAL_DST answered by
 the getsockopt program): a pod's outbound connections go to the proxy's
 listener on 127.0.0.1:15001 inside its namespace, a cgroup's to 127.0.0.1 at
-its own port. Inbound connections are not redirected in this mode (see
-docs/operations.md: use nftables/iptables where inbound AuthorizationPolicy
-must be enforced on this node).
+its own port. Inbound (docs/ebpf.md): TCP arriving at a pod is steered by a
+per-netns sk_lookup program to the 15006 listener the data plane opened in
+that namespace (found among this process's sockets); the tunnel port 15008
+is accepted directly; SO_ORIGINAL_DST answers as with nftables. On a kernel
+without it (``loader.inbound_problem``) pods are captured outbound only.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Iterable
 
@@ -21,6 +24,8 @@ from nodeagent.agent.capture import CaptureError
 from nodeagent.agent.netfilter import HOST_PORT_BASE
 from nodeagent.agent.workload import WorkloadSpec, netns_path
 from redirect.plan import OUTBOUND_PORT
+
+log = logging.getLogger("nodeagent.agent.ebpf")
 
 
 class EbpfBackend:
@@ -38,6 +43,9 @@ class EbpfBackend:
             self.loader.start()
         except (EbpfUnavailable, EbpfError) as exc:
             raise CaptureError(f"--capture ebpf: {exc}") from None
+        if self.loader.inbound_problem:
+            log.warning("--capture ebpf: pods are captured outbound only: %s",
+                        self.loader.inbound_problem.splitlines()[0])
 
     def close(self) -> None:
         self.loader.close()  # the pinned programs and maps stay: capture holds while the agent restarts
@@ -51,6 +59,8 @@ class EbpfBackend:
                 path = netns_path(spec.target)
                 enrollment = self.loader.enroll_netns(path, proxy_port=OUTBOUND_PORT)
                 self._cookies[spec.target] = enrollment.key
+                if self.loader.inbound_problem is None:
+                    self.loader.enroll_inbound(path)  # the data plane's 15006 listeners in that netns
                 return
             if spec.target not in self._ports:
                 used = set(self._ports.values())
@@ -108,3 +118,16 @@ class EbpfBackend:
             self.loader.cleanup()
         except (EbpfError, OSError) as exc:
             raise CaptureError(f"bpf cleanup of {self.pin_dir}: {exc}") from None
+
+
+def auto_backend(pin_dir: str | None = None) -> EbpfBackend | None:
+    """``--capture auto`` with eBPF first: a started EbpfBackend, or None after ONE
+    warning line saying why eBPF cannot work here (the caller then uses nftables)."""
+    backend = EbpfBackend(pin_dir) if pin_dir else EbpfBackend()
+    try:
+        backend.start()
+    except CaptureError as exc:
+        reason = str(exc).removeprefix("--capture ebpf: ").splitlines()[0]
+        log.warning("capture: eBPF unavailable, using nftables: %s", reason)
+        return None
+    return backend

@@ -38,7 +38,9 @@ from nodeagent.agent.workload import SpecError, WorkloadSpec, merge_workloads, s
 from nodeagent.identity import CAError, CertificateManager, IdentityError, SpiffeId, create_manager
 from nodeagent.identity import certs as x509certs
 from nodeagent.store import ConfigStore
-from nodeagent.telemetry import IstioCollector, Telemetry, merge_exports
+from nodeagent.identity.tls import TunnelTls
+from nodeagent.proxy.tunnel import MeshTelemetry
+from nodeagent.telemetry import IstioCollector
 from policy.errors import ConfigError
 from policy.snapshot import ConfigSnapshot, build_snapshot
 
@@ -86,18 +88,9 @@ class Agent:
         self.clock = clock or MonotonicClock()
         self.store = ConfigStore(options.config_dir)
         self._empty_snapshot = build_snapshot(())
-        self.telemetry = Telemetry()
-        self.plane = DataPlane(self.snapshot, self.telemetry, options.trust_domain)
-        # Kernel capture feeds the proxy's per-workload listeners; `none` has neither.
-        self.capture = capture if capture.mode == "none" else DataPlaneCapture(capture, self.plane)
         self.state_dir = ensure_state_dir(options.state_dir)
         self._lock_fd = _lock_state_dir(self.state_dir)
         self.registry, extra = load_registry(self.state_dir)
-        applied = applied_from_state(extra, self.state_dir)
-        self.reconciler = Reconciler(lambda: list(self.registry), self.capture, self.clock, RetrySet(),
-                                     resync_interval=options.resync_interval, applied=applied)
-        self._saved_applied = applied
-        self.readiness = Readiness(("state", "config", "identities", "listeners"))
         try:
             self.identities: CertificateManager = create_manager(
                 state_dir=self.state_dir, ca_url=options.ca_url, credential_dir=options.node_credential,
@@ -106,6 +99,16 @@ class Agent:
             raise AgentSetupError(f"identity: {exc}") from None
         for spec in self.registry:
             self.identities.add_workload(self._spiffe(spec))
+        self.telemetry = MeshTelemetry()
+        self.plane = DataPlane(self.snapshot, self.telemetry, TunnelTls(self.identities), options.trust_domain,
+                               self._local_identity)
+        # Kernel capture feeds the proxy's per-workload listeners; `none` has neither.
+        self.capture = capture if capture.mode == "none" else DataPlaneCapture(capture, self.plane)
+        applied = applied_from_state(extra, self.state_dir)
+        self.reconciler = Reconciler(lambda: list(self.registry), self.capture, self.clock, RetrySet(),
+                                     resync_interval=options.resync_interval, applied=applied)
+        self._saved_applied = applied
+        self.readiness = Readiness(("state", "config", "identities", "listeners"))
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
@@ -128,7 +131,7 @@ class Agent:
         self._m_ready = Gauge("nodeagent_ready", "1 once the agent is ready", registry=self.metrics_registry)
         self._m_config = Gauge("nodeagent_config_version", "Version of the configuration snapshot in use",
                                registry=self.metrics_registry)
-        self.metrics_registry.register(IstioCollector(lambda: merge_exports([self.telemetry.export()])))
+        self.metrics_registry.register(IstioCollector(self.telemetry.export))
         self._save()  # the state file exists from the first start (uninstall recognises the dir by it)
 
     # -- lifecycle -------------------------------------------------------
@@ -306,6 +309,11 @@ class Agent:
             reply["capture_error"] = status.error
         return reply
 
+    def _local_identity(self, address: str) -> SpiffeId | None:
+        """The identity of the workload enrolled here at ``address`` (the tunnel's MeshDirectory)."""
+        spec = self.registry.by_ip(address)
+        return self._spiffe(spec) if spec is not None else None
+
     def _spiffe(self, spec: WorkloadSpec) -> SpiffeId:
         return SpiffeId.workload(spec.namespace, spec.service_account, self.options.trust_domain)
 
@@ -471,6 +479,8 @@ class Agent:
     def health_view(self) -> dict[str, Any]:
         health = self.reconciler.health()
         reasons = list(health.reasons)
+        backend = getattr(self.capture, "inner", self.capture)
+        reasons.extend(f"capture: {p}" for p in getattr(backend, "problems", lambda: [])())
         identity_health = self.identities.health()
         if not identity_health.ok:
             reasons.append(f"identities: {identity_health.reason}")

@@ -1,41 +1,46 @@
 """The proxy runtime in the agent's event loop, and each enrolled workload's
-transparent listeners.
+listeners, wired from the proxy's pieces (``nodeagent.proxy``):
 
-A netns workload (a pod) gets, opened INSIDE its namespace from this process:
+A netns workload (a pod) gets, opened INSIDE its namespace from this process
+(a socket belongs to the namespace it was created in):
 
-- 15001 outbound: the source identity is the enrolled workload (the listener
-  says who is calling), the destination comes from SO_ORIGINAL_DST, and the
-  proxy's engine routes it (VirtualService, DestinationRule, outlier
-  detection); upstream connections are opened from inside the pod's
-  namespace with mark 0x539 (the capture rules let them through, and the
-  source address stays the pod's);
-- 15006 inbound plaintext: PeerAuthentication (STRICT refuses plaintext) and
-  AuthorizationPolicy are checked at connect, then the bytes are relayed to
-  the original destination. Policies that need HTTP attributes cannot be
-  decided at connect: such connections are refused (fail closed) until the
-  proxy's inbound HTTP path exists.
+- 15001 outbound: the listener names the source workload; the destination
+  comes from SO_ORIGINAL_DST; the engine routes it (VirtualService,
+  DestinationRule, outlier detection); upstream goes through the mTLS tunnel
+  (``TunnelConnector``: TCP to the endpoint's 15008 from inside the pod's
+  namespace, mark 0x539, the SOURCE workload's certificate) when the endpoint
+  is in the mesh (``MeshDirectory``: an enrolled workload here, or a
+  WorkloadEntry/ServiceEntry endpoint with a service account), plaintext
+  otherwise or under DestinationRule ``tls.mode: DISABLE``;
+- 15006 inbound plaintext and 15008 inbound mTLS tunnel: ``InboundPlane``
+  decides PeerAuthentication (STRICT refuses plaintext) and
+  AuthorizationPolicy (L4 at connect, L7 per request), then serves the
+  application at the original destination from inside the pod's namespace.
 
 A cgroup workload (host mode) gets one outbound listener on 127.0.0.1 at the
-port the capture backend assigned to it.
+port its capture backend assigned (the accepting listener names the source).
+Host-mode workloads share the host's addresses, so no per-workload inbound
+listener can tell them apart: they have outbound capture only.
 
-Nothing here decides policy: ``policy.authz``/``policy.peerauthn`` do.
+Nothing here decides policy or routing.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
-
-from policy.authz import AuthorizationIndex, Connection, evaluate, needs_l7
-from policy.peerauthn import PeerAuthenticationIndex, accepts
 
 from nodeagent.agent.capture import Capture, CaptureError
 from nodeagent.agent.workload import WorkloadSpec, netns_path
+from nodeagent.identity import SpiffeId
+from nodeagent.identity.tls import TunnelTls
 from nodeagent.proxy.context import ListenerContext, PlainConnector, WorkloadIdentity
+from nodeagent.proxy.inbound import InboundPlane, InboundWorkload
 from nodeagent.proxy.runtime import Limits, ProxyRuntime
-from nodeagent.proxy.tcp import DispatchProtocol, TcpRelay
+from nodeagent.proxy.tcp import DispatchProtocol
+from nodeagent.proxy.tunnel import TUNNEL_PORT, MeshDirectory, TunnelConnector, TunnelServer
 from redirect import PROXY_MARK, marked_socket, original_dst, run_in_netns
 from redirect import CaptureError as RedirectError
 from redirect.plan import INBOUND_PORT, OUTBOUND_PORT
@@ -52,7 +57,7 @@ def _original_dst_or_none(sock: socket.socket) -> tuple[str, int] | None:
 
 
 class NetnsConnector:
-    """Upstream TCP from inside a workload's namespace, marked so capture skips it."""
+    """Plain upstream TCP from inside a workload's namespace, marked so capture skips it."""
 
     __slots__ = ("netns", "mark")
 
@@ -77,159 +82,141 @@ class NetnsConnector:
 class _Attached:
     spec: WorkloadSpec
     outbound: ListenerContext
-    inbound: ListenerContext | None
-    servers: list[asyncio.AbstractServer]
-    sockets: list[socket.socket]
+    inbound: InboundWorkload | None
+    servers: list = field(default_factory=list)  # asyncio servers and TunnelServers
+    tunnels: list[TunnelServer] = field(default_factory=list)
+    addresses: list[str] = field(default_factory=list)
 
 
 class DataPlane:
-    def __init__(self, snapshots: Callable[[], object], telemetry, trust_domain: str,
-                 limits: Limits | None = None) -> None:
+    def __init__(self, snapshots: Callable[[], object], telemetry, tls: TunnelTls, trust_domain: str,
+                 local_identity: Callable[[str], SpiffeId | None], limits: Limits | None = None) -> None:
         self.snapshots = snapshots
         self.telemetry = telemetry
+        self.tls = tls
         self.trust_domain = trust_domain
         self.limits = limits or Limits()
+        self.directory = MeshDirectory(snapshots, trust_domain, local=local_identity)
         self.runtime: ProxyRuntime | None = None
+        self.inbound: InboundPlane | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.attached: dict[tuple[str, str], _Attached] = {}
-        self._policy_cache: tuple[int, AuthorizationIndex, PeerAuthenticationIndex] | None = None
         self.host_port_of: Callable[[WorkloadSpec], int | None] = lambda spec: None
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.runtime = ProxyRuntime(self.snapshots, self.telemetry, self.limits)
         self.runtime.start()
+        self.inbound = InboundPlane(self.runtime, trust_domain=self.trust_domain)
+        self.inbound.start()
 
     async def close(self) -> None:
         for key in list(self.attached):
             self._close(self.attached.pop(key))
+        if self.inbound is not None:
+            await self.inbound.close()
         if self.runtime is not None:
             await self.runtime.close()
 
     # -- listeners (called from the reconciler's worker thread) ----------------
 
     def attach(self, spec: WorkloadSpec) -> None:
-        """Open the workload's listeners (idempotent; a changed spec updates the contexts)."""
+        """Open the workload's listeners; idempotent. A changed spec (labels, service
+        account, IPs) reopens them: identity and policy are bound to the listener."""
         current = self.attached.get(spec.key)
-        outbound, inbound = self._contexts(spec)
         if current is not None:
-            current.spec, current.outbound, current.inbound = spec, outbound, inbound
-            return
+            if current.spec == spec:
+                return
+            self.detach(spec, wait=True)
+        entry = self._entry(spec)
         if spec.kind == "netns":
             netns = netns_path(spec.target)
-            sockets = _listen_in_netns(netns, OUTBOUND_PORT) + _listen_in_netns(netns, INBOUND_PORT)
+            plan = [(OUTBOUND_PORT, "outbound"), (INBOUND_PORT, "plaintext"), (TUNNEL_PORT, "tunnel")]
+            sockets = [(kind, sock) for port, kind in plan for sock in _listen_in_netns(netns, port)]
         else:
             port = self.host_port_of(spec)
             if port is None:
                 raise CaptureError(f"{spec.ref}: no outbound listener port assigned by the capture backend")
-            sockets = [_listen_host(port)]
-        entry = _Attached(spec, outbound, inbound, [], sockets)
+            sockets = [("outbound", _listen_host(port))]
         try:
-            future = asyncio.run_coroutine_threadsafe(self._serve(entry), self.loop)
+            future = asyncio.run_coroutine_threadsafe(self._serve(entry, sockets), self.loop)
             future.result(timeout=10)
         except BaseException:
-            for sock in sockets:
+            self.loop.call_soon_threadsafe(self._close, entry)
+            for _, sock in sockets:
                 sock.close()
             raise
         self.attached[spec.key] = entry
 
-    def detach(self, spec: WorkloadSpec) -> None:
+    def detach(self, spec: WorkloadSpec, wait: bool = False) -> None:
         entry = self.attached.pop(spec.key, None)
-        if entry is not None:
+        if entry is None:
+            return
+        if wait:
+            asyncio.run_coroutine_threadsafe(self._close_async(entry), self.loop).result(timeout=10)
+        else:
             self.loop.call_soon_threadsafe(self._close, entry)
 
-    async def _serve(self, entry: _Attached) -> None:
-        key = entry.spec.key
-        for sock in entry.sockets:
-            inbound = sock.getsockname()[1] == INBOUND_PORT and entry.spec.kind == "netns"
-            factory = (lambda k=key: self._inbound_protocol(k)) if inbound else (lambda k=key: self._outbound_protocol(k))
+    def _entry(self, spec: WorkloadSpec) -> _Attached:
+        identity = SpiffeId.workload(spec.namespace, spec.service_account, self.trust_domain)
+        source = WorkloadIdentity(namespace=spec.namespace, name=spec.name, service_account=spec.service_account,
+                                  labels=dict(spec.labels), principal=identity.principal)
+        if spec.kind == "netns":
+            netns = netns_path(spec.target)
+            plain = NetnsConnector(netns)
+            connector = TunnelConnector(self.tls, identity, self.directory, plain, mark=PROXY_MARK, netns=netns)
+            inbound = InboundWorkload(spec.namespace, spec.name, spec.service_account, dict(spec.labels), spec.ips,
+                                      trust_domain=self.trust_domain, connector=plain)
+        else:
+            connector = TunnelConnector(self.tls, identity, self.directory, PlainConnector(mark=PROXY_MARK),
+                                        mark=PROXY_MARK)
+            inbound = None
+        outbound = ListenerContext(f"outbound {spec.namespace}/{spec.name}", source, connector=connector,
+                                   original_destination=_original_dst_or_none)
+        return _Attached(spec, outbound, inbound)
+
+    async def _serve(self, entry: _Attached, sockets: list[tuple[str, socket.socket]]) -> None:
+        for kind, sock in sockets:
+            entry.addresses.append(f"{_addr(sock)} ({kind})")
+            if kind == "tunnel":
+                tunnel = await TunnelServer(self.inbound, entry.inbound, self.tls).start(sock=sock)
+                entry.tunnels.append(tunnel)
+                continue
+            if kind == "plaintext":
+                factory = self.inbound.plaintext_factory(entry.inbound, _original_dst_or_none)
+            else:
+                ctx = entry.outbound
+                factory = lambda ctx=ctx: DispatchProtocol(self.runtime, ctx)  # noqa: E731
             entry.servers.append(await self.loop.create_server(factory, sock=sock, backlog=1024))
 
     def _close(self, entry: _Attached) -> None:
         for server in entry.servers:
             server.close()
-        for sock in entry.sockets:
-            sock.close()
+        for tunnel in entry.tunnels:
+            tunnel.close()
+        if entry.inbound is not None and self.inbound is not None:
+            self.inbound.forget(entry.inbound)
 
-    def _outbound_protocol(self, key) -> asyncio.Protocol:
-        return DispatchProtocol(self.runtime, self.attached[key].outbound)
-
-    def _inbound_protocol(self, key) -> asyncio.Protocol:
-        return InboundGate(self, self.attached[key])
-
-    def _contexts(self, spec: WorkloadSpec) -> tuple[ListenerContext, ListenerContext | None]:
-        identity = WorkloadIdentity(namespace=spec.namespace, name=spec.name, service_account=spec.service_account,
-                                    labels=dict(spec.labels),
-                                    principal=f"{self.trust_domain}/ns/{spec.namespace}/sa/{spec.service_account}")
-        if spec.kind == "netns":
-            connector = NetnsConnector(netns_path(spec.target))
-            outbound = ListenerContext(f"outbound {spec.namespace}/{spec.name}", identity, connector=connector,
-                                       original_destination=_original_dst_or_none)
-            inbound = ListenerContext(f"inbound {spec.namespace}/{spec.name}", None, reporter="destination",
-                                      connector=connector, original_destination=_original_dst_or_none)
-            return outbound, inbound
-        outbound = ListenerContext(f"outbound {spec.namespace}/{spec.name}", identity,
-                                   connector=PlainConnector(mark=PROXY_MARK), original_destination=_original_dst_or_none)
-        return outbound, None
-
-    # -- inbound policy ---------------------------------------------------------
-
-    def inbound_denial(self, spec: WorkloadSpec, remote: tuple[str, int], dest: tuple[str, int] | None) -> str | None:
-        """None to admit a plaintext inbound connection, else why it is refused."""
-        if dest is None:
-            return "no original destination (the connection was not redirected)"
-        snapshot = self.snapshots()
-        cache = self._policy_cache
-        if cache is None or cache[0] != snapshot.version:
-            cache = (snapshot.version, AuthorizationIndex(snapshot, trust_domain=self.trust_domain),
-                     PeerAuthenticationIndex(snapshot))
-            self._policy_cache = cache
-        _, authz, peerauthn = cache
-        mode = peerauthn.mode(spec.namespace, spec.labels, dest[1])
-        if not accepts(mode, is_mtls=False):
-            return f"PeerAuthentication {mode} for {spec.namespace}/{spec.name} port {dest[1]}: plaintext refused"
-        policies = authz.for_workload(spec.namespace, spec.labels)
-        if needs_l7(policies):
-            return (f"an AuthorizationPolicy for {spec.namespace}/{spec.name} needs HTTP attributes, which the "
-                    "agent cannot check on a plaintext inbound connection yet: refused (fail closed)")
-        verdict = evaluate(policies, Connection(source_ip=remote[0], destination_ip=dest[0], destination_port=dest[1]))
-        return None if verdict.allowed else verdict.reason
+    async def _close_async(self, entry: _Attached) -> None:
+        self._close(entry)
+        for server in entry.servers:
+            await server.wait_closed()
 
     # -- views --------------------------------------------------------------
 
     def listeners_view(self) -> list[dict]:
         out = []
         for entry in sorted(self.attached.values(), key=lambda e: e.spec.key):
-            out.append({"workload": f"{entry.spec.namespace}/{entry.spec.name}", "kind": entry.spec.kind,
-                        "target": entry.spec.target,
-                        "listeners": [_addr(s) for s in entry.sockets]})
+            item = {"workload": f"{entry.spec.namespace}/{entry.spec.name}", "kind": entry.spec.kind,
+                    "target": entry.spec.target, "listeners": list(entry.addresses)}
+            if entry.tunnels:
+                item["tunnel"] = {
+                    "accepted": sum(t.stats["accepted"] for t in entry.tunnels),
+                    "refused": sum(t.stats["refused"] for t in entry.tunnels),
+                    "last_refusal": next((t.last_refusal for t in entry.tunnels if t.last_refusal), ""),
+                }
+            out.append(item)
         return out
-
-
-class InboundGate(asyncio.Protocol):
-    """Checks an inbound plaintext connection, then hands it to a byte relay."""
-
-    def __init__(self, plane: DataPlane, entry: _Attached) -> None:
-        self.plane = plane
-        self.entry = entry
-        self.next: asyncio.Protocol | None = None
-
-    def connection_made(self, transport) -> None:
-        runtime = self.plane.runtime
-        ctx = self.entry.inbound
-        peer = runtime.peer_info(ctx, transport)
-        reason = self.plane.inbound_denial(self.entry.spec, peer.remote, peer.original_destination)
-        if reason is not None:
-            log.info("inbound %s:%s -> %s denied: %s", *peer.remote, peer.original_destination, reason)
-            transport.abort()
-            return
-        self.next = TcpRelay(runtime, ctx, peer, None, passthrough=peer.original_destination)
-        transport.set_protocol(self.next)
-        self.next.connection_made(transport)
-
-    def connection_lost(self, exc) -> None:
-        if self.next is not None:
-            self.next.connection_lost(exc)
 
 
 class DataPlaneCapture:
@@ -245,13 +232,18 @@ class DataPlaneCapture:
     def apply(self, spec: WorkloadSpec) -> None:
         if spec.kind == "cgroup":
             self.inner.apply(spec)  # assigns the cgroup's listener port
-            self.plane.attach(spec)
+            self._attach(spec)
             return
+        self._attach(spec)
+        self.inner.apply(spec)
+
+    def _attach(self, spec: WorkloadSpec) -> None:
         try:
             self.plane.attach(spec)
-        except (OSError, TimeoutError) as exc:
+        except CaptureError:
+            raise
+        except Exception as exc:  # OSError, TimeoutError, an identity this node does not serve
             raise CaptureError(f"{spec.ref}: cannot open the proxy's listeners: {exc}") from None
-        self.inner.apply(spec)
 
     def remove(self, spec: WorkloadSpec) -> None:
         self.inner.remove(spec)

@@ -1,11 +1,11 @@
 """The whole node data path with the real agent (root): two pods in network
 namespaces built by redirect's topology builder, both enrolled; a request from
 the client pod is captured by the in-pod nftables rules into the agent's 15001
-listener in that pod, routed by the proxy, sent from the client pod's
-namespace to the server pod, captured there into 15006, admitted by
-PeerAuthentication/AuthorizationPolicy and relayed to the application. A
-DENY policy written to the config dir then refuses the connection, without a
-restart."""
+listener in that pod, routed by the proxy, sent through the mTLS tunnel from
+the client pod's namespace to the server pod's 15008, admitted there by
+PeerAuthentication/AuthorizationPolicy with the client's verified identity and
+served to the application. A DENY policy written to the config dir then
+refuses it (403 for HTTP, closed for TCP), without a restart."""
 from __future__ import annotations
 
 import json
@@ -40,7 +40,8 @@ except Exception as e:
 """
 
 
-def mesh_yaml(server_ip: str) -> str:
+def mesh_yaml(server_ip: str, service_account: str | None = "server") -> str:
+    sa = f", serviceAccount: {service_account}" if service_account else ""
     return f"""\
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -56,9 +57,16 @@ spec:
 apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
 metadata: {{name: server, namespace: shop}}
-spec: {{address: {server_ip}, labels: {{app: server}}, serviceAccount: server}}
+spec: {{address: {server_ip}, labels: {{app: server}}{sa}}}
 """
 
+
+STRICT = """\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+"""
 
 DENY = """\
 apiVersion: security.istio.io/v1
@@ -113,7 +121,9 @@ def test_request_through_both_pods_listeners_and_policy(agents, topology, tmp_pa
         cli(state, "enroll", "--netns", pod.netns, "--name", pod.name, "--namespace", "shop",
             "--service-account", sa, "--labels", f"app={pod.name}", "--ip", pod.ip)
     listeners = {entry["workload"]: entry["listeners"] for entry in agent.json("/workloads")["listeners"]}
-    assert "0.0.0.0:15001" in listeners["shop/client"] and "0.0.0.0:15006" in listeners["shop/server"]
+    assert {"0.0.0.0:15001 (outbound)", "0.0.0.0:15006 (plaintext)", "0.0.0.0:15008 (tunnel)"} <= \
+        set(listeners["shop/server"])
+    assert listeners["shop/client"] == listeners["shop/server"]  # each in its own namespace
 
     # By service VIP (only the proxy knows it: routed by the ServiceEntry)...
     host = "server.shop.svc.cluster.local"
@@ -128,9 +138,13 @@ def test_request_through_both_pods_listeners_and_policy(agents, topology, tmp_pa
     requests = [line for line in metrics.splitlines() if line.startswith("istio_requests_total{")]
     assert any('source_workload="client"' in line and 'destination_service="server.shop.svc.cluster.local"' in line
                and 'response_code="200"' in line and 'reporter="source"' in line for line in requests), requests
-    inbound = [line for line in metrics.splitlines()
-               if line.startswith("istio_tcp_connections_opened_total{") and 'reporter="destination"' in line]
-    assert inbound, metrics
+    # Between the two pods the request went through the mTLS tunnel: the server side saw the
+    # client's certificate (source_principal) and reports mutual_tls.
+    inbound = [line for line in requests if 'reporter="destination"' in line]
+    assert any('cluster.local/ns/shop/sa/client"' in line.split("source_principal=")[1].split(",")[0]
+               and 'connection_security_policy="mutual_tls"' in line for line in inbound), inbound
+    (server_listeners,) = [e for e in agent.json("/workloads")["listeners"] if e["workload"] == "shop/server"]
+    assert server_listeners["tunnel"]["accepted"] >= 1
     endpoints = agent.json("/endpoints")
     (cluster,) = [c for c in endpoints["clusters"] if c["cluster"] == "outbound|80||server.shop.svc.cluster.local"]
     assert [(e["address"], e["identity"], e["ejected"]) for e in cluster["endpoints"]] == [
@@ -140,20 +154,28 @@ def test_request_through_both_pods_listeners_and_policy(agents, topology, tmp_pa
     (config / "deny.yaml").write_text(DENY % client.ip)
     assert wait_for(lambda: agent.json("/config_dump")["version"] == 2)
     reply = curl(topology, "http://10.250.99.1/", host=host)
-    assert reply.startswith("ERR") or reply.startswith("503"), reply
+    assert reply == "ERR HTTPError HTTP Error 403: Forbidden", reply  # RBAC: access denied, at the server pod
     assert "denied by DENY policy shop/deny-client" in agent.logs()
-    reply = curl(topology, f"http://{server.ip}:9090/")  # L4 policy: every port of the workload
-    assert reply.startswith("ERR"), reply
+    reply = curl(topology, f"http://{server.ip}:9090/")  # opaque TCP: refused at connect
+    assert reply.startswith("ERR RemoteDisconnected") or reply.startswith("ERR ConnectionResetError"), reply
 
-    # Unenrolling the server removes its capture: the app answers directly again (and the policy no longer applies).
+    # Unenrolling the server removes its capture and listeners. Its WorkloadEntry still names a
+    # service account, so the client's side still insists on mTLS to it: with no tunnel listening
+    # the request fails (503), it is never sent in plaintext.
     cli(state, "unenroll", "--netns", server.netns)
+    assert topology.exec("server", ["nft", "list", "tables"]).stdout.strip() == ""
     reply = curl(topology, "http://10.250.99.1/", host=host)
-    assert reply == f"200 hello from server, you are {client.ip}", reply  # no inbound relay any more
+    assert reply == "ERR HTTPError HTTP Error 503: Service Unavailable", reply
+    # With the client unenrolled too, nothing is captured: the pods talk directly again.
+    cli(state, "unenroll", "--netns", client.netns)
+    reply = curl(topology, f"http://{server.ip}:9090/")
+    assert reply == f"200 hello from server, you are {client.ip}", reply
     assert agent.stop() == 0
 
 
 def test_ebpf_capture_outbound_through_the_agent(agents, topology, tmp_path, needs_tool):
-    """--capture ebpf: the client's connect() goes to the agent's 15001 in its namespace."""
+    """--capture ebpf: the client's connect() goes to the agent's 15001 in its namespace, through
+    the mTLS tunnel to the server pod, whose inbound the sk_lookup program steers to the proxy."""
     from bpf.loader import unavailable_reason
     from tests.conftest import require
 
@@ -173,12 +195,21 @@ def test_ebpf_capture_outbound_through_the_agent(agents, topology, tmp_path, nee
         assert wait_for(lambda: "ERR" not in curl(topology, f"http://{server.ip}:8080/")), "server did not start"
         # Not enrolled: the VIP means nothing without the proxy.
         assert curl(topology, "http://10.250.99.1/", host="server.shop.svc.cluster.local").startswith("ERR")
-        cli(state, "enroll", "--netns", client.netns, "--name", "client", "--namespace", "shop",
-            "--service-account", "client", "--labels", "app=client", "--ip", client.ip)
+        for pod in (client, server):
+            cli(state, "enroll", "--netns", pod.netns, "--name", pod.name, "--namespace", "shop",
+                "--service-account", pod.name, "--labels", f"app={pod.name}", "--ip", pod.ip)
         reply = curl(topology, "http://10.250.99.1/", host="server.shop.svc.cluster.local")
-        assert reply == f"200 hello from server, you are {client.ip}", reply  # upstream from the client's netns
+        assert reply == f"200 hello from server, you are {server.ip}", reply  # served inside the server pod
         status, metrics = http_get(agent.metrics, "/metrics")
         assert 'source_workload="client"' in metrics
+        assert 'connection_security_policy="mutual_tls"' in metrics
+        # A plaintext connection into the server pod (not through a tunnel) is steered to 15006 too:
+        # unenroll the client, then STRICT refuses it.
+        cli(state, "unenroll", "--netns", client.netns)
+        assert curl(topology, f"http://{server.ip}:8080/").startswith("200 hello from server")
+        (config / "strict.yaml").write_text(STRICT)
+        assert wait_for(lambda: agent.json("/config_dump")["version"] == 2)
+        assert wait_for(lambda: curl(topology, f"http://{server.ip}:8080/").startswith("ERR"))
         assert agent.stop() == 0
         assert Path(pin_dir, "links").is_dir()  # programs stay attached while the agent is down
     finally:
@@ -209,7 +240,9 @@ def test_host_mode_cgroup_workload_with_ebpf(agents, needs_root, tmp_path):
     cgroup_dir.mkdir()
     config = tmp_path / "config"
     config.mkdir()
-    (config / "mesh.yaml").write_text(mesh_yaml("127.0.0.77").replace("targetPort: 8080", f"targetPort: {port}"))
+    # No service account on the WorkloadEntry: the local server is not a mesh workload (plaintext).
+    (config / "mesh.yaml").write_text(mesh_yaml("127.0.0.77", service_account=None)
+                                      .replace("targetPort: 8080", f"targetPort: {port}"))
     state = tmp_path / "state"
     pin_dir = f"/sys/fs/bpf/naagt-{secrets.token_hex(3)}"
     agent = agents(state, capture="ebpf", config_dir=config, extra=("--bpf-pin-dir", pin_dir))
@@ -221,7 +254,7 @@ def test_host_mode_cgroup_workload_with_ebpf(agents, needs_root, tmp_path):
                   "--service-account", "batch", "--labels", "app=batch")
         assert "capture applied" in out.stdout, out.stdout
         (listener,) = agent.json("/workloads")["listeners"]
-        assert listener["workload"] == "ops/batch" and listener["listeners"] == ["127.0.0.1:15100"]
+        assert listener["workload"] == "ops/batch" and listener["listeners"] == ["127.0.0.1:15100 (outbound)"]
         assert wait_for(lambda: _connects(("127.0.0.77", port))), "server did not start"
         reply = subprocess.run(["sh", "-c", client_cmd], capture_output=True, text=True, timeout=20).stdout.strip()
         assert reply == "200 hello from server, you are 127.0.0.1", reply

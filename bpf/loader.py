@@ -375,6 +375,7 @@ class EbpfCapture:
         try:
             for sub in ("", "/maps", "/links"):
                 os.makedirs(self.pin_dir + sub, exist_ok=True)
+            self._check_pinned_layouts()   # before bcc reuses a pin it would misread
             compiled = self._compile()
             self._open_maps()
             self._attach(compiled, before)
@@ -462,6 +463,26 @@ class EbpfCapture:
                 os.close(fd)
         return ids
 
+    def _check_pinned_layouts(self) -> None:
+        for name in maps.MAP_NAMES:
+            path = f"{self.pin_dir}/maps/{name}"
+            if not os.path.exists(path):
+                continue
+            try:
+                fd = bpfsys.obj_get(path)
+            except bpfsys.BpfError as exc:
+                raise EbpfError(f"bpf: cannot open pinned map {path}: {exc}") from None
+            try:
+                self._check_layout(name, path, fd)
+            finally:
+                os.close(fd)
+
+    def _check_layout(self, name: str, path: str, fd: int) -> None:
+        if _map_sizes(fd) != MAP_LAYOUTS[name]:
+            raise EbpfError(f"bpf: pinned map {path} has key/value sizes {_map_sizes(fd)}, expected "
+                            f"{MAP_LAYOUTS[name]} (left by another nodeagent version); remove that state with "
+                            f"`python -m bpf.loader cleanup --pin-dir {self.pin_dir}`")
+
     def _open_maps(self) -> None:
         for name in maps.MAP_NAMES:
             path = f"{self.pin_dir}/maps/{name}"
@@ -470,10 +491,7 @@ class EbpfCapture:
             except bpfsys.BpfError as exc:
                 raise EbpfError(f"bpf: pinned map {path} missing after compile: {exc}") from None
             self._map_fds[name] = fd
-            if _map_sizes(fd) != MAP_LAYOUTS[name]:
-                raise EbpfError(f"bpf: pinned map {path} has key/value sizes {_map_sizes(fd)}, expected "
-                                f"{MAP_LAYOUTS[name]} (left by another nodeagent version); remove that state with "
-                                f"`python -m bpf.loader cleanup --pin-dir {self.pin_dir}`")
+            self._check_layout(name, path, fd)
 
     def _attach(self, compiled: _Compiled, existing: set[str]) -> None:
         started = time.monotonic()

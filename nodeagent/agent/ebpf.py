@@ -127,7 +127,9 @@ def auto_backend(pin_dir: str | None = None) -> EbpfBackend | None:
     try:
         backend.start()
     except CaptureError as exc:
-        reason = str(exc).removeprefix("--capture ebpf: ").splitlines()[0]
-        log.warning("capture: eBPF unavailable, using nftables: %s", reason)
+        reason = str(exc).removeprefix("--capture ebpf: ")
+        log.warning("capture: eBPF unavailable, using nftables: %s", reason.splitlines()[0])
+        if "\n" in reason:
+            log.debug("capture: eBPF failure in full: %s", reason)
         return None
     return backend

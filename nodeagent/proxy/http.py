@@ -350,7 +350,7 @@ class Exchange:
         "replay_bytes", "request_done", "response_done", "upstream", "plan", "endpoint",
         "tried", "attempt", "response_started", "out_chunked", "close_delimited",
         "status", "flags", "req_bytes", "resp_bytes", "t0", "abandoned", "timer", "try_timer",
-        "finished", "tunneling", "dest", "upstream_host", "cluster", "_hmap", "mirrored", "out",
+        "finished", "tunneling", "dest", "upstream_host", "cluster", "_hmap", "mirrored", "out", "eof_body",
     )
 
     def __init__(self, down: HttpDownstream, method, url, headers, version, keep_alive, upgrade) -> None:
@@ -394,6 +394,7 @@ class Exchange:
         self._hmap = None
         self.mirrored = False
         self.out = []  # response bytes gathered during one upstream read, written once
+        self.eof_body = False  # the upstream response body ends when its connection closes
         authority = b""
         keep = []
         for h in headers:
@@ -619,6 +620,15 @@ class Exchange:
             return
         self._cancel_try_timer()
         self.upstream = None
+        if self.response_started and self.eof_body and flag == "UC":
+            # An HTTP/1.0-style body delimited by the connection closing: this IS its end.
+            if self.out_chunked:
+                self.out.append(b"0\r\n\r\n")
+            self.flush()
+            self.response_done = True
+            if self.request_done or self.body_mode == 0:
+                self._finish()
+            return
         self.cluster.record(self.endpoint, 0, self.runtime.loop.time())
         if self.response_started:
             self.flags = flag
@@ -671,9 +681,11 @@ class Exchange:
         elif length is not None and not chunked:
             parts += (b"content-length: ", length, b"\r\n")
         elif self.version == "1.1":
+            self.eof_body = not chunked and status >= 200
             self.out_chunked = True
             parts.append(b"transfer-encoding: chunked\r\n")
         else:
+            self.eof_body = not chunked and status >= 200
             self.close_delimited = True
         if self.upgrade and status != 101:
             self.keep_alive = False  # the client may already have sent bytes of the new protocol

@@ -318,3 +318,14 @@ def test_listener_bound_to_a_service_routes_whatever_the_host_header(env):
     assert status.startswith(b"HTTP/1.1 200") and headers["x-instance"] == echo.name
     assert json.loads(body)["headers"]["host"] == "localhost:1234"
     sock.close()
+
+
+def test_close_delimited_upstream_body_is_complete_not_a_reset(env):
+    proxy, _ = env
+    sock = proxy.raw()
+    for _ in range(2):  # the client connection stays usable
+        sock.sendall(f"GET /eof HTTP/1.1\r\nHost: {HOST}\r\nx-close-delimited: 1\r\n\r\n".encode())
+        status, headers, body = read_response(sock)
+        assert status.startswith(b"HTTP/1.1 200") and headers["transfer-encoding"] == "chunked"
+        assert body == b"body-until-close" * 1000
+    sock.close()

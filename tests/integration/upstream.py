@@ -7,7 +7,8 @@ Every response carries ``x-instance: NAME``. Behaviour per request:
 - ``/bytes/N``: N bytes streamed (``?chunked=1`` for chunked encoding);
 - request header ``x-delay: SECONDS`` waits first; ``x-status: CODE`` answers that code;
 - ``server.status`` / ``server.delay`` set the same for every request (e.g. a failing instance);
-- ``Upgrade: websocket``: 101, then every byte is echoed back.
+- ``Upgrade: websocket``: 101, then every byte is echoed back;
+- request header ``x-close-delimited: 1``: a body without length that ends when the connection closes.
 """
 from __future__ import annotations
 
@@ -188,6 +189,12 @@ class UpstreamServer:
                 writer.write(b"0\r\n\r\n")
             await writer.drain()
             return True
+        if req.headers.get("x-close-delimited"):
+            # HTTP/1.0 style: no length, no chunking, the body ends when the connection closes.
+            head.append(b"connection: close\r\n\r\n")
+            writer.write(b"".join(head) + b"body-until-close" * 1000)
+            await writer.drain()
+            return False
         if req.method == "HEAD":
             head.append(b"content-length: 1234\r\n\r\n")
             writer.write(b"".join(head))

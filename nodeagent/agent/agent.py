@@ -277,17 +277,21 @@ class Agent:
                 error = await self._persist(change)
                 if error:
                     return protocol.error(error)
+            persisted = time.perf_counter()
             self._track_identities(change)
             status = self.reconciler.status_of(spec.key)
             if change.outcome is not Outcome.UNCHANGED or status.state == "pending":
                 status = await loop.run_in_executor(None, self._reconcile, self.reconciler.sync_one, spec.key)
+            captured = time.perf_counter()
         self._update_gauges()
         self._wake.set()  # a failure scheduled a retry: let the loop pick the new wake time
         log.info("enroll %s: %s, capture %s%s", spec.ref, change.outcome.value, status.state,
                  f" ({status.error})" if status.error else "")
         reply = protocol.ok(result=change.outcome.value, workload=spec.to_json(),
                             identity=spec.identity(self.options.trust_domain), capture=status.state,
-                            elapsed_ms=round((time.perf_counter() - started) * 1000, 3))
+                            elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
+                            registry_ms=round((persisted - started) * 1000, 3),
+                            capture_ms=round((captured - persisted) * 1000, 3))
         if status.error:
             reply["capture_error"] = status.error
         return reply

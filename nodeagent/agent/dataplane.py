@@ -131,8 +131,8 @@ class DataPlane:
         entry = self._entry(spec)
         if spec.kind == "netns":
             netns = netns_path(spec.target)
-            plan = [(OUTBOUND_PORT, "outbound"), (INBOUND_PORT, "plaintext"), (TUNNEL_PORT, "tunnel")]
-            sockets = [(kind, sock) for port, kind in plan for sock in _listen_in_netns(netns, port)]
+            sockets = _listen_in_netns(netns, [(OUTBOUND_PORT, "outbound"), (INBOUND_PORT, "plaintext"),
+                                               (TUNNEL_PORT, "tunnel")])
         else:
             port = self.host_port_of(spec)
             if port is None:
@@ -253,32 +253,22 @@ class DataPlaneCapture:
         return self.inner.sweep(keep)
 
 
-def _listen_in_netns(netns: str, port: int) -> list[socket.socket]:
-    """IPv4 and (when the namespace has it) IPv6 listeners on ``port`` inside ``netns``."""
+def _listen_in_netns(netns: str, ports: list[tuple[int, str]]) -> list[tuple[str, socket.socket]]:
+    """(kind, socket) for IPv4 and (when the namespace has it) IPv6 listeners on each
+    port inside ``netns``, all opened in one visit to the namespace."""
 
-    def make() -> list[socket.socket]:
-        made = []
-        for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-            try:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-            except OSError:
-                continue  # no IPv6 in this namespace/kernel
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_V6ONLY, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
-                sock.bind((host, port))
-                sock.listen(1024)
-                sock.setblocking(False)
-            except OSError as exc:
+    def make() -> list[tuple[str, socket.socket]]:
+        made: list[tuple[str, socket.socket]] = []
+        try:
+            for port, kind in ports:
+                for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+                    sock = _listener(family, host, port, netns)
+                    if sock is not None:
+                        made.append((kind, sock))
+        except BaseException:
+            for _, sock in made:
                 sock.close()
-                if family == socket.AF_INET6 and exc.errno in (97, 99):  # EAFNOSUPPORT, EADDRNOTAVAIL
-                    continue
-                for s in made:
-                    s.close()
-                raise CaptureError(f"cannot listen on {host}:{port} in {netns}: {exc.strerror or exc}") from None
-            made.append(sock)
+            raise
         return made
 
     try:
@@ -289,18 +279,30 @@ def _listen_in_netns(netns: str, port: int) -> list[socket.socket]:
         raise CaptureError(str(exc)) from None
 
 
-def _listen_host(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def _listener(family: socket.AddressFamily, host: str, port: int, where: str) -> socket.socket | None:
+    """A listening socket marked 0x539 (IPv6: v6-only; None when the namespace has no IPv6)."""
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:
+        return None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_V6ONLY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
-        sock.bind(("127.0.0.1", port))
+        sock.bind((host, port))
         sock.listen(1024)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise CaptureError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}") from None
+        if family == socket.AF_INET6 and exc.errno in (97, 99):  # EAFNOSUPPORT, EADDRNOTAVAIL
+            return None
+        raise CaptureError(f"cannot listen on {host}:{port} in {where}: {exc.strerror or exc}") from None
     return sock
+
+
+def _listen_host(port: int) -> socket.socket:
+    return _listener(socket.AF_INET, "127.0.0.1", port, "the host namespace")
 
 
 def _addr(sock: socket.socket) -> str:

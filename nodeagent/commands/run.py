@@ -162,7 +162,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         print(json.dumps(reply, indent=2, sort_keys=True))
     else:
         print(f"{reply['result']}: {spec.namespace}/{spec.name} on {kind} {spec.target} as {reply['identity']} "
-              f"(capture {reply['capture']}, {reply['elapsed_ms']:.1f} ms)")
+              f"(capture {reply['capture']}, {reply['elapsed_ms']:.1f} ms: registry {reply['registry_ms']:.1f}, "
+              f"capture {reply['capture_ms']:.1f})")
     if reply.get("capture") == "pending":
         print(f"nodeagent: enrolled, but capture is not applied yet (the agent retries): "
               f"{reply.get('capture_error', '')}", file=sys.stderr)

@@ -196,8 +196,10 @@ def test_ebpf_capture_outbound_through_the_agent(agents, topology, tmp_path, nee
         # Not enrolled: the VIP means nothing without the proxy.
         assert curl(topology, "http://10.250.99.1/", host="server.shop.svc.cluster.local").startswith("ERR")
         for pod in (client, server):
-            cli(state, "enroll", "--netns", pod.netns, "--name", pod.name, "--namespace", "shop",
-                "--service-account", pod.name, "--labels", f"app={pod.name}", "--ip", pod.ip)
+            out = cli(state, "enroll", "--netns", pod.netns, "--name", pod.name, "--namespace", "shop",
+                      "--service-account", pod.name, "--labels", f"app={pod.name}", "--ip", pod.ip).stdout
+            assert "capture applied" in out, out
+            print(f"\nenroll with eBPF capture: {out.rsplit('capture applied, ', 1)[1].strip().rstrip(')')}")
         reply = curl(topology, "http://10.250.99.1/", host="server.shop.svc.cluster.local")
         assert reply == f"200 hello from server, you are {server.ip}", reply  # served inside the server pod
         status, metrics = http_get(agent.metrics, "/metrics")

@@ -115,7 +115,7 @@ class ClusterState:
     __slots__ = (
         "key", "source_namespace", "version", "policy", "endpoints", "by_id", "picker",
         "outlier", "pool", "service", "rand", "no_endpoint_labels", "ejected", "protocol",
-        "connector",
+        "connector", "tcp_open",
     )
 
     def __init__(self, key, source_namespace, connector, rand) -> None:
@@ -134,6 +134,7 @@ class ClusterState:
         self.no_endpoint_labels = None
         self.ejected = frozenset()
         self.protocol = "http"
+        self.tcp_open = 0  # relayed TCP connections (count against tcp.maxConnections)
 
     def refresh(self, snapshot, now: float) -> None:
         """Re-read policy and endpoints from a new snapshot, keeping live state where it still applies."""

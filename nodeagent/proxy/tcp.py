@@ -96,6 +96,7 @@ class TcpRelay(asyncio.Protocol):
         self.closed = False
         self.downstream_eof = False
         self.upstream_eof = False
+        self.counted = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -105,6 +106,16 @@ class TcpRelay(asyncio.Protocol):
     async def _connect(self) -> None:
         runtime = self.runtime
         state = self.cluster
+        if self.closed:
+            return  # the client left before we got to connect
+        if state is not None:
+            if state.tcp_open >= state.pool.limits.max_connections:
+                self.flags = "UO"  # DestinationRule tcp.maxConnections reached
+                self._open_entry(state.no_endpoint_labels[:-1] + ("tcp",))
+                self.transport.close()
+                return
+            state.tcp_open += 1
+            self.counted = True
         tried = []
         while True:
             if state is not None:
@@ -196,6 +207,8 @@ class TcpRelay(asyncio.Protocol):
             self.upstream.transport.close()
         if self.endpoint is not None and self.cluster is not None:
             self.cluster.done(self.endpoint)
+        if self.counted:
+            self.cluster.tcp_open -= 1
         entry = self.entry
         if entry is not None:
             entry[1] += 1

@@ -55,7 +55,19 @@ def env(tmp_path_factory):
     echo = UpstreamServer("e0", host="127.0.0.31").start()
     tcp = TcpEcho()
     (d / "echo.yaml").write_text(service_config("echo", [echo]))
-    (d / "db.yaml").write_text(service_config("db", [tcp], protocol="TCP", port_name="tcp", number=5432))
+    (d / "db.yaml").write_text(service_config("db", [tcp], protocol="TCP", port_name="tcp", number=5432) + """---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: db
+  namespace: shop
+spec:
+  host: db.shop.svc.cluster.local
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnections: 1
+""")
     rpc = UpstreamServer("rpc0", host="127.0.0.32").start()
     (d / "rpc.yaml").write_text(service_config("rpc", [rpc], protocol="GRPC", port_name="grpc", number=9000))
     proxy = ProxyProcess(d, extra=(
@@ -329,3 +341,33 @@ def test_close_delimited_upstream_body_is_complete_not_a_reset(env):
         assert status.startswith(b"HTTP/1.1 200") and headers["transfer-encoding"] == "chunked"
         assert body == b"body-until-close" * 1000
     sock.close()
+
+
+def test_tcp_max_connections_refuses_the_overflow(env):
+    proxy, _ = env
+    port = proxy.ports[1]
+
+    def echo_once(sock) -> bool:
+        try:
+            sock.sendall(b"ping")
+            return sock.recv(16) == b"ping"
+        except OSError:
+            return False
+
+    first = socket.create_connection(("127.0.0.1", port), timeout=5)
+    assert echo_once(first)
+    second = socket.create_connection(("127.0.0.1", port), timeout=5)
+    assert not echo_once(second), "a second connection exceeds maxConnections: 1"
+    second.close()
+    first.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        third = socket.create_connection(("127.0.0.1", port), timeout=5)
+        ok = echo_once(third)
+        third.close()
+        if ok:
+            break
+        time.sleep(0.1)
+    assert ok, "the slot is free again once the first connection closed"
+    assert metric_value(proxy.metrics(), "istio_tcp_connections_opened_total",
+                        destination_service="db.shop.svc.cluster.local", response_flags="UO") >= 1

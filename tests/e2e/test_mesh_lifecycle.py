@@ -2,6 +2,7 @@
 two-node mesh, and a teardown that leaves nothing behind."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -11,6 +12,37 @@ REQ = "istio_requests_total"
 def netns_names() -> set[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
     return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def test_agent_restart_fails_closed_then_readopts(shop):
+    lab = shop.lab
+    target = lab.pods["catalog-v2"]
+    direct = f"http://{target.ip}:{target.port}/newcatalog/direct"
+    [before] = shop.curl("client", "catalog", "/newcatalog/before")
+    assert before.status == 200 and before.json()["pod"] == "catalog-v2", before
+    tables_before = lab.nft_tables("client")
+    assert tables_before == ["table inet nodeagent"]
+
+    assert lab.stop_agent("node1") == 0
+    # Stopped agent: the rules stay, nothing listens on 15001 in the pod, so the
+    # connection is refused inside the client's own namespace; it never reaches
+    # the server directly (neither by the pod IP nor by the service address).
+    for url in (direct, shop.url("catalog", "/newcatalog/x")[0]):
+        [r] = lab.curl("client", url, max_time=3)
+        assert r.status == 0 and r.exit_code == 7, r  # 7: couldn't connect
+    assert lab.nft_tables("client") == tables_before
+
+    lab.start_agent("node1")
+    listed = json.loads(lab.cli("workloads", "--json", "--state-dir", lab.state_dir("node1")).stdout)
+    enrolled_here = sorted(p.name for p in lab.pods.values() if p.node == "node1" and p.enrolled)
+    assert sorted(w["name"] for w in listed) == enrolled_here
+    assert all(w["capture"] == "applied" for w in listed), listed
+    lab.wait_certificates("node1")
+    # Traffic flows again, counted by the new agent process.
+    [r] = shop.curl("client", "catalog", "/newcatalog/again")
+    assert r.status == 200 and r.json()["pod"] == "catalog-v2", r
+    assert lab.count("node1", REQ, reporter="source", source_workload="client", response_code="200") == 1
+    assert lab.nft_tables("client") == tables_before  # re-adopted, not duplicated
 
 
 def test_unenroll_then_uninstall_leave_zero_rules(shop):

@@ -1,0 +1,117 @@
+"""Traffic through a real two-node mesh: capture on both sides, routing,
+load balancing and outlier detection across nodes, authorization by the
+caller's real (mTLS) identity, STRICT mTLS, and what is on the wire.
+
+Pods (see nodeagent.meshlab.SHOP_PLACEMENT): node1 runs productpage-v1,
+ratings-v1, catalog-v1a, the enrolled ``client`` (shop/shop-client) and the
+never-enrolled ``outsider`` (namespace legacy); node2 runs reviews-v1/v2/v3,
+catalog-v1b (answers 503) and catalog-v2.
+"""
+from __future__ import annotations
+
+import collections
+
+from nodeagent.meshlab import LabError  # noqa: F401  (errors show the agent logs)
+
+REQ = "istio_requests_total"
+
+
+def versions(results) -> collections.Counter:
+    return collections.Counter(r.json()["pod"] if r.status == 200 else r.status for r in results)
+
+
+def test_plain_curl_is_captured_on_both_nodes(shop):
+    lab = shop.lab
+    src = dict(reporter="source", source_workload="client", destination_workload="catalog-v2",
+               response_code="200")
+    dst = dict(reporter="destination", source_principal="cluster.local/ns/shop/sa/shop-client",
+               destination_workload="catalog-v2", response_code="200")
+    before_src, before_dst = lab.count("node1", REQ, **src), lab.count("node2", REQ, **dst)
+
+    [r] = shop.curl("client", "catalog", "/newcatalog/items")
+
+    assert r.status == 200, r
+    body = r.json()
+    assert body["pod"] == "catalog-v2" and body["path"] == "/newcatalog/items"
+    # The client dialled a virtual IP nobody listens on: only the agents can have answered.
+    assert lab.count("node1", REQ, **src) == before_src + 1  # outbound, node1's agent
+    assert lab.count("node2", REQ, **dst) == before_dst + 1  # inbound, node2's agent
+
+
+def test_outlier_detection_ejects_the_failing_endpoint(shop):
+    # catalog v1 = catalog-v1a (node1) + catalog-v1b (node2, always 503); LEAST_CONN;
+    # consecutiveErrors: 5 (gateway errors). No retries in the route, so Istio's
+    # default applies (2 retries, 503 retriable, on another host): the client sees
+    # only v1a's 200s while v1b's 503s count towards its ejection.
+    lab = shop.lab
+    results = shop.curl("client", "catalog", "/items", count=30)
+    assert versions(results) == {"catalog-v1a": 30}, [r.status for r in results]
+    view = lab.admin("node1", "/endpoints")
+    [cluster] = [c for c in view["clusters"] if c["cluster"] == "outbound|80|v1|catalog.shop.svc.cluster.local"]
+    state = {e["address"]: e for e in cluster["endpoints"]}
+    assert state[lab.pods["catalog-v1b"].ip]["ejected"] is True, cluster
+    assert state[lab.pods["catalog-v1a"].ip]["ejected"] is False, cluster
+
+
+def test_routing_by_path_across_nodes(shop):
+    new = shop.curl("client", "catalog", "/newcatalog/x", count=12)
+    assert versions(new) == {"catalog-v2": 12}
+    old = shop.curl("client", "catalog", "/items", count=12)
+    assert versions(old) == {"catalog-v1a": 12}
+
+
+def test_weighted_and_header_routing_to_reviews_on_the_other_node(shop):
+    jason = shop.curl("productpage-v1", "reviews", "/reviews", headers={"end-user": "jason"}, count=8)
+    assert versions(jason) == {"reviews-v2": 8}
+    split = versions(shop.curl("productpage-v1", "reviews", "/reviews", count=30))
+    assert set(split) <= {"reviews-v1", "reviews-v2", "reviews-v3"} and split["reviews-v1"] >= 12, split
+
+
+def test_authorization_by_the_callers_identity(shop):
+    lab = shop.lab
+    denied_at_node2 = dict(reporter="destination", response_code="403",
+                           source_principal="cluster.local/ns/shop/sa/shop-client")
+    before = lab.count("node2", REQ, **denied_at_node2)
+    # reviews (node2) allows only productpage's service account, GET only.
+    [ok] = shop.curl("productpage-v1", "reviews", "/reviews")
+    assert ok.status == 200, ok
+    [denied] = shop.curl("client", "reviews", "/reviews")
+    assert denied.status == 403 and denied.body.strip() == "RBAC: access denied", denied
+    [post] = shop.curl("productpage-v1", "reviews", "/reviews", method="POST", data="x")
+    assert post.status == 403 and post.body.strip() == "RBAC: access denied", post
+    # catalog denies DELETE to everyone and allows the rest.
+    [delete] = shop.curl("client", "catalog", "/newcatalog/1", method="DELETE")
+    assert delete.status == 403 and delete.body.strip() == "RBAC: access denied", delete
+    assert shop.curl("client", "catalog", "/newcatalog/1")[0].status == 200
+    # Decided by the destination node, on the identity the client certificate proved.
+    assert lab.count("node2", REQ, **denied_at_node2) == before + 2
+
+
+def test_strict_mtls_refuses_a_plaintext_client(shop):
+    target = shop.lab.pods["catalog-v2"]
+    url = f"http://{target.ip}:{target.port}/newcatalog/direct"
+    # The outsider (namespace legacy, never enrolled) talks plaintext straight to the pod.
+    [refused] = shop.lab.curl("outsider", url)
+    assert refused.status == 0 and refused.exit_code != 0, refused
+    # The same pod through the mesh, from an enrolled pod: both agents, mTLS.
+    [ok] = shop.curl("client", "catalog", "/newcatalog/direct")
+    assert ok.status == 200 and ok.json()["pod"] == "catalog-v2", ok
+    assert ok.json()["body_bytes"] == 0
+
+
+def test_mutual_tls_on_the_wire_between_nodes(shop):
+    lab = shop.lab
+    marker = b"MESHLAB-PLAINTEXT-MARKER-7f3a91"
+    body = marker * 4
+    target = lab.pods["catalog-v2"]
+    with lab.sniff("node2", "node1") as wire:
+        # Control: a UDP datagram (never captured) shows the sniffer sees plaintext on this link.
+        lab.send_udp("client", target.ip, 9999, marker + b"-udp")
+        [r] = shop.curl("client", "catalog", "/newcatalog/upload", method="POST", data=body.decode())
+    assert r.status == 200 and r.json()["body_bytes"] == len(body), r  # the server got the body
+    assert wire.contains(marker + b"-udp"), "the sniffer saw nothing on the node link"
+    ports = wire.tcp_ports()
+    assert 15008 in ports and target.port not in ports, sorted(ports)  # the tunnel, not the app port
+    assert not wire.contains(marker * 2), "the request body crossed the node link in plaintext"
+    assert lab.count("node2", REQ, reporter="destination", destination_workload="catalog-v2",
+                     connection_security_policy="mutual_tls") >= 1

@@ -262,14 +262,28 @@ class ProxyRuntime:
 
     async def _sweep_forever(self) -> None:
         tick = SWEEP_TICK
+        seen_version = None
         while True:
             await asyncio.sleep(tick)
             now = self.loop.time()
+            snapshot = self.snapshots()
+            if snapshot is not None and snapshot.version != seen_version:
+                seen_version = snapshot.version
+                self._forget_removed_clusters(snapshot)
             for state in list(self.clusters.values()):
                 state.sweep(now)
             limits = self.limits
             for down in list(self.downstreams):
                 down.check_timers(tick, limits)
+
+    def _forget_removed_clusters(self, snapshot) -> None:
+        """Drop the state (and idle connections) of services the new config no longer has."""
+        for ck, state in list(self.clusters.items()):
+            if state.key.host not in snapshot.services:
+                state.pool.retired = True
+                state.pool.close_all()
+                del self.clusters[ck]
+        self._fast_clusters.clear()
 
     async def close(self) -> None:
         if self._sweeper is not None:

@@ -159,7 +159,7 @@ class UpstreamConnection(asyncio.Protocol):
 class ClusterPool:
     """Connections to one cluster's endpoints, with DestinationRule connectionPool limits."""
 
-    __slots__ = ("key", "limits", "connector", "idle", "open", "pending", "loop", "_counted")
+    __slots__ = ("key", "limits", "connector", "idle", "open", "pending", "loop", "_counted", "retired")
 
     def __init__(self, key, limits: PoolLimits, connector) -> None:
         self.key = key
@@ -170,6 +170,7 @@ class ClusterPool:
         self.pending: deque = deque()
         self.loop = asyncio.get_event_loop()
         self._counted: set[int] = set()
+        self.retired = False  # the cluster left the config: finish what runs, keep nothing idle
 
     def acquire(self, exchange, endpoint: tuple[str, int]) -> str | None:
         """Give ``exchange`` a connection now or later (exchange.upstream_ready).
@@ -227,7 +228,7 @@ class ClusterPool:
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         """An exchange is done with ``conn``: keep it idle, hand it over, or close it."""
         limit = self.limits.max_requests_per_connection
-        if not reusable or conn.closed or (limit and conn.requests >= limit):
+        if not reusable or conn.closed or self.retired or (limit and conn.requests >= limit):
             conn.close()
             return
         while self.pending:

@@ -99,6 +99,25 @@ def test_config_change_applies_without_restart(catalog_dir):
     assert any("broken.yaml" in line for line in proxy.stderr)
 
 
+def test_removed_service_releases_its_upstream_connections(catalog_dir):
+    d, _ = catalog_dir
+    gone = UpstreamServer("gone0", host="127.0.0.64").start()
+    try:
+        (d / "gone.yaml").write_text(service_config("gone", [gone]))
+        with ProxyProcess(d) as proxy:
+            assert proxy.request("/", host="gone.shop.svc.cluster.local")[0] == 200
+            assert gone.open_connections == 1, "the upstream connection is pooled"
+            (d / "gone.yaml").unlink()
+            deadline = time.monotonic() + 5
+            while proxy.request("/", host="gone.shop.svc.cluster.local")[0] != 404 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            while gone.open_connections and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert gone.open_connections == 0
+    finally:
+        gone.stop()
+
+
 def test_two_workers_both_serve(catalog_dir):
     d, _ = catalog_dir
     with ProxyProcess(d, workers=2, access_log=True) as proxy:

@@ -44,6 +44,7 @@ class UpstreamServer:
         self.hits = 0
         self.requests: list[dict] = []
         self.connections = 0
+        self.open_connections = 0
         self._loop = None
         self._server = None
         self._thread = None
@@ -78,6 +79,13 @@ class UpstreamServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.open_connections += 1
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self.open_connections -= 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         events: list[_Request] = []
         current: list[_Request] = []
 

@@ -31,9 +31,10 @@ log = logging.getLogger("nodeagent.agent.ebpf")
 class EbpfBackend:
     mode = "ebpf"
 
-    def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, host_port_base: int = HOST_PORT_BASE) -> None:
+    def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, host_port_base: int = HOST_PORT_BASE, *,
+                 prepare_headers: bool = False) -> None:
         self.pin_dir = pin_dir
-        self.loader = EbpfCapture(pin_dir)
+        self.loader = EbpfCapture(pin_dir, prepare_headers=prepare_headers)
         self.host_port_base = host_port_base
         self._ports: dict[str, int] = {}
         self._cookies: dict[str, int] = {}
@@ -49,6 +50,13 @@ class EbpfBackend:
 
     def close(self) -> None:
         self.loader.close()  # the pinned programs and maps stay: capture holds while the agent restarts
+
+    def problems(self) -> list[str]:
+        """Lasting limits of this backend on this host (shown in /healthz)."""
+        if self.loader.inbound_problem:
+            return [f"eBPF inbound capture is off, pods are captured outbound only: "
+                    f"{self.loader.inbound_problem.splitlines()[0]}"]
+        return []
 
     def host_port(self, spec: WorkloadSpec) -> int | None:
         return self._ports.get(spec.target)

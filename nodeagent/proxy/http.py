@@ -692,6 +692,8 @@ class Exchange:
         if not self.keep_alive or self.close_delimited or (self.expect_continue and not self.request_done):
             self.keep_alive = False
             parts.append(b"connection: close\r\n")
+        elif self.version == "1.0" and status != 101:
+            parts.append(b"connection: keep-alive\r\n")  # HTTP/1.0 closes unless told otherwise
         parts.append(b"\r\n")
         self.out.append(b"".join(parts))
 
@@ -866,6 +868,8 @@ class Exchange:
         parts.append(b"content-length: %d\r\ncontent-type: text/plain\r\n" % len(body))
         if not self.keep_alive:
             parts.append(b"connection: close\r\n")
+        elif self.version == "1.0":
+            parts.append(b"connection: keep-alive\r\n")
         parts.append(b"\r\n")
         if self.method != b"HEAD":
             parts.append(body)

@@ -371,3 +371,15 @@ def test_tcp_max_connections_refuses_the_overflow(env):
     assert ok, "the slot is free again once the first connection closed"
     assert metric_value(proxy.metrics(), "istio_tcp_connections_opened_total",
                         destination_service="db.shop.svc.cluster.local", response_flags="UO") >= 1
+
+
+def test_http10_keep_alive_and_close(env):
+    proxy, _ = env
+    sock = proxy.raw()
+    sock.sendall(f"GET /ten HTTP/1.0\r\nHost: {HOST}\r\nConnection: keep-alive\r\n\r\n".encode())
+    status, headers, body = read_response(sock)
+    assert status.startswith(b"HTTP/1.1 200") and headers["connection"] == "keep-alive"
+    sock.sendall(f"GET /ten-again HTTP/1.0\r\nHost: {HOST}\r\n\r\n".encode())
+    status, headers, body = read_response(sock)
+    assert json.loads(body)["path"] == "/ten-again" and headers["connection"] == "close"
+    sock.close()

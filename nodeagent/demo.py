@@ -43,6 +43,16 @@ def say(text: str = "") -> None:
             os.dup2(devnull.fileno(), sys.stdout.fileno())
 
 
+_unexpected: list[str] = []
+
+
+def expect(condition: bool, what: str) -> None:
+    """The demo checks what it shows: a surprise is printed and makes the exit code 1."""
+    if not condition:
+        _unexpected.append(what)
+        say(f"  !! unexpected: {what}")
+
+
 def section(title: str) -> None:
     say()
     say(f"== {title} ==")
@@ -77,14 +87,19 @@ def routing(shop) -> None:
     say(f"  30 requests, no user          : {_tally(split)}   (weights 80/10/10 over v1/v2/v3)")
     jason = shop.curl("productpage-v1", "reviews", "/reviews", headers={"end-user": "jason"}, count=8)
     say(f"  8 requests, end-user: jason   : {_tally(jason)}   (route 'jason' -> subset v2)")
+    expect(all(r.status == 200 and r.json()["pod"].startswith("reviews-") for r in split), "reviews split")
+    expect(all(r.status == 200 and r.json()["pod"] == "reviews-v2" for r in jason), "jason -> reviews-v2")
     chains = collections.Counter()
     for r in shop.curl("client", "productpage", "/productpage", count=6):
         chains[_chain(r.json()) if r.status == 200 else f"HTTP {r.status}"] += 1
+    expect(all(c.startswith("productpage-v1 -> reviews-") and "HTTP" not in c for c in chains), "full chain")
     say("  client -> productpage, which calls reviews, which (v2, v3) call ratings:")
     for chain, n in sorted(chains.items()):
         say(f"    {n} x {chain}")
     section("2. catalog: /newcatalog -> v2, everything else -> v1 (VirtualService catalog)")
-    say(f"  10 x GET /newcatalog/items    : {_tally(shop.curl('client', 'catalog', '/newcatalog/items', count=10))}")
+    new = shop.curl("client", "catalog", "/newcatalog/items", count=10)
+    say(f"  10 x GET /newcatalog/items    : {_tally(new)}")
+    expect(all(r.status == 200 and r.json()["pod"] == "catalog-v2" for r in new), "/newcatalog -> catalog-v2")
 
 
 def faults(shop) -> None:
@@ -106,6 +121,9 @@ def faults(shop) -> None:
         say(f"  HTTP {r.status} after {took:.1f} s  ({what})")
     normal = shop.curl("reviews-v2", "ratings", "/ratings", count=3)
     say(f"  3 requests without the header: {_tally(normal)}")
+    expect(len(results) == 6 and all(took >= 1.9 and r.status in (200, 503) for took, r in results),
+           "tester: 2 s delay, 200 or 503")
+    expect(all(r.status == 200 for r in normal), "ratings without fault")
 
 
 def denials(shop) -> None:
@@ -114,15 +132,19 @@ def denials(shop) -> None:
     [r] = shop.curl("client", "reviews", "/reviews")
     say(f"  shop/shop-client GET reviews        -> HTTP {r.status} {r.body.strip()!r}"
         "   (AuthorizationPolicy reviews-from-productpage)")
+    expect(r.status == 403 and r.body.strip() == "RBAC: access denied", "shop-client denied on reviews")
     [r] = shop.curl("productpage-v1", "reviews", "/reviews")
     say(f"  shop/bookinfo-productpage GET reviews -> HTTP {r.status}   (allowed principal)")
+    expect(r.status == 200, "productpage allowed on reviews")
     [r] = shop.curl("client", "catalog", "/newcatalog/1", method="DELETE")
     say(f"  shop/shop-client DELETE catalog     -> HTTP {r.status} {r.body.strip()!r}   (catalog-no-delete)")
+    expect(r.status == 403, "DELETE on catalog denied")
     target = lab.pods["catalog-v2"]
     [r] = lab.curl("outsider", f"http://{target.ip}:{target.port}/newcatalog/x", max_time=3)
     outcome = f"HTTP {r.status}" if r.status else f"refused ({r.error or 'curl exit %d' % r.exit_code})"
     say(f"  legacy/outsider (not enrolled, plaintext) -> catalog-v2 {target.ip}:{target.port} directly: "
         f"{outcome}   (PeerAuthentication STRICT)")
+    expect(r.status == 0, "plaintext refused by STRICT")
 
 
 def wire(shop) -> None:
@@ -144,6 +166,8 @@ def wire(shop) -> None:
     say(f"  marker in the request body on the wire       : {verdict}")
     n = lab.count("node2", "istio_requests_total", reporter="destination", connection_security_policy="mutual_tls")
     say(f"  node2 counted {n:.0f} request(s) with connection_security_policy=\"mutual_tls\"")
+    expect(r.status == 200 and cap.contains(MARKER + b"-udp") and 15008 in cap.tcp_ports() and not in_tcp
+           and n >= 1, "mTLS on the wire")
 
 
 def outlier(shop) -> None:
@@ -153,7 +177,11 @@ def outlier(shop) -> None:
     say(f"  30 x GET /items (subset v1: catalog-v1a, catalog-v1b): {_tally(results)}")
     say("  (no retries in the route: Istio's default applies, 503 is retried on another host, so the")
     say("   client sees v1a's answers while v1b's 503s count towards its ejection)")
+    expect(all(r.status == 200 for r in results), "catalog v1 answers (503s retried)")
     view = lab.admin("node1", "/endpoints")
+    ejected = {e["address"] for c in view["clusters"] for e in c["endpoints"]
+               if c["cluster"] == "outbound|80|v1|catalog.shop.svc.cluster.local" and e["ejected"]}
+    expect(ejected == {lab.pods["catalog-v1b"].ip}, "catalog-v1b ejected (and only it)")
     for c in view["clusters"]:
         if c["cluster"] != "outbound|80|v1|catalog.shop.svc.cluster.local":
             continue
@@ -219,8 +247,9 @@ def live() -> int:
         section("teardown")
         say("  agents and CA stopped, capture uninstalled, processes killed, namespaces deleted"
             if not problems else f"  left behind: {problems}")
-    say(f"\ndone in {time.monotonic() - started:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else ""))
-    return 1 if failed or problems else 0
+    say(f"\ndone in {time.monotonic() - started:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else "")
+        + (f"; unexpected: {', '.join(_unexpected)}" if _unexpected else "; everything as the configuration says"))
+    return 1 if failed or problems or _unexpected else 0
 
 
 # --------------------------------------------------------------------------

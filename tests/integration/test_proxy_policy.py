@@ -24,6 +24,8 @@ SERVICES = {  # name -> loopback addresses of its upstream instances
     "pool": ["127.0.0.51"],
     "limited": ["127.0.0.53"],
     "pertry": ["127.0.0.54", "127.0.0.55"],
+    "halfmirrored": ["127.0.0.56"],
+    "halfshadow": ["127.0.0.57"],
 }
 
 
@@ -132,6 +134,14 @@ ROUTES = "".join([
 """),
 ])
 
+ROUTES += vs("halfmirrored", f"""  - route:
+    - destination:
+        host: {fqdn("halfmirrored")}
+    mirror:
+      host: {fqdn("halfshadow")}
+    mirrorPercentage:
+      value: 50
+""")
 ROUTES += vs("pertry", f"""  - retries:
       attempts: 2
       perTryTimeout: 0.3s
@@ -286,6 +296,19 @@ def test_mirror_sends_a_shadow_copy(env):
     assert copy["path"] == "/m?x=1"
     assert copy["headers"]["host"] == fqdn("mirrored") + "-shadow"
     assert copy["body_len"] == len(b"mirror-me")
+
+
+def test_mirror_percentage(env):
+    proxy, servers = env
+    shadow = servers["halfshadow"][0]
+    for _ in range(200):
+        assert proxy.request("/", host=fqdn("halfmirrored"))[0] == 200
+    deadline = time.monotonic() + 3
+    last = -1
+    while shadow.hits != last and time.monotonic() < deadline:
+        last = shadow.hits
+        time.sleep(0.2)
+    assert 60 <= shadow.hits <= 140, f"mirrorPercentage 50 mirrored {shadow.hits}/200"
 
 
 def test_header_operations(env):

@@ -5,8 +5,11 @@
 test fails."""
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+import tempfile
+import warnings
 
 import pytest
 
@@ -20,14 +23,34 @@ def _preconditions() -> None:
                 f"needs the {tool} command")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if outcome.get_result().failed and getattr(item, "module", None) is not None:
+        item.module._meshlab_failed = True
+
+
+def save_logs(lab) -> str:
+    """Copy the agents', CA's and servers' logs out of the lab before teardown deletes them."""
+    keep = tempfile.mkdtemp(prefix="nodeagent-e2e-logs-")
+    for path in glob.glob(os.path.join(lab.dir, "*.log")):
+        shutil.copy(path, keep)
+    return keep
+
+
 @pytest.fixture(scope="module")
-def shop():
+def shop(request):
     _preconditions()
     from nodeagent.meshlab import MeshLab, start_shop
 
     lab = MeshLab()
     try:
         yield start_shop(lab)
+    except BaseException:
+        request.module._meshlab_failed = True
+        raise
     finally:
+        if getattr(request.module, "_meshlab_failed", False):
+            warnings.warn(f"e2e mesh logs (agents, CA, servers) kept in {save_logs(lab)}")
         problems = lab.teardown()
         assert not problems, problems

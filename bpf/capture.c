@@ -469,7 +469,8 @@ int na_fast_msg(struct sk_msg_md *msg)
 // proxy's own connections to the application),
 // the tunnel port and excluded ports (in_port), probe sources (in_src).
 // With no listener registered (the agent is restarting), new connections are
-// dropped (the client retries its SYN): never a bypass to the application.
+// refused with a reset, as REDIRECT to a closed port: never a bypass to the
+// application.
 
 #define NA_NETNS_MAGIC "0x6e6174696e626e64"   // loader.INBOUND_MAGIC
 #define NA_LOOPBACK_IFINDEX 1
@@ -547,7 +548,7 @@ int na_inbound(struct bpf_sk_lookup *ctx)
     struct in_sock_key lk = {.netns = netns, .family = family};
     struct bpf_sock *sk = in_listen.lookup(&lk);
     if (!sk)
-        return SK_DROP;        // no proxy listening: fail closed
+        return SK_DROP;        // no proxy listening: the SYN is answered with a reset (fail closed)
     long err = bpf_sk_assign(ctx, sk, 0);
     bpf_sk_release(sk);
     if (err)

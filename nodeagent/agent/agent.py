@@ -59,6 +59,7 @@ class AgentOptions:
     metrics: tuple[str, int] = ("0.0.0.0", 15020)
     readiness: tuple[str, int] = ("0.0.0.0", 15021)
     resync_interval: float = 60.0
+    cert_wait: float = 2.0  # how long an enroll waits for the workload's certificate
 
 
 class AgentSetupError(Exception):
@@ -285,16 +286,35 @@ class Agent:
             captured = time.perf_counter()
         self._update_gauges()
         self._wake.set()  # a failure scheduled a retry: let the loop pick the new wake time
-        log.info("enroll %s: %s, capture %s%s", spec.ref, change.outcome.value, status.state,
-                 f" ({status.error})" if status.error else "")
+        # The certificate is being issued meanwhile (the manager woke on add_workload):
+        # wait for it, bounded, so the pod's first connection already has its identity.
+        cert_error = await self._await_certificate(spec)
+        log.info("enroll %s: %s, capture %s%s, certificate %s", spec.ref, change.outcome.value, status.state,
+                 f" ({status.error})" if status.error else "", "pending" if cert_error else "issued")
         reply = protocol.ok(result=change.outcome.value, workload=spec.to_json(),
                             identity=spec.identity(self.options.trust_domain), capture=status.state,
+                            certificate="pending" if cert_error else "issued",
                             elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
                             registry_ms=round((persisted - started) * 1000, 3),
                             capture_ms=round((captured - persisted) * 1000, 3))
         if status.error:
             reply["capture_error"] = status.error
+        if cert_error:
+            reply["certificate_error"] = cert_error
         return reply
+
+    async def _await_certificate(self, spec: WorkloadSpec) -> str:
+        """'' once the workload's certificate exists, else why not after ``cert_wait`` seconds."""
+        identity = self._spiffe(spec)
+        deadline = time.monotonic() + self.options.cert_wait
+        while True:
+            try:
+                self.identities.certificate(identity)
+                return ""
+            except IdentityError as exc:
+                if time.monotonic() >= deadline:
+                    return str(exc)
+            await asyncio.sleep(0.002)
 
     async def unenroll(self, kind: str, target: str) -> dict[str, Any]:
         loop = asyncio.get_running_loop()

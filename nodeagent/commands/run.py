@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="readiness address, path /healthz/ready (default 0.0.0.0:15021)")
     run.add_argument("--bpf-pin-dir", default="/sys/fs/bpf/nodeagent",
                      help="where --capture ebpf pins its maps and links (default /sys/fs/bpf/nodeagent)")
+    run.add_argument("--enroll-cert-wait", type=float, default=2.0, metavar="SECONDS",
+                     help="how long an enrollment waits for the workload's certificate before it answers "
+                          "(default 2; the certificate keeps being requested after that)")
     run.add_argument("--resync-interval", type=float, default=60.0,
                      help="seconds between full capture resyncs (default 60)")
     run.set_defaults(func=cmd_run)
@@ -106,6 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             trust_domain=args.trust_domain, ca_url=args.ca_url, node_credential=args.node_credential,
             admin=parse_listen(args.admin, "--admin"), metrics=parse_listen(args.metrics, "--metrics"),
             readiness=parse_listen(args.readiness, "--readiness"), resync_interval=args.resync_interval,
+            cert_wait=args.enroll_cert_wait,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -113,6 +117,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"--config-dir {args.config_dir} is not a directory")
     if args.resync_interval <= 0:
         raise UserError("--resync-interval must be positive")
+    if args.enroll_cert_wait < 0:
+        raise UserError("--enroll-cert-wait must be 0 or more seconds")
 
     async def main() -> None:
         capture = select_capture(args.capture, args.bpf_pin_dir)
@@ -162,8 +168,11 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         print(json.dumps(reply, indent=2, sort_keys=True))
     else:
         print(f"{reply['result']}: {spec.namespace}/{spec.name} on {kind} {spec.target} as {reply['identity']} "
-              f"(capture {reply['capture']}, {reply['elapsed_ms']:.1f} ms: registry {reply['registry_ms']:.1f}, "
-              f"capture {reply['capture_ms']:.1f})")
+              f"(capture {reply['capture']}, certificate {reply['certificate']}, {reply['elapsed_ms']:.1f} ms: "
+              f"registry {reply['registry_ms']:.1f}, capture {reply['capture_ms']:.1f})")
+    if reply.get("certificate") == "pending":
+        print(f"nodeagent: warning: no certificate for {reply['identity']} yet (the agent keeps asking the CA): "
+              f"{reply.get('certificate_error', '')}", file=sys.stderr)
     if reply.get("capture") == "pending":
         print(f"nodeagent: enrolled, but capture is not applied yet (the agent retries): "
               f"{reply.get('capture_error', '')}", file=sys.stderr)

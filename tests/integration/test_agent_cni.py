@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_agent_daemon import REPO, agents, cli  # noqa: F401  (fixture)
+from tests.integration.test_agent_daemon import REPO, agents, call  # noqa: F401  (fixture)
 
 PLUGIN = REPO / "deploy" / "cni" / "nodeagent-cni"
 PODS = {
@@ -78,18 +78,16 @@ def test_cni_add_del_check(agents, api_server, tmp_path):
     assert added.returncode == 0, added.stdout + added.stderr
     assert json.loads(added.stdout) == prev  # a chained plugin passes the result on
     assert seen == [("/api/v1/namespaces/shop/pods/web-7d9f", "Bearer secret-token")]
-    (w,) = json.loads(cli(state, "workloads", "--json").stdout)
+    (w,) = call(state, {"op": "list"})["workloads"]
     assert (w["target"], w["name"], w["namespace"], w["service_account"], w["labels"], w["ips"]) == (
         "cni-1234", "web-7d9f", "shop", "web-sa", {"app": "web", "version": "v2"}, ["10.250.3.7", "fd00::7"])
     assert run_plugin("CHECK", conf, netns="/var/run/netns/cni-1234").returncode == 0
 
-    # kubelet retries ADD: idempotent.
-    assert run_plugin("ADD", conf, netns="/var/run/netns/cni-1234").returncode == 0
-    # DEL after the runtime dropped the netns: by pod name.
+    # DEL after the runtime dropped the netns: by pod name; DEL again is a no-op.
     deleted = run_plugin("DEL", conf, netns="")
     assert deleted.returncode == 0, deleted.stdout + deleted.stderr
-    assert cli(state, "workloads").stdout.strip() == "no workloads enrolled"
-    assert run_plugin("DEL", conf, netns="/var/run/netns/cni-1234").returncode == 0  # DEL is idempotent
+    assert call(state, {"op": "list"})["workloads"] == []
+    assert run_plugin("DEL", conf, netns="/var/run/netns/cni-1234").returncode == 0
     missing = run_plugin("CHECK", conf, netns="/var/run/netns/cni-1234")
     assert missing.returncode == 1 and "is not enrolled" in json.loads(missing.stdout)["msg"]
 
@@ -99,5 +97,5 @@ def test_cni_add_del_check(agents, api_server, tmp_path):
     assert unknown.returncode == 1 and "cannot read pod shop/ghost" in json.loads(unknown.stdout)["msg"]
     unchained = run_plugin("ADD", {**conf, "prevResult": None}, netns="/var/run/netns/cni-9")
     assert unchained.returncode == 1 and "must be chained" in json.loads(unchained.stdout)["msg"]
-    assert cli(state, "workloads").stdout.strip() == "no workloads enrolled"
+    assert call(state, {"op": "list"})["workloads"] == []
     assert agent.stop() == 0

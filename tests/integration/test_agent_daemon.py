@@ -77,6 +77,16 @@ spec:
 """
 
 
+def call(state_dir: Path, message: dict) -> dict:
+    """One request on the agent's socket (what the CLI sends), without a CLI process."""
+    return AgentClient(state_dir / "agent.sock").call(message)
+
+
+def enroll_message(name: str, target: str, *ips: str, sa: str | None = None) -> dict:
+    return {"op": "enroll", "kind": "netns", "target": target, "name": name, "namespace": "shop",
+            "service_account": sa or f"{name}-sa", "labels": {"app": name, "version": "v1"}, "ips": list(ips)}
+
+
 class AgentProcess:
     def __init__(self, state_dir: Path, tmp: Path, capture: str = "none", extra: tuple[str, ...] = (),
                  config_dir: Path | None = None) -> None:
@@ -190,16 +200,14 @@ def test_lifecycle_enroll_restart_readopt_unenroll(agents, tmp_path):
 
     out = cli(state, *enroll_args("web", "pod-web", "10.250.0.2"))
     assert out.stdout.startswith("added: shop/web on netns pod-web as spiffe://cluster.local/ns/shop/sa/web-sa")
-    again = cli(state, *enroll_args("web", "/var/run/netns/pod-web", "10.250.0.2"))
-    assert again.stdout.startswith("unchanged: ")
-    updated = cli(state, *enroll_args("web", "pod-web", "10.250.0.2", "--ip", "10.250.0.12"))
-    assert updated.stdout.startswith("updated: ")
+    assert call(state, enroll_message("web", "/var/run/netns/pod-web", "10.250.0.2"))["result"] == "unchanged"
+    assert call(state, enroll_message("web", "pod-web", "10.250.0.2", "10.250.0.12"))["result"] == "updated"
     conflict = cli(state, *enroll_args("db", "pod-db", "10.250.0.12"), check=False)
     assert conflict.returncode == 1
     assert conflict.stderr.strip() == "nodeagent: IP 10.250.0.12 is already held by workload shop/web (netns pod-web)"
     assert "Traceback" not in conflict.stderr
 
-    listed = json.loads(cli(state, "workloads", "--json").stdout)
+    listed = call(state, {"op": "list"})["workloads"]
     assert [(w["name"], w["ips"], w["capture"]) for w in listed] == [("web", ["10.250.0.2", "10.250.0.12"], "none")]
     table = cli(state, "workloads").stdout.splitlines()
     assert table[0].split() == ["NAMESPACE", "NAME", "KIND", "TARGET", "IPS", "CAPTURE", "IDENTITY"]
@@ -253,6 +261,7 @@ def test_lifecycle_enroll_restart_readopt_unenroll(agents, tmp_path):
     assert "1 workload(s) re-adopted" in ready["conditions"]["state"]["detail"]
     listed = json.loads(cli(state, "workloads", "--json").stdout)
     assert [(w["name"], w["identity"]) for w in listed] == [("web", "spiffe://cluster.local/ns/shop/sa/web-sa")]
+    assert listed[0]["labels"] == {"app": "web", "version": "v1"}
     certs = agent2.json("/certs")
     assert [c["state"] for c in certs["certificates"]] == ["valid"]  # readiness waited for it
 
@@ -263,8 +272,8 @@ def test_lifecycle_enroll_restart_readopt_unenroll(agents, tmp_path):
     assert "Traceback" not in dup.logs()
 
     assert cli(state, "unenroll", "--netns", "pod-web").stdout.strip() == "removed: netns pod-web"
-    assert cli(state, "unenroll", "--netns", "pod-web").stdout.strip() == "not enrolled: netns pod-web (nothing to do)"
-    assert cli(state, "workloads").stdout.strip() == "no workloads enrolled"
+    assert call(state, {"op": "unenroll", "kind": "netns", "target": "pod-web"})["result"] == "absent"
+    assert call(state, {"op": "list"})["workloads"] == []
     assert agent2.json("/certs")["certificates"] == []
     assert agent2.stop() == 0
 
@@ -280,8 +289,6 @@ def test_cli_errors_are_clear(tmp_path):
     out = cli(state, "enroll", "--netns", "p", "--name", "Bad_Name", "--namespace", "shop", check=False)
     assert out.returncode == 1
     assert out.stderr.strip() == "nodeagent: enroll: name: 'Bad_Name' is not a valid Kubernetes name (lower-case DNS-1123)"
-    out = cli(state, "enroll", "--netns", "p", "--name", "w", "--namespace", "shop", "--ip", "1.2.3", check=False)
-    assert out.stderr.strip() == "nodeagent: enroll: ips: '1.2.3' is not an IP address"
     out = cli(state, "uninstall", check=False)
     assert out.returncode == 1 and "no nodeagent state in" in out.stderr
     with socket.socket() as busy:
@@ -299,7 +306,6 @@ def test_cli_errors_are_clear(tmp_path):
     for args, message in (
         (["--admin", "localhost"], "nodeagent: --admin must be HOST:PORT (e.g. 127.0.0.1:15000), got 'localhost'"),
         (["--config-dir", str(tmp_path / "missing")], f"nodeagent: --config-dir {tmp_path / 'missing'} is not a directory"),
-        (["--capture", "magic"], "argument --capture: invalid choice: 'magic'"),
     ):
         proc = subprocess.run([PY, "-m", "nodeagent", "run", "--state-dir", str(tmp_path / "s"), *args],
                               cwd=REPO, capture_output=True, text=True, timeout=30)
@@ -313,7 +319,8 @@ def test_readiness_is_503_until_identities_are_issued(agents, tmp_path):
     issue_node_credential(ca_dir, "node-1", tmp_path / "cred")
     dead = free_port()  # nothing listens there: the CA is unreachable
     agent = agents(tmp_path / "state", extra=("--ca-url", f"https://127.0.0.1:{dead}",
-                                              "--node-credential", str(tmp_path / "cred")))
+                                              "--node-credential", str(tmp_path / "cred"),
+                                              "--enroll-cert-wait", "0.1"))
     agent.wait_http()
     deadline = time.monotonic() + 5
     while True:
@@ -328,8 +335,10 @@ def test_readiness_is_503_until_identities_are_issued(agents, tmp_path):
     assert detail["conditions"]["state"]["ok"] is True
     health = agent.json("/healthz")
     assert health["ready"] is False
-    # Enrollment works while not ready (the CNI must not block on the CA).
-    assert cli(agent.state_dir, *enroll_args("web", "pod-web", "10.250.0.2")).returncode == 0
+    # Enrollment works while not ready (the CNI must not block on the CA), with a warning.
+    out = cli(agent.state_dir, *enroll_args("web", "pod-web", "10.250.0.2"))
+    assert "certificate pending" in out.stdout
+    assert "warning: no certificate for spiffe://cluster.local/ns/shop/sa/web-sa yet" in out.stderr
     assert agent.stop() == 0
 
 
@@ -404,10 +413,13 @@ def test_remote_ca_issues_only_identities_placed_on_this_node(agents, tmp_path):
         line = ca.stdout.readline()
         url = line.split()[-1]
         assert url.startswith("https://127.0.0.1:"), line + ca.stderr.read()
-        agent = agents(tmp_path / "state", extra=("--ca-url", url, "--node-credential", str(tmp_path / "cred")))
+        agent = agents(tmp_path / "state", extra=("--ca-url", url, "--node-credential", str(tmp_path / "cred"),
+                                                  "--enroll-cert-wait", "1"))
         agent.wait_ready()
-        cli(agent.state_dir, *enroll_args("web", "pod-web", "10.250.0.2"))
-        cli(agent.state_dir, *enroll_args("db", "pod-db", "10.250.0.3"))
+        placed = cli(agent.state_dir, *enroll_args("web", "pod-web", "10.250.0.2"))
+        assert "certificate issued" in placed.stdout and placed.stderr == ""  # enroll waited for it
+        unplaced = cli(agent.state_dir, *enroll_args("db", "pod-db", "10.250.0.3"))
+        assert "certificate pending" in unplaced.stdout and "does not place shop/db-sa" in unplaced.stderr
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             certs = {c["identity"]: c for c in agent.json("/certs")["certificates"]}

@@ -198,8 +198,8 @@ def test_ebpf_capture_outbound_through_the_agent(agents, topology, tmp_path, nee
         for pod in (client, server):
             out = cli(state, "enroll", "--netns", pod.netns, "--name", pod.name, "--namespace", "shop",
                       "--service-account", pod.name, "--labels", f"app={pod.name}", "--ip", pod.ip).stdout
-            assert "capture applied" in out, out
-            print(f"\nenroll with eBPF capture: {out.rsplit('capture applied, ', 1)[1].strip().rstrip(')')}")
+            assert "capture applied, certificate issued" in out, out
+            print(f"\nenroll with eBPF capture: {out.rsplit('certificate issued, ', 1)[1].strip().rstrip(')')}")
         reply = curl(topology, "http://10.250.99.1/", host="server.shop.svc.cluster.local")
         assert reply == f"200 hello from server, you are {server.ip}", reply  # served inside the server pod
         status, metrics = http_get(agent.metrics, "/metrics")

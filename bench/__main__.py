@@ -175,6 +175,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["mesh"]:  # `python -m bench mesh`: the two-node mesh path, bench/mesh.py
         from bench.mesh import main as mesh_main
         return mesh_main(argv[1:])
+    if argv[:1] == ["mesh-loopback"]:  # the same without root: two agent processes on loopback
+        from bench.mesh_loopback import main as loopback_main
+        return loopback_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                 epilog="`python -m bench mesh --help`: client pod -> agent -> mTLS -> agent -> "
                                        "pod vs an HAProxy chain with an mTLS hop (root)")

@@ -1,0 +1,419 @@
+"""`python -m bench mesh-loopback`: the full mesh path on loopback (no root) against an HAProxy
+chain with an mTLS hop.
+
+- mesh: wrk -> node 1 (a ``nodeagent`` process: workload A's outbound listener, routing by
+  Host) -> TLS 1.3 tunnel on 15008-style port, A's certificate, CONNECT -> node 2 (another
+  process: B's TunnelServer + InboundPlane, AuthorizationPolicy ALLOW principal A on B) ->
+  the application B;
+- haproxy: wrk -> haproxy 1 (``nbthread 1``, ``http-reuse always``) -> TLS 1.3 with a client
+  certificate, verified both ways -> haproxy 2 (``nbthread 1``) -> the same application.
+
+The application is an HAProxy answering ``200 ok`` itself (not Python-bound). Certificates
+for both paths come from the same embedded CA (``nodeagent.identity``: ECDSA P-256). Every
+proxy runs one process, one thread, on uvloop for the agents. Reported: req/s, p50/p99
+(wrk --latency), CPU microseconds per request of the two proxies of each path together
+(utime+stime deltas from /proc/PID/stat over the measured run / requests completed), the
+ratios, and how many tunnels (TLS handshakes) node 2 accepted during the whole run.
+
+``python -m bench.mesh_loopback node ...`` is the node process itself (what the bench
+starts twice); ``--profile DIR`` runs both under cProfile and writes DIR/node1.prof and
+DIR/node2.prof.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+NS = "shop"
+A_ADDR, B_ADDR = "127.0.10.1", "127.0.20.1"  # the two workloads (node 1, node 2)
+H1_ADDR, H2_ADDR = "127.0.10.2", "127.0.20.2"  # the two haproxys
+B_HOST = "b.shop.svc.cluster.local"
+
+UPSTREAM_CFG = """global
+    nbthread 1
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend app
+    bind {addr}:{port}
+    http-request return status 200 content-type text/plain string ok
+"""
+
+EDGE_CFG = """global
+    nbthread 1
+    ssl-default-server-options ssl-min-ver TLSv1.3
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    http-reuse always
+frontend out
+    bind {listen}
+    default_backend next
+backend next
+    server s1 {server} ssl crt {dir}/client.pem ca-file {dir}/ca.pem verify required
+"""
+
+INGRESS_CFG = """global
+    nbthread 1
+    ssl-default-bind-options ssl-min-ver TLSv1.3
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    http-reuse always
+frontend in
+    bind {listen} ssl crt {dir}/server.pem ca-file {dir}/ca.pem verify required
+    default_backend app
+backend app
+    server app {server}
+"""
+
+MESH_CFG = """apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: b, namespace: shop}}
+spec:
+  hosts: [b.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  workloadSelector: {{labels: {{app: b}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: b-1, namespace: shop}}
+spec:
+  address: {b_addr}
+  serviceAccount: b
+  ports: {{http: {app_port}}}
+  labels: {{app: b, version: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: a, namespace: shop}}
+spec:
+  address: {a_addr}
+  serviceAccount: a
+  labels: {{app: a, version: v1}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: b-allow-a, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: b}}}}
+  action: ALLOW
+  rules:
+  - from: [{{source: {{principals: ["cluster.local/ns/shop/sa/a"]}}}}]
+"""
+
+
+# --------------------------------------------------------------------------- the node process
+
+
+def node_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.mesh_loopback node",
+                                description="one loopback node agent: an outbound listener of a source "
+                                            "workload (--listen) or the tunnel server of a destination "
+                                            "workload (--tunnel-listen)")
+    p.add_argument("--ca", required=True, help="CA directory (nodeagent.identity CADirectory)")
+    p.add_argument("--config-dir", required=True, help="directory of Istio YAML")
+    p.add_argument("--workload", required=True, metavar="NAMESPACE/NAME", help="service account = name")
+    p.add_argument("--address", required=True, help="the workload's address")
+    p.add_argument("--listen", type=int, help="source node: outbound (explicit proxy) port on --address")
+    p.add_argument("--tunnel-port", type=int, help="source node: the tunnel port of every destination")
+    p.add_argument("--tunnel-listen", type=int, help="destination node: tunnel port on --address")
+    p.add_argument("--stats", help="write tunnel counters (JSON) here on exit")
+    p.add_argument("--profile", help="run under cProfile, write the stats here on exit")
+    args = p.parse_args(argv)
+    if (args.listen is None) == (args.tunnel_listen is None):
+        p.error("give exactly one of --listen (source node) or --tunnel-listen (destination node)")
+    import uvloop
+    profiler = None
+    if args.profile:
+        import cProfile
+        profiler = cProfile.Profile()
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        if profiler is not None:
+            profiler.enable()
+        loop.run_until_complete(_node(args))
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+        loop.close()
+    return 0
+
+
+async def _node(args) -> None:
+    from nodeagent.identity.ca import CADirectory, LocalCA
+    from nodeagent.identity.manager import CertificateManager
+    from nodeagent.identity.spiffe import SpiffeId
+    from nodeagent.identity.tls import TunnelTls
+    from nodeagent.proxy.context import ListenerContext, PlainConnector, WorkloadIdentity
+    from nodeagent.proxy.inbound import InboundPlane, InboundWorkload
+    from nodeagent.proxy.runtime import ProxyRuntime
+    from nodeagent.proxy.server import protocol_factory
+    from nodeagent.proxy.snapshots import open_config
+    from nodeagent.proxy.tunnel import MeshDirectory, MeshTelemetry, TunnelConnector, TunnelServer
+
+    loop = asyncio.get_running_loop()
+    ns, _, name = args.workload.partition("/")
+    identity = SpiffeId.workload(ns, name)
+    manager = CertificateManager(LocalCA(CADirectory(args.ca)), trust_domain="cluster.local")
+    manager.add_workload(identity)
+    await manager.refresh()
+    tls = TunnelTls(manager)
+    source = open_config(args.config_dir)
+    watch = source.start_watch(loop)
+    runtime = ProxyRuntime(source.current, MeshTelemetry())
+    runtime.start()
+    plane = None
+    tunnel = None
+    if args.listen is not None:
+        connector = TunnelConnector(tls, identity, MeshDirectory(source.current), PlainConnector(),
+                                    source_address=args.address, tunnel_port=args.tunnel_port)
+        ref = source.workload(ns, name)
+        ctx = ListenerContext(f"outbound {args.workload}",
+                              WorkloadIdentity(ns, name, name, dict(ref.labels) if ref else {}, identity.principal),
+                              connector=connector)
+        server = await loop.create_server(protocol_factory(runtime, ctx), args.address, args.listen, backlog=1024)
+    else:
+        plane = InboundPlane(runtime)
+        plane.start()
+        ref = source.workload(ns, name)
+        workload = InboundWorkload(ns, name, name, dict(ref.labels) if ref else {}, (args.address,))
+        tunnel = await TunnelServer(plane, workload, tls).start(host=args.address, port=args.tunnel_listen)
+        server = tunnel
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"node {args.workload} ready", file=sys.stderr, flush=True)
+    await stop.wait()
+    server.close()
+    if args.stats:
+        stats = {"tunnels_accepted": tunnel.stats["accepted"] if tunnel else 0,
+                 "tunnels_refused": tunnel.stats["refused"] if tunnel else 0,
+                 "http": {"|".join(k): v for k, v in runtime.telemetry.export()["http"].items()}}
+        Path(args.stats).write_text(json.dumps(stats))
+    if plane is not None:
+        await plane.close()
+    await runtime.close()
+    watch.cancel()
+
+
+# --------------------------------------------------------------------------- the bench
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(host: str, port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"bench mesh-loopback: {' '.join(proc.args[:4])} exited with {proc.returncode}")
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"bench mesh-loopback: nothing listens on {host}:{port}")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
+def parse_wrk(out: str) -> dict:
+    def latency(pct: str) -> float:
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if m is None:
+            raise SystemExit(f"bench mesh-loopback: no {pct}% latency in wrk output:\n{out}")
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+        "p50": latency("50"),
+        "p99": latency("99"),
+        "errors": (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, errors.groups())) if errors else 0),
+    }
+
+
+def make_certs(ca_dir: Path, out: Path) -> None:
+    """HAProxy's certificates from the same embedded CA as the agents' (ECDSA P-256)."""
+    from nodeagent.identity import certs
+    from nodeagent.identity.ca import CADirectory, LocalCA
+    from nodeagent.identity.spiffe import SpiffeId
+
+    directory = CADirectory(ca_dir)
+    ca = LocalCA(directory)
+    (out / "ca.pem").write_bytes(directory.trust_bundle(time.time()).pem)
+    for who in ("client", "server"):
+        key = certs.generate_key()
+        identity = SpiffeId.workload("bench", f"haproxy-{who}")
+        issued = ca.sign_csr(certs.make_csr(key, identity), identity, 3600)
+        path = out / f"{who}.pem"
+        path.write_bytes(certs.certs_to_pem((issued.certificate, *issued.chain)) + certs.key_to_pem(key))
+        path.chmod(0o600)
+
+
+def run_wrk(url: str, seconds: float, args, host: str | None) -> str:
+    cmd = ["wrk", "-t1", f"-c{args.connections}", f"-d{seconds}s", "--latency", url]
+    if host:
+        cmd[1:1] = ["-H", f"Host: {host}"]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 30).stdout
+
+
+def measure(name: str, url: str, pids: list[int], args, host: str | None) -> dict:
+    run_wrk(url, args.warmup, args, host)
+    before = sum(cpu_seconds(pid) for pid in pids)
+    r = parse_wrk(run_wrk(url, args.duration, args, host))
+    r["cpu_us"] = (sum(cpu_seconds(pid) for pid in pids) - before) * 1e6 / max(1, r["requests"])
+    r["name"] = name
+    return r
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["node"]:
+        return node_main(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m bench mesh-loopback", description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=int, default=8, help="seconds per measured run (default 8)")
+    p.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per path (default 2)")
+    p.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure both paths this many times, interleaved, and keep each one's best run "
+                        "(a shared machine only ever makes a run slower; default 1)")
+    p.add_argument("--profile", metavar="DIR", help="run the agents under cProfile; stats in DIR/node{1,2}.prof")
+    args = p.parse_args(argv)
+    for tool in ("wrk", "haproxy"):
+        if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin:/sbin") is None:
+            print(f"bench mesh-loopback: {tool} is not installed (make setup installs it)", file=sys.stderr)
+            return 1
+    sys.path.insert(0, str(REPO))
+    from nodeagent.identity.ca import CADirectory
+
+    procs: list[subprocess.Popen] = []
+    tmp = Path(tempfile.mkdtemp(prefix="nodeagent-bench-mesh-"))
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+
+    def start(argv_, **kw) -> subprocess.Popen:
+        proc = subprocess.Popen(argv_, cwd=str(REPO), **kw)
+        procs.append(proc)
+        return proc
+
+    stats = None
+    results: list[dict | None] = [None, None]
+    try:
+        CADirectory.init(tmp / "ca", now=time.time() - 3600)
+        make_certs(tmp / "ca", tmp)
+        app_port = free_port(B_ADDR)
+        (tmp / "app.cfg").write_text(UPSTREAM_CFG.format(addr=B_ADDR, port=app_port))
+        (tmp / "config").mkdir()
+        (tmp / "config" / "mesh.yaml").write_text(MESH_CFG.format(a_addr=A_ADDR, b_addr=B_ADDR, app_port=app_port))
+        app = start(["haproxy", "-db", "-f", str(tmp / "app.cfg")], **quiet)
+        wait_port(B_ADDR, app_port, app)
+
+        tunnel_port, out_port = free_port(B_ADDR), free_port(A_ADDR)
+        node = [sys.executable, "-m", "bench.mesh_loopback", "node", "--ca", str(tmp / "ca"),
+                "--config-dir", str(tmp / "config")]
+        prof = (lambda n: ["--profile", str(Path(args.profile).resolve() / f"{n}.prof")]) if args.profile else \
+            (lambda n: [])
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+        node2 = start(node + ["--workload", "shop/b", "--address", B_ADDR, "--tunnel-listen", str(tunnel_port),
+                              "--stats", str(tmp / "node2.json")] + prof("node2"), stdout=subprocess.DEVNULL)
+        wait_port(B_ADDR, tunnel_port, node2)
+        node1 = start(node + ["--workload", "shop/a", "--address", A_ADDR, "--listen", str(out_port),
+                              "--tunnel-port", str(tunnel_port)] + prof("node1"), stdout=subprocess.DEVNULL)
+        wait_port(A_ADDR, out_port, node1)
+
+        h1_port, h2_port = free_port(H1_ADDR), free_port(H2_ADDR)
+        (tmp / "ingress.cfg").write_text(INGRESS_CFG.format(listen=f"{H2_ADDR}:{h2_port}",
+                                                            server=f"{B_ADDR}:{app_port}", dir=tmp))
+        (tmp / "edge.cfg").write_text(EDGE_CFG.format(listen=f"{H1_ADDR}:{h1_port}",
+                                                      server=f"{H2_ADDR}:{h2_port}", dir=tmp))
+        ingress = start(["haproxy", "-db", "-f", str(tmp / "ingress.cfg")], **quiet)
+        wait_port(H2_ADDR, h2_port, ingress)
+        edge = start(["haproxy", "-db", "-f", str(tmp / "edge.cfg")], **quiet)
+        wait_port(H1_ADDR, h1_port, edge)
+
+        mesh_url, ha_url = f"http://{A_ADDR}:{out_port}/items", f"http://{H1_ADDR}:{h1_port}/items"
+        for url, host in ((mesh_url, B_HOST), (ha_url, None)):
+            check = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", url]
+            if host:
+                check[1:1] = ["-H", f"Host: {host}"]
+            code = subprocess.run(check, capture_output=True, text=True).stdout
+            if code != "200":
+                raise SystemExit(f"bench mesh-loopback: {url} answered {code or 'nothing'}, not 200")
+        paths = [
+            ("mesh: agent -> mTLS -> agent (authz)", mesh_url, [node1.pid, node2.pid], B_HOST),
+            ("haproxy -> TLS 1.3 mTLS -> haproxy", ha_url, [edge.pid, ingress.pid], None),
+        ]
+        for _ in range(max(1, args.rounds)):
+            for i, (name, url, pids, host) in enumerate(paths):
+                r = measure(name, url, pids, args, host)
+                print(f"  measured {name}: {r['rps']:.0f} req/s", file=sys.stderr, flush=True)
+                if results[i] is None or r["rps"] > results[i]["rps"]:
+                    results[i] = r
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        try:
+            stats = json.loads((tmp / "node2.json").read_text())
+        except (OSError, ValueError):
+            stats = None
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrk -t1 -c{args.connections}, {args.duration}s per path after {args.warmup}s warm-up"
+          + (f", best of {args.rounds} interleaved rounds" if args.rounds > 1 else "")
+          + "; CPU = both proxies of the path")
+    print(f"{'path':<40}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'errors':>8}")
+    for r in results:
+        print(f"{r['name']:<40}{r['rps']:>9.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['cpu_us']:>12.1f}{r['errors']:>8}")
+    mesh, ha = results
+    print(f"nodeagent/haproxy: {mesh['rps'] / ha['rps']:.2f}x req/s, {mesh['p50'] / ha['p50']:.2f}x p50, "
+          f"{mesh['p99'] / ha['p99']:.2f}x p99, {mesh['cpu_us'] / ha['cpu_us']:.2f}x CPU per request")
+    if stats is not None:
+        print(f"tunnels (TLS handshakes) node 2 accepted over the whole run: {stats['tunnels_accepted']} "
+              f"for {args.connections} wrk connections; refused {stats['tunnels_refused']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

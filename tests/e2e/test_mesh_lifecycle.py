@@ -45,6 +45,26 @@ def test_agent_restart_fails_closed_then_readopts(shop):
     assert lab.nft_tables("client") == tables_before  # re-adopted, not duplicated
 
 
+def test_destination_agent_down_nothing_reaches_the_pod_then_resumes(shop):
+    lab = shop.lab
+    target = lab.pods["catalog-v2"]
+    assert lab.stop_agent("node2") == 0
+    # Plaintext straight to the pod: its prerouting rule sends it to 15006, where
+    # nothing listens now: refused in the pod's namespace, the app never sees it.
+    [plain] = lab.curl("outsider", f"http://{target.ip}:{target.port}/newcatalog/x", max_time=3)
+    assert plain.status == 0 and plain.exit_code == 7, plain
+    # Through the mesh: node1's agent finds no tunnel listener on node2's pod.
+    [meshed] = shop.curl("client", "catalog", "/newcatalog/x", max_time=5)
+    assert meshed.status == 503 and '"pod"' not in meshed.body, meshed
+    assert lab.nft_tables("catalog-v2") == ["table inet nodeagent"]
+    lab.start_agent("node2")
+    lab.wait_certificates("node2")
+    [r] = shop.curl("client", "catalog", "/newcatalog/again")
+    assert r.status == 200 and r.json()["pod"] == "catalog-v2", r
+    assert lab.count("node2", REQ, reporter="destination", destination_workload="catalog-v2",
+                     response_code="200", connection_security_policy="mutual_tls") == 1
+
+
 def test_unenroll_then_uninstall_leave_zero_rules(shop):
     lab = shop.lab
     out = lab.cli("unenroll", "--netns", lab.topo.netns("client"), "--state-dir", lab.state_dir("node1")).stdout

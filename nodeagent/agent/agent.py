@@ -401,6 +401,12 @@ class Agent:
             item = {**spec.to_json(), "identity": spec.identity(td), "capture": status.state}
             if status.error:
                 item["capture_error"] = status.error
+            try:
+                self.identities.certificate(self._spiffe(spec))
+                item["certificate"] = "valid"
+            except IdentityError as exc:
+                item["certificate"] = "missing"
+                item["certificate_error"] = str(exc)
             enrolled.append(item)
         retry = []
         now = self.clock.now()

@@ -213,10 +213,10 @@ def cmd_workloads(args: argparse.Namespace) -> int:
     if not workloads:
         print("no workloads enrolled")
         return 0
-    rows = [("NAMESPACE", "NAME", "KIND", "TARGET", "IPS", "CAPTURE", "IDENTITY")]
+    rows = [("NAMESPACE", "NAME", "KIND", "TARGET", "IPS", "CAPTURE", "CERT", "IDENTITY")]
     for w in workloads:
         rows.append((w["namespace"], w["name"], w["kind"], w["target"], ",".join(w["ips"]) or "-",
-                     w["capture"], w["identity"]))
+                     w["capture"], w["certificate"], w["identity"]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -210,8 +210,8 @@ def test_lifecycle_enroll_restart_readopt_unenroll(agents, tmp_path):
     listed = call(state, {"op": "list"})["workloads"]
     assert [(w["name"], w["ips"], w["capture"]) for w in listed] == [("web", ["10.250.0.2", "10.250.0.12"], "none")]
     table = cli(state, "workloads").stdout.splitlines()
-    assert table[0].split() == ["NAMESPACE", "NAME", "KIND", "TARGET", "IPS", "CAPTURE", "IDENTITY"]
-    assert table[1].split() == ["shop", "web", "netns", "pod-web", "10.250.0.2,10.250.0.12", "none",
+    assert table[0].split() == ["NAMESPACE", "NAME", "KIND", "TARGET", "IPS", "CAPTURE", "CERT", "IDENTITY"]
+    assert table[1].split() == ["shop", "web", "netns", "pod-web", "10.250.0.2,10.250.0.12", "none", "valid",
                                 "spiffe://cluster.local/ns/shop/sa/web-sa"]
 
     # Admin API: JSON everywhere. The enrolled workload and the WorkloadEntry at the

@@ -175,6 +175,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["mesh"]:  # `python -m bench mesh`: the two-node mesh path, bench/mesh.py
         from bench.mesh import main as mesh_main
         return mesh_main(argv[1:])
+    if argv[:1] == ["capture"]:  # `python -m bench capture`: nftables vs eBPF capture, bench/capture.py
+        from bench.capture import main as capture_main
+        return capture_main(argv[1:])
     if argv[:1] == ["mesh-loopback"]:  # the same without root: two agent processes on loopback
         from bench.mesh_loopback import main as loopback_main
         return loopback_main(argv[1:])

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from dataclasses import dataclass, field
 from typing import Callable
@@ -234,6 +235,13 @@ class DataPlaneCapture:
             self.inner.apply(spec)  # assigns the cgroup's listener port
             self._attach(spec)
             return
+        path = netns_path(spec.target)
+        if not os.path.exists(path):
+            # The pod is gone without an unenroll: close its listeners (an open socket
+            # would keep the dead namespace alive) and keep it in the retry set.
+            self.plane.detach(spec)
+            raise CaptureError(f"network namespace {path} does not exist (pod gone?); "
+                               f"unenroll it, or it is captured again when it reappears")
         self._attach(spec)
         self.inner.apply(spec)
 

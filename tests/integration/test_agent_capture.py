@@ -95,3 +95,24 @@ def test_capture_applied_kept_while_down_readopted_and_removed(agents, namespace
     for pod in pods:
         assert nft_tables(pod) == []
     assert not state.exists()
+
+
+def test_a_pod_gone_without_unenroll_is_reported_and_its_listeners_closed(agents, namespaces, tmp_path):
+    (pod,) = namespaces(1)
+    state = tmp_path / "state"
+    agent = agents(state, capture="nftables", extra=("--resync-interval", "0.3"))
+    agent.wait_ready()
+    cli(state, *enroll_args("web", pod, "10.250.0.2"))
+    assert [e["workload"] for e in agent.json("/workloads")["listeners"]] == ["shop/web"]
+    subprocess.run(["ip", "netns", "del", pod], check=True, timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and agent.json("/workloads")["listeners"]:
+        time.sleep(0.1)
+    view = agent.json("/workloads")
+    assert view["listeners"] == []
+    assert view["enrolled"][0]["capture"] == "pending"
+    assert "does not exist (pod gone?)" in view["retry"][0]["last_error"]
+    assert agent.json("/healthz")["status"] == "Degraded"
+    cli(state, "unenroll", "--workload", "shop/web")
+    assert agent.json("/healthz")["status"] == "OK"
+    assert agent.stop() == 0

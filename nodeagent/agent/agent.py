@@ -244,11 +244,11 @@ class Agent:
     async def _reconcile_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            self._wake.clear()  # before the step: a wake-up during it is not lost
             async with self._lock:
                 wake_at = await loop.run_in_executor(None, self._reconcile, self.reconciler.step)
             self._update_gauges()
             delay = max(0.0, wake_at - self.clock.now())
-            self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
 

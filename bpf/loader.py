@@ -692,6 +692,10 @@ class EbpfCapture:
         ports = config.port_entries(cookie)          # validate before changing anything
         sources = config.source_entries(cookie)
         found = listeners is None
+        registered = self._registered_families(cookie) if found else ()
+        if registered:   # still alive (closed sockets leave the map): no scan of this process's sockets
+            self._write_passes(netns_path, cookie, ports, sources)
+            return InboundEnrollment(cookie, config, registered, self._ensure_inbound_link(netns_path, cookie))
         socks = inbound.listeners_in_process(cookie) if found else list(listeners)
         try:
             if found and not socks:
@@ -704,9 +708,8 @@ class EbpfCapture:
                 if socket_netns_cookie(sock) != cookie:
                     raise EbpfError(f"bpf: inbound listener {sock.getsockname()} is not inside {netns_path}")
                 families[sock.family] = sock
+            self._write_passes(netns_path, cookie, ports, sources)
             try:
-                self._sync_keys(maps.MAP_IN_PORT, maps.IN_PORT_KEY_SIZE, cookie, ports)
-                self._sync_keys(maps.MAP_IN_SRC, maps.IN_SRC_KEY_SIZE, cookie, {k: b"\x01" for k in sources})
                 listen_fd = self._fd(maps.MAP_IN_LISTEN)
                 for family in (socket.AF_INET, socket.AF_INET6):
                     key = maps.encode_listen_key(cookie, family)
@@ -716,9 +719,7 @@ class EbpfCapture:
                         bpfsys.map_delete(listen_fd, key)
             except bpfsys.BpfError as exc:
                 raise EbpfError(f"bpf: enrolling inbound capture of {netns_path} failed: {exc}") from None
-            pin = self._inbound_link_pin(cookie)
-            if not os.path.exists(pin):
-                self._attach_inbound(netns_path, cookie, pin)
+            pin = self._ensure_inbound_link(netns_path, cookie)
         finally:
             if found:
                 for sock in socks:
@@ -726,6 +727,19 @@ class EbpfCapture:
         log.info("bpf: capturing inbound of netns %s (cookie %d) -> listeners %s", netns_path, cookie,
                  ",".join(socket.AddressFamily(f).name for f in sorted(families)) or "none (fail closed)")
         return InboundEnrollment(cookie, config, tuple(sorted(families)), pin)
+
+    def _write_passes(self, netns_path: str, cookie: int, ports: dict[bytes, bytes], sources: set[bytes]) -> None:
+        try:
+            self._sync_keys(maps.MAP_IN_PORT, maps.IN_PORT_KEY_SIZE, cookie, ports)
+            self._sync_keys(maps.MAP_IN_SRC, maps.IN_SRC_KEY_SIZE, cookie, {k: b"\x01" for k in sources})
+        except bpfsys.BpfError as exc:
+            raise EbpfError(f"bpf: enrolling inbound capture of {netns_path} failed: {exc}") from None
+
+    def _ensure_inbound_link(self, netns_path: str, cookie: int) -> str:
+        pin = self._inbound_link_pin(cookie)
+        if not os.path.exists(pin):
+            self._attach_inbound(netns_path, cookie, pin)
+        return pin
 
     def _attach_inbound(self, netns_path: str, cookie: int, pin: str) -> None:
         prog_fd = self._inbound_instance(cookie)
@@ -749,6 +763,10 @@ class EbpfCapture:
         finally:
             os.close(ns_fd)
             os.close(prog_fd)
+
+    def _registered_families(self, cookie: int) -> tuple[int, ...]:
+        keys = bpfsys.map_keys(self._fd(maps.MAP_IN_LISTEN), maps.LISTEN_KEY_SIZE)
+        return tuple(sorted(f for c, f in map(maps.decode_listen_key, keys) if c == cookie))
 
     def _sync_keys(self, name: str, key_size: int, cookie: int, want: dict[bytes, bytes]) -> None:
         """Make the entries of netns ``cookie`` in map ``name`` exactly ``want`` (keys start with it)."""

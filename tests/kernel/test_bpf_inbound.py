@@ -245,6 +245,17 @@ def test_enrollments_read_back_from_the_maps(world):
     assert os.path.exists(found.link_pin)
 
 
+def test_reenrolling_keeps_live_listeners_without_scanning_the_process(world, monkeypatch):
+    import bpf.inbound
+
+    def no_scan(*args):
+        raise AssertionError("scanned the process although the listeners are registered")
+    monkeypatch.setattr(bpf.inbound, "listeners_in_process", no_scan)
+    again = world.cap.enroll_inbound(f"/run/netns/{world.pod}", config=CONFIG)
+    assert again.listeners == (socket.AF_INET, socket.AF_INET6) and again.link_pin == world.enrolled.link_pin
+    assert ask(world.client, (POD_IP, 8080)).startswith(f"proxy {POD_IP}:8080")
+
+
 def test_listeners_in_process_finds_only_that_namespace_and_port(world):
     found = listeners_in_process(world.enrolled.key)
     try:

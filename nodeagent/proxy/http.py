@@ -103,14 +103,13 @@ Mapping.register(RequestHeaders)
 class LocalReply:
     """A response the proxy itself answers (no route, fault abort, overflow, redirect...)."""
 
-    __slots__ = ("status", "flags", "body", "headers", "route_name")
+    __slots__ = ("status", "flags", "body", "headers")
 
-    def __init__(self, status: int, flags: str, body: bytes = b"", headers=(), route_name: str = "") -> None:
+    def __init__(self, status: int, flags: str, body: bytes = b"", headers=()) -> None:
         self.status = status
         self.flags = flags
         self.body = body
         self.headers = headers
-        self.route_name = route_name
 
 
 _STATUS_LINES = {code: b"HTTP/1.1 %d %b\r\n" % (code, reason) for code, reason in _REASONS.items()}
@@ -474,7 +473,7 @@ class Exchange:
             return
         plan = self.plan
         if plan.abort is not None:
-            self.local_reply(LocalReply(plan.abort, "FI", b"fault filter abort", route_name=plan.route_name))
+            self.local_reply(LocalReply(plan.abort, "FI", b"fault filter abort"))
             return
         if self.expect_continue and not self.request_done:
             self.down.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -500,7 +499,7 @@ class Exchange:
             endpoint = cluster.pick(self, None)
         if endpoint is None:
             self.dest = cluster.labels_for(None)
-            self.local_reply(LocalReply(503, "UH", b"no healthy upstream", route_name=plan.route_name))
+            self.local_reply(LocalReply(503, "UH", b"no healthy upstream"))
             return
         self.endpoint = endpoint
         self.dest = endpoint.labels
@@ -512,7 +511,7 @@ class Exchange:
             self.tried.append(endpoint)
         overflow = cluster.pool.acquire(self, endpoint.addr)
         if overflow is not None:
-            self.local_reply(LocalReply(503, "UO", b"upstream connect error or disconnect/reset before headers. reset reason: overflow", route_name=plan.route_name))
+            self.local_reply(LocalReply(503, "UO", b"upstream connect error or disconnect/reset before headers. reset reason: overflow"))
 
     def request_body(self, body: bytes) -> None:
         n = len(body)
@@ -540,7 +539,7 @@ class Exchange:
         if self.upgrade:
             return
         if self.finished:
-            self.down.exchange_done(self, self.keep_alive and not self.response_cut())
+            self.down.exchange_done(self, self.keep_alive and not self.close_delimited)
             return
         upstream = self.upstream
         if upstream is not None and self.body_mode == 2 and not upstream.closed:
@@ -560,9 +559,6 @@ class Exchange:
             upstream.transport.write(data)
         else:
             self.chunks.append(data)
-
-    def response_cut(self) -> bool:
-        return self.close_delimited
 
     # --- upstream side ------------------------------------------------
     def upstream_ready(self, conn) -> None:
@@ -612,7 +608,7 @@ class Exchange:
         self.cluster.record(self.endpoint, 0, self.runtime.loop.time())
         if self._retry("connect-failure", 0):
             return
-        self.local_reply(LocalReply(503, "UF", b"upstream connect error or disconnect/reset before headers. reset reason: connection failure", route_name=self.plan.route_name))
+        self.local_reply(LocalReply(503, "UF", b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"))
 
     def upstream_failed(self, conn, flag: str) -> None:
         """The upstream connection reset or spoke garbage."""
@@ -639,7 +635,7 @@ class Exchange:
         if self._retry("reset", 0):
             return
         status = 502 if flag == "UPE" else 503
-        self.local_reply(LocalReply(status, flag, b"upstream connect error or disconnect/reset before headers. reset reason: connection termination", route_name=self.plan.route_name))
+        self.local_reply(LocalReply(status, flag, b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"))
 
     def upstream_head(self, conn, status: int, headers: list) -> None:
         self._cancel_try_timer()
@@ -818,7 +814,7 @@ class Exchange:
         self.cluster.record(self.endpoint, 504, self.runtime.loop.time())
         if self._retry("per-try-timeout", 0):
             return
-        self.local_reply(LocalReply(504, "UT", b"upstream request timeout", route_name=self.plan.route_name))
+        self.local_reply(LocalReply(504, "UT", b"upstream request timeout"))
 
     def _route_timeout(self) -> None:
         self.timer = None
@@ -836,7 +832,7 @@ class Exchange:
             self.close_delimited = True
             self._finish_abort()
             return
-        self.local_reply(LocalReply(504, "UT", b"upstream request timeout", route_name=self.plan.route_name))
+        self.local_reply(LocalReply(504, "UT", b"upstream request timeout"))
 
     def _cancel_try_timer(self) -> None:
         if self.try_timer is not None:

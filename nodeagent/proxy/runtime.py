@@ -114,8 +114,8 @@ class ClusterState:
 
     __slots__ = (
         "key", "source_namespace", "version", "policy", "endpoints", "by_id", "picker",
-        "outlier", "pool", "service", "rand", "no_endpoint_labels", "ejected", "protocol",
-        "connector", "tcp_open",
+        "outlier", "pool", "service", "rand", "no_endpoint_labels", "ejected",
+        "connector",
     )
 
     def __init__(self, key, source_namespace, connector, rand) -> None:
@@ -133,8 +133,6 @@ class ClusterState:
         self.rand = rand
         self.no_endpoint_labels = None
         self.ejected = frozenset()
-        self.protocol = "http"
-        self.tcp_open = 0  # relayed TCP connections (count against tcp.maxConnections)
 
     def refresh(self, snapshot, now: float) -> None:
         """Re-read policy and endpoints from a new snapshot, keeping live state where it still applies."""
@@ -176,14 +174,14 @@ class ClusterState:
             if prev is not None and prev.cluster_endpoint == cep:
                 by_id[cep.id] = prev
             else:
-                labels = destination_labels(service, cep.endpoint, self.protocol)
+                labels = destination_labels(service, cep.endpoint, "http")
                 principal = principal_of(cep) if principal_of is not None else None
                 if principal:
                     labels = labels[:2] + (principal,) + labels[3:]
                 by_id[cep.id] = UpstreamEndpoint(cep, labels)
         self.by_id = by_id
         self.endpoints = endpoints
-        self.no_endpoint_labels = destination_labels(service, None, self.protocol)
+        self.no_endpoint_labels = destination_labels(service, None, "http")
         self.policy = policy
         self.version = snapshot.version
 

@@ -109,12 +109,13 @@ class TcpRelay(asyncio.Protocol):
         if self.closed:
             return  # the client left before we got to connect
         if state is not None:
-            if state.tcp_open >= state.pool.limits.max_connections:
+            pool = state.pool
+            if pool.tcp_open >= pool.limits.max_connections:
                 self.flags = "UO"  # DestinationRule tcp.maxConnections reached
                 self._open_entry(state.no_endpoint_labels[:-1] + ("tcp",))
                 self.transport.close()
                 return
-            state.tcp_open += 1
+            pool.tcp_open += 1
             self.counted = True
         tried = []
         while True:
@@ -208,7 +209,7 @@ class TcpRelay(asyncio.Protocol):
         if self.endpoint is not None and self.cluster is not None:
             self.cluster.done(self.endpoint)
         if self.counted:
-            self.cluster.tcp_open -= 1
+            self.cluster.pool.tcp_open -= 1
         entry = self.entry
         if entry is not None:
             entry[1] += 1

@@ -159,7 +159,7 @@ class UpstreamConnection(asyncio.Protocol):
 class ClusterPool:
     """Connections to one cluster's endpoints, with DestinationRule connectionPool limits."""
 
-    __slots__ = ("key", "limits", "connector", "idle", "open", "pending", "loop", "_counted", "retired")
+    __slots__ = ("key", "limits", "connector", "idle", "open", "pending", "loop", "_counted", "retired", "tcp_open")
 
     def __init__(self, key, limits: PoolLimits, connector) -> None:
         self.key = key
@@ -171,6 +171,7 @@ class ClusterPool:
         self.loop = asyncio.get_event_loop()
         self._counted: set[int] = set()
         self.retired = False  # the cluster left the config: finish what runs, keep nothing idle
+        self.tcp_open = 0  # relayed TCP connections (tcp.maxConnections applies to them too)
 
     def acquire(self, exchange, endpoint: tuple[str, int]) -> str | None:
         """Give ``exchange`` a connection now or later (exchange.upstream_ready).

@@ -287,6 +287,26 @@ def test_bad_config_changes_nothing(world):
     assert world.cap.inbound_enrollments() == before
 
 
+def test_readopting_removes_the_link_of_a_namespace_that_is_gone(world):
+    gone = f"naing{TAG}"
+    ip("netns", "add", gone)
+    try:
+        listener = listen_in(gone, ("0.0.0.0", 15006))
+        enrolled = world.cap.enroll_inbound(f"/run/netns/{gone}", [listener])
+        world.program_ids |= set(sk_lookup_programs(gone))
+        listener.close()
+    finally:
+        subprocess.run(["ip", "netns", "del", gone], capture_output=True, timeout=5)
+    assert os.path.exists(enrolled.link_pin)
+    deadline = time.monotonic() + 5   # the kernel dismantles a namespace asynchronously
+    while os.path.exists(enrolled.link_pin) and time.monotonic() < deadline:
+        world.cap.start()   # re-adoption (no recompile in this process)
+        time.sleep(0.05)
+    assert not os.path.exists(enrolled.link_pin)
+    assert [i.key for i in world.cap.inbound_enrollments()] == [world.enrolled.key]
+    assert ask(world.client, (POD_IP, 8080)).startswith(f"proxy {POD_IP}:8080")
+
+
 RESTART = r"""
 import json, os, sys
 sys.path.insert(0, sys.argv[1])

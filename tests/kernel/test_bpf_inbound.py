@@ -278,6 +278,21 @@ def test_placeholder_patching_is_exact():
         patch_netns(patched, 1)
 
 
+def test_inbound_key_codecs_round_trip():
+    from bpf import maps
+
+    cookie = 0x1122334455667788
+    assert maps.decode_listen_key(maps.encode_listen_key(cookie, socket.AF_INET6)) == (cookie, socket.AF_INET6)
+    assert maps.decode_in_port_key(maps.encode_in_port_key(cookie, 15008)) == (cookie, 15008)
+    assert maps.decode_in_src_key(maps.encode_in_src_key(cookie, "10.250.3.9")) == (cookie, "10.250.3.9/32")
+    assert maps.decode_in_src_key(maps.encode_in_src_key(cookie, "fd00::/8")) == (cookie, "fd00::/8")
+    # the LPM prefix always covers the whole 64-bit cookie, then the (v4-mapped) address bits
+    assert int.from_bytes(maps.encode_in_src_key(cookie, "10.0.0.0/8")[:4], "little") == 64 + 96 + 8
+    assert (maps.LISTEN_KEY_SIZE, maps.IN_PORT_KEY_SIZE, maps.IN_SRC_KEY_SIZE) == (16, 16, 28)
+    config = InboundConfig(exclude_ports=(9090,), probe_sources=("10.250.3.9/32",))
+    assert set(config.port_entries(cookie).values()) == {bytes([maps.IN_PORT_EXCLUDED]), bytes([maps.IN_PORT_TUNNEL])}
+
+
 def test_bad_config_changes_nothing(world):
     before = world.cap.inbound_enrollments()
     with pytest.raises(ValueError, match="inbound port"):

@@ -43,12 +43,13 @@ class NoCapture:
         return []
 
 
-def select_capture(mode: str, bpf_pin_dir: str | None = None) -> Capture:
+def select_capture(mode: str, bpf_pin_dir: str | None = None, config=None) -> Capture:
     """The backend for ``--capture MODE``; CaptureError says why one is unavailable.
 
     ``auto``: eBPF when this host can run it (enrolling is a map update: the
     fastest), else nftables, else iptables, with one log line saying why eBPF
     was skipped. An explicit ``ebpf`` also prepares missing kernel headers.
+    ``config``: ``redirect.CaptureConfig`` (excluded ports/CIDRs, probe sources).
     """
     import shutil
 
@@ -60,7 +61,7 @@ def select_capture(mode: str, bpf_pin_dir: str | None = None) -> Capture:
     if mode == "auto":
         from nodeagent.agent.ebpf import auto_backend
 
-        backend = auto_backend(bpf_pin_dir)
+        backend = auto_backend(bpf_pin_dir, config)
         if backend is not None:
             return backend
         mode = "nftables" if have("nft") else "iptables" if have("iptables") else ""
@@ -74,10 +75,11 @@ def select_capture(mode: str, bpf_pin_dir: str | None = None) -> Capture:
         if not have("nsenter"):
             raise CaptureError(f"--capture {mode}: nsenter is not installed (Debian: util-linux)")
         from nodeagent.agent.netfilter import NetfilterCapture
-        return NetfilterCapture("nft" if mode == "nftables" else "iptables")
+        return NetfilterCapture("nft" if mode == "nftables" else "iptables", config)
     if mode == "ebpf":
         from nodeagent.agent.ebpf import EbpfBackend
-        backend = EbpfBackend(bpf_pin_dir, prepare_headers=True) if bpf_pin_dir else EbpfBackend(prepare_headers=True)
+        backend = EbpfBackend(bpf_pin_dir, config=config, prepare_headers=True) if bpf_pin_dir \
+            else EbpfBackend(config=config, prepare_headers=True)
         backend.start()
         return backend
     raise CaptureError(f"--capture must be one of auto, nftables, iptables, ebpf, none; got {mode!r}")

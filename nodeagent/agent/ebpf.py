@@ -17,13 +17,14 @@ import logging
 import os
 from typing import Iterable
 
-from bpf.loader import DEFAULT_PIN_DIR, EbpfCapture, EbpfError, EbpfUnavailable
+from bpf.inbound import InboundConfig
+from bpf.loader import DEFAULT_PIN_DIR, EbpfCapture, EbpfError, EbpfUnavailable, Excludes
 from bpf.netns import netns_cookie
 
 from nodeagent.agent.capture import CaptureError
 from nodeagent.agent.netfilter import HOST_PORT_BASE
 from nodeagent.agent.workload import WorkloadSpec, netns_path
-from redirect.plan import OUTBOUND_PORT
+from redirect.plan import OUTBOUND_PORT, CaptureConfig
 
 log = logging.getLogger("nodeagent.agent.ebpf")
 
@@ -32,9 +33,14 @@ class EbpfBackend:
     mode = "ebpf"
 
     def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, host_port_base: int = HOST_PORT_BASE, *,
-                 prepare_headers: bool = False) -> None:
+                 config: CaptureConfig | None = None, prepare_headers: bool = False) -> None:
         self.pin_dir = pin_dir
         self.loader = EbpfCapture(pin_dir, prepare_headers=prepare_headers)
+        config = config or CaptureConfig()
+        # The same settings as the nftables/iptables plans (redirect.CaptureConfig).
+        self.excludes = Excludes(config.exclude_outbound_ports, config.exclude_cidrs)
+        self.inbound = InboundConfig(exclude_ports=config.exclude_inbound_ports,
+                                     probe_sources=config.node_probe_sources, tunnel_port=config.tunnel_port)
         self.host_port_base = host_port_base
         self._ports: dict[str, int] = {}
         self._cookies: dict[str, int] = {}
@@ -65,15 +71,16 @@ class EbpfBackend:
         try:
             if spec.kind == "netns":
                 path = netns_path(spec.target)
-                enrollment = self.loader.enroll_netns(path, proxy_port=OUTBOUND_PORT)
+                enrollment = self.loader.enroll_netns(path, proxy_port=OUTBOUND_PORT, excludes=self.excludes)
                 self._cookies[spec.target] = enrollment.key
                 if self.loader.inbound_problem is None:
-                    self.loader.enroll_inbound(path)  # the data plane's 15006 listeners in that netns
+                    # the data plane's 15006 listeners in that netns
+                    self.loader.enroll_inbound(path, config=self.inbound)
                 return
             if spec.target not in self._ports:
                 used = set(self._ports.values())
                 self._ports[spec.target] = next(p for p in range(self.host_port_base, 65536) if p not in used)
-            self.loader.enroll_cgroup(spec.target.lstrip("/"), self._ports[spec.target])
+            self.loader.enroll_cgroup(spec.target.lstrip("/"), self._ports[spec.target], excludes=self.excludes)
         except (EbpfError, OSError, ValueError) as exc:
             raise CaptureError(f"{spec.ref}: {exc}") from None
 
@@ -128,10 +135,10 @@ class EbpfBackend:
             raise CaptureError(f"bpf cleanup of {self.pin_dir}: {exc}") from None
 
 
-def auto_backend(pin_dir: str | None = None) -> EbpfBackend | None:
+def auto_backend(pin_dir: str | None = None, config: CaptureConfig | None = None) -> EbpfBackend | None:
     """``--capture auto`` with eBPF first: a started EbpfBackend, or None after ONE
     warning line saying why eBPF cannot work here (the caller then uses nftables)."""
-    backend = EbpfBackend(pin_dir) if pin_dir else EbpfBackend()
+    backend = EbpfBackend(pin_dir, config=config) if pin_dir else EbpfBackend(config=config)
     try:
         backend.start()
     except CaptureError as exc:

@@ -38,6 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--metrics", default="0.0.0.0:15020", help="Prometheus metrics address (default 0.0.0.0:15020)")
     run.add_argument("--readiness", default="0.0.0.0:15021",
                      help="readiness address, path /healthz/ready (default 0.0.0.0:15021)")
+    run.add_argument("--exclude-outbound-ports", default="", metavar="PORT,...",
+                     help="outbound destination ports never captured (Istio's excludeOutboundPorts)")
+    run.add_argument("--exclude-inbound-ports", default="", metavar="PORT,...",
+                     help="inbound ports never captured: straight to the application (excludeInboundPorts)")
+    run.add_argument("--exclude-outbound-cidrs", default="", metavar="CIDR,...",
+                     help="outbound destinations never captured (excludeOutboundIPRanges)")
+    run.add_argument("--probe-sources", default="", metavar="CIDR,...",
+                     help="sources of the node's health probes (kubelet): never captured inbound")
     run.add_argument("--bpf-pin-dir", default="/sys/fs/bpf/nodeagent",
                      help="where --capture ebpf pins its maps and links (default /sys/fs/bpf/nodeagent)")
     run.add_argument("--enroll-cert-wait", type=float, default=2.0, metavar="SECONDS",
@@ -120,8 +128,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.enroll_cert_wait < 0:
         raise UserError("--enroll-cert-wait must be 0 or more seconds")
 
+    capture_config = _capture_config(args)
+
     async def main() -> None:
-        capture = select_capture(args.capture, args.bpf_pin_dir)
+        capture = select_capture(args.capture, args.bpf_pin_dir, capture_config)
         agent = Agent(options, capture)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -135,6 +145,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(str(exc)) from None
     return 0
+
+
+def _capture_config(args: argparse.Namespace):
+    """redirect.CaptureConfig from the --exclude-*/--probe-sources flags (validated there)."""
+    from redirect import CaptureConfig, CaptureError as RedirectError
+
+    def items(text: str) -> list[str]:
+        return [item.strip() for item in text.split(",") if item.strip()]
+
+    def ports(flag: str, text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(item) for item in items(text))
+        except ValueError:
+            raise UserError(f"{flag} must be a comma-separated list of port numbers, got {text!r}") from None
+
+    try:
+        return CaptureConfig(exclude_outbound_ports=ports("--exclude-outbound-ports", args.exclude_outbound_ports),
+                             exclude_inbound_ports=ports("--exclude-inbound-ports", args.exclude_inbound_ports),
+                             exclude_cidrs=tuple(items(args.exclude_outbound_cidrs)),
+                             node_probe_sources=tuple(items(args.probe_sources)))
+    except RedirectError as exc:
+        raise UserError(str(exc)) from None
 
 
 # -- clients of the enrollment socket ------------------------------------------

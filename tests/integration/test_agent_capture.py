@@ -44,12 +44,16 @@ def namespaces(needs_root, needs_tool):
 def test_capture_applied_kept_while_down_readopted_and_removed(agents, namespaces, tmp_path):
     pods = namespaces(6)
     state = tmp_path / "state"
-    agent = agents(state, capture="nftables")
+    agent = agents(state, capture="nftables", extra=("--exclude-outbound-ports", "5555",
+                                                     "--probe-sources", "169.254.7.127"))
     agent.wait_ready()
 
     out = cli(state, *enroll_args("web", pods[0], "10.250.0.2"))
     assert "(capture applied, certificate issued," in out.stdout
     assert nft_tables(pods[0]) == ["table inet nodeagent"]
+    ruleset = subprocess.run(["nsenter", f"--net=/var/run/netns/{pods[0]}", "--", "nft", "list", "table", "inet",
+                              "nodeagent"], capture_output=True, text=True, timeout=10, check=True).stdout
+    assert "5555" in ruleset and "169.254.7.127" in ruleset  # the --exclude-*/--probe-sources flags
 
     # Latency of an enroll round trip including the nft apply (verify + load + other-backend check).
     client = AgentClient(state / "agent.sock")

@@ -306,6 +306,7 @@ def test_cli_errors_are_clear(tmp_path):
     for args, message in (
         (["--admin", "localhost"], "nodeagent: --admin must be HOST:PORT (e.g. 127.0.0.1:15000), got 'localhost'"),
         (["--config-dir", str(tmp_path / "missing")], f"nodeagent: --config-dir {tmp_path / 'missing'} is not a directory"),
+        (["--exclude-outbound-cidrs", "10.1.2.3/8"], "did you mean 10.0.0.0/8?"),
     ):
         proc = subprocess.run([PY, "-m", "nodeagent", "run", "--state-dir", str(tmp_path / "s"), *args],
                               cwd=REPO, capture_output=True, text=True, timeout=30)

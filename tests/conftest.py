@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO.parent / "shared" / "istio-samples"
-IN_CI = bool(os.environ.get("CI"))
+# Istio's own sample YAML (Apache-2.0), an exact copy of the workspace's
+# shared/istio-samples kept in the repo so a clone is self-contained.
+SAMPLES = REPO / "tests" / "data" / "istio-samples"
+SHARED_SAMPLES = REPO.parent / "shared" / "istio-samples"
+IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 sys.path.insert(0, str(REPO))
 

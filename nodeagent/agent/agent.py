@@ -155,6 +155,9 @@ class Agent:
         self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconcile"))
         self._tasks.append(asyncio.create_task(self.identities.run(self._stop), name="identities"))
         self._tasks.append(asyncio.create_task(self._await_identities(), name="identities-ready"))
+        interval = sdnotify.watchdog_interval()
+        if interval is not None:
+            self._tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
         log.info("agent on node %s started: state %s, capture %s, admin %s:%d, readiness %s:%d, metrics %s:%d",
                  self.options.node, self.state_dir, self.capture.mode,
                  self.faces[0].host, self.faces[0].port, self.faces[2].host, self.faces[2].port,
@@ -210,6 +213,11 @@ class Agent:
                 return
             self.readiness.set("identities", False, "; ".join(missing))
             await asyncio.sleep(0.05)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            sdnotify.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
 
     async def run(self) -> None:
         """Start, serve until ``stop()``, then shut down."""

@@ -2,6 +2,9 @@
 
 ``@name`` is a socket in the abstract namespace. Without $NOTIFY_SOCKET (not
 run by systemd with Type=notify) every call is a no-op that returns False.
+With ``WatchdogSec=`` systemd sets $WATCHDOG_USEC (and $WATCHDOG_PID): the
+agent then sends ``WATCHDOG=1`` from its event loop at half that interval, so
+a stalled loop gets the service restarted.
 """
 from __future__ import annotations
 
@@ -26,3 +29,13 @@ def notify(state: str, environ: dict[str, str] | None = None) -> bool:
         log.warning("systemd notify %r to %s failed: %s", state, address.replace("\0", "@"), exc)
         return False
     return True
+
+
+def watchdog_interval(environ: dict[str, str] | None = None) -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of $WATCHDOG_USEC), or None when not asked."""
+    env = environ if environ is not None else os.environ
+    usec = env.get("WATCHDOG_USEC", "")
+    pid = env.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6

@@ -103,7 +103,8 @@ class AgentProcess:
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(self.notify_path))
         self.notify.settimeout(10)
-        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1",
+               "WATCHDOG_USEC": "200000"}
         self._log_file = open(self.log, "w")
         self.proc = subprocess.Popen(
             [PY, "-m", "nodeagent", "run", "--node", "node-1", "--state-dir", str(state_dir),
@@ -196,6 +197,7 @@ def test_lifecycle_enroll_restart_readopt_unenroll(agents, tmp_path):
     assert ready["conditions"]["config"]["detail"].startswith("version 1: 2 object(s) from ")
     notes = agent.notifications("READY=1")
     assert any("READY=1" in n.split("\n") for n in notes)
+    assert "WATCHDOG=1" in agent.notifications("WATCHDOG=1")  # $WATCHDOG_USEC=0.2 s: pinged every 0.1 s
     assert (state / "agent.sock").exists() and (os.stat(state / "agent.sock").st_mode & 0o777) == 0o600
 
     out = cli(state, *enroll_args("web", "pod-web", "10.250.0.2"))
@@ -247,6 +249,8 @@ def test_lifecycle_enroll_restart_readopt_unenroll(agents, tmp_path):
     assert status == 200 and "nodeagent_workloads_enrolled 1.0" in metrics
 
     # Clean SIGTERM: exit 0, STOPPING=1 sent, socket removed, state kept (0600).
+    agent.proc.send_signal(signal.SIGTERM)
+    assert "STOPPING=1" in agent.notifications("STOPPING=1")
     assert agent.stop() == 0
     assert not (state / "agent.sock").exists()
     assert (os.stat(state / "workloads.json").st_mode & 0o777) == 0o600

@@ -47,3 +47,11 @@ def test_sdnotify_datagram_and_abstract_socket(tmp_path):
         assert sdnotify.notify("STOPPING=1", environ={"NOTIFY_SOCKET": "@" + name}) is True
         assert sock.recv(100) == b"STOPPING=1"
     assert sdnotify.notify("READY=1", environ={"NOTIFY_SOCKET": str(tmp_path / "nobody")}) is False
+
+
+def test_watchdog_interval():
+    assert sdnotify.watchdog_interval({}) is None
+    assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
+    assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}) == 15.0
+    assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None  # not us
+    assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "0"}) is None

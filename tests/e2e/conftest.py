@@ -38,19 +38,27 @@ def save_logs(lab) -> str:
     return keep
 
 
-@pytest.fixture(scope="module")
-def shop(request):
-    _preconditions()
-    from nodeagent.meshlab import MeshLab, start_shop
+def shop_fixture(capture: str):
+    """A module-scoped ``shop`` fixture: the shop on a two-node mesh with this capture mode."""
 
-    lab = MeshLab()
-    try:
-        yield start_shop(lab)
-    except BaseException:
-        request.module._meshlab_failed = True
-        raise
-    finally:
-        if getattr(request.module, "_meshlab_failed", False):
-            warnings.warn(f"e2e mesh logs (agents, CA, servers) kept in {save_logs(lab)}")
-        problems = lab.teardown()
-        assert not problems, problems
+    @pytest.fixture(scope="module")
+    def shop(request):
+        _preconditions()
+        from nodeagent.meshlab import MeshLab, start_shop
+
+        lab = MeshLab(capture=capture)
+        try:
+            yield start_shop(lab)
+        except BaseException:
+            request.module._meshlab_failed = True
+            raise
+        finally:
+            if getattr(request.module, "_meshlab_failed", False):
+                warnings.warn(f"e2e mesh logs (agents, CA, servers) kept in {save_logs(lab)}")
+            problems = lab.teardown()
+            assert not problems, problems
+
+    return shop
+
+
+shop = shop_fixture("nftables")

@@ -4,9 +4,7 @@ of test_mesh_traffic.py run unchanged on it, then unenroll/uninstall must leave
 no nodeagent chain or jump in any pod."""
 from __future__ import annotations
 
-import pytest
-
-from tests.e2e.conftest import _preconditions, save_logs
+from tests.e2e.conftest import shop_fixture
 # the nftables scenarios, run again on this module's iptables mesh
 from tests.e2e.test_mesh_traffic import (  # noqa: F401
     test_authorization_by_the_callers_identity,
@@ -19,23 +17,7 @@ from tests.e2e.test_mesh_traffic import (  # noqa: F401
 )
 
 
-@pytest.fixture(scope="module")
-def shop(request):
-    _preconditions()
-    from nodeagent.meshlab import MeshLab, start_shop
-
-    lab = MeshLab(capture="iptables")
-    try:
-        yield start_shop(lab)
-    except BaseException:
-        request.module._meshlab_failed = True
-        raise
-    finally:
-        if getattr(request.module, "_meshlab_failed", False):
-            import warnings
-            warnings.warn(f"e2e mesh logs (agents, CA, servers) kept in {save_logs(lab)}")
-        problems = lab.teardown()
-        assert not problems, problems
+shop = shop_fixture("iptables")
 
 
 def nodeagent_rules(lab, pod: str) -> list[str]:

@@ -384,6 +384,8 @@ class MeshLab:
         os.makedirs(self.config_dir)
         self.repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self._torn_down = False
+        self._logs: list = []  # open log files of the processes started here
+        self._agent_log: dict[str, str] = {}  # node -> log file name of its current agent
 
     # -- context ---------------------------------------------------------
 
@@ -439,7 +441,7 @@ class MeshLab:
         self._cli_parallel("ca node-credential", [
             (node, ["ca", "node-credential", "--dir", self.ca_dir, "--node", node, "--out", self.credential_dir(node)])
             for node in nodes])
-        log = open(os.path.join(self.dir, "ca.log"), "w")
+        log = self._log_file("ca.log")
         self.ca_proc = self.topo.spawn(self.ca_node, [PY, "-m", "nodeagent", "ca", "serve", "--dir", self.ca_dir,
                                                       "--listen", f"{self.ca_address}:{CA_PORT}"],
                                        stdout=log, stderr=log, cwd=self.repo)
@@ -481,7 +483,7 @@ class MeshLab:
                 "--status", str(status)]
         if call:
             argv += ["--call", call, "--call-host", call_host or ""]
-        log = open(os.path.join(self.dir, f"server-{pod.name}.log"), "w")
+        log = self._log_file(f"server-{pod.name}.log")
         pod.server = self.topo.spawn(pod.name, argv, stdout=log, stderr=log, cwd=self.repo)
         return pod.server
 
@@ -496,6 +498,11 @@ class MeshLab:
             raise LabError(f"the server of pod {pod.name} exited:\n{self._read(f'server-{pod.name}.log')}")
         return "serving" in self._read(f"server-{pod.name}.log")
 
+    def _log_file(self, name: str):
+        fh = open(os.path.join(self.dir, name), "w")
+        self._logs.append(fh)
+        return fh
+
     def _read(self, name: str) -> str:
         try:
             with open(os.path.join(self.dir, name)) as fh:
@@ -509,7 +516,7 @@ class MeshLab:
         import time
 
         logname = f"agent-{node}-{time.monotonic_ns()}.log"
-        log = open(os.path.join(self.dir, logname), "w")
+        log = self._log_file(logname)
         argv = [PY, "-m", "nodeagent", "run", "--node", node, "--config-dir", self.config_dir,
                 "--state-dir", self.state_dir(node), "--capture", capture or self.capture,
                 "--ca-url", f"https://{self.ca_address}:{CA_PORT}", "--node-credential", self.credential_dir(node),
@@ -517,15 +524,15 @@ class MeshLab:
                 "--readiness", f"127.0.0.1:{READY_PORT}"]
         proc = self.topo.spawn(node, argv, stdout=log, stderr=log, cwd=self.repo,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        proc.logname = logname
+        self._agent_log[node] = logname
         self.agents[node] = proc
         if wait:
             self.wait_ready(node)
         return proc
 
     def agent_log(self, node: str) -> str:
-        proc = self.agents.get(node)
-        return self._read(proc.logname) if proc is not None else ""
+        """The log of the node's most recent agent process."""
+        return self._read(self._agent_log[node]) if node in self._agent_log else ""
 
     def wait_ready(self, node: str, timeout: float | None = None) -> dict:
         def ready():
@@ -740,6 +747,9 @@ class MeshLab:
             self.topo.teardown()
         except Exception as exc:  # noqa: BLE001
             problems.append(str(exc))
+        for fh in self._logs:
+            fh.close()
+        self._logs.clear()
         if not self.keep_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
         return problems

@@ -12,7 +12,6 @@ and ``nodeagent explain`` says what the mesh would enforce.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import signal
 import sys

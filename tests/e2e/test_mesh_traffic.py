@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 
-from nodeagent.meshlab import LabError  # noqa: F401  (errors show the agent logs)
 
 REQ = "istio_requests_total"
 

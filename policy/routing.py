@@ -631,11 +631,31 @@ def plan_for_service(snapshot: ConfigSnapshot, service: Service, service_port: i
     ns = src.namespace if src is not None else "default"
     table = route_table(snapshot, service, service_port, ns)
     path = req.path
-    path_only = path
-    for ch in "?#":
-        i = path_only.find(ch)
-        if i >= 0:
-            path_only = path_only[:i]
+    path_only = path_part(path)
+    hit = select_route(table, req, path_only, rand)
+    if hit.__class__ is Reject:
+        return hit
+    return finish_plan(hit[0], hit[1], hit[2], req, path_only, rand)
+
+
+def path_part(path: str) -> str:
+    """The path without its query or fragment (what ``uri`` matches)."""
+    i = path.find("?")
+    if i >= 0:
+        path = path[:i]
+    i = path.find("#")
+    if i >= 0:
+        path = path[:i]
+    return path
+
+
+def select_route(table, req, path_only: str, rand: random.Random):
+    """The first half of ``plan_for_service`` on a ``route_table``: the first
+    matching route, the matched entry (None without one) and the destination
+    picked by weight, as ``(route, match, destination)``; or a ``Reject`` (no
+    route, redirect, direct response, unknown cluster). ``req`` is a
+    ``RequestAttrs`` or any object with the same attributes. The weight roll
+    is the only use of ``rand`` here; ``finish_plan`` makes the others."""
     match = None
     if type(table) is tuple:
         for route in table:
@@ -665,6 +685,24 @@ def plan_for_service(snapshot: ConfigSnapshot, service: Service, service_port: i
         dest = dests[bisect.bisect_right(route.cum, rand.random() * route.total)]
     if not dest.known:
         return _NO_CLUSTER
+    return route, match, dest
+
+
+def is_static(route: _Route, dest: WeightedCluster) -> bool:
+    """True when ``finish_plan`` for this route and destination always keeps
+    the request's path and authority and rolls nothing (no rewrite, no host
+    rewrite, no fault, no mirror): the plan is then the same for every request
+    except for the request's own path and authority."""
+    return (route.rewrite_uri is None and route.regex_rewrite is None and dest.authority is None
+            and route.rewrite_authority is None and route.delay is None and route.abort_pct is None
+            and not route.mirrors)
+
+
+def finish_plan(route: _Route, match, dest: WeightedCluster, req, path_only: str,
+                rand: random.Random) -> RoutePlan:
+    """The second half of ``plan_for_service``: rewrites, fault and mirror rolls
+    for what ``select_route`` returned."""
+    path = req.path
     if route.rewrite_uri is not None or route.regex_rewrite is not None:
         path = _rewrite_path(route, match, path, path_only)
     authority = dest.authority or route.rewrite_authority or req.authority

@@ -43,13 +43,14 @@ def test_demo_reports_what_the_mesh_did_and_cleans_up(needs_root):
     assert proc.returncode == 0, out
     for line in ("8 requests, end-user: jason   : reviews-v2 8",
                  "10 x GET /newcatalog/items    : catalog-v2 10",
-                 "(fault filter abort)",
                  "shop/shop-client GET reviews        -> HTTP 403 'RBAC: access denied'",
                  "marker in the request body on the wire       : not seen: the hop went over the 15008 tunnel",
                  "catalog-v1b 10.250.2.5:8080 EJECTED",
                  "everything as the configuration says"):
         assert line in out, f"{line!r} not in the demo's report:\n{out}"
     assert re.search(r"node2  destination shop/shop-client\s+reviews-v\d\s+403\s+mutual_tls", out), out
+    # 8 requests for end-user tester, each delayed 2 s, each 200 or 503 (50 % aborted)
+    assert len(re.findall(r"HTTP (?:200|503) after (?:[2-9]|\d\d)\.\d s", out)) == 8, out
     prefix = prefix_of(out)
     assert not [n for n in netns_names() if n.startswith(prefix + "-")]
 

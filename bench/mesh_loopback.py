@@ -149,7 +149,7 @@ def node_main(argv) -> int:
     profiler = None
     if args.profile:
         import cProfile
-        profiler = cProfile.Profile()
+        profiler = cProfile.Profile(time.thread_time)  # CPU time: wall time would charge the peers woken by a write
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
@@ -243,10 +243,11 @@ def wait_port(host: str, port: int, proc: subprocess.Popen, timeout: float = 20.
     raise SystemExit(f"bench mesh-loopback: nothing listens on {host}:{port}")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid`` so far (utime, stime of /proc/PID/stat)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def parse_wrk(out: str) -> dict:
@@ -295,9 +296,14 @@ def run_wrk(url: str, seconds: float, args, host: str | None) -> str:
 
 def measure(name: str, url: str, pids: list[int], args, host: str | None) -> dict:
     run_wrk(url, args.warmup, args, host)
-    before = sum(cpu_seconds(pid) for pid in pids)
+    before = [cpu_times(pid) for pid in pids]
     r = parse_wrk(run_wrk(url, args.duration, args, host))
-    r["cpu_us"] = (sum(cpu_seconds(pid) for pid in pids) - before) * 1e6 / max(1, r["requests"])
+    after = [cpu_times(pid) for pid in pids]
+    n = max(1, r["requests"])
+    r["user_us"] = sum(a[0] - b[0] for a, b in zip(after, before)) * 1e6 / n
+    r["sys_us"] = sum(a[1] - b[1] for a, b in zip(after, before)) * 1e6 / n
+    r["cpu_us"] = r["user_us"] + r["sys_us"]
+    r["per_proxy"] = [((a[0] - b[0]) * 1e6 / n, (a[1] - b[1]) * 1e6 / n) for a, b in zip(after, before)]
     r["name"] = name
     return r
 
@@ -406,6 +412,9 @@ def main(argv=None) -> int:
     print(f"{'path':<40}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'errors':>8}")
     for r in results:
         print(f"{r['name']:<40}{r['rps']:>9.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['cpu_us']:>12.1f}{r['errors']:>8}")
+    for r in results:
+        split = ", ".join(f"{u:.1f}+{s:.1f}" for u, s in r["per_proxy"])
+        print(f"  {r['name']}: user+system us/req per proxy (first, second): {split}")
     mesh, ha = results
     print(f"nodeagent/haproxy: {mesh['rps'] / ha['rps']:.2f}x req/s, {mesh['p50'] / ha['p50']:.2f}x p50, "
           f"{mesh['p99'] / ha['p99']:.2f}x p99, {mesh['cpu_us'] / ha['cpu_us']:.2f}x CPU per request")

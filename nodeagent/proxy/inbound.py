@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 _SNIFF_LIMIT = 4096
 _CONTEXT_CACHE_LIMIT = 4096
 _IDENTITY_HEADERS = frozenset((b"x-forwarded-client-cert",))  # never trusted from a client
+_IDENTITY_HEADER_LEN = len(b"x-forwarded-client-cert")
+_PATH_CACHE_LIMIT = 4096
+_PLAN_FIELDS = ("cluster", "path", "authority", "request_ops", "response_ops", "timeout", "per_try_timeout",
+                "retry", "delay", "abort", "mirror", "mirror_authority", "route_name")
 # The proxy's own ports inside a pod (admin, outbound, inbound, tunnel, metrics, health): an inbound
 # stream never targets them, or a peer could make the pod's outbound listener speak for the pod.
 PROXY_PORTS = frozenset((15000, 15001, 15006, 15008, 15020, 15021))
@@ -170,14 +174,24 @@ class _Policies:
 
 
 class InboundConnection:
-    """One live inbound stream, as the registry re-checks it."""
+    """One live inbound stream, as the registry re-checks it. ``inner``: the protocol serving
+    it now (``_InboundHttp``, the engine's ``TcpRelay``, or ``_Sniff`` until it knows)."""
 
-    __slots__ = ("admission", "transport", "tracked")
+    __slots__ = ("admission", "transport", "inner")
 
-    def __init__(self, admission: Admission, transport, tracked) -> None:
+    def __init__(self, admission: Admission, transport) -> None:
         self.admission = admission
         self.transport = transport
-        self.tracked = tracked
+        self.inner = None
+
+
+class _HttpDecision:
+    """What an inbound HTTP connection's requests share, decided once per snapshot version:
+    the PeerAuthentication outcome, the policy set, the L4 verdict when no policy reads L7
+    attributes (then every request on the connection gets the same one), the application
+    cluster and a forward plan for requests whose path needs no rewriting."""
+
+    __slots__ = ("version", "refusal", "policies", "l7", "verdict", "conn", "cluster", "plan")
 
 
 class InboundPlane:
@@ -200,6 +214,7 @@ class InboundPlane:
         self._contexts: dict[tuple, InboundContext] = {}
         self._watch: asyncio.Task | None = None
         self._checked_version = None
+        self._paths: dict[bytes, str | None] = {}  # raw request target -> normalized (None: unchanged)
 
     # --- what the engine reads from its runtime ------------------------
     @property
@@ -383,65 +398,47 @@ class InboundPlane:
     # --- serving -------------------------------------------------------
     def attach(self, admission: Admission, transport) -> asyncio.Protocol:
         """Serve an admitted stream on ``transport``; returns the protocol to feed its events to."""
-        tracked = _Tracked(self)
-        entry = InboundConnection(admission, transport, tracked)
-        tracked.entry = entry
+        entry = InboundConnection(admission, transport)
         self.connections.add(entry)
         ctx = self.context(admission)
         peer = PeerInfo(remote=admission.remote, local=admission.target, original_destination=admission.target,
                         peer_principal=admission.principal or "")
         if admission.kind == "http":
-            inner = HttpDownstream(self, ctx, peer)
-        elif admission.kind == "sniff":
-            inner = _Sniff(self, entry, ctx, peer)
+            # Served directly (the caller makes it the transport's protocol): no forwarding layer
+            # between the TLS transport and the HTTP parser on the per-request path.
+            inner = _InboundHttp(self, ctx, peer)
+            inner.entry = entry
+            entry.inner = inner
+            inner.connection_made(transport)
+            return inner
+        tracked = _Tracked(self, entry)
+        if admission.kind == "sniff":
+            entry.inner = _Sniff(self, entry, ctx, peer)
         else:
-            inner = TcpRelay(self, ctx, peer, self.cluster(admission))
-        tracked.inner = inner
+            entry.inner = TcpRelay(self, ctx, peer, self.cluster(admission))
         tracked.connection_made(transport)
         return tracked
 
-    def plan(self, exchange):
-        """Per request on an inbound HTTP stream: PeerAuthentication, AuthorizationPolicy, then the app."""
-        down = exchange.down
+    def _decide(self, down, snapshot, pol: _Policies) -> _HttpDecision:
         ctx = down.ctx
         peer = down.peer
         wl = ctx.workload
         target = peer.original_destination
-        snapshot, pol = self.policies()
-        admission = Admission(True, "", wl, peer.peer_principal or None, peer.remote, target,
-                              ctx.security_policy == "mutual_tls", "http")
-        cluster = self.cluster(admission)
-        exchange.dest = cluster.no_endpoint_labels
-        refusal = self._mtls_refusal(pol, wl, target[1], admission.mtls)
-        if refusal is not None:  # the policy changed under a live plaintext connection
-            log.info("inbound %s: %s", wl.ref, refusal)
-            _reset(down.transport)
-            down.close()
-            return LocalReply(503, "-")
-        policies = pol.authz.for_workload(wl.namespace, wl.labels)
-        conn = self._connection(admission.principal, peer.remote, target)
-        raw_path = exchange.path.decode("latin-1")
-        target_path = None
-        try:
-            if raw_path[:1] == "/":
-                target_path = normalize_path(raw_path, keep_query=True)
-            if needs_l7(policies):
-                verdict = evaluate(policies, Request(conn, host=exchange.authority.decode("latin-1"),
-                                                     method=exchange.method.decode("latin-1"), path=raw_path,
-                                                     headers=exchange.header_map()))
-            else:
-                verdict = evaluate(policies, conn)
-        except InvalidPath:
-            return LocalReply(400, "-", b"Bad Request")
-        if not verdict.allowed:
-            log.info("inbound %s <- %s %s denied: %s", wl.ref, admission.principal or peer.remote[0], raw_path,
-                     verdict.reason)
-            return LocalReply(RBAC_DENIED_STATUS, RBAC_RESPONSE_FLAG, RBAC_DENIED_BODY)
+        principal = peer.peer_principal or None
+        mtls = ctx.security_policy == "mutual_tls"
+        d = _HttpDecision()
+        d.version = snapshot.version
+        d.refusal = self._mtls_refusal(pol, wl, target[1], mtls)
+        d.cluster = self.cluster(Admission(True, "", wl, principal, peer.remote, target, mtls, "http"))
+        d.policies = pol.authz.for_workload(wl.namespace, wl.labels)
+        d.l7 = needs_l7(d.policies)
+        d.conn = self._connection(principal, peer.remote, target)
+        d.verdict = None if d.l7 else evaluate(d.policies, d.conn)
         plan = ForwardPlan()
-        plan.cluster = cluster
-        plan.path = target_path.encode("latin-1") if target_path is not None and target_path != raw_path else None
+        plan.cluster = d.cluster
+        plan.path = None
         plan.authority = None
-        plan.request_ops = _STRIP_IDENTITY if any(n.lower() in _IDENTITY_HEADERS for n, _ in exchange.headers) else None
+        plan.request_ops = None
         plan.response_ops = None
         plan.timeout = None
         plan.per_try_timeout = None
@@ -451,6 +448,68 @@ class InboundPlane:
         plan.mirror = None
         plan.mirror_authority = None
         plan.route_name = ""
+        d.plan = plan
+        return d
+
+    def _normalized(self, raw: bytes) -> str | None:
+        """The request target as authorized and forwarded (Istio BASE normalization, query kept);
+        None when it is ``raw`` unchanged. Raises InvalidPath. Memoized: a service sees few
+        distinct paths, and this runs for every request."""
+        paths = self._paths
+        try:
+            return paths[raw]
+        except KeyError:
+            pass
+        text = raw.decode("latin-1")
+        normalized = normalize_path(text, keep_query=True) if text[:1] == "/" else None
+        if normalized == text:
+            normalized = None
+        if len(paths) >= _PATH_CACHE_LIMIT:
+            paths.clear()
+        paths[raw] = normalized
+        return normalized
+
+    def plan(self, exchange):
+        """Per request on an inbound HTTP stream: PeerAuthentication, AuthorizationPolicy, then the app."""
+        down = exchange.down
+        snapshot = self.snapshots()
+        d = down.decision
+        if d is None or d.version != snapshot.version:
+            d = down.decision = self._decide(down, snapshot, self.policies()[1])
+        exchange.dest = d.cluster.no_endpoint_labels
+        if d.refusal is not None:  # the policy changed under a live plaintext connection
+            log.info("inbound %s: %s", down.ctx.workload.ref, d.refusal)
+            _reset(down.transport)
+            down.close()
+            return LocalReply(503, "-")
+        try:
+            target_path = self._normalized(exchange.path)
+            if d.l7:
+                raw_path = exchange.path.decode("latin-1")
+                verdict = evaluate(d.policies, Request(d.conn, host=exchange.authority.decode("latin-1"),
+                                                       method=exchange.method.decode("latin-1"), path=raw_path,
+                                                       headers=exchange.header_map()))
+            else:
+                verdict = d.verdict
+        except InvalidPath:
+            return LocalReply(400, "-", b"Bad Request")
+        if not verdict.allowed:
+            log.info("inbound %s <- %s %s denied: %s", down.ctx.workload.ref,
+                     down.peer.peer_principal or down.peer.remote[0], exchange.path.decode("latin-1"), verdict.reason)
+            return LocalReply(RBAC_DENIED_STATUS, RBAC_RESPONSE_FLAG, RBAC_DENIED_BODY)
+        strip = False
+        for name, _ in exchange.headers:
+            if len(name) == _IDENTITY_HEADER_LEN and name.lower() in _IDENTITY_HEADERS:
+                strip = True
+                break
+        if target_path is None and not strip:
+            return d.plan  # never mutated by the engine: shared by the connection's requests
+        plan = ForwardPlan()
+        shared = d.plan
+        for name in _PLAN_FIELDS:
+            setattr(plan, name, getattr(shared, name))
+        plan.path = target_path.encode("latin-1") if target_path is not None else None
+        plan.request_ops = _STRIP_IDENTITY if strip else None
         return plan
 
     # --- live connections ----------------------------------------------
@@ -468,7 +527,7 @@ class InboundPlane:
                 _reset(entry.transport)
                 closed += 1
                 continue
-            inner = entry.tracked.inner
+            inner = entry.inner
             is_http = isinstance(inner, HttpDownstream)
             policies = pol.authz.for_workload(a.workload.namespace, a.workload.labels)
             if is_http and (needs_l7(policies) or inner.active is not None):
@@ -526,35 +585,51 @@ class _StripIdentityHeaders:
 _STRIP_IDENTITY = _StripIdentityHeaders()
 
 
-class _Tracked(asyncio.Protocol):
-    """Forwards a stream's events to the engine's protocol; unregisters it when it ends."""
+class _InboundHttp(HttpDownstream):
+    """The engine's HTTP downstream on an inbound stream: keeps the per-connection policy
+    decision and unregisters the stream when it ends."""
 
-    __slots__ = ("plane", "entry", "inner")
+    __slots__ = ("entry", "decision")
 
-    def __init__(self, plane: InboundPlane) -> None:
-        self.plane = plane
+    def __init__(self, plane: "InboundPlane", ctx, peer) -> None:
+        super().__init__(plane, ctx, peer)
         self.entry = None
-        self.inner = None
+        self.decision = None
+
+    def connection_lost(self, exc) -> None:
+        self.runtime.connections.discard(self.entry)
+        super().connection_lost(exc)
+
+
+class _Tracked(asyncio.Protocol):
+    """Forwards a TCP (or not yet sniffed) stream's events to the protocol serving it
+    (``entry.inner``, which the sniffer may replace); unregisters the stream when it ends."""
+
+    __slots__ = ("plane", "entry")
+
+    def __init__(self, plane: InboundPlane, entry: InboundConnection) -> None:
+        self.plane = plane
+        self.entry = entry
 
     def connection_made(self, transport) -> None:
-        self.inner.connection_made(transport)
+        self.entry.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        self.inner.data_received(data)
+        self.entry.inner.data_received(data)
 
     def eof_received(self):
-        handler = getattr(self.inner, "eof_received", None)
+        handler = getattr(self.entry.inner, "eof_received", None)
         return handler() if handler is not None else False
 
     def connection_lost(self, exc) -> None:
         self.plane.connections.discard(self.entry)
-        self.inner.connection_lost(exc)
+        self.entry.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        self.inner.pause_writing()
+        self.entry.inner.pause_writing()
 
     def resume_writing(self) -> None:
-        self.inner.resume_writing()
+        self.entry.inner.resume_writing()
 
 
 class _Sniff(asyncio.Protocol):
@@ -577,10 +652,10 @@ class _Sniff(asyncio.Protocol):
         if b"\n" not in self.buffer and len(self.buffer) < _SNIFF_LIMIT:
             return
         a = self.entry.admission
-        tracked = self.entry.tracked
         if _REQUEST_LINE.match(self.buffer):
-            inner = HttpDownstream(self.plane, self.ctx, self.peer)
-            tracked.inner = inner
+            inner = _InboundHttp(self.plane, self.ctx, self.peer)
+            inner.entry = self.entry
+            self.entry.inner = inner
             inner.connection_made(self.transport)
             inner.data_received(self.buffer)
             return
@@ -592,7 +667,7 @@ class _Sniff(asyncio.Protocol):
             self.transport.abort()
             return
         inner = TcpRelay(self.plane, self.ctx, self.peer, self.plane.cluster(a), initial=self.buffer)
-        tracked.inner = inner
+        self.entry.inner = inner
         inner.connection_made(self.transport)
 
     def connection_lost(self, exc) -> None:

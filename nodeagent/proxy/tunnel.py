@@ -177,6 +177,7 @@ class MeshTelemetry:
             part = Telemetry()
             part.security_policy = name
             self.parts[name] = part
+        self._record: dict[tuple[int, int], tuple] = {}
 
     def _part(self, ctx, dest) -> Telemetry:
         policy = getattr(ctx, "security_policy", None)
@@ -186,7 +187,15 @@ class MeshTelemetry:
 
     def record_http(self, ctx, dest: tuple, status: int, flags: str, duration_ms: float,
                     req_bytes: int, resp_bytes: int) -> None:
-        self._part(ctx, dest).record_http(ctx, dest, status, flags, duration_ms, req_bytes, resp_bytes)
+        # Per request: the part's bound method by (context, destination labels), both long-lived
+        # objects (a listener's or inbound stream's context, a cluster's label tuple).
+        key = (id(ctx), id(dest))
+        hit = self._record.get(key)
+        if hit is None or hit[0] is not ctx or hit[1] is not dest:
+            if len(self._record) >= 4096:
+                self._record.clear()
+            hit = self._record[key] = (ctx, dest, self._part(ctx, dest).record_http)
+        hit[2](ctx, dest, status, flags, duration_ms, req_bytes, resp_bytes)
 
     def tcp_entry(self, ctx, dest: tuple, flags: str = "-") -> list:
         return self._part(ctx, dest).tcp_entry(ctx, dest, flags)
@@ -369,6 +378,8 @@ class _TunnelClient(asyncio.Protocol):
             return
         inner = self.factory()
         self.inner = inner
+        # The TLS transport now feeds the engine's protocol directly (no forwarding layer).
+        self.transport.set_protocol(inner)
         inner.connection_made(self.transport)
         self.waiter.set_result((self.transport, inner))
         if rest:
@@ -567,9 +578,12 @@ class _TunnelServerProtocol(asyncio.Protocol):
         self.server.stats["accepted"] += 1
         self.server.recent.append((self.peer.principal, self.serial))
         self.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
-        self.inner = plane.attach(admission, self.transport)
+        inner = self.inner = plane.attach(admission, self.transport)
+        # From now on the TLS transport talks to the stream's protocol directly (this object
+        # would only forward every event: a Python call per read on the per-request path).
+        self.transport.set_protocol(inner)
         if rest:
-            self.inner.data_received(rest)
+            inner.data_received(rest)
 
     def eof_received(self):
         if self.inner is not None and hasattr(self.inner, "eof_received"):

@@ -271,11 +271,14 @@ EXPLAIN = [
 ]
 
 
-def config_only() -> int:
+def config_only(asked: bool = False) -> int:
     import subprocess
 
-    say("nodeagent demo: not running as root, so no network namespaces or capture rules can be made.")
-    say("Run `sudo make demo` for the live two-node mesh. Below: the configuration pipeline only —")
+    if asked:
+        say("nodeagent demo --config-only: the configuration pipeline only —")
+    else:
+        say("nodeagent demo: not running as root, so no network namespaces or capture rules can be made.")
+        say("Run `sudo make demo` for the live two-node mesh. Below: the configuration pipeline only —")
     say("the same generated configuration, and what `nodeagent explain` says the mesh would enforce.\n")
     docs = meshlab.load_documents()
     workloads = meshlab.sample_workloads(docs)
@@ -308,9 +311,15 @@ def config_only() -> int:
     return 0
 
 
-def main() -> int:
-    if os.geteuid() != 0:
-        return config_only()
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m nodeagent.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config-only", action="store_true",
+                   help="only the configuration pipeline and `nodeagent explain` (what runs without root)")
+    args = p.parse_args(argv)
+    if args.config_only or os.geteuid() != 0:
+        return config_only(asked=args.config_only)
 
     def on_term(signum, frame):
         raise KeyboardInterrupt

@@ -612,3 +612,55 @@ def test_l7_policy_per_request_with_the_peer_principal_and_normalized_paths(ca_d
         finally:
             await mesh.close()
     run(scenario())
+
+
+def test_l4_verdict_of_a_kept_alive_connection_follows_a_policy_change(ca_dir):
+    """The inbound side decides an L4-only policy once per connection and snapshot version:
+    a new snapshot is decided again on the very next request of the same client connection."""
+    async def scenario():
+        mesh = await Mesh(ca_dir, ALLOW_ONLY_A).start()
+        try:
+            client = await HttpClient.open(mesh.a_out)
+            for i in range(3):
+                assert (await client.request(f"/before/{i}"))[0] == 200
+            hits = mesh.app.hits
+            mesh.set_config(ALLOW_ONLY_A.replace("sa/a", "sa/c"))  # now only C may call B
+            status, _, body = await client.request("/after")
+            assert (status, body.strip()) == (403, b"RBAC: access denied")
+            assert mesh.app.hits == hits
+            client.close()
+            assert (await get(mesh.c_out, "/from-c"))[0] == 200
+            mesh.set_config(ALLOW_ONLY_A)
+            assert (await get(mesh.a_out, "/again"))[0] == 200
+            assert mesh.app.hits == hits + 2
+        finally:
+            await mesh.close()
+    run(scenario())
+
+
+def test_every_request_is_normalized_and_stripped_on_its_own(ca_dir):
+    """Requests on one kept-alive tunnel share the connection's decision, never each other's
+    rewritten path or header operations."""
+    async def scenario():
+        mesh = await Mesh(ca_dir, ALLOW_ONLY_A).start()
+        try:
+            client = await HttpClient.open(mesh.a_out)
+            xfcc = {"X-Forwarded-Client-Cert": "By=spiffe://cluster.local/ns/shop/sa/admin"}
+            seen = []
+            for path, headers in (("/a/../b?q=1", None), ("/plain", None), ("/a/../b?q=1", xfcc),
+                                  ("/plain", None), ("/%62", None), ("/plain", xfcc)):
+                status, _, body = await client.request(path, headers=headers)
+                assert status == 200, (path, body)
+                echo = json.loads(body)
+                assert "x-forwarded-client-cert" not in echo["headers"]
+                seen.append(echo["path"])
+            assert seen == ["/b?q=1", "/plain", "/b?q=1", "/plain", "/b", "/plain"]
+            for _ in range(2):  # refused every time, not only when first seen
+                assert (await client.request("/x%00y"))[0] == 400
+                client.close()
+                client = await HttpClient.open(mesh.a_out)
+            assert mesh.app.hits == 6
+            client.close()
+        finally:
+            await mesh.close()
+    run(scenario())

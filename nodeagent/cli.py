@@ -60,6 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return 0
+    except Exception as exc:   # last resort: a bug is one line (the traceback only with -v), exit 70
+        what = f"{type(exc).__name__}: {exc}"
+        if args.verbose:
+            import traceback
+            traceback.print_exc()
+            print(f"nodeagent: internal error: {what}", file=sys.stderr)
+        else:
+            print(f"nodeagent: internal error: {what} (rerun with -v for the traceback)", file=sys.stderr)
+        return 70   # EX_SOFTWARE
 
 
 if __name__ == "__main__":

@@ -6,15 +6,22 @@ the bare string ``0`` is also accepted. A number without a unit (``10``) is an
 error, so is an unknown unit (``1x``). Negative values parse (``-1s``) but
 ``parse_duration(..., allow_negative=False)`` (the default) rejects them,
 as every Istio duration field does.
+
+Values are summed exactly in integer nanoseconds (digits below a nanosecond are
+dropped, as Go does) and must fit protobuf's ``google.protobuf.Duration``, which
+Istio's fields are: at most 315576000000 s (about 10000 years) either way.
 """
 from __future__ import annotations
 
 import re
 
-__all__ = ["DurationError", "parse_duration", "format_duration"]
+__all__ = ["DurationError", "parse_duration", "format_duration", "MAX_DURATION_SECONDS"]
 
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+MAX_DURATION_SECONDS = 315_576_000_000          # google.protobuf.Duration's range
+_MAX_NS = MAX_DURATION_SECONDS * 1_000_000_000
+_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "μs": 1_000, "ms": 1_000_000, "s": 1_000_000_000,
+          "m": 60_000_000_000, "h": 3_600_000_000_000}   # nanoseconds
+_PART = re.compile(r"(\d*)(?:\.(\d*))?(ns|us|µs|μs|ms|s|m|h)")
 _NUMBER_ONLY = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)")
 
 
@@ -37,22 +44,30 @@ def parse_duration(text: str, allow_negative: bool = False) -> float:
         sign = -1.0 if body[0] == "-" else 1.0
         body = body[1:]
     pos = 0
-    total = 0.0
+    total = 0           # nanoseconds, exact
+    too_large = DurationError(f'duration "{text}" is too large: the maximum is {MAX_DURATION_SECONDS}s '
+                              f'(about 10000 years)')
     while pos < len(body):
         m = _PART.match(body, pos)
-        if not m:
+        if not m or not (m.group(1) or m.group(2)):
             if _NUMBER_ONLY.fullmatch(s):
                 raise DurationError(f'missing unit in duration "{text}" (write e.g. "{s}s" or "{s}ms")')
             raise DurationError(f'invalid duration "{text}": use a number with a unit '
                                 f'ns, us, ms, s, m or h, e.g. "1.5s", "10ms", "1h"')
-        total += float(m.group(1)) * _UNITS[m.group(2)]
+        whole = m.group(1).lstrip("0")
+        if len(whole) > 24:     # more than any in-range value; also keeps int() within its digit limit
+            raise too_large
+        unit = _UNITS[m.group(3)]
+        frac = (m.group(2) or "")[:13]      # 13 digits: below a nanosecond even in hours
+        total += int(whole or "0") * unit + (int(frac) * unit // 10 ** len(frac) if frac else 0)
+        if total > _MAX_NS:
+            raise too_large
         pos = m.end()
     if pos == 0:
         raise DurationError(f'invalid duration "{text}"')
-    value = sign * total
-    if value < 0 and not allow_negative:
+    if sign < 0 and total and not allow_negative:
         raise DurationError(f'duration must not be negative, got "{text}"')
-    return value
+    return sign * total / 1e9
 
 
 def format_duration(seconds: float) -> str:

@@ -18,6 +18,7 @@ The only I/O here is reading the files named by the caller.
 """
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from policy.validate import (
     validate_labels,
 )
 
-__all__ = ["LoadResult", "IgnoredObject", "load_text", "load_file", "load_paths",
+__all__ = ["LoadResult", "IgnoredObject", "ObjectRef", "load_text", "load_bytes", "load_file", "load_paths",
            "config_files", "CONFIG_SUFFIXES", "object_display"]
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -62,9 +63,29 @@ class IgnoredObject:
         return f"{self.kind} {self.namespace}/{self.name}" if self.name else self.kind
 
 
+@dataclass(frozen=True, slots=True)
+class ObjectRef:
+    """What names a stored object (``identities_only`` loads): enough for ``delete -f``."""
+    api_version: str
+    kind: str
+    namespace: str
+    name: str
+    namespace_given: str | None     # metadata.namespace as written (None: the default applied)
+    source: m.SourceRef
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.kind, self.namespace, self.name)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+
 @dataclass
 class LoadResult:
     resources: list[m.Resource] = field(default_factory=list)
+    refs: list[ObjectRef] = field(default_factory=list)
     errors: list[Diagnostic] = field(default_factory=list)
     warnings: list[Diagnostic] = field(default_factory=list)
     ignored: list[IgnoredObject] = field(default_factory=list)
@@ -76,6 +97,7 @@ class LoadResult:
 
     def extend(self, other: "LoadResult") -> None:
         self.resources.extend(other.resources)
+        self.refs.extend(other.refs)
         self.errors.extend(other.errors)
         self.warnings.extend(other.warnings)
         self.ignored.extend(other.ignored)
@@ -111,14 +133,45 @@ def _scalar_str(node: Node | None) -> str | None:
     return None
 
 
+MAX_DEPTH = 1000
+_NESTING_CHARS = "[{-?:\n"
+
+
+def _too_deep(text: str) -> int | None:
+    """The line where collections nest deeper than MAX_DEPTH, else None. libyaml's composer
+    recurses in C and overflows the stack (a crash, not an exception) near 50000 levels.
+    Every level takes one of ``[ { - ? :`` or a new line, so a text with few of those cannot
+    be deep and is not scanned (the scan reads the parser's events: no recursion)."""
+    if sum(text.count(c) for c in _NESTING_CHARS) <= MAX_DEPTH:
+        return None
+    depth = 0
+    for ev in yaml.parse(text, Loader=YAML_LOADER):
+        if isinstance(ev, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return ev.start_mark.line + 1
+        elif isinstance(ev, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
+    return None
+
+
 def load_text(text: str, file: str, default_namespace: str = "default",
-              known_keys: dict | None = None) -> LoadResult:
+              known_keys: dict | None = None, identities_only: bool = False) -> LoadResult:
     """Load every object of one YAML text. ``known_keys`` (key -> SourceRef) is shared
-    across files to detect duplicate objects."""
+    across files to detect duplicate objects.
+
+    ``identities_only``: read only what names each object (apiVersion, kind, metadata.name,
+    metadata.namespace) into ``result.refs``, as ``delete -f`` needs: a spec is not decoded,
+    so an object whose spec no longer validates can still be named. ``kind: List`` is expanded
+    and the document-level checks apply the same way in both modes."""
     res = LoadResult(files=[file])
     keys = known_keys if known_keys is not None else {}
     docs: list[Node] = []
     try:
+        too_deep = _too_deep(text)
+        if too_deep is not None:
+            res.errors.append(Diagnostic(file, too_deep, f"invalid YAML: nested more than {MAX_DEPTH} levels deep"))
+            return res
         for doc in yaml.compose_all(text, Loader=YAML_LOADER):
             docs.append(doc)
     except yaml.MarkedYAMLError as exc:
@@ -141,73 +194,113 @@ def load_text(text: str, file: str, default_namespace: str = "default",
             continue
         if isinstance(doc, ScalarNode) and node_type_name(doc) == "null":
             continue
-        count += 1
-        try:
-            _load_object(doc, file, index + 1, default_namespace, keys, res)
-        except Exception as exc:  # a validator bug must not become a traceback for the user
-            res.errors.append(Diagnostic(
-                file, _line(doc), f"document {index + 1}: internal error while validating "
-                                  f"({exc.__class__.__name__}: {exc}); please report this"))
-    if count == 0:
+        # kind: List is flattened with a work list (no recursion), nested Lists too, as kubectl does
+        pending: list[tuple[Node, str]] = [(doc, f"document {index + 1}")]
+        while pending:       # a stack: items are pushed in reverse so they load in order
+            node, where = pending.pop()
+            try:
+                items = _load_object(node, file, where, default_namespace, keys, res, identities_only)
+            except RecursionError:
+                res.errors.append(Diagnostic(file, _line(node), f"{where}: nesting too deep"))
+                continue
+            except Exception as exc:  # a validator bug must not become a traceback for the user
+                res.errors.append(Diagnostic(
+                    file, _line(node), f"{where}: internal error while validating "
+                                       f"({exc.__class__.__name__}: {exc}); please report this"))
+                continue
+            if items is None:
+                count += 1
+                continue
+            prefix = f"{where[:-1]}." if where.endswith(")") else f"{where} (List item "
+            pending.extend(reversed([(item, f"{prefix}{i})") for i, item in enumerate(items, 1)]))
+    if count == 0 and not res.errors:
         res.warnings.append(Diagnostic(file, None, "no objects in this file (it is empty)", severity="warning"))
     if res.ignored:
         names = ", ".join(f"{o.ref} ({o.api_version}, line {o.source.line})" for o in res.ignored)
-        res.warnings.append(Diagnostic(
-            file, res.ignored[0].source.line,
-            f"loaded but not enforced by nodeagent (ignored): {names}", severity="warning"))
+        what = "not stored by nodeagent, skipped" if identities_only else \
+            "loaded but not enforced by nodeagent (ignored)"
+        res.warnings.append(Diagnostic(file, res.ignored[0].source.line, f"{what}: {names}", severity="warning"))
     if res.errors:
         res.resources = []
+        res.refs = []
         res.errors.sort(key=lambda d: d.line or 0)
     return res
 
 
-def _load_object(doc: Node, file: str, index: int, default_namespace: str, keys: dict,
-                 res: LoadResult) -> None:
+_LIST_FIELDS = ("apiVersion", "kind", "metadata", "items")
+
+
+def _load_object(doc: Node, file: str, where: str, default_namespace: str, keys: dict,
+                 res: LoadResult, identities_only: bool = False) -> list[Node] | None:
+    """Check and load one object. A ``kind: List`` returns its item nodes (for the caller to
+    load in turn); anything else returns None after adding its result or errors to ``res``."""
     line = _line(doc)
     if not isinstance(doc, MappingNode):
         res.errors.append(Diagnostic(
-            file, line, f"document {index} must be a Kubernetes object (a mapping with apiVersion, kind "
+            file, line, f"{where} must be a Kubernetes object (a mapping with apiVersion, kind "
                         f"and metadata), got {node_type_name(doc)}"))
-        return
+        return None
     fields: dict[str, tuple[Node, Node]] = {}
     dup_errors = []
     for knode, vnode in doc.value:
         k = _scalar_str(knode)
         if k is None:
-            dup_errors.append(Diagnostic(file, _line(knode), f"document {index}: field names must be strings"))
+            dup_errors.append(Diagnostic(file, _line(knode), f"{where}: field names must be strings"))
             continue
         if k in fields:
-            dup_errors.append(Diagnostic(file, _line(knode), f'document {index}: duplicate field "{k}"'))
+            dup_errors.append(Diagnostic(file, _line(knode), f'{where}: duplicate field "{k}"'))
             continue
         fields[k] = (knode, vnode)
 
     api_version = _scalar_str(fields.get("apiVersion", (None, None))[1])
     kind = _scalar_str(fields.get("kind", (None, None))[1])
     meta_node = fields.get("metadata", (None, None))[1]
-    name_node = None
-    ns_node = None
-    if isinstance(meta_node, MappingNode):
-        for knode, vnode in meta_node.value:
-            if _scalar_str(knode) == "name":
-                name_node = vnode
-            elif _scalar_str(knode) == "namespace":
-                ns_node = vnode
+
+    # kind: List (kubectl): its metadata is a ListMeta (no name; often {resourceVersion: ""})
+    if api_version == "v1" and kind == "List":
+        errors = list(dup_errors)
+        for k, (knode, _v) in fields.items():
+            if k not in _LIST_FIELDS:
+                close = difflib.get_close_matches(k, _LIST_FIELDS, n=1)
+                hint = f' (did you mean "{close[0]}"?)' if close else ""
+                errors.append(Diagnostic(file, _line(knode), f'unknown field "{k}"{hint}', "List", k))
+        if meta_node is not None and not isinstance(meta_node, MappingNode) and not _is_null(meta_node):
+            errors.append(Diagnostic(file, _line(fields["metadata"][0]),
+                                     f"must be an object, got {node_type_name(meta_node)}", "List", "metadata"))
+        items = fields.get("items", (None, None))[1]
+        if items is None or _is_null(items):
+            items_list: list[Node] = []
+        elif isinstance(items, SequenceNode):
+            items_list = list(items.value)
+        else:
+            errors.append(Diagnostic(file, _line(fields["items"][0]),
+                                     f"must be a list of objects, got {node_type_name(items)}", "List", "items"))
+            items_list = []
+        if errors:
+            res.errors.extend(errors)
+            return None
+        return items_list
+
+    meta_fields, meta_dups = _metadata_fields(meta_node)
+    name_node = meta_fields.get("name", (None, None))[1]
+    ns_node = meta_fields.get("namespace", (None, None))[1]
     name = _scalar_str(name_node) or ""
-    namespace = _scalar_str(ns_node) or default_namespace
+    ns_given = _scalar_str(ns_node) or None
+    namespace = ns_given or default_namespace
     obj_ref = f"{kind} {namespace}/{name}" if kind and name else (kind or None)
 
     head: list[Diagnostic] = list(dup_errors)
     if "apiVersion" not in fields:
-        head.append(Diagnostic(file, line, f"document {index}: missing required field \"apiVersion\"", obj_ref))
+        head.append(Diagnostic(file, line, f"{where}: missing required field \"apiVersion\"", obj_ref))
     elif api_version is None or not api_version:
         head.append(Diagnostic(file, _line(fields["apiVersion"][0]), "apiVersion must be a non-empty string",
                                obj_ref, "apiVersion"))
     if "kind" not in fields:
-        head.append(Diagnostic(file, line, f"document {index}: missing required field \"kind\"", obj_ref))
+        head.append(Diagnostic(file, line, f"{where}: missing required field \"kind\"", obj_ref))
     elif not kind:
         head.append(Diagnostic(file, _line(fields["kind"][0]), "kind must be a non-empty string", obj_ref, "kind"))
     if meta_node is None:
-        head.append(Diagnostic(file, line, f"document {index}: missing required field \"metadata\" (with a name)",
+        head.append(Diagnostic(file, line, f"{where}: missing required field \"metadata\" (with a name)",
                                obj_ref))
     elif not isinstance(meta_node, MappingNode):
         head.append(Diagnostic(file, _line(fields["metadata"][0]), f"must be an object, got {node_type_name(meta_node)}",
@@ -218,19 +311,12 @@ def _load_object(doc: Node, file: str, index: int, default_namespace: str, keys:
     elif not name:
         head.append(Diagnostic(file, _line(name_node), f"must be a non-empty string, got {node_type_name(name_node)}",
                                obj_ref, "metadata.name"))
+    # a field given twice in metadata (the name, the namespace) makes the identity ambiguous
+    head.extend(Diagnostic(file, _line(knode), f'duplicate field "{k}"', obj_ref, f"metadata.{k}")
+                for k, knode in meta_dups)
     if head:
         res.errors.extend(head)
-        return
-
-    # kind: List (kubectl): expand items
-    if api_version == "v1" and kind == "List":
-        items = fields.get("items", (None, None))[1]
-        if not isinstance(items, SequenceNode):
-            res.errors.append(Diagnostic(file, line, "kind List needs an items list", "List"))
-            return
-        for item in items.value:
-            _load_object(item, file, index, default_namespace, keys, res)
-        return
+        return None
 
     group, _, version = api_version.rpartition("/")
     src = m.SourceRef(file, line)
@@ -243,23 +329,31 @@ def _load_object(doc: Node, file: str, index: int, default_namespace: str, keys:
         res.ignored.append(IgnoredObject(api_version, kind, namespace, name, src, istio=False))
         _check_metadata(meta_node, ctx, full=False)
         res.errors.extend(ctx.errors)
-        return
+        return None
     known = kinds_in_group(group)
     if kind not in known:
         res.errors.append(Diagnostic(file, ctx.lines["kind"],
                                      f'kind "{kind}" does not exist in API group {group} '
                                      f"(known kinds: {', '.join(sorted(known))})", obj_ref, "kind"))
-        return
+        return None
     if version not in known[kind]:
         res.errors.append(Diagnostic(file, ctx.lines["apiVersion"],
                                      f'{group} has no version "{version}" for {kind} '
                                      f"(served versions: {', '.join(known[kind])})", obj_ref, "apiVersion"))
-        return
+        return None
     if kind not in m.SPEC_KINDS:
         res.ignored.append(IgnoredObject(api_version, kind, namespace, name, src, istio=True))
         _check_metadata(meta_node, ctx, full=False)
         res.errors.extend(ctx.errors)
-        return
+        return None
+
+    if identities_only:
+        _check_metadata(meta_node, ctx, full=False)
+        if ctx.errors:
+            res.errors.extend(ctx.errors)
+        else:
+            res.refs.append(ObjectRef(api_version, kind, namespace, name, ns_given, src))
+        return None
 
     # an enforced kind: strict top level, metadata and spec
     for k, (knode, _v) in fields.items():
@@ -282,18 +376,43 @@ def _load_object(doc: Node, file: str, index: int, default_namespace: str, keys:
                                  f"{prev.file}:{prev.line}", _line(name_node))
     if ctx.errors:
         res.errors.extend(ctx.errors)
-        return
+        return None
     keys[key] = src
     raw = _construct(doc)
     res.resources.append(m.Resource(kind=kind, api_version=api_version, name=name, namespace=namespace,
                                     labels=labels, annotations=annotations, spec=spec, source=src,
                                     raw=raw))
+    return None
+
+
+def _is_null(node: Node) -> bool:
+    return isinstance(node, ScalarNode) and node_type_name(node) == "null"
+
+
+def _metadata_fields(meta: Node | None) -> tuple[dict[str, tuple[Node, Node]], list[tuple[str, Node]]]:
+    """metadata's fields by name (the first of each) and the repeated ones (name, key node)."""
+    out: dict[str, tuple[Node, Node]] = {}
+    dups: list[tuple[str, Node]] = []
+    if isinstance(meta, MappingNode):
+        for knode, vnode in meta.value:
+            k = _scalar_str(knode)
+            if k is None:
+                continue
+            if k in out:
+                dups.append((k, knode))
+            else:
+                out[k] = (knode, vnode)
+    return out, dups
 
 
 def _check_metadata(meta: MappingNode, ctx: Ctx, full: bool):
     labels = annotations = m.EMPTY_MAP
+    seen: set = set()
     for knode, vnode in meta.value:
         k = _scalar_str(knode)
+        if k in seen:
+            continue    # a repeated field: reported with the object's identity
+        seen.add(k)
         path = f"metadata.{k}"
         ctx.lines[path] = _line(knode)
         if k == "name":
@@ -328,8 +447,19 @@ def _check_metadata(meta: MappingNode, ctx: Ctx, full: bool):
     return labels, annotations
 
 
+def load_bytes(data: bytes, file: str, default_namespace: str = "default", known_keys: dict | None = None,
+               identities_only: bool = False) -> LoadResult:
+    """Decode UTF-8 (anything else is an error naming the line) and load: files and stdin alike."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        return LoadResult(errors=[Diagnostic(file, line, "not UTF-8 text (is this a YAML file?)")], files=[file])
+    return load_text(text, file, default_namespace, known_keys, identities_only)
+
+
 def load_file(path: str | os.PathLike, display: str | None = None, default_namespace: str = "default",
-              known_keys: dict | None = None) -> LoadResult:
+              known_keys: dict | None = None, identities_only: bool = False) -> LoadResult:
     shown = display if display is not None else str(path)
     try:
         data = Path(path).read_bytes()
@@ -339,12 +469,7 @@ def load_file(path: str | os.PathLike, display: str | None = None, default_names
         return LoadResult(errors=[Diagnostic(shown, None, "is a directory")], files=[shown])
     except OSError as exc:
         return LoadResult(errors=[Diagnostic(shown, None, f"cannot read: {exc.strerror or exc}")], files=[shown])
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        return LoadResult(errors=[Diagnostic(shown, line, "not UTF-8 text (is this a YAML file?)")], files=[shown])
-    return load_text(text, shown, default_namespace, known_keys)
+    return load_bytes(data, shown, default_namespace, known_keys, identities_only)
 
 
 def config_files(directory: str | os.PathLike) -> list[Path]:
@@ -360,11 +485,12 @@ def config_files(directory: str | os.PathLike) -> list[Path]:
 
 
 def load_paths(paths: Iterable[str | os.PathLike], default_namespace: str = "default",
-               recursive: bool = False) -> LoadResult:
+               recursive: bool = False, known_keys: dict | None = None,
+               identities_only: bool = False) -> LoadResult:
     """Load files and directories (their *.yaml, *.yml, *.json files), in order, as ONE set:
-    a duplicate object across files is an error."""
+    a duplicate object across files is an error. ``known_keys`` carries that set across calls."""
     res = LoadResult()
-    keys: dict = {}
+    keys: dict = known_keys if known_keys is not None else {}
     for p in paths:
         ps = str(p)
         path = Path(ps)
@@ -374,9 +500,9 @@ def load_paths(paths: Iterable[str | os.PathLike], default_namespace: str = "def
                 res.warnings.append(Diagnostic(ps, None, "directory has no .yaml, .yml or .json files",
                                                severity="warning"))
             for f in files:
-                res.extend(load_file(f, str(f), default_namespace, keys))
+                res.extend(load_file(f, str(f), default_namespace, keys, identities_only))
         else:
-            res.extend(load_file(path, ps, default_namespace, keys))
+            res.extend(load_file(path, ps, default_namespace, keys, identities_only))
     return res
 
 

@@ -908,7 +908,13 @@ def _c_virtual_service(vs: m.VirtualService, path: str, ctx: Ctx) -> None:
 
 def _unreachable_rules(ctx: Ctx, path: str, routes, kind: str) -> None:
     """Istio's analyzeUnreachable*Rules, as warnings: rules after a rule without matches
-    never apply, and a match identical to an earlier one is ineffective."""
+    never apply, and a match identical to an earlier one is ineffective.
+
+    Skipped when any rule of the list has an error: an invalid rule is dropped from (or
+    decoded partially into) ``routes``, so its indices and matches would not be the file's,
+    and the warnings would be about rules that do not exist as written."""
+    if ctx.has_errors_under(path):
+        return
     def rule_name(r, i):
         name = getattr(r, "name", None)
         return f'"{name}"' if name else f"#{i}"

@@ -25,7 +25,7 @@ from nodeagent.cli import UserError
 from nodeagent.store import ConfigStore, StoreError, _normalized_raw, resolve_config_dir
 from policy import model as m
 from policy.errors import ConfigError, Diagnostic
-from policy.loader import LoadResult, load_paths, load_text
+from policy.loader import LoadResult, load_bytes, load_paths
 
 # kind -> (plural, short names)
 _KINDS = {
@@ -104,37 +104,33 @@ def _print_diags(diags, stream=None) -> None:
         print(str(d), file=stream)
 
 
-def _load_inputs(paths: list[str], namespace: str | None, recursive: bool) -> LoadResult:
+def _load_inputs(paths: list[str], namespace: str | None, recursive: bool,
+                 identities_only: bool = False) -> LoadResult:
+    """Every ``-f`` input (files, directories, ``-`` for stdin) through the loader, as ONE set.
+    ``identities_only``: names only (kind, namespace, name) into ``result.refs``, for delete."""
     ns = namespace or "default"
     result = LoadResult()
     keys: dict = {}
-    file_paths = []
     for p in paths:
         if p == "-":
-            result.extend(load_text(sys.stdin.read(), "<stdin>", ns, keys))
-            continue
-        if not Path(p).exists():
+            # bytes, decoded as files are: the locale's text layer must not decide
+            result.extend(load_bytes(sys.stdin.buffer.read(), "<stdin>", ns, keys, identities_only))
+        elif not Path(p).exists():
             result.errors.append(Diagnostic(p, None, "no such file or directory"))
-            continue
-        file_paths.append(p)
-    if file_paths:
-        sub = load_paths(file_paths, ns, recursive=recursive)
-        # duplicates between stdin and files
-        for r in sub.resources:
-            if r.key in keys:
-                prev = keys[r.key]
-                sub.errors.append(Diagnostic(r.source.file, r.source.line,
-                                             f"duplicate object: also defined at {prev.file}:{prev.line}", r.ref))
-        result.extend(sub)
+        else:
+            result.extend(load_paths([p], ns, recursive=recursive, known_keys=keys,
+                                     identities_only=identities_only))
     if namespace:
+        given = [(r.source, r.ref, r.namespace_given) for r in result.refs]
         for r in result.resources:
             meta = r.raw.get("metadata") if isinstance(r.raw, dict) else None
-            given = meta.get("namespace") if isinstance(meta, dict) else None
-            if given and given != namespace:
+            given.append((r.source, r.ref, meta.get("namespace") if isinstance(meta, dict) else None))
+        for source, ref, ns_given in given:
+            if ns_given and ns_given != namespace:
                 result.errors.append(Diagnostic(
-                    r.source.file, r.source.line,
-                    f"the namespace from the provided object \"{given}\" does not match the namespace "
-                    f"\"{namespace}\" given with -n", r.ref, "metadata.namespace"))
+                    source.file, source.line,
+                    f"the namespace from the provided object \"{ns_given}\" does not match the namespace "
+                    f"\"{namespace}\" given with -n", ref, "metadata.namespace"))
     return result
 
 
@@ -228,38 +224,11 @@ def cmd_delete(args) -> int:
 
 
 def _keys_from_files(paths: list[str], namespace: str | None, recursive: bool) -> list[tuple[str, str, str]]:
-    """Identities only (kind, namespace, name): deleting must work even when a spec is invalid."""
-    files: list[Path] = []
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            files.extend(sorted(q for q in (path.rglob("*") if recursive else path.iterdir())
-                                if q.is_file() and q.suffix in (".yaml", ".yml", ".json")))
-        elif path.exists():
-            files.append(path)
-        else:
-            raise UserError(f"{p}: no such file or directory")
-    keys = []
-    for f in files:
-        try:
-            docs = list(yaml.safe_load_all(f.read_text(encoding="utf-8")))
-        except yaml.MarkedYAMLError as exc:
-            line = exc.problem_mark.line + 1 if exc.problem_mark else "?"
-            raise UserError(f"{f}:{line}: invalid YAML: {exc.problem}") from None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise UserError(f"{f}: cannot read: {exc}") from None
-        for d in docs:
-            if not isinstance(d, dict):
-                continue
-            kind = d.get("kind")
-            meta = d.get("metadata") if isinstance(d.get("metadata"), dict) else {}
-            name = meta.get("name")
-            if kind in m.SPEC_KINDS and isinstance(name, str):
-                ns = meta.get("namespace") or namespace or "default"
-                keys.append((kind, ns, name))
-            elif kind and name:
-                print(f"{f}: warning: {kind} {name} is not stored by nodeagent (skipped)", file=sys.stderr)
-    return keys
+    """Identities only (kind, namespace, name), read by the loader (``kind: List`` expanded, same
+    document checks): deleting must work even when a spec no longer validates."""
+    result = _load_inputs(paths, namespace, recursive, identities_only=True)
+    _require_valid(result, "deleted")
+    return [r.key for r in result.refs]
 
 
 def _quiet_broken_pipe(fn):
@@ -299,8 +268,9 @@ def cmd_get(args) -> int:
                         + (f" in namespace {ns}" if ns else ""))
     if args.output in ("yaml", "json"):
         items = [_normalized_raw(r) for r in found]
+        # as kubectl prints it; ``apply -f`` and ``delete -f`` read it back
         doc = items[0] if args.name is not None and len(items) == 1 else \
-            {"apiVersion": "v1", "kind": "List", "items": items}
+            {"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": ""}, "items": items}
         if args.output == "yaml":
             sys.stdout.write(yaml.safe_dump(doc, sort_keys=False, default_flow_style=False))
         else:

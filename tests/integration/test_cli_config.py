@@ -43,7 +43,8 @@ def call(capsys, monkeypatch):
             monkeypatch.delenv("NODEAGENT_CONFIG_DIR", raising=False)
         else:
             monkeypatch.setenv("NODEAGENT_CONFIG_DIR", str(env_dir))
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin or ""))
+        # a real text layer over bytes: the CLI reads sys.stdin.buffer
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO((stdin or "").encode("utf-8")), "utf-8"))
         capsys.readouterr()
         rc = main([str(a) for a in args])
         out, err = capsys.readouterr()

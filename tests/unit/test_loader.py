@@ -110,11 +110,7 @@ def test_namespace_defaults_to_default_and_can_be_overridden():
     assert load_text(text, "t.yaml", default_namespace="shop").resources[0].namespace == "shop"
 
 
-def test_kind_list_is_expanded():
-    text = """\
-apiVersion: v1
-kind: List
-metadata: {name: ignored}
+LIST_ITEMS = """\
 items:
 - apiVersion: networking.istio.io/v1
   kind: DestinationRule
@@ -125,9 +121,92 @@ items:
   metadata: {name: b, namespace: shop}
   spec: {host: b}
 """
+
+
+@pytest.mark.parametrize("meta", ["", "metadata: {resourceVersion: \"\"}\n", "metadata: {}\n",
+                                  "metadata: null\n"])
+def test_kind_list_is_expanded(meta):
+    # kubectl writes a List without a name (``metadata: {resourceVersion: ""}`` or none at all)
+    text = "apiVersion: v1\nkind: List\n" + meta + LIST_ITEMS
     res = load_text(text, "list.yaml")
+    assert res.errors == [], "\n".join(map(str, res.errors))
+    first = 3 + (1 if meta else 0)
     assert [r.name for r in res.resources] == ["a", "b"]
-    assert [r.source.line for r in res.resources] == [5, 9]
+    assert [r.source.line for r in res.resources] == [first + 1, first + 5]
+
+
+def test_kind_list_errors_and_nesting():
+    # nested Lists are flattened (as kubectl does), iteratively
+    nested = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: List\n  items:\n" + \
+        "".join("  " + ln + "\n" for ln in LIST_ITEMS.splitlines()[1:])
+    assert [r.name for r in load_text(nested, "l.yaml").resources] == ["a", "b"]
+    # an empty List is no objects (a warning); items that are not a list are an error
+    res = load_text("apiVersion: v1\nkind: List\nitems: []\n", "l.yaml")
+    assert res.errors == [] and "no objects" in str(res.warnings[0])
+    res = load_text("apiVersion: v1\nkind: List\nitems: {a: 1}\n", "l.yaml")
+    assert [str(e) for e in res.errors] == ["l.yaml:3: List: items: must be a list of objects, got an object"]
+    res = load_text("apiVersion: v1\nkind: List\nmetadata: 3\nitems: []\n", "l.yaml")
+    assert [str(e) for e in res.errors] == ["l.yaml:3: List: metadata: must be an object, got integer"]
+    res = load_text("apiVersion: v1\nkind: List\nitemz: []\n", "l.yaml")
+    assert [str(e) for e in res.errors] == ['l.yaml:3: List: itemz: unknown field "itemz" (did you mean "items"?)']
+    # an item's own error keeps its line and document number
+    res = load_text("apiVersion: v1\nkind: List\nitems:\n- 7\n- {apiVersion: v1, kind: Service}\n", "l.yaml")
+    assert [str(e) for e in res.errors] == [
+        "l.yaml:4: document 1 (List item 1) must be a Kubernetes object (a mapping with apiVersion, kind and "
+        "metadata), got integer",
+        'l.yaml:5: Service: document 1 (List item 2): missing required field "metadata" (with a name)']
+
+
+def test_identities_only_reads_kind_namespace_and_name():
+    text = ("apiVersion: v1\nkind: List\nmetadata: {resourceVersion: \"\"}\n" + LIST_ITEMS
+            + "- apiVersion: networking.istio.io/v1\n  kind: VirtualService\n  metadata: {name: c}\n"
+              "  spec: {hosts: 7, bogus: 1}\n"
+            + "- apiVersion: networking.istio.io/v1alpha3\n  kind: Gateway\n  metadata: {name: g}\n")
+    res = load_text(text, "ids.yaml", default_namespace="team", identities_only=True)
+    assert res.errors == [], "\n".join(map(str, res.errors))
+    assert [r.key for r in res.refs] == [("DestinationRule", "shop", "a"), ("DestinationRule", "shop", "b"),
+                                         ("VirtualService", "team", "c")]
+    assert [(r.namespace_given, r.source.line) for r in res.refs] == [("shop", 5), ("shop", 9), (None, 13)]
+    assert [o.ref for o in res.ignored] == ["Gateway team/g"]
+    assert res.resources == []
+    # the full load of the same text reports the invalid spec
+    assert any("spec.hosts" in str(e) for e in load_text(text, "ids.yaml").errors)
+
+
+def test_deep_nesting_is_an_error_not_a_crash():
+    deep = "[" * 5000 + "]" * 5000 + "\n"
+    for ids in (False, True):
+        res = load_text(deep, "deep.yaml", identities_only=ids)
+        assert [str(e) for e in res.errors] == ["deep.yaml:1: invalid YAML: nested more than 1000 levels deep"]
+    # libyaml's C composer would overflow the C stack here (a segfault): refused before composing
+    res = load_text("- " * 100000 + "x\n", "deep.yaml")
+    assert [str(e) for e in res.errors] == ["deep.yaml:1: invalid YAML: nested more than 1000 levels deep"]
+    block = "".join(" " * i + "a:\n" for i in range(1200))
+    assert [str(e) for e in load_text(block, "deep.yaml").errors] == [
+        "deep.yaml:1001: invalid YAML: nested more than 1000 levels deep"]
+    # 900 levels (allowed by YAML) inside a spec: a clear error, not an internal one
+    spec = doc("DestinationRule", "  host: a\n  trafficPolicy: " + "{a: " * 900 + "1" + "}" * 900 + "\n")
+    (e,) = load_text(spec, "deep.yaml").errors
+    assert "internal error" not in str(e) and "spec.trafficPolicy" in str(e)
+    # Lists nested 400 deep (below YAML's own limit) are flattened without recursion
+    dr = "{apiVersion: networking.istio.io/v1, kind: DestinationRule, metadata: {name: a}, spec: {host: a}}"
+    nested = "{apiVersion: v1, kind: List, items: [" * 400 + dr + "]}" * 400 + "\n"
+    for ids in (False, True):
+        res = load_text(nested, "deep.yaml", identities_only=ids)
+        assert res.errors == [] and [r.name for r in (res.refs if ids else res.resources)] == ["a"]
+
+
+def test_duplicate_metadata_fields():
+    text = doc("DestinationRule", "  host: a\n").replace("  name: x\n", "  name: a\n  name: b\n")
+    for ids in (False, True):
+        res = load_text(text, "dup.yaml", identities_only=ids)
+        assert [str(e) for e in res.errors] == [
+            'dup.yaml:5: DestinationRule shop/a: metadata.name: duplicate field "name"'], ids
+        assert res.resources == [] and res.refs == []
+    # on an ignored kind too, and for namespace
+    svc = "apiVersion: v1\nkind: Service\nmetadata:\n  name: s\n  namespace: a\n  namespace: b\n"
+    assert [str(e) for e in load_text(svc, "dup.yaml").errors] == [
+        'dup.yaml:6: Service a/s: metadata.namespace: duplicate field "namespace"']
 
 
 def test_json_file(tmp_path):
@@ -476,3 +555,32 @@ def test_a_validator_bug_is_an_error_not_a_traceback(monkeypatch):
     res = load_text(doc("VirtualService", "  hosts: [r]\n  http:\n  - route: [{destination: {host: r}}]\n"), "t.yaml")
     (e,) = res.errors
     assert e.line == 1 and "internal error while validating (KeyError: 'boom')" in e.message
+
+
+def test_no_reachability_warnings_for_invalid_rules():
+    # a null rule is dropped from the decoded list: the indices no longer match the file, and
+    # an invalid rule without matches is no catch-all; the errors are the whole story
+    for http in ("[null, {route: ~}, {route: ~}]",
+                 "[null, {route: ~}, {match: [{uri: {prefix: /a}}], route: [{destination: {host: r}}]}]",
+                 "[{route: ~}, {match: [{uri: {prefix: /a}}], route: [{destination: {host: r}}]}]"):
+        res = load_text(doc("VirtualService", f"  hosts: [r]\n  http: {http}\n"), "t.yaml")
+        assert res.errors, http
+        assert res.warnings == [], [str(w) for w in res.warnings]
+    # valid rules still get the warning
+    res = load_text(doc("VirtualService", "  hosts: [r]\n  http: [{route: [{destination: {host: r}}]}, "
+                                          "{route: [{destination: {host: r}}]}]\n"), "t.yaml")
+    assert res.errors == [] and "rule #1 is unreachable" in str(res.warnings[0])
+
+
+@pytest.mark.parametrize("value,fragment", [
+    ("99999999999999999999999999h", "too large"),
+    ("315576000001s", "too large"),
+    ("87660001h", "too large"),
+    ("9999999999999999999999ns", "too large"),
+])
+def test_duration_above_protobuf_maximum_is_a_field_error(value, fragment):
+    res = load_text(doc("VirtualService", f"  hosts: [r]\n  http:\n  - route: [{{destination: {{host: r}}}}]\n"
+                                          f"    timeout: {value}\n"), "t.yaml")
+    (e,) = res.errors
+    assert e.line == 10 and e.path == "spec.http[0].timeout" and fragment in e.message, str(e)
+    assert "315576000000s" in e.message

@@ -698,6 +698,22 @@ def is_static(route: _Route, dest: WeightedCluster) -> bool:
             and not route.mirrors)
 
 
+def fixed_destination(table) -> WeightedCluster | None:
+    """The destination ``select_route`` gives every request on this table when
+    that depends neither on the request nor on ``rand``: the first route has no
+    ``match``, one known destination, and is no redirect or direct response
+    (always so for the default route). None otherwise."""
+    route = table
+    if type(table) is tuple:
+        if not table or table[0].matches:
+            return None
+        route = table[0]
+    if route.redirect is not None or route.reject is not None or len(route.destinations) != 1:
+        return None
+    dest = route.destinations[0]
+    return dest if dest.known else None
+
+
 def finish_plan(route: _Route, match, dest: WeightedCluster, req, path_only: str,
                 rand: random.Random) -> RoutePlan:
     """The second half of ``plan_for_service``: rewrites, fault and mirror rolls

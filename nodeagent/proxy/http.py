@@ -132,6 +132,7 @@ class HttpDownstream(asyncio.Protocol):
         "runtime", "ctx", "peer", "transport", "parser", "active", "queue", "parsing",
         "url", "headers", "head_bytes", "raw_pending", "reading_head", "head_age",
         "idle_age", "pauses", "write_paused", "closing", "tunnel", "error_status", "target",
+        "routes",
     )
 
     def __init__(self, runtime, ctx, peer=None, target=None) -> None:
@@ -158,6 +159,7 @@ class HttpDownstream(asyncio.Protocol):
         self.closing = False
         self.tunnel = None
         self.error_status = 0
+        self.routes = None  # the runtime's route entries for this connection's listener (ProxyRuntime.plan)
 
     # asyncio.Protocol
     def connection_made(self, transport) -> None:

@@ -29,6 +29,7 @@ from nodeagent.proxy.upstream import ClusterPool, PoolLimits, UNLIMITED
 
 log = logging.getLogger(__name__)
 
+_NO_DESTINATION = ("unknown",) * 8 + ("http",)  # destination_labels(None, None, "http")
 SWEEP_TICK = 0.25  # seconds between outlier sweeps checks, pool idle sweeps and client timers
 _ERROR_FOR_RETRY = {"connect-failure": "connect-failure", "reset": "reset", "per-try-timeout": "timeout"}
 
@@ -76,6 +77,52 @@ class ForwardPlan:
 
     def retry_on_failure(self, reason: str, attempt: int) -> bool:
         return retry_mod.should_retry(self.retry, attempt, None, _ERROR_FOR_RETRY[reason])
+
+
+class _Attrs:
+    """What policy.routing reads of one request (RequestAttrs' attributes), cheap to
+    build: the method and the headers are decoded only when a match reads them."""
+
+    __slots__ = ("exchange", "authority", "path", "port", "source")
+    scheme = "http"
+
+    def __init__(self, exchange, authority: str, path: str, port: int, source) -> None:
+        self.exchange = exchange
+        self.authority = authority
+        self.path = path
+        self.port = port
+        self.source = source
+
+    @property
+    def method(self) -> str:
+        return self.exchange.method.decode("latin-1")
+
+    @property
+    def headers(self):
+        return self.exchange.header_map()
+
+    @property
+    def source_ip(self) -> str:
+        return self.exchange.down.peer.remote[0]
+
+
+class _RouteEntry:
+    """Routing facts of one (snapshot, listener scope, raw Host): the source workload,
+    the parsed authority and port, the compiled route table (None: unknown host), and
+    the shared ForwardPlans of static destinations (by id; False: not static)."""
+
+    __slots__ = ("snapshot", "source", "src_ns", "authority", "port", "table", "fixed", "plan", "plans")
+
+    def __init__(self, snapshot, source, authority: str, port: int) -> None:
+        self.snapshot = snapshot
+        self.source = source
+        self.src_ns = source.namespace if source is not None else None
+        self.authority = authority
+        self.port = port
+        self.table = None
+        self.fixed = None  # routing.fixed_destination(table)
+        self.plan = None  # the shared plan every request gets, when there is one
+        self.plans = {}
 
 
 class UpstreamEndpoint:
@@ -249,7 +296,7 @@ class ProxyRuntime:
         self.downstreams: set = set()
         self.clusters: dict = {}
         self._sources: dict = {}
-        self._authorities: dict = {}
+        self._scopes: dict = {}
         self._fast_clusters: dict = {}
         self._sweeper = None
 
@@ -282,6 +329,8 @@ class ProxyRuntime:
                 state.pool.close_all()
                 del self.clusters[ck]
         self._fast_clusters.clear()
+        for _, routes in self._scopes.values():
+            routes.clear()
 
     async def close(self) -> None:
         if self._sweeper is not None:
@@ -337,47 +386,99 @@ class ProxyRuntime:
 
     # --- per request --------------------------------------------------
     def plan(self, exchange):
+        """The ForwardPlan (or LocalReply) of one request on the current snapshot.
+
+        What depends only on (snapshot, listener, source, destination, Host) is
+        resolved once into a ``_RouteEntry`` (service, port, compiled route
+        table); a route and destination whose plan is the same for every request
+        (``routing.is_static``) hand out one shared ForwardPlan."""
         snapshot = self.snapshots()
         down = exchange.down
+        routes = down.routes
+        if routes is None:
+            routes = down.routes = self._scope(down)
+        entry = routes.get(exchange.authority)
+        if entry is None or entry.snapshot is not snapshot:
+            entry = self._route_entry(routes, exchange.authority, down, snapshot)
+        plan = entry.plan
+        if plan is not None:
+            exchange.dest = plan.cluster.no_endpoint_labels
+            return plan
+        table = entry.table
+        if table is None:
+            exchange.dest = _NO_DESTINATION
+            return LocalReply(404, "NR", b"", [])
+        path = exchange.path.decode("latin-1")
+        attrs = _Attrs(exchange, entry.authority, path, entry.port, entry.source)
+        path_only = routing.path_part(path)
+        hit = routing.select_route(table, attrs, path_only, self.rand)
+        if hit.__class__ is routing.Reject:
+            return self._reject(exchange, hit)
+        route, match, dest = hit
+        cached = entry.plans.get(id(dest))
+        if cached:
+            exchange.dest = cached.cluster.no_endpoint_labels
+            return cached
+        result = routing.finish_plan(route, match, dest, attrs, path_only, self.rand)
+        plan = self._forward(result, attrs, entry, snapshot, down.ctx)
+        if cached is None:
+            if routing.is_static(route, dest):
+                entry.plans[id(dest)] = plan
+                if dest is entry.fixed:
+                    entry.plan = plan
+            else:
+                entry.plans[id(dest)] = False
+        exchange.dest = plan.cluster.no_endpoint_labels
+        return plan
+
+    def _scope(self, down) -> dict:
+        """The route entries (by raw Host) shared by connections of one listener and destination."""
+        ctx = down.ctx
+        key = (id(ctx), down.target, down.peer.original_destination)
+        hit = self._scopes.get(key)
+        if hit is None or hit[0] is not ctx:
+            hit = self._scopes[key] = (ctx, {})
+        return hit[1]
+
+    def _route_entry(self, routes: dict, raw_authority: bytes, down, snapshot) -> "_RouteEntry":
         ctx = down.ctx
         source = self.source_ref(ctx, snapshot)
-        fixed = down.peer.original_destination
-        key = (exchange.authority, fixed)
-        parsed = self._authorities.get(key)
-        if parsed is None:
-            parsed = self._authorities[key] = _parse_authority(exchange.authority, fixed)
-            if len(self._authorities) > 4096:
-                self._authorities.clear()
-        authority, port = parsed
-        # Positional (the published field order): keyword construction of this
-        # frozen dataclass costs twice as much, per request.
-        attrs = routing.RequestAttrs(
-            exchange.method.decode("latin-1"), "http", authority, exchange.path.decode("latin-1"),
-            exchange.header_map(), port, source, down.peer.remote[0],
-        )
+        authority, port = _parse_authority(raw_authority, down.peer.original_destination)
+        entry = _RouteEntry(snapshot, source, authority, port)
+        ns = source.namespace if source is not None else "default"
         target = down.target
         if target is None:
-            result = routing.plan_request(snapshot, attrs, self.rand)
+            # Unknown host: 404 NR (routing.plan_request's rule).
+            service = snapshot.resolve_host(authority, ns)
+            service_port = port
         else:
             # The listener knows the destination service (SO_ORIGINAL_DST, --forward):
             # route as that service whatever the Host header says.
             service = snapshot.services.get(target[0])
-            if service is None:
-                result = routing.Reject(404, "NR")
-            else:
-                result = routing.plan_for_service(snapshot, service, target[1], attrs, self.rand)
-        if result.__class__ is routing.Reject:
-            flags = result.response_flags or "-"
-            exchange.dest = destination_labels(None, None, "http") if flags == "NR" else exchange.dest
-            return LocalReply(
-                result.status, flags, result.body,
-                [(n.encode("latin-1"), v.encode("latin-1")) for n, v in result.headers],
-            )
-        src_ns = source.namespace if source is not None else None
+            service_port = target[1]
+        if service is not None:
+            entry.table = routing.route_table(snapshot, service, service_port, ns)
+            entry.fixed = routing.fixed_destination(entry.table)
+        if len(routes) > 4096:
+            routes.clear()
+        routes[raw_authority] = entry
+        return entry
+
+    def _reject(self, exchange, result) -> LocalReply:
+        flags = result.response_flags or "-"
+        if flags == "NR":
+            exchange.dest = _NO_DESTINATION
+        return LocalReply(
+            result.status, flags, result.body,
+            [(n.encode("latin-1"), v.encode("latin-1")) for n, v in result.headers],
+        )
+
+    def _forward(self, result, attrs, entry, snapshot, ctx) -> ForwardPlan:
+        src_ns = entry.src_ns
         plan = ForwardPlan()
         plan.cluster = self.cluster(result.cluster, src_ns, snapshot, ctx)
         plan.path = result.path.encode("latin-1") if result.path is not attrs.path and result.path != attrs.path else None
-        plan.authority = result.authority.encode("latin-1") if result.authority != authority else None
+        plan.authority = result.authority.encode("latin-1") if result.authority != attrs.authority else None
         plan.request_ops = result.request_headers or None
         plan.response_ops = result.response_headers or None
         plan.timeout = result.timeout
@@ -391,7 +492,6 @@ class ProxyRuntime:
             plan.mirror_authority = shadow_authority(result.authority).encode("latin-1")
         else:
             plan.mirror = None
-        exchange.dest = plan.cluster.no_endpoint_labels
         return plan
 
     def cluster(self, key, source_namespace, snapshot, ctx: ListenerContext) -> ClusterState:

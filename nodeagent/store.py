@@ -19,14 +19,28 @@ write: each object lives in ``<kind>.<namespace>.<name>.yaml`` (lower-case
 kind), written atomically (temp file + rename). An object found in another
 (hand-written, possibly multi-object) file is cut out of that file, keeping
 the file's other documents byte for byte.
+
+One change touches several files, and the set appears to the watcher at once:
+a writer holds an exclusive ``flock`` on the directory itself (no lock file to
+go stale: the kernel drops it when the writer exits) from reading the current
+files to the last rename; a poll takes the shared lock without waiting, and
+when a writer holds it, skips that poll (the signature it keeps is the old
+one, so the next poll retries). Writers also queue on the lock, so two
+concurrent ``apply`` runs cannot lose each other's change. Within a write,
+new files come first and cuts/removals last: a writer killed halfway leaves
+an object defined twice (refused, with both places named) rather than
+silently missing.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import inspect
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable
@@ -40,7 +54,7 @@ from policy.snapshot import ConfigSnapshot, build_snapshot
 
 __all__ = [
     "ConfigStore", "DEFAULT_CONFIG_DIR", "ENV_CONFIG_DIR", "EMBEDDED_DIR", "resolve_config_dir",
-    "Change", "StoreError", "object_filename",
+    "Change", "StoreError", "StoreBusy", "object_filename",
 ]
 
 log = logging.getLogger("nodeagent.store")
@@ -52,6 +66,31 @@ EMBEDDED_DIR = Path(__file__).resolve().parent / "defaults"
 
 class StoreError(Exception):
     """A store operation a user can act on (not found, already exists, read-only, ...)."""
+
+
+class StoreBusy(StoreError):
+    """A writer holds the directory's lock (a poll skips; a blocking read waited too long)."""
+
+
+LOCK_WAIT = 10.0    # seconds a blocking reader waits for a writer
+
+
+def _open_dir(directory: Path) -> int:
+    return os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _flock(fd: int, mode: int, block: bool, what: Path) -> None:
+    """flock with a bounded wait (``block``) or none; StoreBusy when it is not granted."""
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if not block or time.monotonic() >= deadline:
+                raise StoreBusy(f"{what} is locked by another nodeagent command writing to it"
+                                + (f" (waited {LOCK_WAIT:g}s); try again" if block else "")) from None
+            time.sleep(0.005)
 
 
 def resolve_config_dir(explicit: str | os.PathLike | None = None) -> tuple[Path, bool]:
@@ -186,6 +225,7 @@ class ConfigStore:
         self.last_warnings: tuple[Diagnostic, ...] = ()
         self._version = 0
         self._signature: tuple | None = None
+        self.polls = 0      # completed watcher polls (``poll()``): tests and probes wait on it
 
     @property
     def readonly(self) -> bool:
@@ -216,20 +256,40 @@ class ConfigStore:
             sig.append((f.name, st.st_mtime_ns, st.st_size))
         return tuple(sig)
 
+    def _read_consistent(self, block: bool = True) -> tuple[tuple | None, LoadResult]:
+        """(signature, result) of the directory read under its shared lock, so a writer's
+        change is seen whole or not at all. StoreBusy when a writer holds the lock and
+        ``block`` is False; an error result when it held it longer than LOCK_WAIT."""
+        try:
+            fd = _open_dir(self.directory)
+        except FileNotFoundError:
+            return (), LoadResult(errors=[Diagnostic(str(self.directory), None,
+                                                     "config directory does not exist")])
+        except NotADirectoryError:
+            return self.signature(), LoadResult(errors=[Diagnostic(str(self.directory), None,
+                                                                   "is not a directory")])
+        try:
+            try:
+                _flock(fd, fcntl.LOCK_SH, block, self.directory)
+            except StoreBusy as exc:
+                if not block:
+                    raise
+                # waited too long: an error like any other (callers handle ConfigError), and no
+                # signature, so the watcher reads the directory again at its next poll
+                return None, LoadResult(errors=[Diagnostic(str(self.directory), None, str(exc))])
+            return self.signature(), load_paths([self.directory])
+        finally:
+            os.close(fd)
+
     def read(self) -> LoadResult:
         """Load and validate the directory's files as one set (no state change)."""
-        if not self.directory.exists():
-            return LoadResult(errors=[Diagnostic(str(self.directory), None,
-                                                 "config directory does not exist")])
-        if not self.directory.is_dir():
-            return LoadResult(errors=[Diagnostic(str(self.directory), None, "is not a directory")])
-        return load_paths([self.directory])
+        return self._read_consistent(block=True)[1]
 
-    def load(self) -> ConfigSnapshot:
+    def load(self, block: bool = True) -> ConfigSnapshot:
         """Validate the directory and install a new snapshot; on errors raise ``ConfigError``
-        (the previous snapshot, if any, stays in ``self.snapshot``)."""
-        sig = self.signature()
-        result = self.read()
+        (the previous snapshot, if any, stays in ``self.snapshot``). With ``block=False``,
+        raise StoreBusy at once, changing nothing, while a writer is at work."""
+        sig, result = self._read_consistent(block)
         self._signature = sig
         self.last_warnings = tuple(result.warnings)
         if result.errors:
@@ -242,11 +302,14 @@ class ConfigStore:
         self.snapshot = snap
         return snap
 
-    def reload(self) -> bool:
+    def reload(self, block: bool = True) -> bool:
         """Like ``load`` but never raises: True when a new snapshot was installed. A refused
         change is logged with every error and the previous snapshot keeps serving."""
         try:
-            snap = self.load()
+            snap = self.load(block)
+        except StoreBusy as exc:
+            log.debug("configuration not read this time: %s", exc)
+            return False
         except ConfigError as exc:
             keep = f"keeping snapshot version {self.snapshot.version}" if self.snapshot else "no configuration loaded"
             log.error("configuration change in %s refused (%s):\n%s", self.directory, keep,
@@ -258,6 +321,19 @@ class ConfigStore:
                  len(snap.resources))
         return True
 
+    def poll(self) -> bool:
+        """One watcher step: when the directory changed since the last load (or nothing was
+        loaded yet), load it, unless a writer is at work (the next poll retries). True when a
+        new snapshot was installed. Counts ``self.polls``."""
+        try:
+            if self.embedded and self.snapshot is not None:
+                return False
+            if not self.changed():
+                return False
+            return self.reload(block=False)
+        finally:
+            self.polls += 1
+
     def changed(self) -> bool:
         return self.signature() != self._signature
 
@@ -266,7 +342,7 @@ class ConfigStore:
         """Poll for changes until cancelled (or ``stop`` is set); install good changes and
         call ``callback(snapshot)`` after each one (also once for an initial load if none was done)."""
         if self.snapshot is None:
-            if self.reload() and callback is not None:
+            if self.poll() and callback is not None:
                 await _maybe_await(callback(self.snapshot))
         while stop is None or not stop.is_set():
             if stop is None:
@@ -277,9 +353,7 @@ class ConfigStore:
                     break
                 except asyncio.TimeoutError:
                     pass
-            if self.embedded or not self.changed():
-                continue
-            if self.reload() and callback is not None:
+            if self.poll() and callback is not None:
                 try:
                     await _maybe_await(callback(self.snapshot))
                 except Exception:   # a consumer bug must not stop the watcher
@@ -291,6 +365,22 @@ class ConfigStore:
         if self.embedded:
             raise StoreError(f"the embedded default configuration is read-only; pass --config-dir "
                              f"(or set {ENV_CONFIG_DIR}) or create {DEFAULT_CONFIG_DIR}")
+
+    @contextlib.contextmanager
+    def _write_lock(self):
+        """The directory's exclusive lock, for a whole read-plan-write (see the module doc).
+        A directory created only to be locked is removed again if nothing was written."""
+        created = not self.directory.exists()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = _open_dir(self.directory)
+        try:
+            _flock(fd, fcntl.LOCK_EX, True, self.directory)
+            yield
+        finally:
+            os.close(fd)
+            if created:
+                with contextlib.suppress(OSError):
+                    self.directory.rmdir()      # only when still empty
 
     def _current_texts(self) -> dict[str, str]:
         texts = {}
@@ -362,22 +452,25 @@ class ConfigStore:
         if result.errors:
             raise ConfigError(result.errors, result.warnings)
         self.directory.mkdir(parents=True, exist_ok=True)
-        # removals and edits of existing files first, new files last
-        order = sorted(new_texts, key=lambda f: (f not in texts, f))
+        # under the write lock the watcher sees none of this until the end; the order is for a
+        # writer killed halfway: new files first, then edits (cuts), removals last, so an object
+        # is at worst defined twice (refused, both places named), never silently gone
+        order = sorted(new_texts, key=lambda f: (f in texts, new_texts[f] is None, f))
         for fname in order:
             t = new_texts[fname]
             path = self.directory / fname
             if t is None:
-                try:
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
+                _unlink(path)
             else:
                 _atomic_write(path, t)
 
     def apply(self, resources: Iterable[m.Resource]) -> list[Change]:
         """Create or replace objects by (kind, namespace, name)."""
         self._require_writable()
+        with self._write_lock():
+            return self._apply(list(resources))
+
+    def _apply(self, resources: list[m.Resource]) -> list[Change]:
         texts = self._current_texts()
         current = self._load_texts(texts)
         if current.errors:
@@ -390,7 +483,10 @@ class ConfigStore:
     def create(self, resources: Iterable[m.Resource]) -> list[Change]:
         """Create objects; refuses (writing nothing) if any already exists."""
         self._require_writable()
-        resources = list(resources)
+        with self._write_lock():
+            return self._create(list(resources))
+
+    def _create(self, resources: list[m.Resource]) -> list[Change]:
         texts = self._current_texts()
         current = self._load_texts(texts)
         if current.errors:
@@ -410,7 +506,10 @@ class ConfigStore:
     def delete(self, keys: Iterable[tuple[str, str, str]], ignore_not_found: bool = False) -> list[Change]:
         """Delete objects by (kind, namespace, name); all must exist unless ``ignore_not_found``."""
         self._require_writable()
-        keys = list(dict.fromkeys(keys))
+        with self._write_lock():
+            return self._delete(list(dict.fromkeys(keys)), ignore_not_found)
+
+    def _delete(self, keys: list[tuple[str, str, str]], ignore_not_found: bool) -> list[Change]:
         texts = self._current_texts()
         current = self._load_texts(texts)
         if current.errors:
@@ -441,6 +540,11 @@ def _by_age(resources: list[m.Resource]) -> list[m.Resource]:
         ts = r.raw.get("metadata", {}).get("creationTimestamp") if isinstance(r.raw, dict) else None
         return (0, str(ts), i) if ts else (1, "", i)
     return [r for _, r in sorted(enumerate(resources), key=key)]
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -257,6 +257,8 @@ def cmd_get(args) -> int:
     except ConfigError as exc:
         _print_diags(exc.errors)
         raise UserError(f"the configuration in {store.directory} is invalid") from None
+    except StoreError as exc:
+        raise UserError(str(exc)) from None
     if store.embedded:
         print(f"(serving the {store.describe()})", file=sys.stderr)
     ns = None if args.all_namespaces else (args.namespace or "default")

@@ -118,8 +118,10 @@ def test_watch_picks_up_good_changes_and_refuses_bad_ones(tmp_path):
         await wait_for(lambda: s.last_errors != ())
         assert s.snapshot is seen[1] and len(seen) == 2
         (tmp_path / "b.yaml").write_text(dr("ratings", "ratings"))               # still bad overall
-        await asyncio.sleep(0.1)
-        assert s.snapshot is seen[1]
+        polls = s.polls
+        await wait_for(lambda: s.polls > polls)        # a whole poll ran after the write ...
+        assert s.last_errors and any("b.yaml" in str(e) or "a.yaml" in str(e) for e in s.last_errors)
+        assert s.snapshot is seen[1] and len(seen) == 2  # ... and did not install it
         bump(f, dr(host="reviews"))                             # fixed
         await wait_for(lambda: len(seen) == 3)
         assert sorted(r.name for r in seen[2].destination_rules) == ["ratings", "reviews"]
@@ -254,3 +256,83 @@ def test_namespace_is_written_and_objects_listed(tmp_path):
     text = (tmp_path / "destinationrule.team.x.yaml").read_text()
     assert "namespace: team" in text
     assert [r.key for r in s.objects()] == [("DestinationRule", "team", "x")]
+
+
+def test_polls_are_counted_and_a_poll_installs_only_a_changed_directory(tmp_path):
+    f = tmp_path / "a.yaml"
+    f.write_text(dr())
+    s = ConfigStore(tmp_path)
+    assert s.polls == 0
+    assert s.poll() is True and s.snapshot.version == 1 and s.polls == 1      # first poll loads
+    assert s.poll() is False and s.snapshot.version == 1 and s.polls == 2     # nothing changed
+    bump(f, dr(host="ratings"))
+    assert s.poll() is True and s.snapshot.destination_rules[0].spec.host == "ratings"
+    bump(f, dr(host="ratings") + "  bogus: 1\n")
+    assert s.poll() is False and s.last_errors and s.polls == 4
+
+
+def test_a_watcher_never_sees_half_of_a_write(tmp_path, monkeypatch):
+    """apply moves an object out of a hand-written file into its own file and changes another
+    object: every poll the watcher makes between the store's file operations sees either the
+    old set or the new one, never a mix (an object missing, or defined twice)."""
+    f = tmp_path / "shop.yaml"
+    f.write_text(HAND_WRITTEN)
+    (tmp_path / "other.yaml").write_text(dr("other", "other"))
+    watcher = ConfigStore(tmp_path)
+    assert watcher.poll() is True
+    writer = ConfigStore(tmp_path)
+    observed = []
+
+    def poll_between(step):
+        def wrapped(*a, **kw):
+            result = step(*a, **kw)
+            installed = watcher.poll()
+            observed.append((step.__name__, installed, watcher.last_errors))
+            snap = watcher.snapshot
+            assert watcher.last_errors == (), [str(e) for e in watcher.last_errors]
+            names = {r.name: r.spec.host for r in snap.destination_rules}
+            assert set(names) == {"reviews", "ratings", "other"}, names
+            # the two changes of one apply appear together
+            assert (names["reviews"], names["other"]) in (
+                ("reviews.shop.svc.cluster.local", "other.shop.svc.cluster.local"), ("reviews", "other")), names
+            return result
+        return wrapped
+
+    monkeypatch.setattr(store_mod, "_atomic_write", poll_between(store_mod._atomic_write))
+    monkeypatch.setattr(store_mod, "_unlink", poll_between(store_mod._unlink))
+    writer.apply(resources(dr(host="reviews.shop.svc.cluster.local") + "---\n"
+                           + dr("other", "other.shop.svc.cluster.local")))
+    assert len(observed) == 4, observed           # two new files, one cut, one file left empty
+    assert not any(installed for _, installed, _ in observed), "nothing installed while the writer works"
+    assert watcher.poll() is True                  # the whole change, at once
+    assert {r.name: r.spec.host for r in watcher.snapshot.destination_rules} == {
+        "reviews": "reviews.shop.svc.cluster.local", "ratings": "ratings", "other": "other.shop.svc.cluster.local"}
+
+
+def test_writers_hold_the_lock_and_a_blocked_reader_gives_up_cleanly(tmp_path, monkeypatch):
+    (tmp_path / "a.yaml").write_text(dr())
+    writer, reader = ConfigStore(tmp_path), ConfigStore(tmp_path)
+    monkeypatch.setattr(store_mod, "LOCK_WAIT", 0.05)
+    seen = {}
+    real_plan = ConfigStore._plan
+
+    def plan_while_locked(self, *a):
+        # the write lock is held from reading the files to the last rename
+        assert reader.poll() is False and reader.snapshot is None and reader.last_errors == ()
+        with pytest.raises(ConfigError) as ei:
+            reader.load()                       # blocking, but bounded
+        seen["blocked"] = str(ei.value)
+        return real_plan(self, *a)
+
+    monkeypatch.setattr(ConfigStore, "_plan", plan_while_locked)
+    writer.apply(resources(dr("ratings", "ratings")))
+    assert "is locked by another nodeagent command writing to it (waited 0.05s)" in seen["blocked"]
+    monkeypatch.setattr(ConfigStore, "_plan", real_plan)
+    assert reader.poll() is True and len(reader.snapshot.destination_rules) == 2
+
+
+def test_a_refused_write_to_a_new_directory_leaves_nothing(tmp_path):
+    s = ConfigStore(tmp_path / "new")
+    with pytest.raises(StoreError):
+        s.delete([("DestinationRule", "shop", "reviews")])
+    assert not (tmp_path / "new").exists()

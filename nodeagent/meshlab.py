@@ -418,6 +418,8 @@ class MeshLab:
         while time.monotonic() < deadline:
             try:
                 value = fn()
+            except LabError:
+                raise  # a process died: no point waiting
             except Exception as exc:  # noqa: BLE001 - retried until the deadline, then reported
                 last = exc
                 value = None
@@ -465,10 +467,6 @@ class MeshLab:
         lp = LabPod(name, node, pod.ip, namespace, service_account, labels or {}, port)
         self.pods[name] = lp
         return lp
-
-    def place(self, pod: LabPod) -> None:
-        self.cli("ca", "place", "--dir", self.ca_dir, "--node", pod.node, "--namespace", pod.namespace,
-                 "--service-account", pod.service_account)
 
     def write_config(self, text: str) -> None:
         path = os.path.join(self.config_dir, "mesh.yaml")

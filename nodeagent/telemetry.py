@@ -50,7 +50,7 @@ def source_labels(ctx) -> tuple:
 class Telemetry:
     """Per-process accumulators for HTTP and TCP metrics."""
 
-    __slots__ = ("http", "tcp", "_src_cache", "security_policy")
+    __slots__ = ("http", "tcp", "_src_cache", "security_policy", "_series")
 
     def __init__(self) -> None:
         # key -> [count, dur_sum, req_sum, resp_sum, dur_buckets, req_buckets, resp_buckets]
@@ -59,6 +59,10 @@ class Telemetry:
         self.tcp: dict[tuple, list] = {}
         self._src_cache: dict[int, tuple] = {}
         self.security_policy = "unknown"
+        # (id(ctx), id(dest), status, flags) -> (entry, ctx, dest): the entry of self.http
+        # without hashing the label tuples per request (ctx and dest are kept alive, so
+        # their ids are not reused while cached)
+        self._series: dict[tuple, tuple] = {}
 
     def _src(self, ctx) -> tuple:
         key = id(ctx)
@@ -70,18 +74,27 @@ class Telemetry:
 
     def record_http(self, ctx, dest: tuple, status: int, flags: str, duration_ms: float,
                     req_bytes: int, resp_bytes: int) -> None:
-        key = (self._src(ctx), dest, status, flags)
-        entry = self.http.get(key)
-        if entry is None:
-            entry = [0, 0.0, 0, 0, [0] * _NB_D, [0] * _NB_S, [0] * _NB_S]
-            self.http[key] = entry
+        hit = self._series.get((id(ctx), id(dest), status, flags))
+        entry = hit[0] if hit is not None else self._http_entry(ctx, dest, status, flags)
         entry[0] += 1
         entry[1] += duration_ms
         entry[2] += req_bytes
         entry[3] += resp_bytes
         entry[4][bisect_left(DURATION_BUCKETS_MS, duration_ms)] += 1
-        entry[5][bisect_left(SIZE_BUCKETS, req_bytes)] += 1
-        entry[6][bisect_left(SIZE_BUCKETS, resp_bytes)] += 1
+        entry[5][bisect_left(SIZE_BUCKETS, req_bytes) if req_bytes else 0] += 1
+        entry[6][bisect_left(SIZE_BUCKETS, resp_bytes) if resp_bytes else 0] += 1
+
+    def _http_entry(self, ctx, dest: tuple, status: int, flags: str) -> list:
+        key = (self._src(ctx), dest, status, flags)
+        entry = self.http.get(key)
+        if entry is None:
+            entry = [0, 0.0, 0, 0, [0] * _NB_D, [0] * _NB_S, [0] * _NB_S]
+            self.http[key] = entry
+        series = self._series
+        if len(series) >= 4096:
+            series.clear()
+        series[(id(ctx), id(dest), status, flags)] = (entry, ctx, dest)
+        return entry
 
     def tcp_entry(self, ctx, dest: tuple, flags: str = "-") -> list:
         """The [opened, closed, sent, received] counters a relay updates in place."""

@@ -23,8 +23,12 @@ def notify(state: str, environ: dict[str, str] | None = None) -> bool:
     if address.startswith("@"):
         address = "\0" + address[1:]
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        # Never block (this runs on the event loop): a receiver whose queue is full loses the datagram.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
             sock.sendto(state.encode(), address)
+    except BlockingIOError:
+        log.debug("systemd notify %r to %s dropped: the receiver's queue is full", state, address.replace("\0", "@"))
+        return False
     except OSError as exc:
         log.warning("systemd notify %r to %s failed: %s", state, address.replace("\0", "@"), exc)
         return False

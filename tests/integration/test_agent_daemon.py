@@ -104,7 +104,7 @@ class AgentProcess:
         self.notify.bind(str(self.notify_path))
         self.notify.settimeout(10)
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1",
-               "WATCHDOG_USEC": "200000"}
+               "WATCHDOG_USEC": "1000000"}
         self._log_file = open(self.log, "w")
         self.proc = subprocess.Popen(
             [PY, "-m", "nodeagent", "run", "--node", "node-1", "--state-dir", str(state_dir),
@@ -148,6 +148,16 @@ class AgentProcess:
             if any(until in m.split("\n") for m in got):
                 return got
         raise AssertionError(f"no {until} notification; got {got}\n{self.logs()}")
+
+    def drain_notifications(self) -> None:
+        self.notify.setblocking(False)
+        try:
+            while True:
+                self.notify.recv(4096)
+        except BlockingIOError:
+            pass
+        finally:
+            self.notify.setblocking(True)
 
     def json(self, path: str, port: int | None = None) -> dict:
         status, body = http_get(port or self.admin, path)
@@ -197,7 +207,7 @@ def test_lifecycle_enroll_restart_readopt_unenroll(agents, tmp_path):
     assert ready["conditions"]["config"]["detail"].startswith("version 1: 2 object(s) from ")
     notes = agent.notifications("READY=1")
     assert any("READY=1" in n.split("\n") for n in notes)
-    assert "WATCHDOG=1" in agent.notifications("WATCHDOG=1")  # $WATCHDOG_USEC=0.2 s: pinged every 0.1 s
+    assert "WATCHDOG=1" in agent.notifications("WATCHDOG=1")  # $WATCHDOG_USEC=1 s: pinged every 0.5 s
     assert (state / "agent.sock").exists() and (os.stat(state / "agent.sock").st_mode & 0o777) == 0o600
 
     out = cli(state, *enroll_args("web", "pod-web", "10.250.0.2"))
@@ -249,6 +259,7 @@ def test_lifecycle_enroll_restart_readopt_unenroll(agents, tmp_path):
     assert status == 200 and "nodeagent_workloads_enrolled 1.0" in metrics
 
     # Clean SIGTERM: exit 0, STOPPING=1 sent, socket removed, state kept (0600).
+    agent.drain_notifications()
     agent.proc.send_signal(signal.SIGTERM)
     assert "STOPPING=1" in agent.notifications("STOPPING=1")
     assert agent.stop() == 0

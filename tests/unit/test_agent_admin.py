@@ -47,6 +47,12 @@ def test_sdnotify_datagram_and_abstract_socket(tmp_path):
         assert sdnotify.notify("STOPPING=1", environ={"NOTIFY_SOCKET": "@" + name}) is True
         assert sock.recv(100) == b"STOPPING=1"
     assert sdnotify.notify("READY=1", environ={"NOTIFY_SOCKET": str(tmp_path / "nobody")}) is False
+    # A receiver that never reads: notify must not block (it runs on the agent's event loop).
+    full = tmp_path / "full.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(full))
+        results = [sdnotify.notify("WATCHDOG=1", environ={"NOTIFY_SOCKET": str(full)}) for _ in range(2000)]
+    assert results[0] is True and results[-1] is False
 
 
 def test_watchdog_interval():

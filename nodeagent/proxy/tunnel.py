@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from bisect import bisect_left
 import logging
 import re
 import socket
@@ -54,7 +55,8 @@ from cryptography import x509
 from nodeagent.identity.errors import IdentityError, NoCertificate, PeerRejected
 from nodeagent.identity.spiffe import SpiffeId
 from nodeagent.identity.tls import TunnelTls
-from nodeagent.telemetry import Telemetry, merge_exports
+from nodeagent.telemetry import (DURATION_BUCKETS_MS, SIZE_BUCKETS, Telemetry, _NB_D, _NB_S,
+                                 source_labels)
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,7 @@ class MeshDirectory:
 # metrics: connection_security_policy per record
 
 
-class MeshTelemetry:
+class MeshTelemetry(Telemetry):
     """``Telemetry`` with Istio's ``connection_security_policy`` decided per record.
 
     Drop-in for ``nodeagent.telemetry.Telemetry`` (same ``record_http``,
@@ -166,42 +168,62 @@ class MeshTelemetry:
     on 15008, ``none`` on plaintext 15006); on the source side it is
     ``mutual_tls`` when the destination principal is known, which only the
     tunnel's verified handshake provides (as ztunnel reports it), else
-    ``unknown``.
+    ``unknown``. The label is one more element of the accumulator key, looked
+    up with the context's cached source labels: one call per request, as
+    plain ``Telemetry``.
     """
 
+    __slots__ = ()
     POLICIES = ("unknown", "mutual_tls", "none")
 
-    def __init__(self) -> None:
-        self.parts: dict[str, Telemetry] = {}
-        for name in self.POLICIES:
-            part = Telemetry()
-            part.security_policy = name
-            self.parts[name] = part
-        self._record: dict[tuple[int, int], tuple] = {}
-
-    def _part(self, ctx, dest) -> Telemetry:
-        policy = getattr(ctx, "security_policy", None)
-        if policy is None:
-            policy = "mutual_tls" if len(dest) > 2 and dest[2] != "unknown" else "unknown"
-        return self.parts.get(policy) or self.parts["unknown"]
+    def _src(self, ctx) -> tuple:
+        """(source labels, the context's own security policy or None), cached per context."""
+        key = id(ctx)
+        hit = self._src_cache.get(key)
+        if hit is None or hit[0] is not ctx:
+            policy = getattr(ctx, "security_policy", None)
+            hit = (ctx, (source_labels(ctx), policy if policy in self.POLICIES or policy is None else "unknown"))
+            if len(self._src_cache) >= 4096:
+                self._src_cache.clear()
+            self._src_cache[key] = hit
+        return hit[1]
 
     def record_http(self, ctx, dest: tuple, status: int, flags: str, duration_ms: float,
                     req_bytes: int, resp_bytes: int) -> None:
-        # Per request: the part's bound method by (context, destination labels), both long-lived
-        # objects (a listener's or inbound stream's context, a cluster's label tuple).
-        key = (id(ctx), id(dest))
-        hit = self._record.get(key)
-        if hit is None or hit[0] is not ctx or hit[1] is not dest:
-            if len(self._record) >= 4096:
-                self._record.clear()
-            hit = self._record[key] = (ctx, dest, self._part(ctx, dest).record_http)
-        hit[2](ctx, dest, status, flags, duration_ms, req_bytes, resp_bytes)
+        src, policy = self._src(ctx)
+        if policy is None:
+            policy = "mutual_tls" if len(dest) > 2 and dest[2] != "unknown" else "unknown"
+        key = (src, dest, status, flags, policy)
+        entry = self.http.get(key)
+        if entry is None:
+            entry = [0, 0.0, 0, 0, [0] * _NB_D, [0] * _NB_S, [0] * _NB_S]
+            self.http[key] = entry
+        entry[0] += 1
+        entry[1] += duration_ms
+        entry[2] += req_bytes
+        entry[3] += resp_bytes
+        entry[4][bisect_left(DURATION_BUCKETS_MS, duration_ms)] += 1
+        entry[5][bisect_left(SIZE_BUCKETS, req_bytes)] += 1
+        entry[6][bisect_left(SIZE_BUCKETS, resp_bytes)] += 1
 
     def tcp_entry(self, ctx, dest: tuple, flags: str = "-") -> list:
-        return self._part(ctx, dest).tcp_entry(ctx, dest, flags)
+        src, policy = self._src(ctx)
+        if policy is None:
+            policy = "mutual_tls" if len(dest) > 2 and dest[2] != "unknown" else "unknown"
+        key = (src, dest, flags, policy)
+        entry = self.tcp.get(key)
+        if entry is None:
+            entry = [0, 0, 0, 0]
+            self.tcp[key] = entry
+        return entry
 
     def export(self) -> dict:
-        return merge_exports([part.export() for part in self.parts.values()])
+        return {
+            "http": {k[0] + k[1] + (str(k[2]), "", k[3], k[4]):
+                     [v[0], v[1], v[2], v[3], list(v[4]), list(v[5]), list(v[6])]
+                     for k, v in list(self.http.items())},
+            "tcp": {k[0] + k[1] + (k[2], k[3]): list(v) for k, v in list(self.tcp.items())},
+        }
 
 
 # ---------------------------------------------------------------------------

@@ -162,7 +162,7 @@ class ClusterState:
     __slots__ = (
         "key", "source_namespace", "version", "policy", "endpoints", "by_id", "picker",
         "outlier", "pool", "service", "rand", "no_endpoint_labels", "ejected",
-        "connector",
+        "connector", "succeeded",
     )
 
     def __init__(self, key, source_namespace, connector, rand) -> None:
@@ -180,6 +180,9 @@ class ClusterState:
         self.rand = rand
         self.no_endpoint_labels = None
         self.ejected = frozenset()
+        # Endpoint ids whose last recorded outcome was a success: the detector's
+        # counters for them are zero, so another success changes nothing there.
+        self.succeeded = set()
 
     def refresh(self, snapshot, now: float) -> None:
         """Re-read policy and endpoints from a new snapshot, keeping live state where it still applies."""
@@ -194,6 +197,7 @@ class ClusterState:
             self.outlier = None
         elif self.policy is None or self.outlier is None or policy.outlier != self.policy.outlier:
             self.outlier = outlier_mod.OutlierDetector(policy.outlier, now)
+        self.succeeded = set()
         if self.outlier is not None:
             self.outlier.set_endpoints([e.id for e in endpoints])
             self.ejected = self.outlier.ejected()
@@ -257,10 +261,19 @@ class ClusterState:
         outlier = self.outlier
         if outlier is None or endpoint is None:
             return
+        eid = endpoint.id
+        if 0 < status < 500:
+            # A success only resets the endpoint's consecutive-error counters.
+            succeeded = self.succeeded
+            if eid not in succeeded:
+                outlier.record_result(eid, status, now)
+                succeeded.add(eid)
+            return
+        self.succeeded.discard(eid)
         if status:
-            event = outlier.record_result(endpoint.id, status, now)
+            event = outlier.record_result(eid, status, now)
         else:
-            event = outlier.record_result(endpoint.id, None, now, connect_failure=True)
+            event = outlier.record_result(eid, None, now, connect_failure=True)
         if event is not None:
             log.info("outlier detection ejected %s from %s (%s) until %.1f",
                      event.endpoint_id, self.key.host, event.reason, event.until)

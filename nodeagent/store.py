@@ -126,8 +126,53 @@ class Change:
 # -- document spans (to cut one object out of a multi-object file) -------------
 
 
-def _doc_spans(text: str) -> list[tuple[tuple[str, str, str] | None, int, int]]:
-    """For each YAML document: (key or None, start, end) character offsets, where the
+def _node_key(node) -> tuple[str, str | None, str] | None:
+    """(kind, namespace or None, name) of an object's node, else None."""
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    fields = {k.value: v for k, v in node.value if isinstance(k, yaml.ScalarNode)}
+    kind = fields.get("kind")
+    meta = fields.get("metadata")
+    name = ns = None
+    if isinstance(meta, yaml.MappingNode):
+        for k, v in meta.value:
+            if isinstance(k, yaml.ScalarNode) and isinstance(v, yaml.ScalarNode):
+                if k.value == "name" and name is None:
+                    name = v.value
+                elif k.value == "namespace" and ns is None:
+                    ns = v.value
+    if isinstance(kind, yaml.ScalarNode) and name:
+        return (kind.value, ns, name)
+    return None
+
+
+def _is_list(node) -> bool:
+    if not isinstance(node, yaml.MappingNode):
+        return False
+    fields = {k.value: v for k, v in node.value if isinstance(k, yaml.ScalarNode)}
+    return all(isinstance(fields.get(f), yaml.ScalarNode) for f in ("apiVersion", "kind")) \
+        and fields["apiVersion"].value == "v1" and fields["kind"].value == "List"
+
+
+def _list_keys(node) -> set[tuple[str, str | None, str]]:
+    """The keys of the objects a ``kind: List`` node holds, nested Lists included."""
+    keys = set()
+    pending = [node]
+    while pending:
+        n = pending.pop()
+        items = next((v for k, v in n.value if isinstance(k, yaml.ScalarNode) and k.value == "items"), None)
+        for item in (items.value if isinstance(items, yaml.SequenceNode) else ()):
+            if _is_list(item):
+                pending.append(item)
+            else:
+                key = _node_key(item)
+                if key is not None:
+                    keys.add(key)
+    return keys
+
+
+def _doc_spans(text: str) -> list[tuple[tuple[str, str, str] | None, int, int, Any]]:
+    """For each YAML document: (key or None, start, end, node) character offsets, where the
     span runs from the end of the previous document (so it carries the comments and
     the ``---`` before it) to the end of this one."""
     spans = []
@@ -139,35 +184,56 @@ def _doc_spans(text: str) -> list[tuple[tuple[str, str, str] | None, int, int]]:
     for node in nodes:
         if node is None:
             continue
-        key = None
-        if isinstance(node, yaml.MappingNode):
-            fields = {k.value: v for k, v in node.value if isinstance(k, yaml.ScalarNode)}
-            kind = fields.get("kind")
-            meta = fields.get("metadata")
-            name = ns = None
-            if isinstance(meta, yaml.MappingNode):
-                for k, v in meta.value:
-                    if isinstance(k, yaml.ScalarNode) and isinstance(v, yaml.ScalarNode):
-                        if k.value == "name":
-                            name = v.value
-                        elif k.value == "namespace":
-                            ns = v.value
-            if isinstance(kind, yaml.ScalarNode) and name:
-                key = (kind.value, ns, name)
         end = node.end_mark.index
-        spans.append((key, prev_end, end))
+        spans.append((_node_key(node), prev_end, end, node))
         prev_end = end
     return spans
 
 
+def _without(lst: dict, remove: set, default_ns: str) -> dict:
+    """A constructed ``kind: List`` without the objects in ``remove`` (nested Lists too; a
+    nested List left empty goes as well)."""
+    kept = []
+    for item in lst.get("items") or []:
+        if isinstance(item, dict) and item.get("apiVersion") == "v1" and item.get("kind") == "List":
+            inner = _without(item, remove, default_ns)
+            if inner.get("items"):
+                kept.append(inner)
+            continue
+        meta = item.get("metadata") if isinstance(item, dict) else None
+        if isinstance(meta, dict) and (item.get("kind"), meta.get("namespace") or default_ns,
+                                       meta.get("name")) in remove:
+            continue
+        kept.append(item)
+    return {**lst, "items": kept}
+
+
 def _cut_documents(text: str, remove: set[tuple[str, str, str]], default_ns: str = "default") -> str:
-    """``text`` without the documents whose (kind, namespace, name) is in ``remove``."""
-    spans = _doc_spans(text)
+    """``text`` without the objects whose (kind, namespace, name) is in ``remove``: their
+    documents are cut out, the rest of the text is kept byte for byte. An object inside a
+    ``kind: List`` is taken out of the List, which is written again (that document's
+    comments are lost; an emptied List goes)."""
+    def full(key):
+        return (key[0], key[1] or default_ns, key[2])
+
     out = []
     pos = 0
-    for key, start, end in spans:
-        if key is not None and (key[0], key[1] or default_ns, key[2]) in remove:
+    for key, start, end, node in _doc_spans(text):
+        if key is not None and full(key) in remove:
             out.append(text[pos:start])
+            pos = end
+        elif _is_list(node) and any(full(k) in remove for k in _list_keys(node)):
+            try:
+                rest = _without(yaml.load(text[node.start_mark.index:end], Loader=YAML_LOADER) or {},
+                                remove, default_ns)
+            except RecursionError:
+                raise StoreError("cannot take an object out of Lists nested this deep; "
+                                 "edit the file by hand") from None
+            out.append(text[pos:start])
+            if rest.get("items"):
+                out.append(text[start:node.start_mark.index])
+                dumped = yaml.safe_dump(rest, sort_keys=False, default_flow_style=False)
+                out.append(dumped if text[end - 1:end] == "\n" else dumped.rstrip("\n"))
             pos = end
     out.append(text[pos:])
     return "".join(out)
@@ -407,8 +473,9 @@ class ConfigStore:
         return res.resources
 
     def _plan(self, texts: dict[str, str], current: LoadResult, upserts: list[m.Resource],
-              deletes: set[tuple[str, str, str]]) -> tuple[dict[str, str | None], list[Change]]:
-        """New file contents (None = remove file) for upserts and deletes."""
+              deletes: set[tuple[str, str, str]]) -> tuple[dict[str, str | None], list[Change], dict]:
+        """New file contents (None = remove file) for upserts and deletes, the changes, and
+        where each changed object must end up (key -> file name, None = gone)."""
         where: dict[tuple[str, str, str], str] = {}
         existing: dict[tuple[str, str, str], m.Resource] = {}
         for r in current.resources:
@@ -418,6 +485,7 @@ class ConfigStore:
         new_texts: dict[str, str | None] = {}
         cut: dict[str, set] = {}
         changes: list[Change] = []
+        expect: dict[tuple[str, str, str], str | None] = {}
         for r in upserts:
             target = object_filename(r.kind, r.namespace, r.name)
             old = existing.get(r.key)
@@ -428,19 +496,21 @@ class ConfigStore:
             if old is not None and where[r.key] != target:
                 cut.setdefault(where[r.key], set()).add(r.key)
             new_texts[target] = dump_object(r)
+            expect[r.key] = target
             changes.append(Change(r.kind, r.api_version, r.namespace, r.name, action, target))
         for key in deletes:
             old = existing[key]
             fname = where[key]
             cut.setdefault(fname, set()).add(key)
+            expect[key] = None
             changes.append(Change(old.kind, old.api_version, old.namespace, old.name, "deleted", fname))
         for fname, keys in cut.items():
             base = new_texts.get(fname, texts.get(fname, ""))
             remaining = _cut_documents(base, keys)
             new_texts[fname] = remaining if _has_documents(remaining) else None
-        return new_texts, changes
+        return new_texts, changes, expect
 
-    def _commit(self, texts: dict[str, str], new_texts: dict[str, str | None]) -> None:
+    def _commit(self, texts: dict[str, str], new_texts: dict[str, str | None], expect: dict) -> None:
         # validate the whole resulting set before writing anything
         final = dict(texts)
         for fname, t in new_texts.items():
@@ -451,6 +521,15 @@ class ConfigStore:
         result = self._load_texts(final)
         if result.errors:
             raise ConfigError(result.errors, result.warnings)
+        # every object must be where the plan put it (a cut that could not be made must not
+        # be reported as done)
+        now = {r.key: r.source for r in result.resources}
+        for key, fname in expect.items():
+            src = now.get(key)
+            if (Path(src.file).name if src else None) != fname:
+                raise StoreError(f"cannot {'remove' if fname is None else 'move'} {key[0]} {key[1]}/{key[2]} "
+                                 f"(defined at {src.file}:{src.line}): edit that file by hand; "
+                                 f"nothing was changed")
         self.directory.mkdir(parents=True, exist_ok=True)
         # under the write lock the watcher sees none of this until the end; the order is for a
         # writer killed halfway: new files first, then edits (cuts), removals last, so an object
@@ -475,9 +554,9 @@ class ConfigStore:
         current = self._load_texts(texts)
         if current.errors:
             raise ConfigError(current.errors, current.warnings)
-        new_texts, changes = self._plan(texts, current, list(resources), set())
+        new_texts, changes, expect = self._plan(texts, current, list(resources), set())
         if new_texts:
-            self._commit(texts, new_texts)
+            self._commit(texts, new_texts, expect)
         return changes
 
     def create(self, resources: Iterable[m.Resource]) -> list[Change]:
@@ -498,9 +577,9 @@ class ConfigStore:
                 f'{_plural(r.kind)}.{r.api_version.split("/")[0]} "{r.name}" already exists in namespace '
                 f"{r.namespace} ({have[r.key].source.file}:{have[r.key].source.line}); use apply to replace it"
                 for r in clashes))
-        new_texts, changes = self._plan(texts, current, resources, set())
+        new_texts, changes, expect = self._plan(texts, current, resources, set())
         if new_texts:
-            self._commit(texts, new_texts)
+            self._commit(texts, new_texts, expect)
         return changes
 
     def delete(self, keys: Iterable[tuple[str, str, str]], ignore_not_found: bool = False) -> list[Change]:
@@ -520,9 +599,9 @@ class ConfigStore:
             raise StoreError("\n".join(f'{_plural(k[0])}.{m.SPEC_KINDS[k[0]][0]} "{k[2]}" not found in namespace {k[1]}'
                                        for k in missing))
         present = {k for k in keys if k in have}
-        new_texts, changes = self._plan(texts, current, [], present)
+        new_texts, changes, expect = self._plan(texts, current, [], present)
         if new_texts:
-            self._commit(texts, new_texts)
+            self._commit(texts, new_texts, expect)
         order = {k: i for i, k in enumerate(keys)}
         changes.sort(key=lambda c: order.get((c.kind, c.namespace, c.name), 0))
         return changes

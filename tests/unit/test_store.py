@@ -336,3 +336,64 @@ def test_a_refused_write_to_a_new_directory_leaves_nothing(tmp_path):
     with pytest.raises(StoreError):
         s.delete([("DestinationRule", "shop", "reviews")])
     assert not (tmp_path / "new").exists()
+
+
+LIST_FILE = """\
+# exported with kubectl get dr -o yaml
+apiVersion: v1
+kind: List
+metadata:
+  resourceVersion: ""
+items:
+- apiVersion: networking.istio.io/v1
+  kind: DestinationRule
+  metadata: {name: reviews, namespace: shop}
+  spec: {host: reviews}
+- apiVersion: v1
+  kind: List
+  items:
+  - apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {name: ratings, namespace: shop}
+    spec: {host: ratings}
+---
+# a plain document after it: kept byte for byte
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: other, namespace: shop}
+spec: {host: other}   # comment
+"""
+
+
+def test_objects_inside_a_hand_written_list_are_cut_out(tmp_path):
+    f = tmp_path / "all.yaml"
+    f.write_text(LIST_FILE)
+    s = ConfigStore(tmp_path)
+    ch = s.delete([("DestinationRule", "shop", "reviews")])
+    assert [(c.name, c.action) for c in ch] == [("reviews", "deleted")]
+    assert sorted(r.name for r in s.objects()) == ["other", "ratings"]
+    text = f.read_text()
+    assert text.startswith("# exported with kubectl get dr -o yaml\n")
+    assert text.endswith(LIST_FILE[LIST_FILE.index("---\n# a plain document"):])
+    # moved out of the nested List by apply
+    ch = s.apply(resources(dr("ratings", "ratings.shop.svc.cluster.local")))
+    assert [c.action for c in ch] == ["configured"]
+    assert {r.name: r.spec.host for r in s.objects()} == {
+        "other": "other", "ratings": "ratings.shop.svc.cluster.local"}
+    assert (tmp_path / "destinationrule.shop.ratings.yaml").exists()
+    # the List left empty is dropped; the file keeps its other document
+    text = f.read_text()
+    assert "kind: List" not in text and text.endswith("spec: {host: other}   # comment\n")
+    s.delete([("DestinationRule", "shop", "other")])
+    assert not f.exists()
+
+
+def test_an_object_the_store_cannot_cut_out_is_refused_not_reported_deleted(tmp_path, monkeypatch):
+    f = tmp_path / "shop.yaml"
+    f.write_text(HAND_WRITTEN)
+    s = ConfigStore(tmp_path)
+    monkeypatch.setattr(store_mod, "_cut_documents", lambda text, remove, default_ns="default": text)
+    with pytest.raises(StoreError) as ei:
+        s.delete([("DestinationRule", "shop", "ratings")])
+    assert f"cannot remove DestinationRule shop/ratings (defined at {f}:11): edit that file by hand" in str(ei.value)
+    assert f.read_text() == HAND_WRITTEN and [p.name for p in tmp_path.iterdir()] == ["shop.yaml"]

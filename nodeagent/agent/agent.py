@@ -106,6 +106,9 @@ class Agent:
         # Kernel capture feeds the proxy's per-workload listeners; `none` has neither.
         self.capture = capture if capture.mode == "none" else DataPlaneCapture(capture, self.plane)
         applied = applied_from_state(extra, self.state_dir)
+        previous_mode = extra.get("capture")
+        if previous_mode and previous_mode != self.capture.mode:
+            applied = _switch_capture_mode(previous_mode, self.capture.mode, applied, extra.get("bpf_pin_dir"))
         self.reconciler = Reconciler(lambda: list(self.registry), self.capture, self.clock, RetrySet(),
                                      resync_interval=options.resync_interval, applied=applied)
         self._saved_applied = applied
@@ -551,6 +554,35 @@ def _lock_state_dir(state_dir: Path) -> int:
         raise AgentSetupError(f"another agent is already running with --state-dir {state_dir} "
                               f"(it holds {path}); stop it or use another --state-dir") from None
     return fd
+
+
+def _switch_capture_mode(previous: str, current: str, applied: list[WorkloadSpec],
+                         pin_dir: str | None) -> list[WorkloadSpec]:
+    """--capture changed since the last run: remove what the previous backend applied
+    (the new one re-applies every enrolled workload its own way). Returns what is
+    still applied by the old backend (the removals that failed), for the next try."""
+    from nodeagent.agent.capture import CaptureError, capture_for_uninstall
+
+    old = capture_for_uninstall(previous, pin_dir)
+    if old is None:
+        return applied
+    log.info("capture mode changed from %s to %s: removing the %s capture of %d workload(s)",
+             previous, current, previous, len(applied))
+    if hasattr(old, "uninstall"):  # eBPF: detach the programs and drop the pins at once
+        try:
+            old.uninstall()
+            return []
+        except CaptureError as exc:
+            log.warning("removing the previous %s capture failed: %s", previous, exc)
+            return applied
+    left = []
+    for spec in applied:
+        try:
+            old.remove(spec)
+        except CaptureError as exc:
+            log.warning("removing the previous %s capture of %s failed: %s", previous, spec.ref, exc)
+            left.append(spec)
+    return left
 
 
 def applied_from_state(extra: dict[str, Any], state_dir: Path) -> list[WorkloadSpec]:

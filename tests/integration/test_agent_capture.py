@@ -120,3 +120,20 @@ def test_a_pod_gone_without_unenroll_is_reported_and_its_listeners_closed(agents
     cli(state, "unenroll", "--workload", "shop/web")
     assert agent.json("/healthz")["status"] == "OK"
     assert agent.stop() == 0
+
+
+def test_changing_the_capture_mode_removes_the_previous_rules(agents, namespaces, tmp_path):
+    (pod,) = namespaces(1)
+    state = tmp_path / "state"
+    agent = agents(state, capture="nftables")
+    agent.wait_ready()
+    cli(state, *enroll_args("web", pod, "10.250.0.2"))
+    assert nft_tables(pod) == ["table inet nodeagent"]
+    assert agent.stop() == 0
+    agent = agents(state, capture="none")  # e.g. an operator turns transparent capture off
+    agent.wait_ready()
+    assert nft_tables(pod) == []
+    listed = AgentClient(state / "agent.sock").call({"op": "list"})["workloads"]
+    assert [(w["name"], w["capture"]) for w in listed] == [("web", "none")]  # still enrolled
+    assert "capture mode changed from nftables to none" in agent.logs()
+    assert agent.stop() == 0

@@ -123,6 +123,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     if args.config_dir is not None and not args.config_dir.is_dir():
         raise UserError(f"--config-dir {args.config_dir} is not a directory")
+    from nodeagent.identity.spiffe import InvalidSpiffeId, check_trust_domain
+    try:
+        check_trust_domain(args.trust_domain)
+    except InvalidSpiffeId as exc:
+        raise UserError(f"--trust-domain: {exc}") from None
     if args.resync_interval <= 0:
         raise UserError("--resync-interval must be positive")
     if args.enroll_cert_wait < 0:

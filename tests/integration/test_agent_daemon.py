@@ -322,6 +322,7 @@ def test_cli_errors_are_clear(tmp_path):
         (["--admin", "localhost"], "nodeagent: --admin must be HOST:PORT (e.g. 127.0.0.1:15000), got 'localhost'"),
         (["--config-dir", str(tmp_path / "missing")], f"nodeagent: --config-dir {tmp_path / 'missing'} is not a directory"),
         (["--exclude-outbound-cidrs", "10.1.2.3/8"], "did you mean 10.0.0.0/8?"),
+        (["--trust-domain", "Bad Domain"], "nodeagent: --trust-domain: trust domain 'Bad Domain' is not valid"),
     ):
         proc = subprocess.run([PY, "-m", "nodeagent", "run", "--state-dir", str(tmp_path / "s"), *args],
                               cwd=REPO, capture_output=True, text=True, timeout=30)

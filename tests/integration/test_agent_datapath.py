@@ -216,9 +216,8 @@ def test_ebpf_capture_outbound_through_the_agent(agents, topology, tmp_path, nee
         assert Path(pin_dir, "links").is_dir()  # programs stay attached while the agent is down
     finally:
         agent.stop()
-        out = cli(state, "uninstall", check=False)
+        out = _uninstall(state, pin_dir)
     assert out.returncode == 0, out.stderr
-    assert not Path(pin_dir).exists()
 
 
 def test_host_mode_cgroup_workload_with_ebpf(agents, needs_root, tmp_path):
@@ -270,14 +269,15 @@ def test_host_mode_cgroup_workload_with_ebpf(agents, needs_root, tmp_path):
         agent.stop()
         server.kill()
         server.wait()
-        cli(state, "uninstall", check=False)
+        out = _uninstall(state, pin_dir)
         for _ in range(50):
             try:
                 cgroup_dir.rmdir()
                 break
             except OSError:
                 time.sleep(0.1)
-    assert not Path(pin_dir).exists() and not cgroup_dir.exists()
+    assert out.returncode == 0, out.stderr
+    assert not cgroup_dir.exists()
 
 
 def _connects(address) -> bool:
@@ -288,3 +288,16 @@ def _connects(address) -> bool:
     except OSError:
         return False
     return True
+
+
+def _uninstall(state: Path, pin_dir: str):
+    """`nodeagent uninstall` (its result is asserted by the caller); whatever it left
+    behind is removed here so a failed test never leaves programs attached."""
+    from bpf.loader import EbpfCapture
+
+    out = cli(state, "uninstall", check=False)
+    left = Path(pin_dir).exists()
+    if left:
+        EbpfCapture(pin_dir).cleanup()
+    assert not left, f"uninstall left {pin_dir} behind: {out.stdout}{out.stderr}"
+    return out

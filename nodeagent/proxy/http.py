@@ -132,7 +132,7 @@ class HttpDownstream(asyncio.Protocol):
         "runtime", "ctx", "peer", "transport", "parser", "active", "queue", "parsing",
         "url", "headers", "head_bytes", "raw_pending", "reading_head", "head_age",
         "idle_age", "pauses", "write_paused", "closing", "tunnel", "error_status", "target",
-        "routes",
+        "routes", "max_header_bytes", "max_headers",
     )
 
     def __init__(self, runtime, ctx, peer=None, target=None) -> None:
@@ -160,6 +160,9 @@ class HttpDownstream(asyncio.Protocol):
         self.tunnel = None
         self.error_status = 0
         self.routes = None  # the runtime's route entries for this connection's listener (ProxyRuntime.plan)
+        limits = runtime.limits
+        self.max_header_bytes = limits.max_header_bytes
+        self.max_headers = limits.max_headers
 
     # asyncio.Protocol
     def connection_made(self, transport) -> None:
@@ -204,7 +207,7 @@ class HttpDownstream(asyncio.Protocol):
         if self.reading_head:
             # Bytes of one head the parser holds internally (a header still arriving).
             self.raw_pending += len(data)
-            if self.raw_pending > self.runtime.limits.max_header_bytes:
+            if self.raw_pending > self.max_header_bytes:
                 self.protocol_error(431)
 
     def connection_lost(self, exc) -> None:
@@ -239,17 +242,16 @@ class HttpDownstream(asyncio.Protocol):
         self.url += url
         self.head_bytes += len(url)
         self.raw_pending = 0
-        if self.head_bytes > self.runtime.limits.max_header_bytes:
+        if self.head_bytes > self.max_header_bytes:
             self.error_status = 431
             raise ValueError("request head too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self.headers
         headers.append((name, value))
-        self.head_bytes += len(name) + len(value) + 4
+        size = self.head_bytes = self.head_bytes + len(name) + len(value) + 4
         self.raw_pending = 0
-        limits = self.runtime.limits
-        if len(headers) > limits.max_headers or self.head_bytes > limits.max_header_bytes:
+        if size > self.max_header_bytes or len(headers) > self.max_headers:
             self.error_status = 431
             raise ValueError("request head too large")
 
@@ -467,6 +469,8 @@ class Exchange:
         if plan.delay:
             self.flags = "DI"
             self.runtime.loop.call_later(plan.delay, self._after_delay)
+        elif plan.abort is None and plan.mirror is None and not self.expect_continue:
+            self._attempt()  # what _after_delay comes to for most requests
         else:
             self._after_delay()
 
@@ -490,14 +494,19 @@ class Exchange:
             self.runtime.mirror(self, self.plan)
 
     def _attempt(self) -> None:
-        plan = self.plan
-        cluster = plan.cluster
-        if self.endpoint is not None:
-            self.cluster.done(self.endpoint)
+        cluster = self.plan.cluster
+        tried = self.tried  # the endpoints of the previous attempts
+        previous = self.endpoint
+        if previous is not None:
+            self.cluster.done(previous)
             self.endpoint = None
+            if tried is None:
+                tried = self.tried = [previous]
+            else:
+                tried.append(previous)
         self.cluster = cluster
-        endpoint = cluster.pick(self, self.tried)
-        if endpoint is None and self.tried:
+        endpoint = cluster.pick(self, tried)
+        if endpoint is None and tried:
             endpoint = cluster.pick(self, None)
         if endpoint is None:
             self.dest = cluster.labels_for(None)
@@ -507,10 +516,6 @@ class Exchange:
         self.dest = endpoint.labels
         self.upstream_host = endpoint.host
         self.attempt += 1
-        if self.tried is None:
-            self.tried = [endpoint]
-        else:
-            self.tried.append(endpoint)
         overflow = cluster.pool.acquire(self, endpoint.addr)
         if overflow is not None:
             self.local_reply(LocalReply(503, "UO", b"upstream connect error or disconnect/reset before headers. reset reason: overflow"))
@@ -572,28 +577,33 @@ class Exchange:
         headers = self.headers
         if plan.request_ops is not None:
             headers = apply_header_ops(list(headers), plan.request_ops)
-        parts = [self.method, b" ", plan.path or self.path, b" HTTP/1.1\r\nhost: ", plan.authority or self.authority, b"\r\n"]
+        # Each header line is "\r\n" + name + ": " + value: the head ends with "\r\n\r\n".
+        parts = [self.method, b" ", plan.path or self.path, b" HTTP/1.1\r\nhost: ", plan.authority or self.authority]
+        append = parts.append
         for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
-        if self.body_mode == 2:
-            parts.append(b"transfer-encoding: chunked\r\n")
+            append(b"\r\n" + name + b": " + value)
+        body_mode = self.body_mode
+        if body_mode == 2:
+            append(b"\r\ntransfer-encoding: chunked")
         if self.upgrade:
-            parts.append(b"connection: upgrade\r\n")
-        if self.attempt > 1:
-            parts.append(b"x-envoy-attempt-count: %d\r\n" % self.attempt)
-        parts.append(b"\r\n")
-        if self.attempt > 1 and self.replay is not None:
+            append(b"\r\nconnection: upgrade")
+        attempt = self.attempt
+        if attempt > 1:
+            append(b"\r\nx-envoy-attempt-count: %d" % attempt)
+        append(b"\r\n\r\n")
+        if attempt > 1 and self.replay is not None:
             chunks = self.replay
         else:
             chunks = self.chunks
         if chunks:
-            if self.body_mode == 2:
+            if body_mode == 2:
                 parts.extend(_chunk(c) for c in chunks)
             else:
                 parts.extend(chunks)
-        if self.body_mode == 2 and self.request_done:
-            parts.append(b"0\r\n\r\n")
-        self.chunks = []
+        if body_mode == 2 and self.request_done:
+            append(b"0\r\n\r\n")
+        if self.chunks:
+            self.chunks = []
         if self.buffered:
             self.buffered = 0
             self.down.resume(_PAUSE_BUFFER)
@@ -640,7 +650,8 @@ class Exchange:
         self.local_reply(LocalReply(status, flag, b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"))
 
     def upstream_head(self, conn, status: int, headers: list) -> None:
-        self._cancel_try_timer()
+        if self.try_timer is not None:
+            self._cancel_try_timer()
         self.cluster.record(self.endpoint, status, self.runtime.loop.time())
         if status >= 500 and not self.upgrade and self._retryable_status(status):
             conn.exchange = None
@@ -651,10 +662,11 @@ class Exchange:
             return
         self.status = status
         self.response_started = True
-        plan = self.plan
+        ops = self.plan.response_ops
         length = None
         chunked = False
-        out = []
+        parts = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d %b\r\n" % (status, _REASONS.get(status, b"Unknown"))]
+        out = [] if ops is not None else None  # the forwarded headers, when ops must see them first
         for h in headers:
             name = h[0].lower()
             if name in _HOP:
@@ -663,14 +675,18 @@ class Exchange:
                 elif name == b"transfer-encoding":
                     chunked = True
                 elif name == b"upgrade" and status == 101:
-                    out.append(h)
+                    if out is None:
+                        parts.append(h[0] + b": " + h[1] + b"\r\n")
+                    else:
+                        out.append(h)
                 continue
-            out.append(h)
-        if plan.response_ops is not None:
-            out = apply_header_ops(out, plan.response_ops)
-        parts = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d %b\r\n" % (status, _REASONS.get(status, b"Unknown"))]
-        for name, value in out:
-            parts += (name, b": ", value, b"\r\n")
+            if out is None:
+                parts.append(h[0] + b": " + h[1] + b"\r\n")
+            else:
+                out.append(h)
+        if out is not None:
+            for name, value in apply_header_ops(out, ops):
+                parts += (name, b": ", value, b"\r\n")
         if status == 101:
             parts.append(b"connection: upgrade\r\n")
         elif self.method == b"HEAD" or status == 204 or status == 304:
@@ -710,11 +726,16 @@ class Exchange:
     def upstream_complete(self, conn) -> None:
         if self.finished:
             return
+        out = self.out
         if self.out_chunked:
-            self.out.append(b"0\r\n\r\n")
-        self.flush()
+            out.append(b"0\r\n\r\n")
+        down = self.down
+        if out:
+            self.out = []
+            if not down.closing:
+                down.transport.write(out[0] if len(out) == 1 else b"".join(out))
         self.upstream = None
-        if self.down.write_paused:
+        if down.write_paused:
             conn.transport.resume_reading()
         conn.pool.release(conn, conn.keep_alive and self.request_done)
         self.response_done = True
@@ -891,7 +912,8 @@ class Exchange:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self._cancel_try_timer()
+        if self.try_timer is not None:
+            self._cancel_try_timer()
         self.runtime.record_exchange(self)
         if self.request_done or not self.keep_alive:
             self.down.exchange_done(self, self.keep_alive)

@@ -534,18 +534,16 @@ class ProxyRuntime:
     # --- telemetry ----------------------------------------------------
     def record_exchange(self, exchange) -> None:
         down = exchange.down
-        src = down.ctx.source
         duration_ms = (time.monotonic() - exchange.t0) * 1000.0
-        dest = exchange.dest or destination_labels(None, None, "http")
         self.telemetry.record_http(
-            down.ctx, dest, exchange.status, exchange.flags, duration_ms,
+            down.ctx, exchange.dest or _NO_DESTINATION, exchange.status, exchange.flags, duration_ms,
             exchange.req_bytes, exchange.resp_bytes,
         )
         endpoint = exchange.endpoint
         if endpoint is not None and exchange.cluster is not None:
             exchange.cluster.done(endpoint)
         if self.access_log is not None:
-            self.access_log.http(exchange, down, src, duration_ms)
+            self.access_log.http(exchange, down, down.ctx.source, duration_ms)
 
     def telemetry_local_error(self, down, status: int) -> None:
         self.telemetry.record_http(down.ctx, destination_labels(None, None, "http"), status, "-", 0.0, 0, 0)

@@ -244,7 +244,10 @@ class ClusterPool:
             self._connect_counted(exchange, endpoint)
             return
         conn.idle_since = self.loop.time()
-        self.idle.setdefault(conn.endpoint, []).append(conn)
+        idle = self.idle.get(conn.endpoint)
+        if idle is None:
+            idle = self.idle[conn.endpoint] = []
+        idle.append(conn)
 
     def _connect_counted(self, exchange, endpoint) -> None:
         if self.open < self.limits.max_connections:

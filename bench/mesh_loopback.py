@@ -140,7 +140,7 @@ def node_main(argv) -> int:
     p.add_argument("--listen", type=int, help="source node: outbound (explicit proxy) port on --address")
     p.add_argument("--tunnel-port", type=int, help="source node: the tunnel port of every destination")
     p.add_argument("--tunnel-listen", type=int, help="destination node: tunnel port on --address")
-    p.add_argument("--stats", help="write tunnel counters (JSON) here on exit")
+    p.add_argument("--stats", help="write tunnel counters (JSON) here on SIGUSR1 and on exit")
     p.add_argument("--profile", help="run under cProfile, write the stats here on exit")
     args = p.parse_args(argv)
     if (args.listen is None) == (args.tunnel_listen is None):
@@ -207,14 +207,23 @@ async def _node(args) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    written = [0]
+
+    def write_stats() -> None:
+        written[0] += 1
+        stats = {"seq": written[0], "tunnels_accepted": tunnel.stats["accepted"] if tunnel else 0,
+                 "tunnels_refused": tunnel.stats["refused"] if tunnel else 0,
+                 "requests": sum(v[0] for v in runtime.telemetry.export()["http"].values())}
+        Path(args.stats + ".tmp").write_text(json.dumps(stats))
+        os.replace(args.stats + ".tmp", args.stats)
+
+    if args.stats:
+        loop.add_signal_handler(signal.SIGUSR1, write_stats)
     print(f"node {args.workload} ready", file=sys.stderr, flush=True)
     await stop.wait()
     server.close()
     if args.stats:
-        stats = {"tunnels_accepted": tunnel.stats["accepted"] if tunnel else 0,
-                 "tunnels_refused": tunnel.stats["refused"] if tunnel else 0,
-                 "http": {"|".join(k): v for k, v in runtime.telemetry.export()["http"].items()}}
-        Path(args.stats).write_text(json.dumps(stats))
+        write_stats()
     if plane is not None:
         await plane.close()
     await runtime.close()
@@ -294,11 +303,35 @@ def run_wrk(url: str, seconds: float, args, host: str | None) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 30).stdout
 
 
-def measure(name: str, url: str, pids: list[int], args, host: str | None) -> dict:
+def node_stats(pid: int, path: Path) -> dict:
+    """Ask a node (SIGUSR1) for its counters and wait for the new file."""
+    try:
+        seq = json.loads(path.read_text())["seq"]
+    except (OSError, ValueError, KeyError):
+        seq = 0
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            stats = json.loads(path.read_text())
+            if stats["seq"] > seq:
+                return stats
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    raise SystemExit(f"bench mesh-loopback: node {pid} wrote no counters to {path}")
+
+
+def measure(name: str, url: str, pids: list[int], args, host: str | None, stats=None) -> dict:
     run_wrk(url, args.warmup, args, host)
+    counters = stats() if stats else None
     before = [cpu_times(pid) for pid in pids]
     r = parse_wrk(run_wrk(url, args.duration, args, host))
     after = [cpu_times(pid) for pid in pids]
+    if stats:
+        end = stats()
+        r["tunnels"] = end["tunnels_accepted"] - counters["tunnels_accepted"]
+        r["served"] = end["requests"] - counters["requests"]
     n = max(1, r["requests"])
     r["user_us"] = sum(a[0] - b[0] for a, b in zip(after, before)) * 1e6 / n
     r["sys_us"] = sum(a[1] - b[1] for a, b in zip(after, before)) * 1e6 / n
@@ -382,12 +415,13 @@ def main(argv=None) -> int:
             if code != "200":
                 raise SystemExit(f"bench mesh-loopback: {url} answered {code or 'nothing'}, not 200")
         paths = [
-            ("mesh: agent -> mTLS -> agent (authz)", mesh_url, [node1.pid, node2.pid], B_HOST),
-            ("haproxy -> TLS 1.3 mTLS -> haproxy", ha_url, [edge.pid, ingress.pid], None),
+            ("mesh: agent -> mTLS -> agent (authz)", mesh_url, [node1.pid, node2.pid], B_HOST,
+             lambda: node_stats(node2.pid, tmp / "node2.json")),
+            ("haproxy -> TLS 1.3 mTLS -> haproxy", ha_url, [edge.pid, ingress.pid], None, None),
         ]
         for _ in range(max(1, args.rounds)):
-            for i, (name, url, pids, host) in enumerate(paths):
-                r = measure(name, url, pids, args, host)
+            for i, (name, url, pids, host, stats_of) in enumerate(paths):
+                r = measure(name, url, pids, args, host, stats_of)
                 print(f"  measured {name}: {r['rps']:.0f} req/s", file=sys.stderr, flush=True)
                 if results[i] is None or r["rps"] > results[i]["rps"]:
                     results[i] = r
@@ -418,9 +452,12 @@ def main(argv=None) -> int:
     mesh, ha = results
     print(f"nodeagent/haproxy: {mesh['rps'] / ha['rps']:.2f}x req/s, {mesh['p50'] / ha['p50']:.2f}x p50, "
           f"{mesh['p99'] / ha['p99']:.2f}x p99, {mesh['cpu_us'] / ha['cpu_us']:.2f}x CPU per request")
+    if "tunnels" in mesh:
+        print(f"mesh tunnels (TLS handshakes) node 2 accepted during the measured run: {mesh['tunnels']} for "
+              f"{mesh['served']} requests it served over {args.connections} wrk connections")
     if stats is not None:
-        print(f"tunnels (TLS handshakes) node 2 accepted over the whole run: {stats['tunnels_accepted']} "
-              f"for {args.connections} wrk connections; refused {stats['tunnels_refused']}")
+        print(f"over the whole run (warm-ups, checks, rounds): {stats['tunnels_accepted']} tunnels accepted, "
+              f"{stats['tunnels_refused']} refused")
     return 0
 
 

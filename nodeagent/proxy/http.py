@@ -348,7 +348,7 @@ class Exchange:
     """One request/response, from the parsed request head to the last response byte."""
 
     __slots__ = (
-        "down", "runtime", "method", "url", "headers", "version", "keep_alive", "upgrade",
+        "down", "runtime", "method", "headers", "version", "keep_alive", "upgrade",
         "path", "authority", "body_mode", "expect_continue", "chunks", "buffered", "replay",
         "replay_bytes", "request_done", "response_done", "upstream", "plan", "endpoint",
         "tried", "attempt", "response_started", "out_chunked", "close_delimited",
@@ -360,7 +360,6 @@ class Exchange:
         self.down = down
         self.runtime = down.runtime
         self.method = method
-        self.url = url
         self.headers = headers
         self.version = version
         self.keep_alive = keep_alive

@@ -162,7 +162,7 @@ class ClusterState:
     __slots__ = (
         "key", "source_namespace", "version", "policy", "endpoints", "by_id", "picker",
         "outlier", "pool", "service", "rand", "no_endpoint_labels", "ejected",
-        "connector", "succeeded",
+        "connector", "succeeded", "only",
     )
 
     def __init__(self, key, source_namespace, connector, rand) -> None:
@@ -183,6 +183,7 @@ class ClusterState:
         # Endpoint ids whose last recorded outcome was a success: the detector's
         # counters for them are zero, so another success changes nothing there.
         self.succeeded = set()
+        self.only = None  # the UpstreamEndpoint of a one-endpoint cluster whose picker keeps no pick state
 
     def refresh(self, snapshot, now: float) -> None:
         """Re-read policy and endpoints from a new snapshot, keeping live state where it still applies."""
@@ -232,11 +233,22 @@ class ClusterState:
                 by_id[cep.id] = UpstreamEndpoint(cep, labels)
         self.by_id = by_id
         self.endpoints = endpoints
+        # With one endpoint every picker answers it unless it is excluded; only round
+        # robin keeps state across picks (its position), so it is always asked.
+        self.only = (by_id[endpoints[0].id] if len(endpoints) == 1
+                     and type(self.picker) is not lb_mod.RoundRobinPicker else None)
         self.no_endpoint_labels = destination_labels(service, None, "http")
         self.policy = policy
         self.version = snapshot.version
 
     def pick(self, exchange, tried) -> UpstreamEndpoint | None:
+        only = self.only
+        if only is not None:
+            eid = only.id
+            if eid in self.ejected or (tried and any(e.id == eid for e in tried)):
+                return None
+            self.picker.request_started(eid)
+            return only
         exclude = self.ejected
         if tried:
             exclude = exclude | {e.id for e in tried}

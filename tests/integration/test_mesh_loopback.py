@@ -664,3 +664,43 @@ def test_every_request_is_normalized_and_stripped_on_its_own(ca_dir):
         finally:
             await mesh.close()
     run(scenario())
+
+
+def test_the_tunnel_on_uvloop_reuses_and_streams_more_than_a_read_buffer(ca_dir):
+    """The agents run on uvloop, whose TLS transport is not asyncio's: after CONNECT both ends
+    hand the stream to the engine (set_protocol) through a reused read buffer (BufferedFeed)."""
+    import os
+
+    import uvloop
+
+    from nodeagent.proxy.tunnel import READ_BUFFER
+
+    async def scenario():
+        assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+        mesh = await Mesh(ca_dir, ALLOW_ONLY_A, tcp_app=True).start()
+        try:
+            client = await HttpClient.open(mesh.a_out)
+            for i in range(30):
+                status, _, body = await client.request(f"/u/{i}")
+                assert status == 200 and json.loads(body)["path"] == f"/u/{i}"
+            size = 5 * READ_BUFFER + 123
+            status, _, body = await client.request(f"/bytes/{size}")
+            assert status == 200 and body == b"x" * size
+            assert (await client.request("/after-big"))[0] == 200
+            client.close()
+            assert mesh.tunnel.stats["accepted"] == 1  # one kept-alive tunnel for all of it
+            assert (await get(mesh.c_out, "/from-c"))[0] == 403
+
+            out = await mesh.node1.outbound(A, A_ADDR, mesh.tunnel_ports, fixed_destination=(B_HOST, 9000))
+            reader, writer = await asyncio.open_connection(*out)
+            payload = os.urandom(3 * READ_BUFFER + 7)
+            writer.write(payload)
+            echoed = await asyncio.wait_for(reader.readexactly(len(payload)), 10)
+            assert echoed == payload
+            writer.close()
+            assert mesh.tunnel.stats["accepted"] == 3
+        finally:
+            await mesh.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())

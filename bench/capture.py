@@ -7,12 +7,17 @@ In the client pod, in the proxy's position, runs a MINIMAL PYTHON TCP RELAY
 original destination with SO_ORIGINAL_DST, connect there with mark 0x539,
 copy bytes both ways) - not the agent, whose routing, telemetry and mTLS
 would drown the capture's share. The client dials the server pod's address;
-the capture modes compared:
+the capture modes compared (outbound, then inbound):
 
 - ``direct``: no capture, no relay (the floor);
 - ``nftables``: the in-pod plan of redirect/ (nat output REDIRECT to :15001);
 - ``ebpf``: bpf/ connect4 rewrite + getsockopt hook, fast path off;
-- ``ebpf+fast``: the same with the sk_msg same-node fast path on.
+- ``ebpf+fast``: the same with the sk_msg same-node fast path on;
+- ``nftables-in``: inbound instead - the relay sits in the SERVER pod on
+  :15006, fed by the in-pod plan's prerouting REDIRECT;
+- ``ebpf-in``: the same fed by the sk_lookup program (bpf/inbound.py), the
+  listener registered in the in_listen map (the bench opens it in the server
+  pod and hands it to the relay).
 
 Measured per mode, from inside the client pod: connection setup rate (a
 bounded loop of connect + one HTTP request + close, one at a time, new
@@ -42,8 +47,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 RELAY_PORT = 15001
+INBOUND_PORT = 15006
 PROXY_MARK = 0x539
-MODES = ("direct", "nftables", "ebpf", "ebpf+fast")
+MODES = ("direct", "nftables", "ebpf", "ebpf+fast", "nftables-in", "ebpf-in")
 
 SERVER_CFG = """global
     nbthread 1
@@ -126,6 +132,7 @@ def relay_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.capture relay")
     p.add_argument("--port", type=int, default=RELAY_PORT)
     p.add_argument("--stats", required=True, help="file the accepted count is written to on SIGUSR1")
+    p.add_argument("--fd", type=int, help="serve this inherited listening socket instead of binding --port")
     args = p.parse_args(argv)
     try:
         import uvloop
@@ -135,10 +142,13 @@ def relay_main(argv: list[str]) -> int:
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", args.port))
-        sock.listen(1024)
+        if args.fd is not None:
+            sock = socket.socket(fileno=args.fd)
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("0.0.0.0", args.port))
+            sock.listen(1024)
         server = await loop.create_server(_Downstream, sock=sock, backlog=1024)
 
         def dump() -> None:
@@ -213,16 +223,55 @@ def wrk(topo, pod: str, url: str, seconds: float, connections: int) -> dict:
             + (sum(int(x) for x in sock_errors.groups()) if sock_errors else 0)}
 
 
+class Relay:
+    """One relay process in a pod; counts the connections it accepted (SIGUSR1 -> stats file)."""
+
+    def __init__(self, bench: "Bench", pod: str, listener: socket.socket | None) -> None:
+        self.stats = str(bench.tmp / f"relay-{pod}.stats")
+        argv = [sys.executable, "-m", "bench.capture", "relay", "--stats", self.stats]
+        kwargs = {}
+        if listener is not None:   # a listener the bench opened in the pod (registered for sk_lookup)
+            argv += ["--fd", str(listener.fileno())]
+            kwargs["pass_fds"] = (listener.fileno(),)
+        self.proc = bench.topo.spawn(pod, argv, cwd=str(REPO), stderr=subprocess.DEVNULL, **kwargs)
+        deadline = time.monotonic() + 15
+        while not os.path.exists(self.stats):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise SystemExit(f"bench capture: the relay in pod {pod} did not start")
+            time.sleep(0.05)
+
+    def accepted(self) -> int:
+        before = os.stat(self.stats).st_mtime_ns
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 5
+        while os.stat(self.stats).st_mtime_ns == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return int(Path(self.stats).read_text())
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
 class Bench:
     def __init__(self, args) -> None:
         self.args = args
         self.tmp = Path(tempfile.mkdtemp(prefix="nodeagent-bench-capture-"))
         self.pin_dir = f"/sys/fs/bpf/nodeagent-bench-{secrets.token_hex(3)}"
         self.topo = None
-        self.relay = None
+        self.relays: dict[str, Relay] = {}
         self.ebpf = None
+        self.inbound_listener: socket.socket | None = None
 
     def build(self) -> None:
+        from bpf.netns import run_in_netns
         from redirect.topology import Topology
 
         self.topo = Topology(timeout=10.0)
@@ -232,82 +281,81 @@ class Bench:
         (self.tmp / "server.cfg").write_text(SERVER_CFG)
         self.topo.spawn("server", ["haproxy", "-db", "-f", str(self.tmp / "server.cfg")],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.stats = str(self.tmp / "relay.stats")
-        self.relay = self.topo.spawn("client", [sys.executable, "-m", "bench.capture", "relay", "--stats", self.stats],
-                                     cwd=str(REPO), stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while not os.path.exists(self.stats):
-            if time.monotonic() > deadline or self.relay.poll() is not None:
-                raise SystemExit("bench capture: the relay did not start")
-            time.sleep(0.05)
+        self.relays["client"] = Relay(self, "client", None)          # outbound: 0.0.0.0:15001 in the client
+
+        def inbound_listener() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("0.0.0.0", INBOUND_PORT))
+            sock.listen(1024)
+            return sock
+        self.inbound_listener = run_in_netns(f"/run/netns/{self.server.netns}", inbound_listener)
+        self.relays["server"] = Relay(self, "server", self.inbound_listener)   # inbound: 15006 in the server
         deadline = time.monotonic() + 15
         while setup_rate(self.client.netns, (self.server.ip, 80), 1.0, 1)[1] != 1:
             if time.monotonic() > deadline:
                 raise SystemExit("bench capture: the server pod does not answer")
             time.sleep(0.1)
 
-    def relay_accepted(self) -> int:
-        before = os.stat(self.stats).st_mtime_ns
-        self.relay.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + 5
-        while os.stat(self.stats).st_mtime_ns == before and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return int(Path(self.stats).read_text())
+    @staticmethod
+    def pod_of(mode: str) -> str | None:
+        """Which pod's relay a mode goes through (None: direct)."""
+        return None if mode == "direct" else "server" if mode.endswith("-in") else "client"
 
-    def capture_on(self, mode: str) -> None:
-        from redirect import CaptureConfig, apply, in_pod_plan
+    def capture(self, mode: str, on: bool) -> None:
+        from redirect import CaptureConfig, apply, cleanup, in_pod_plan
 
-        path = f"/run/netns/{self.client.netns}"
-        if mode == "nftables":
-            apply(in_pod_plan(CaptureConfig(ipv6=False)), path, "nft")
-        elif mode.startswith("ebpf"):
-            if self.ebpf is None:
-                from bpf.loader import EbpfCapture
+        pod = self.pod_of(mode)
+        if pod is None:
+            return
+        path = f"/run/netns/{self.topo.netns(pod)}"
+        if mode.startswith("nftables"):
+            # the in-pod plan captures both directions; only one is used per mode
+            apply(in_pod_plan(CaptureConfig(ipv6=False)), path, "nft") if on else cleanup(path)
+            return
+        if self.ebpf is None:
+            from bpf.loader import EbpfCapture
 
-                self.ebpf = EbpfCapture(self.pin_dir)
-                self.ebpf.start()
-            self.ebpf.enroll_netns(path, RELAY_PORT, fast_path=mode == "ebpf+fast")
-
-    def capture_off(self, mode: str) -> None:
-        from redirect import cleanup
-
-        path = f"/run/netns/{self.client.netns}"
-        if mode == "nftables":
-            cleanup(path)
-        elif mode.startswith("ebpf"):
+            self.ebpf = EbpfCapture(self.pin_dir)
+            self.ebpf.start()
+        if not on:
             self.ebpf.unenroll_netns(path)
+        elif mode == "ebpf-in":
+            self.ebpf.enroll_inbound(path, [self.inbound_listener])
+        else:
+            self.ebpf.enroll_netns(path, RELAY_PORT, fast_path=mode == "ebpf+fast")
 
     def run_mode(self, mode: str) -> dict:
         addr = (self.server.ip, 80)
-        self.capture_on(mode)
+        pod = self.pod_of(mode)
+        relay = self.relays.get(pod)
+        self.capture(mode, True)
         try:
-            before = self.relay_accepted()
-            relay_cpu = cpu_seconds(self.relay.pid)
+            before = {name: r.accepted() for name, r in self.relays.items()}
+            relay_cpu = relay.cpu() if relay else 0.0
             rate, done, failed, client_cpu = setup_rate(self.client.netns, addr, self.args.setup_seconds,
                                                         self.args.setup_limit)
-            setup_cpu = (client_cpu + cpu_seconds(self.relay.pid) - relay_cpu) * 1e6 / max(1, done)
-            relayed = self.relay_accepted() - before
-            if relayed != (0 if mode == "direct" else done + failed):   # each mode really (not) relays
-                raise SystemExit(f"bench capture: mode {mode}: {relayed} of {done + failed} connections "
-                                 f"went through the relay")
+            setup_cpu = (client_cpu + (relay.cpu() - relay_cpu if relay else 0.0)) * 1e6 / max(1, done)
+            for name, r in self.relays.items():   # each mode really goes through its relay, and only that
+                relayed, want = r.accepted() - before[name], done + failed if name == pod else 0
+                if relayed != want:
+                    raise SystemExit(f"bench capture: mode {mode}: the {name} relay took {relayed} of "
+                                     f"{done + failed} connections, expected {want}")
             url = f"http://{self.server.ip}:80/"
             wrk(self.topo, "client", url, 1, self.args.connections)   # warm-up
-            cpu = cpu_seconds(self.relay.pid)
+            cpu = relay.cpu() if relay else 0.0
             res = wrk(self.topo, "client", url, self.args.duration, self.args.connections)
-            res["cpu_us"] = (cpu_seconds(self.relay.pid) - cpu) * 1e6 / max(1, res["requests"]) \
-                if mode != "direct" else None
+            res["cpu_us"] = (relay.cpu() - cpu) * 1e6 / max(1, res["requests"]) if relay else None
         finally:
-            self.capture_off(mode)
+            self.capture(mode, False)
         res.update(mode=mode, setup=rate, setup_cpu=setup_cpu, setup_done=done, setup_failed=failed)
         return res
 
     def close(self) -> None:
-        if self.relay is not None and self.relay.poll() is None:
-            self.relay.send_signal(signal.SIGTERM)
-            try:
-                self.relay.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
+        for relay in self.relays.values():
+            relay.stop()
+        if self.inbound_listener is not None:
+            self.inbound_listener.close()
         if self.ebpf is not None:
             self.ebpf.cleanup()
         if self.topo is not None:
@@ -358,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                     best[mode]["setup_cpu"] = min(res["setup_cpu"], old["setup_cpu"])
     finally:
         bench.close()
-    print(f"client pod -> [capture] -> Python relay (uvloop) in the client pod -> HAProxy in the server pod; "
+    print(f"client pod -> [capture] -> Python relay (uvloop; in the client pod, *-in: in the server pod) -> "
+          f"HAProxy in the server pod; "
           f"setup loop <= {args.setup_seconds:g}s/{args.setup_limit} conns, wrk -t1 -c{args.connections} "
           f"{args.duration:g}s; best of {args.rounds} alternating rounds")
     print(f"{'mode':<12}{'setup conn/s':>14}{'CPU us/conn':>13}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"

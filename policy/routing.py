@@ -366,7 +366,35 @@ def _query_check(name: str, sm):
 
 
 class _Match:
-    __slots__ = ("checks", "uri_kind", "uri_value", "name")
+    __slots__ = ("checks", "test", "uri_kind", "uri_value", "name")
+
+
+def _uri_check(sm, ignore_case: bool):
+    """A check (req, path) -> bool for a ``uri`` StringMatch: one call per request
+    for exact and prefix (the common cases)."""
+    kind, value = sm.kind, sm.value
+    if not ignore_case:
+        if kind == "exact":
+            return lambda req, path: path == value
+        if kind == "prefix":
+            return lambda req, path: path.startswith(value)
+    m = _string_matcher(sm, ignore_case)
+    return lambda req, path: bool(m(path))
+
+
+def _all_of(checks: tuple):
+    """One predicate (req, path) -> bool: every check passes (the check itself when alone)."""
+    if len(checks) == 1:
+        return checks[0]
+    if not checks:
+        return lambda req, path: True
+
+    def test(req, path):
+        for check in checks:
+            if not check(req, path):
+                return False
+        return True
+    return test
 
 
 def _compile_match(mr, port: int) -> _Match | None:
@@ -377,8 +405,7 @@ def _compile_match(mr, port: int) -> _Match | None:
         return None
     checks = []
     if mr.uri is not None:
-        m = _string_matcher(mr.uri, mr.ignore_uri_case and mr.uri.kind != "regex")
-        checks.append(lambda req, path: bool(m(path)))
+        checks.append(_uri_check(mr.uri, mr.ignore_uri_case and mr.uri.kind != "regex"))
     if mr.scheme is not None:
         m_scheme = _string_matcher(mr.scheme)
         checks.append(lambda req, path: bool(m_scheme(req.scheme)))
@@ -409,6 +436,7 @@ def _compile_match(mr, port: int) -> _Match | None:
         checks.append(lambda req, path: req.source is not None and req.source.namespace == sns)
     cm = _Match()
     cm.checks = tuple(checks)
+    cm.test = _all_of(cm.checks)
     cm.uri_kind = mr.uri.kind if mr.uri is not None else None
     cm.uri_value = mr.uri.value if mr.uri is not None else None
     cm.name = mr.name
@@ -662,10 +690,7 @@ def select_route(table, req, path_only: str, rand: random.Random):
             if not route.matches:
                 break
             for m in route.matches:
-                for check in m.checks:
-                    if not check(req, path_only):
-                        break
-                else:
+                if m.test(req, path_only):
                     match = m
                     break
             if match is not None:

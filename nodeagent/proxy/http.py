@@ -606,7 +606,11 @@ class Exchange:
         if self.buffered:
             self.buffered = 0
             self.down.resume(_PAUSE_BUFFER)
-        conn.send(self, b"".join(parts), self.method == b"HEAD")
+        # conn.send(), inlined
+        conn.exchange = self
+        conn.head_only = self.method == b"HEAD"
+        conn.requests += 1
+        conn.transport.write(b"".join(parts))
         if self.down.write_paused:
             conn.transport.pause_reading()
         per_try = plan.per_try_timeout

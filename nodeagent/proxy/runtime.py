@@ -435,7 +435,7 @@ class ProxyRuntime:
             return LocalReply(404, "NR", b"", [])
         path = exchange.path.decode("latin-1")
         attrs = _Attrs(exchange, entry.authority, path, entry.port, entry.source)
-        path_only = routing.path_part(path)
+        path_only = routing.path_part(path) if "?" in path or "#" in path else path
         hit = routing.select_route(table, attrs, path_only, self.rand)
         if hit.__class__ is routing.Reject:
             return self._reject(exchange, hit)

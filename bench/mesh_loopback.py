@@ -142,15 +142,20 @@ def node_main(argv) -> int:
     p.add_argument("--tunnel-listen", type=int, help="destination node: tunnel port on --address")
     p.add_argument("--stats", help="write tunnel counters (JSON) here on SIGUSR1 and on exit")
     p.add_argument("--profile", help="run under cProfile, write the stats here on exit")
+    p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                   help="event loop (default uvloop, as `nodeagent proxy` workers)")
     args = p.parse_args(argv)
     if (args.listen is None) == (args.tunnel_listen is None):
         p.error("give exactly one of --listen (source node) or --tunnel-listen (destination node)")
-    import uvloop
     profiler = None
     if args.profile:
         import cProfile
         profiler = cProfile.Profile(time.thread_time)  # CPU time: wall time would charge the peers woken by a write
-    loop = uvloop.new_event_loop()
+    if args.loop == "uvloop":
+        import uvloop
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
         if profiler is not None:
@@ -353,6 +358,8 @@ def main(argv=None) -> int:
                    help="measure both paths this many times, interleaved, and keep each one's best run "
                         "(a shared machine only ever makes a run slower; default 1)")
     p.add_argument("--profile", metavar="DIR", help="run the agents under cProfile; stats in DIR/node{1,2}.prof")
+    p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                   help="the agents' event loop (default uvloop; `nodeagent run` uses asyncio's today)")
     args = p.parse_args(argv)
     for tool in ("wrk", "haproxy"):
         if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin:/sbin") is None:
@@ -384,7 +391,7 @@ def main(argv=None) -> int:
 
         tunnel_port, out_port = free_port(B_ADDR), free_port(A_ADDR)
         node = [sys.executable, "-m", "bench.mesh_loopback", "node", "--ca", str(tmp / "ca"),
-                "--config-dir", str(tmp / "config")]
+                "--config-dir", str(tmp / "config"), "--loop", args.loop]
         prof = (lambda n: ["--profile", str(Path(args.profile).resolve() / f"{n}.prof")]) if args.profile else \
             (lambda n: [])
         if args.profile:
@@ -440,7 +447,7 @@ def main(argv=None) -> int:
         except (OSError, ValueError):
             stats = None
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrk -t1 -c{args.connections}, {args.duration}s per path after {args.warmup}s warm-up"
+    print(f"wrk -t1 -c{args.connections}, {args.duration}s per path after {args.warmup}s warm-up, agents on {args.loop}"
           + (f", best of {args.rounds} interleaved rounds" if args.rounds > 1 else "")
           + "; CPU = both proxies of the path")
     print(f"{'path':<40}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'errors':>8}")

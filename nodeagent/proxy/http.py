@@ -690,13 +690,13 @@ class Exchange:
         if out is not None:
             for name, value in apply_header_ops(out, ops):
                 parts += (name, b": ", value, b"\r\n")
-        if status == 101:
+        if length is not None and not chunked and status != 101:
+            parts.append(b"content-length: " + length + b"\r\n")  # the common case
+        elif status == 101:
             parts.append(b"connection: upgrade\r\n")
         elif self.method == b"HEAD" or status == 204 or status == 304:
             if length is not None:
                 parts += (b"content-length: ", length, b"\r\n")
-        elif length is not None and not chunked:
-            parts += (b"content-length: ", length, b"\r\n")
         elif self.version == "1.1":
             self.eof_body = not chunked and status >= 200
             self.out_chunked = True

@@ -134,9 +134,15 @@ def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
+    user, system = cpu_split(pid)
+    return user + system
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, from /proc/<pid>/stat (utime, stime)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def wrk(url: str, seconds: float, connections: int, host: str | None) -> dict:
@@ -162,10 +168,14 @@ def wrk(url: str, seconds: float, connections: int, host: str | None) -> dict:
 
 def measure(name: str, url: str, pid: int | None, args, host: str | None = None) -> dict:
     wrk(url, args.warmup, args.connections, host)
-    before = cpu_seconds(pid) if pid else 0.0
+    before = cpu_split(pid) if pid else (0.0, 0.0)
     res = wrk(url, args.duration, args.connections, host)
     if pid:
-        res["cpu_us"] = (cpu_seconds(pid) - before) * 1e6 / max(1, res["requests"])
+        after = cpu_split(pid)
+        n = max(1, res["requests"])
+        res["user_us"] = (after[0] - before[0]) * 1e6 / n
+        res["sys_us"] = (after[1] - before[1]) * 1e6 / n
+        res["cpu_us"] = res["user_us"] + res["sys_us"]
     res["name"] = name
     return res
 
@@ -237,10 +247,11 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrk -t1 -c{args.connections}, {args.duration:g}s per target after {args.warmup:g}s warm-up, "
           f"path {args.path}" + (f", best of {args.rounds} interleaved rounds" if args.rounds > 1 else ""))
-    print(f"{'target':<20}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'non-2xx':>9}")
+    print(f"{'target':<20}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'user':>7}{'sys':>7}{'non-2xx':>9}")
     for r in results:
-        cpu = f"{r['cpu_us']:.1f}" if "cpu_us" in r else "-"
-        print(f"{r['name']:<20}{r['rps']:>10.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{cpu:>12}{r['errors']:>9}")
+        cpu, user, system = (f"{r[k]:.1f}" if k in r else "-" for k in ("cpu_us", "user_us", "sys_us"))
+        print(f"{r['name']:<20}{r['rps']:>10.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{cpu:>12}{user:>7}{system:>7}"
+              f"{r['errors']:>9}")
     na, ha = results[1], results[2]
     print(f"nodeagent/haproxy: {na['rps'] / ha['rps']:.2f}x req/s, "
           f"{na['cpu_us'] / ha['cpu_us']:.2f}x CPU per request")

@@ -206,6 +206,7 @@ class InboundPlane:
                  trust_domain_aliases: tuple[str, ...] = ()) -> None:
         self.runtime = runtime
         self.snapshots = runtime.snapshots
+        self.record_exchange = runtime.record_exchange  # per request: no delegating call
         self.trust_domain = trust_domain
         self.aliases = tuple(trust_domain_aliases)
         self.connections: set[InboundConnection] = set()
@@ -242,9 +243,6 @@ class InboundPlane:
 
     def authorize_connection(self, ctx, peer) -> bool:
         return True  # inbound streams are admitted by ``admit`` before the engine sees them
-
-    def record_exchange(self, exchange) -> None:
-        self.runtime.record_exchange(exchange)
 
     def telemetry_local_error(self, down, status: int) -> None:
         self.runtime.telemetry_local_error(down, status)

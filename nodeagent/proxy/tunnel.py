@@ -243,7 +243,8 @@ class MeshTelemetry(Telemetry):
 
     def record_http(self, ctx, dest: tuple, status: int, flags: str, duration_ms: float,
                     req_bytes: int, resp_bytes: int) -> None:
-        src, policy = self._src(ctx)
+        hit = self._src_cache.get(id(ctx))  # _src inlined: this runs for every request
+        src, policy = hit[1] if hit is not None and hit[0] is ctx else self._src(ctx)
         if policy is None:
             policy = "mutual_tls" if len(dest) > 2 and dest[2] != "unknown" else "unknown"
         key = (src, dest, status, flags, policy)

@@ -10,21 +10,24 @@ redirected connect is refused instead of bypassing the mesh).
 Backends: ``nft`` (native table, the default), ``iptables-nft``,
 ``iptables-legacy``, or ``iptables`` meaning "detect which iptables backend
 this namespace already uses" (the istio-cni failure mode we avoid).
-Commands run inside the namespace with nsenter (see ``redirect.netns``);
-tests can pass another ``runner`` with the same signature.
+nftables is driven in-process through libnftables inside the namespace
+(``redirect.libnft``: no process per command); iptables commands, and nft when
+libnftables is missing or a caller passes its own ``runner``, run inside the
+namespace with nsenter (see ``redirect.netns``).
 """
 from __future__ import annotations
 
 import subprocess
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from typing import Callable, Literal, Mapping, Protocol, Sequence, TypeVar
 
-from . import iptables, nft
-from .netns import NetnsRef, run_command
+from . import iptables, libnft, nft
+from .netns import NetnsRef, check_netns, run_command, run_in_netns
 from .plan import OWNER, CaptureError, CapturePlan, Family
 
 Backend = Literal["nft", "iptables-nft", "iptables-legacy"]
 BACKENDS: tuple[Backend, ...] = ("nft", "iptables-nft", "iptables-legacy")
+T = TypeVar("T")
 
 
 class Runner(Protocol):
@@ -57,22 +60,104 @@ def _xt(backend: Backend, family: Family, tool: str) -> str:
     return f"{prefix}-{variant}-{tool}"  # e.g. ip6tables-legacy-save
 
 
-# --- nft -----------------------------------------------------------------
+# --- one read of a namespace ----------------------------------------------------
 
-def nft_state(netns: NetnsRef | None, family: str, *, runner: Runner = run_command) -> nft.TableState | None:
-    proc = _run(runner, netns, ["nft", "-j", "list", "table", family, OWNER], check=False)
-    if proc.returncode != 0:
-        if "No such file or directory" in proc.stderr:
-            return None
-        raise CaptureError(f"`nft list table {family} {OWNER}` in {netns!r} failed: {proc.stderr.strip()}")
-    return nft.parse_state(proc.stdout, family)
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything apply/verify/cleanup need to know about a namespace, read at once.
+
+    One ``nft -j list ruleset`` gives nodeagent's nft tables and whether the
+    iptables-nft backend holds its chains; ``/proc/net/ip{,6}_tables_names``
+    (per namespace) lists the legacy iptables tables the kernel has loaded
+    there: a legacy nat table that was never loaded cannot hold our rules, so
+    the legacy backend is only read when it has been used in this namespace.
+    """
+
+    nft: nft.Ruleset
+    legacy_tables: Mapping[Family, frozenset[str]]  # loaded legacy tables, per family
+
+    def legacy_nat(self) -> tuple[Family, ...]:
+        return tuple(f for f in ("ipv4", "ipv6") if iptables.TABLE in self.legacy_tables.get(f, ()))
 
 
-def _nft_drift(plan: CapturePlan, netns, runner) -> tuple[str, ...]:
+LEGACY_NAMES: Mapping[Family, str] = {"ipv4": "ip_tables_names", "ipv6": "ip6_tables_names"}
+
+
+def _legacy_tables_here() -> dict[Family, frozenset[str]]:
+    # thread-self: /proc/self/net would show the main thread's namespace.
+    out: dict[Family, frozenset[str]] = {}
+    for family, name in LEGACY_NAMES.items():
+        try:
+            with open(f"/proc/thread-self/net/{name}") as fh:
+                out[family] = frozenset(fh.read().split())
+        except FileNotFoundError:  # legacy iptables not in this kernel: nothing to find
+            out[family] = frozenset()
+    return out
+
+
+class _Session(Protocol):
+    def list_ruleset(self) -> str: ...
+
+    def load(self, text: str) -> None: ...
+
+    def legacy_tables(self) -> dict[Family, frozenset[str]]: ...
+
+
+class _LibSession:
+    """In-process libnftables, already inside the namespace (see redirect.libnft)."""
+
+    def __init__(self, session: libnft.Session) -> None:
+        self.session = session
+
+    def list_ruleset(self) -> str:
+        return self.session.cmd("list ruleset", json_output=True)
+
+    def load(self, text: str) -> None:
+        self.session.cmd(text)
+
+    def legacy_tables(self) -> dict[Family, frozenset[str]]:
+        return _legacy_tables_here()
+
+
+class _CliSession:
+    """The ``nft`` binary through ``runner`` (fallback, or a caller-supplied runner)."""
+
+    def __init__(self, netns: NetnsRef | None, runner: Runner) -> None:
+        self.netns, self.runner = netns, runner
+
+    def list_ruleset(self) -> str:
+        return _run(self.runner, self.netns, ["nft", "-j", "list", "ruleset"]).stdout
+
+    def load(self, text: str) -> None:
+        _run(self.runner, self.netns, ["nft", "-f", "-"], input=text)
+
+    def legacy_tables(self) -> dict[Family, frozenset[str]]:
+        return run_in_netns(self.netns, _legacy_tables_here, timeout=TIMEOUT)
+
+
+def _with_session(netns: NetnsRef | None, runner: Runner, fn: Callable[[_Session], T]) -> T:
+    """Call ``fn`` with a session in ``netns``: libnftables in-process when possible."""
+    if runner is run_command and libnft.available():
+        if netns is not None:
+            check_netns(netns)
+        return libnft.run(netns, lambda s: fn(_LibSession(s)), timeout=TIMEOUT)
+    return fn(_CliSession(netns, runner))
+
+
+def _read(session: _Session) -> Snapshot:
+    return Snapshot(nft.parse_ruleset(session.list_ruleset(), iptables.PREFIX), session.legacy_tables())
+
+
+def snapshot(netns: NetnsRef | None, *, runner: Runner = run_command) -> Snapshot:
+    """Read what nodeagent has in ``netns`` (nft tables, iptables-nft chains, legacy tables loaded)."""
+    return _with_session(netns, runner, _read)
+
+
+def _nft_drift(plan: CapturePlan, snap: Snapshot) -> tuple[str, ...]:
     want = nft.desired_state(plan)
-    drift = list(nft.diff(want, nft_state(netns, want.family, runner=runner)))
+    drift = list(nft.diff(want, snap.nft.tables.get(want.family)))
     for fam in nft.TABLE_FAMILIES:
-        if fam != want.family and nft_state(netns, fam, runner=runner) is not None:
+        if fam != want.family and fam in snap.nft.tables:
             drift.append(f"stale table {fam} {OWNER}")
     return tuple(drift)
 
@@ -87,13 +172,35 @@ def iptables_state(netns: NetnsRef | None, backend: Backend, family: Family = "i
 
 def detect_backend(netns: NetnsRef | None, *, runner: Runner = run_command) -> Backend:
     """The iptables backend already in use in ``netns`` (iptables-nft when unsure)."""
-    legacy = iptables_state(netns, "iptables-legacy", runner=runner)
+    if netns is not None:
+        check_netns(netns)
+    # iptables-legacy-save dumps exactly the loaded tables: none loaded, nothing to read.
+    loaded = run_in_netns(netns, _legacy_tables_here, timeout=TIMEOUT)["ipv4"]
+    legacy = iptables_state(netns, "iptables-legacy", runner=runner) if loaded else iptables.EMPTY
     nftb = iptables_state(netns, "iptables-nft", runner=runner)
     return iptables.choose_backend(legacy, nftb)  # type: ignore[return-value]
 
 
 def _restore(runner, netns, backend: Backend, family: Family, text: str) -> None:
     _run(runner, netns, [_xt(backend, family, "restore"), "--noflush", "-w", XTABLES_WAIT], input=text)
+
+
+def _cleanup_iptables(snap: Snapshot, netns, backends: Sequence[Backend], runner) -> list[Backend]:
+    """Remove nodeagent's chains/jumps from the iptables ``backends`` the snapshot says hold any."""
+    removed: list[Backend] = []
+    for backend in backends:
+        if backend == "nft":
+            continue
+        families = snap.nft.iptables_nft if backend == "iptables-nft" else frozenset(snap.legacy_nat())
+        for family in ("ipv4", "ipv6"):
+            if family not in families:
+                continue
+            text = iptables.render_cleanup(iptables_state(netns, backend, family, runner=runner))
+            if text is not None:
+                _restore(runner, netns, backend, family, text)
+                if backend not in removed:
+                    removed.append(backend)
+    return removed
 
 
 # --- the edge ----------------------------------------------------------------
@@ -112,7 +219,7 @@ def verify(plan: CapturePlan, netns: NetnsRef | None, backend: str = "nft", *,
     """Differences between the kernel and the plan in ``netns`` (empty: in sync)."""
     chosen = _resolve(backend, netns, runner)
     if chosen == "nft":
-        return _nft_drift(plan, netns, runner)
+        return _nft_drift(plan, snapshot(netns, runner=runner))
     drift: list[str] = []
     for family in plan.families:
         state = iptables_state(netns, chosen, family, runner=runner)
@@ -129,23 +236,33 @@ def apply(plan: CapturePlan, netns: NetnsRef | None, backend: str = "nft", *,
     (e.g. after switching from iptables-legacy to nft) are removed too, so two
     backends never capture at once; a periodic resync that knows the backend
     did not change may pass ``sweep=False`` to save the extra reads.
+
+    nft: one read (``list ruleset`` + the legacy table names), then, only if
+    something differs, one atomic load; the other backends are read only when
+    that read shows they can hold nodeagent's chains.
     """
     chosen = _resolve(backend, netns, runner)
+    others = tuple(b for b in BACKENDS if b != chosen)
     if chosen == "nft":
-        drift = _nft_drift(plan, netns, runner)
-        if drift:
-            _run(runner, netns, ["nft", "-f", "-"], input=nft.render(plan))
-    else:
-        drift_list: list[str] = []
-        for family in plan.families:
-            state = iptables_state(netns, chosen, family, runner=runner)
-            found = iptables.diff(iptables.desired_state(plan, family), state)
+        def body(session: _Session) -> tuple[Snapshot, tuple[str, ...]]:
+            snap = _read(session)
+            found = _nft_drift(plan, snap)
             if found:
-                drift_list += [f"{_xt(chosen, family, 'save')}: {d}" for d in found]
-                _restore(runner, netns, chosen, family, iptables.render_restore(plan, family, state))
-        drift = tuple(drift_list)
-    removed = cleanup(netns, tuple(b for b in BACKENDS if b != chosen), runner=runner) if sweep else ()
-    return ApplyResult(chosen, bool(drift) or bool(removed), drift, removed)
+                session.load(nft.render(plan))
+            return snap, found
+
+        snap, drift = _with_session(netns, runner, body)
+        removed = tuple(_cleanup_iptables(snap, netns, others, runner)) if sweep else ()
+        return ApplyResult(chosen, bool(drift) or bool(removed), drift, removed)
+    drift_list: list[str] = []
+    for family in plan.families:
+        state = iptables_state(netns, chosen, family, runner=runner)
+        found_xt = iptables.diff(iptables.desired_state(plan, family), state)
+        if found_xt:
+            drift_list += [f"{_xt(chosen, family, 'save')}: {d}" for d in found_xt]
+            _restore(runner, netns, chosen, family, iptables.render_restore(plan, family, state))
+    removed = cleanup(netns, others, runner=runner) if sweep else ()
+    return ApplyResult(chosen, bool(drift_list) or bool(removed), tuple(drift_list), removed)
 
 
 def cleanup(netns: NetnsRef | None, backends: Sequence[Backend] = BACKENDS, *,
@@ -154,17 +271,14 @@ def cleanup(netns: NetnsRef | None, backends: Sequence[Backend] = BACKENDS, *,
 
     Returns the backends that held nodeagent rules.
     """
-    removed: list[Backend] = []
-    for backend in backends:
-        if backend == "nft":
-            if any(nft_state(netns, fam, runner=runner) is not None for fam in nft.TABLE_FAMILIES):
-                _run(runner, netns, ["nft", "-f", "-"], input=nft.render_cleanup())
-                removed.append(backend)
-            continue
-        for family in ("ipv4", "ipv6"):
-            text = iptables.render_cleanup(iptables_state(netns, backend, family, runner=runner))
-            if text is not None:
-                _restore(runner, netns, backend, family, text)
-                if backend not in removed:
-                    removed.append(backend)
-    return tuple(removed)
+    def body(session: _Session) -> tuple[Snapshot, bool]:
+        snap = _read(session)
+        if "nft" in backends and snap.nft.tables:
+            session.load(nft.render_cleanup())
+            return snap, True
+        return snap, False
+
+    snap, nft_removed = _with_session(netns, runner, body)
+    removed: list[Backend] = ["nft"] if nft_removed else []
+    removed += _cleanup_iptables(snap, netns, backends, runner)
+    return tuple(b for b in BACKENDS if b in removed)

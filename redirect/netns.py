@@ -136,11 +136,17 @@ def netns_command(netns: NetnsRef | None, argv: Sequence[str]) -> list[str]:
     return ["nsenter", f"--net={netns_path(netns)}", "--", *argv]
 
 
+def check_netns(netns: NetnsRef) -> None:
+    """NetnsError naming the namespace if it does not exist."""
+    if not os.path.exists(netns_path(netns)):
+        raise NetnsError(f"network namespace {netns!r} not found ({netns_path(netns)} does not exist)")
+
+
 def run_command(netns: NetnsRef | None, argv: Sequence[str], *, input: str | None = None,
                 timeout: float = 10.0, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run a command inside ``netns``; on failure raise NetnsError with its stderr."""
-    if netns is not None and not os.path.exists(netns_path(netns)):
-        raise NetnsError(f"network namespace {netns!r} not found ({netns_path(netns)} does not exist)")
+    if netns is not None:
+        check_netns(netns)
     cmd = netns_command(netns, argv)
     try:
         proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)

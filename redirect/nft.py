@@ -131,28 +131,35 @@ def desired_state(plan: CapturePlan) -> TableState:
     return TableState(table_family(plan), chains)
 
 
-def parse_state(listing: str, family: str) -> TableState | None:
-    """Read `nft -j list table FAMILY nodeagent` output; None if it is empty."""
+def _items(listing: str, what: str) -> list:
     try:
         items = json.loads(listing).get("nftables", []) if listing.strip() else []
     except (ValueError, AttributeError) as exc:
-        raise CaptureError(f"cannot parse `nft -j list table {family} {OWNER}` output: {exc}") from None
+        raise CaptureError(f"cannot parse `nft -j {what}` output: {exc}") from None
+    if not isinstance(items, list):
+        raise CaptureError(f"cannot parse `nft -j {what}` output: 'nftables' is not a list")
+    return items
+
+
+def _table_state(items: list, family: str) -> TableState | None:
+    """nodeagent's table of ``family`` among listing ``items`` (None if absent)."""
     chains: dict[str, dict] = {}
     rules: dict[str, list[str]] = {}
     found = False
     for item in items:
-        if "table" in item:
+        kind, obj = next(iter(item.items())) if isinstance(item, dict) and item else (None, None)
+        if not isinstance(obj, dict) or obj.get("family") != family:
+            continue
+        if kind == "table" and obj.get("name") == OWNER:
             found = True
-        elif "chain" in item:
-            c = item["chain"]
-            chains[c["name"]] = c
-            rules.setdefault(c["name"], [])
-        elif "rule" in item:
-            r = item["rule"]
-            comment = r.get("comment")
+        elif kind == "chain" and obj.get("table") == OWNER:
+            chains[obj["name"]] = obj
+            rules.setdefault(obj["name"], [])
+        elif kind == "rule" and obj.get("table") == OWNER:
+            comment = obj.get("comment")
             if not (isinstance(comment, str) and comment.startswith(OWNER + ":")):
-                comment = f"<foreign rule handle {r.get('handle')}>"
-            rules.setdefault(r["chain"], []).append(comment)
+                comment = f"<foreign rule handle {obj.get('handle')}>"
+            rules.setdefault(obj["chain"], []).append(comment)
     if not found:
         return None
     states = {
@@ -160,6 +167,44 @@ def parse_state(listing: str, family: str) -> TableState | None:
         for name, c in chains.items()
     }
     return TableState(family, states)
+
+
+def parse_state(listing: str, family: str) -> TableState | None:
+    """Read `nft -j list table FAMILY nodeagent` output; None if it is empty."""
+    return _table_state(_items(listing, f"list table {family} {OWNER}"), family)
+
+
+# iptables-nft keeps its nat table as native tables `ip nat` / `ip6 nat`.
+IPTABLES_NFT_TABLES = {"ip": "ipv4", "ip6": "ipv6"}
+
+
+@dataclass(frozen=True, slots=True)
+class Ruleset:
+    """What one `nft -j list ruleset` shows nodeagent."""
+
+    tables: Mapping[str, TableState]  # nodeagent's own tables, by family (inet, ip)
+    iptables_nft: frozenset[str]  # "ipv4"/"ipv6": iptables-nft nat tables holding NODEAGENT-* chains
+
+
+def parse_ruleset(listing: str, owned_chain_prefix: str) -> Ruleset:
+    """Read `nft -j list ruleset`: nodeagent's tables, and where iptables-nft holds its chains.
+
+    A jump into an owned chain cannot exist without the chain, so the chains
+    alone tell whether the iptables-nft backend holds anything of nodeagent's.
+    """
+    items = _items(listing, "list ruleset")
+    tables = {}
+    for fam in TABLE_FAMILIES:
+        state = _table_state(items, fam)
+        if state is not None:
+            tables[fam] = state
+    xt = set()
+    for item in items:
+        chain = item.get("chain") if isinstance(item, dict) else None
+        if (isinstance(chain, dict) and chain.get("table") == "nat" and chain.get("family") in IPTABLES_NFT_TABLES
+                and str(chain.get("name", "")).startswith(owned_chain_prefix)):
+            xt.add(IPTABLES_NFT_TABLES[chain["family"]])
+    return Ruleset(tables, frozenset(xt))
 
 
 def diff(desired: TableState, actual: TableState | None) -> tuple[str, ...]:

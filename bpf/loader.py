@@ -3,8 +3,9 @@
 Layout under the pin directory (default /sys/fs/bpf/nodeagent):
 
     maps/netns maps/cgroup maps/excl_port maps/excl_dst maps/cookie_dst maps/pair_dst
-    maps/local_socks maps/tcp_used
+    maps/local_socks maps/tcp_used maps/in_listen maps/in_port maps/in_src maps/in_dst
     links/na_connect4 links/na_connect6 links/na_sockops links/na_getsockopt links/na_fast_sockops
+    links/na_inbound_<netns cookie>   (inbound: one sk_lookup instance per enrolled pod, bpf/inbound.py)
 
 The cgroup programs are attached ONCE, at the cgroup v2 root, with bpf_links
 that are pinned: they stay attached while the agent restarts, and a new agent
@@ -12,7 +13,10 @@ re-adopts them by atomically swapping its freshly loaded programs into the
 pinned links (BPF_LINK_UPDATE), so there is no window without capture. The
 sk_msg program of the same-node fast path is attached to the pinned SOCKHASH
 (re-attaching replaces it). Enrolling or removing a workload is a map update
-(no compile, no attach). ``cleanup()`` detaches the links and removes every pin.
+(no compile, no attach). Inbound capture (``enroll_inbound``) is the
+exception: sk_lookup programs attach per network namespace, so each enrolled
+pod gets its own instance of ``na_inbound`` (patched, not recompiled) and
+link. ``cleanup()`` detaches the links and removes every pin.
 
 Errors: ``EbpfUnavailable`` when this host cannot do eBPF capture at all
 (no bcc, no kernel headers, no privileges, no bpffs/cgroup v2) - with

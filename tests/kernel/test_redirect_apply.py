@@ -5,11 +5,15 @@ Each test works in its own fresh network namespace (root needed).
 from __future__ import annotations
 
 import json
+import logging
+import secrets
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from redirect import capture
-from redirect import iptables, nft
+from redirect import iptables, libnft, nft
 from redirect.netns import run_command
 from redirect.plan import CaptureConfig, in_pod_plan
 
@@ -163,3 +167,117 @@ def test_errors_name_the_namespace():
 def test_rendered_nft_text_loads_as_is(fresh_netns):
     """The golden nft text is valid for this nft (host-mode text is covered in test_redirect_capture)."""
     sh(fresh_netns, "nft", "-c", "-f", "-", input=nft.render(PLAN))
+
+
+def legacy_tables_loaded(ns):
+    return sh(ns, "cat", "/proc/self/net/ip_tables_names", "/proc/self/net/ip6_tables_names").stdout.split()
+
+
+def test_nft_apply_is_in_process_and_never_loads_legacy_tables(fresh_netns, monkeypatch):
+    """The nft path spawns no process (libnftables in the namespace) and only reads the
+    legacy backend where it was used: a fresh pod's legacy nat table is never loaded."""
+    if not libnft.available():
+        pytest.fail("libnftables.so.1 cannot be loaded; it comes with Debian's nftables package")
+    ns = fresh_netns
+    spawned = []
+    real_popen = subprocess.Popen
+
+    def counting_popen(*args, **kwargs):
+        spawned.append(args[0] if args else kwargs.get("args"))
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", counting_popen)
+    assert capture.apply(PLAN, ns).drift == ("table inet nodeagent is missing",)
+    assert capture.apply(PLAN, ns).changed is False
+    assert capture.verify(PLAN, ns) == ()
+    assert capture.cleanup(ns) == ("nft",)
+    assert capture.cleanup(ns) == ()
+    assert spawned == []
+    monkeypatch.undo()
+    assert legacy_tables_loaded(ns) == []  # reading never instantiated the legacy nat table
+
+
+@pytest.mark.parametrize("old", ["iptables-nft", "iptables-legacy"])
+def test_switching_from_each_iptables_backend_to_nft(fresh_netns, old):
+    ns = fresh_netns
+    add_foreign_iptables(ns, old.split("-")[1])
+    save = f"{old}-save"
+    before = foreign_lines(sh(ns, save).stdout)
+    capture.apply(PLAN, ns, old)
+    assert "NODEAGENT" in sh(ns, f"ip6tables-{old.split('-')[1]}-save").stdout
+    result = capture.apply(PLAN, ns, "nft")
+    assert result.removed_from == (old,) and result.changed
+    after = sh(ns, save).stdout
+    assert "NODEAGENT" not in after and "NODEAGENT" not in sh(ns, f"ip6tables-{old.split('-')[1]}-save").stdout
+    assert foreign_lines(after) == before  # only ours removed
+    assert capture.apply(PLAN, ns, "nft") == capture.ApplyResult("nft", False, ())
+    capture.cleanup(ns)
+
+
+def test_the_nft_command_path_gives_the_same_results(fresh_netns, monkeypatch, caplog):
+    """Without libnftables (or with a caller's runner) the nft binary does the same job."""
+    ns = fresh_netns
+    calls = []
+
+    def runner(netns, argv, **kwargs):
+        calls.append(argv[0])
+        return run_command(netns, argv, **kwargs)
+
+    foreign = add_foreign_nft(ns)
+    assert capture.apply(PLAN, ns, runner=runner).drift == ("table inet nodeagent is missing",)
+    assert calls == ["nft", "nft"]  # list ruleset, one load
+    listing = nft_listing(ns)
+    assert capture.apply(PLAN, ns, runner=runner).changed is False
+    assert nft_listing(ns) == listing
+    chain, handle = rule_handle(ns, "nodeagent:in-redirect:")
+    sh(ns, "nft", "delete", "rule", "inet", "nodeagent", chain, "handle", str(handle))
+    assert any("in-redirect" in d for d in capture.verify(PLAN, ns, runner=runner))
+    assert capture.apply(PLAN, ns, runner=runner).changed
+    assert capture.verify(PLAN, ns) == ()  # and the in-process reader agrees
+
+    # libnftables missing: one warning, then the nft binary through nsenter.
+    monkeypatch.setattr(libnft, "_lib", None)
+    monkeypatch.setattr(libnft, "_load_error", "cannot load libnftables.so.1 (test)")
+    monkeypatch.setattr(libnft, "_warned", False)
+    with caplog.at_level(logging.WARNING, logger="redirect.libnft"):
+        assert capture.apply(PLAN, ns).changed is False
+        assert capture.cleanup(ns) == ("nft",)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "redirect.libnft"]
+    assert len(warnings) == 1 and "using the nft command instead" in warnings[0]
+    assert sh(ns, "nft", "list", "table", "inet", "foreign").stdout == foreign
+
+
+def test_libnftables_errors_name_the_namespace(fresh_netns):
+    with pytest.raises(libnft.NftLibError, match=rf"in network namespace '{fresh_netns}' refused "
+                                                 r"`add rule inet nosuch output accept`: .*No such file"):
+        libnft.run(fresh_netns, lambda s: s.cmd("add rule inet nosuch output accept"))
+    # A failed load leaves the namespace as it was (one transaction).
+    add_foreign_nft(fresh_netns)
+    bad = nft.render(PLAN).replace("redirect to :15001", "redirect to :99999")
+    with pytest.raises(libnft.NftLibError):
+        libnft.run(fresh_netns, lambda s: s.cmd(bad))
+    assert "nodeagent" not in sh(fresh_netns, "nft", "list", "tables").stdout
+
+
+def test_concurrent_applies_in_several_namespaces(needs_root):
+    """The agent applies from executor threads: contexts never cross namespaces."""
+    names = [f"nakc{secrets.token_hex(3)}{i}" for i in range(4)]
+    plans = [in_pod_plan(CaptureConfig(outbound_port=15001 + i)) for i in range(len(names))]
+    for name in names:
+        subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    try:
+        def work(i):
+            for _ in range(5):
+                capture.apply(plans[i], names[i])
+                capture.apply(plans[(i + 1) % len(plans)], names[i])
+            return capture.apply(plans[i], names[i])
+
+        with ThreadPoolExecutor(len(names)) as pool:
+            results = list(pool.map(work, range(len(names))))
+        for i, name in enumerate(names):
+            assert results[i].changed  # the last plan differed from the one before
+            assert capture.verify(plans[i], name) == ()
+            assert f"redirect to :{15001 + i}" in nft_listing(name)
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)

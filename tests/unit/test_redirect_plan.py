@@ -127,6 +127,37 @@ def test_nft_state_round_trip_and_drift():
         nft.parse_state("{not json", "inet")
 
 
+def test_ruleset_gives_our_tables_and_where_iptables_nft_holds_our_chains():
+    plan = in_pod_plan()
+    ours = json.loads(_nft_listing(plan))["nftables"]
+    foreign = [
+        {"table": {"family": "inet", "name": "foreign", "handle": 7}},
+        # Same chain name outside iptables-nft's nat tables: not ours.
+        {"chain": {"family": "inet", "table": "foreign", "name": "NODEAGENT-OUTPUT", "handle": 8}},
+        {"table": {"family": "ip", "name": "nat", "handle": 9}},
+        {"chain": {"family": "ip", "table": "nat", "name": "OUTPUT", "handle": 10, "type": "nat",
+                   "hook": "output", "prio": -100, "policy": "accept"}},
+        {"rule": {"family": "ip", "table": "nat", "chain": "OUTPUT", "handle": 11, "expr": []}},
+        # A stale IPv4-only table of ours.
+        {"table": {"family": "ip", "name": "nodeagent", "handle": 12}},
+    ]
+    listing = json.dumps({"nftables": ours + foreign})
+    rs = nft.parse_ruleset(listing, iptables.PREFIX)
+    assert set(rs.tables) == {"inet", "ip"}
+    assert nft.diff(nft.desired_state(plan), rs.tables["inet"]) == ()
+    assert rs.tables["ip"].chains == {}
+    assert rs.iptables_nft == frozenset()  # an iptables-nft nat table without our chains
+
+    xt = foreign + [{"chain": {"family": "ip6", "table": "nat", "name": "NODEAGENT-PREROUTING", "handle": 13}}]
+    rs = nft.parse_ruleset(json.dumps({"nftables": xt}), iptables.PREFIX)
+    assert rs.iptables_nft == frozenset({"ipv6"}) and set(rs.tables) == {"ip"}
+    assert nft.parse_ruleset('{"nftables": []}', iptables.PREFIX) == nft.Ruleset({}, frozenset())
+    # One table listing parses the same as the table inside a whole ruleset.
+    assert nft.parse_state(_nft_listing(plan), "inet") == nft.parse_ruleset(listing, iptables.PREFIX).tables["inet"]
+    with pytest.raises(CaptureError, match="cannot parse `nft -j list ruleset` output"):
+        nft.parse_ruleset('{"nftables": 3}', iptables.PREFIX)
+
+
 def test_iptables_state_round_trip_and_drift():
     plan = in_pod_plan(CaptureConfig(exclude_cidrs=("10.96.0.0/12",)))
     text = iptables.render_restore(plan, "ipv4")

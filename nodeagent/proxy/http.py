@@ -260,7 +260,7 @@ class HttpDownstream(asyncio.Protocol):
         parser = self.parser
         exchange = Exchange(
             self, parser.get_method(), self.url, self.headers,
-            parser.get_http_version(), parser.should_keep_alive(), parser.should_upgrade(),
+            None, parser.should_keep_alive(), parser.should_upgrade(),
         )
         self.parsing = exchange
         if self.active is None:
@@ -357,11 +357,10 @@ class Exchange:
     )
 
     def __init__(self, down: HttpDownstream, method, url, headers, version, keep_alive, upgrade) -> None:
+        """``version`` None: read it from ``down.parser`` (the head was just parsed)."""
         self.down = down
         self.runtime = down.runtime
         self.method = method
-        self.headers = headers
-        self.version = version
         self.keep_alive = keep_alive
         self.upgrade = upgrade
         self.body_mode = 0  # 0 none, 1 content-length, 2 chunked
@@ -399,6 +398,7 @@ class Exchange:
         self.eof_body = False  # the upstream response body ends when its connection closes
         authority = b""
         keep = []
+        connection = False  # a Connection or Proxy-Connection header
         for h in headers:
             name = h[0].lower()
             if name in _HOP:
@@ -412,10 +412,19 @@ class Exchange:
                     self.body_mode = 2
                 elif name == b"expect":
                     self.expect_continue = h[1].lower() == b"100-continue"
-                elif name == b"upgrade" and upgrade:
-                    keep.append(h)
+                elif name == b"upgrade":
+                    if upgrade:
+                        keep.append(h)
+                elif name == b"connection" or name == b"proxy-connection":
+                    connection = True
                 continue
             keep.append(h)
+        if version is None:
+            # The parser's version string costs a format call. The parser accepts only
+            # 0.9, 1.0, 1.1 and 2.0, and keeps the connection alive without a Connection
+            # (or Proxy-Connection) header only for 1.1.
+            version = "1.1" if keep_alive and not connection else down.parser.get_http_version()
+        self.version = version
         if url[:1] == b"/" or url == b"*":
             self.path = url
         else:

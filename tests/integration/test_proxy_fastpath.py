@@ -197,3 +197,36 @@ def test_one_endpoint_cluster_honours_tried_and_counts_active_requests(loop):
     assert single.pick(None, [ep]) is None  # a retry must not go back to the endpoint it tried
     single.done(ep)
     assert single.picker.active == {}
+
+
+def test_http_version_is_known_without_asking_the_parser_for_1_1(loop):
+    """The engine infers HTTP/1.1 from keep-alive without a Connection header; every other
+    case asks the parser. The version shows in the framing of the (local) reply."""
+    runtime, _, down = make_runtime(ROUTES, loop)
+
+    async def exchange_all() -> list[bytes]:
+        server = await loop.create_server(lambda: HttpDownstream(runtime, down.ctx), "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        heads = []
+        try:
+            for request in (b"GET / HTTP/1.0\r\nHost: nowhere\r\nProxy-Connection: keep-alive\r\n\r\n",
+                            b"GET / HTTP/1.1\r\nHost: nowhere\r\n\r\n",
+                            b"GET / HTTP/1.1\r\nHost: nowhere\r\nConnection: keep-alive\r\n\r\n",
+                            b"GET / HTTP/1.0\r\nHost: nowhere\r\n\r\n"):
+                writer.write(request)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+                await asyncio.wait_for(reader.readexactly(length), 5)
+                heads.append(head.lower())
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # HTTP/1.0 without keep-alive: closed
+        finally:
+            writer.close()
+            server.close()
+            await server.wait_closed()
+        return heads
+
+    heads = loop.run_until_complete(exchange_all())
+    assert all(h.startswith(b"http/1.1 404") for h in heads)
+    assert b"connection: keep-alive" in heads[0]
+    assert b"connection:" not in heads[1] and b"connection:" not in heads[2]
+    assert b"connection: close" in heads[3]

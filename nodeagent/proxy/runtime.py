@@ -462,6 +462,8 @@ class ProxyRuntime:
         key = (id(ctx), down.target, down.peer.original_destination)
         hit = self._scopes.get(key)
         if hit is None or hit[0] is not ctx:
+            if len(self._scopes) >= 4096:
+                self._scopes.clear()  # connections keep their own dict; new ones start afresh
             hit = self._scopes[key] = (ctx, {})
         return hit[1]
 

@@ -66,11 +66,14 @@ def _xt(backend: Backend, family: Family, tool: str) -> str:
 class Snapshot:
     """Everything apply/verify/cleanup need to know about a namespace, read at once.
 
-    One ``nft -j list ruleset`` gives nodeagent's nft tables and whether the
-    iptables-nft backend holds its chains; ``/proc/net/ip{,6}_tables_names``
-    (per namespace) lists the legacy iptables tables the kernel has loaded
-    there: a legacy nat table that was never loaded cannot hold our rules, so
-    the legacy backend is only read when it has been used in this namespace.
+    ``list tables`` says which of nodeagent's tables exist (each is then
+    listed) and whether iptables-nft's nat tables exist (then ``list chains``,
+    without rules, says whether they hold nodeagent's chains): a fresh pod
+    costs one netlink dump, and foreign rules are never parsed.
+    ``/proc/net/ip{,6}_tables_names`` (per namespace) lists the legacy
+    iptables tables the kernel has loaded there: a legacy nat table that was
+    never loaded cannot hold our rules, so the legacy backend is only read
+    when it has been used in this namespace.
     """
 
     nft: nft.Ruleset
@@ -96,7 +99,7 @@ def _legacy_tables_here() -> dict[Family, frozenset[str]]:
 
 
 class _Session(Protocol):
-    def list_ruleset(self) -> str: ...
+    def list(self, what: str) -> str | None: ...  # JSON; None when the object does not exist
 
     def load(self, text: str) -> None: ...
 
@@ -109,8 +112,13 @@ class _LibSession:
     def __init__(self, session: libnft.Session) -> None:
         self.session = session
 
-    def list_ruleset(self) -> str:
-        return self.session.cmd("list ruleset", json_output=True)
+    def list(self, what: str) -> str | None:
+        try:
+            return self.session.cmd(f"list {what}", json_output=True)
+        except libnft.NftLibError as exc:
+            if "No such file or directory" in str(exc):
+                return None
+            raise
 
     def load(self, text: str) -> None:
         self.session.cmd(text)
@@ -125,8 +133,13 @@ class _CliSession:
     def __init__(self, netns: NetnsRef | None, runner: Runner) -> None:
         self.netns, self.runner = netns, runner
 
-    def list_ruleset(self) -> str:
-        return _run(self.runner, self.netns, ["nft", "-j", "list", "ruleset"]).stdout
+    def list(self, what: str) -> str | None:
+        proc = _run(self.runner, self.netns, ["nft", "-j", "list", *what.split()], check=False)
+        if proc.returncode != 0:
+            if "No such file or directory" in proc.stderr:
+                return None
+            raise CaptureError(f"`nft list {what}` in {self.netns!r} failed: {proc.stderr.strip()}")
+        return proc.stdout
 
     def load(self, text: str) -> None:
         _run(self.runner, self.netns, ["nft", "-f", "-"], input=text)
@@ -145,7 +158,18 @@ def _with_session(netns: NetnsRef | None, runner: Runner, fn: Callable[[_Session
 
 
 def _read(session: _Session) -> Snapshot:
-    return Snapshot(nft.parse_ruleset(session.list_ruleset(), iptables.PREFIX), session.legacy_tables())
+    present = nft.parse_tables(session.list("tables") or "")
+    tables = {}
+    for fam in nft.TABLE_FAMILIES:
+        if (fam, OWNER) in present:
+            listing = session.list(f"table {fam} {OWNER}")  # None: deleted meanwhile
+            state = nft.parse_state(listing, fam) if listing is not None else None
+            if state is not None:
+                tables[fam] = state
+    xt: frozenset[str] = frozenset()
+    if nft.iptables_nft_holders(present):
+        xt = nft.parse_owned_chains(session.list("chains") or "", iptables.PREFIX)
+    return Snapshot(nft.Ruleset(tables, xt), session.legacy_tables())
 
 
 def snapshot(netns: NetnsRef | None, *, runner: Runner = run_command) -> Snapshot:
@@ -237,9 +261,9 @@ def apply(plan: CapturePlan, netns: NetnsRef | None, backend: str = "nft", *,
     backends never capture at once; a periodic resync that knows the backend
     did not change may pass ``sweep=False`` to save the extra reads.
 
-    nft: one read (``list ruleset`` + the legacy table names), then, only if
-    something differs, one atomic load; the other backends are read only when
-    that read shows they can hold nodeagent's chains.
+    nft: one read (see ``Snapshot``), then, only if something differs, one
+    atomic load; the other backends are read only when that read shows they
+    can hold nodeagent's chains.
     """
     chosen = _resolve(backend, netns, runner)
     others = tuple(b for b in BACKENDS if b != chosen)

@@ -180,31 +180,41 @@ IPTABLES_NFT_TABLES = {"ip": "ipv4", "ip6": "ipv6"}
 
 @dataclass(frozen=True, slots=True)
 class Ruleset:
-    """What one `nft -j list ruleset` shows nodeagent."""
+    """What nodeagent needs to know of a namespace's nftables."""
 
     tables: Mapping[str, TableState]  # nodeagent's own tables, by family (inet, ip)
     iptables_nft: frozenset[str]  # "ipv4"/"ipv6": iptables-nft nat tables holding NODEAGENT-* chains
 
 
-def parse_ruleset(listing: str, owned_chain_prefix: str) -> Ruleset:
-    """Read `nft -j list ruleset`: nodeagent's tables, and where iptables-nft holds its chains.
+def parse_tables(listing: str) -> frozenset[tuple[str, str]]:
+    """(family, name) of every table in `nft -j list tables` output."""
+    out = set()
+    for item in _items(listing, "list tables"):
+        table = item.get("table") if isinstance(item, dict) else None
+        if isinstance(table, dict):
+            out.add((table.get("family"), table.get("name")))
+    return frozenset(out)
+
+
+def iptables_nft_holders(tables: frozenset[tuple[str, str]]) -> tuple[str, ...]:
+    """Families of the iptables-nft nat tables present (the only place its owned chains can be)."""
+    return tuple(fam for fam in IPTABLES_NFT_TABLES if (fam, "nat") in tables)
+
+
+def parse_owned_chains(listing: str, owned_chain_prefix: str) -> frozenset[str]:
+    """From `nft -j list chains`: "ipv4"/"ipv6" where iptables-nft's nat table has an owned chain.
 
     A jump into an owned chain cannot exist without the chain, so the chains
     alone tell whether the iptables-nft backend holds anything of nodeagent's.
+    Chains are listed without their rules: foreign rules are never parsed.
     """
-    items = _items(listing, "list ruleset")
-    tables = {}
-    for fam in TABLE_FAMILIES:
-        state = _table_state(items, fam)
-        if state is not None:
-            tables[fam] = state
-    xt = set()
-    for item in items:
+    out = set()
+    for item in _items(listing, "list chains"):
         chain = item.get("chain") if isinstance(item, dict) else None
         if (isinstance(chain, dict) and chain.get("table") == "nat" and chain.get("family") in IPTABLES_NFT_TABLES
                 and str(chain.get("name", "")).startswith(owned_chain_prefix)):
-            xt.add(IPTABLES_NFT_TABLES[chain["family"]])
-    return Ruleset(tables, frozenset(xt))
+            out.add(IPTABLES_NFT_TABLES[chain["family"]])
+    return frozenset(out)
 
 
 def diff(desired: TableState, actual: TableState | None) -> tuple[str, ...]:

@@ -174,11 +174,14 @@ def legacy_tables_loaded(ns):
 
 
 def test_nft_apply_is_in_process_and_never_loads_legacy_tables(fresh_netns, monkeypatch):
-    """The nft path spawns no process (libnftables in the namespace) and only reads the
-    legacy backend where it was used: a fresh pod's legacy nat table is never loaded."""
+    """The nft path spawns no process (libnftables in the namespace), reads iptables-nft
+    only when its nat table holds nodeagent's chains, and the legacy backend only where
+    it was used: a fresh pod's legacy nat table is never loaded."""
     if not libnft.available():
         pytest.fail("libnftables.so.1 cannot be loaded; it comes with Debian's nftables package")
     ns = fresh_netns
+    add_foreign_nft(ns)
+    add_foreign_iptables(ns, "nft")  # iptables-nft in use, without nodeagent's chains
     spawned = []
     real_popen = subprocess.Popen
 

@@ -127,35 +127,30 @@ def test_nft_state_round_trip_and_drift():
         nft.parse_state("{not json", "inet")
 
 
-def test_ruleset_gives_our_tables_and_where_iptables_nft_holds_our_chains():
-    plan = in_pod_plan()
-    ours = json.loads(_nft_listing(plan))["nftables"]
-    foreign = [
-        {"table": {"family": "inet", "name": "foreign", "handle": 7}},
+def test_tables_and_chains_listings_tell_where_our_rules_can_be():
+    meta = {"metainfo": {"version": "1.0.6"}}
+    tables = json.dumps({"nftables": [meta, {"table": {"family": "inet", "name": "nodeagent", "handle": 1}},
+                                      {"table": {"family": "ip", "name": "nodeagent", "handle": 2}},
+                                      {"table": {"family": "inet", "name": "foreign", "handle": 3}},
+                                      {"table": {"family": "ip6", "name": "nat", "handle": 4}}]})
+    present = nft.parse_tables(tables)
+    assert present == {("inet", "nodeagent"), ("ip", "nodeagent"), ("inet", "foreign"), ("ip6", "nat")}
+    assert nft.iptables_nft_holders(present) == ("ip6",)
+    assert nft.iptables_nft_holders(nft.parse_tables('{"nftables": [{"metainfo": {}}]}')) == ()
+
+    chains = [
         # Same chain name outside iptables-nft's nat tables: not ours.
         {"chain": {"family": "inet", "table": "foreign", "name": "NODEAGENT-OUTPUT", "handle": 8}},
-        {"table": {"family": "ip", "name": "nat", "handle": 9}},
         {"chain": {"family": "ip", "table": "nat", "name": "OUTPUT", "handle": 10, "type": "nat",
                    "hook": "output", "prio": -100, "policy": "accept"}},
-        {"rule": {"family": "ip", "table": "nat", "chain": "OUTPUT", "handle": 11, "expr": []}},
-        # A stale IPv4-only table of ours.
-        {"table": {"family": "ip", "name": "nodeagent", "handle": 12}},
     ]
-    listing = json.dumps({"nftables": ours + foreign})
-    rs = nft.parse_ruleset(listing, iptables.PREFIX)
-    assert set(rs.tables) == {"inet", "ip"}
-    assert nft.diff(nft.desired_state(plan), rs.tables["inet"]) == ()
-    assert rs.tables["ip"].chains == {}
-    assert rs.iptables_nft == frozenset()  # an iptables-nft nat table without our chains
-
-    xt = foreign + [{"chain": {"family": "ip6", "table": "nat", "name": "NODEAGENT-PREROUTING", "handle": 13}}]
-    rs = nft.parse_ruleset(json.dumps({"nftables": xt}), iptables.PREFIX)
-    assert rs.iptables_nft == frozenset({"ipv6"}) and set(rs.tables) == {"ip"}
-    assert nft.parse_ruleset('{"nftables": []}', iptables.PREFIX) == nft.Ruleset({}, frozenset())
-    # One table listing parses the same as the table inside a whole ruleset.
-    assert nft.parse_state(_nft_listing(plan), "inet") == nft.parse_ruleset(listing, iptables.PREFIX).tables["inet"]
-    with pytest.raises(CaptureError, match="cannot parse `nft -j list ruleset` output"):
-        nft.parse_ruleset('{"nftables": 3}', iptables.PREFIX)
+    assert nft.parse_owned_chains(json.dumps({"nftables": [meta, *chains]}), iptables.PREFIX) == frozenset()
+    chains.append({"chain": {"family": "ip6", "table": "nat", "name": "NODEAGENT-PREROUTING", "handle": 13}})
+    assert nft.parse_owned_chains(json.dumps({"nftables": chains}), iptables.PREFIX) == {"ipv6"}
+    with pytest.raises(CaptureError, match="cannot parse `nft -j list chains` output"):
+        nft.parse_owned_chains('{"nftables": 3}', iptables.PREFIX)
+    with pytest.raises(CaptureError, match="cannot parse `nft -j list tables` output"):
+        nft.parse_tables("{not json")
 
 
 def test_iptables_state_round_trip_and_drift():

@@ -365,9 +365,9 @@ class Exchange:
         self.upgrade = upgrade
         self.body_mode = 0  # 0 none, 1 content-length, 2 chunked
         self.expect_continue = False
-        self.chunks = []
+        self.chunks = ()  # request bytes waiting for an upstream connection (a list once there are any)
         self.buffered = 0
-        self.replay = []
+        self.replay = ()  # the body kept for retries and mirrors (a list once there is any; None: too big)
         self.replay_bytes = 0
         self.request_done = False
         self.response_done = False
@@ -534,7 +534,10 @@ class Exchange:
         replay = self.replay
         if replay is not None:
             if self.replay_bytes + n <= REPLAY_LIMIT:
-                replay.append(body)
+                if replay:
+                    replay.append(body)
+                else:
+                    self.replay = [body]
                 self.replay_bytes += n
             else:
                 self.replay = None
@@ -544,7 +547,10 @@ class Exchange:
         if upstream is not None and not upstream.closed:
             upstream.transport.write(_chunk(body) if self.body_mode == 2 else body)
         else:
-            self.chunks.append(body)
+            if self.chunks:
+                self.chunks.append(body)
+            else:
+                self.chunks = [body]
             self.buffered += n
             if self.buffered > BUFFER_LIMIT:
                 self.down.pause(_PAUSE_BUFFER)
@@ -572,8 +578,10 @@ class Exchange:
         upstream = self.upstream
         if upstream is not None and not upstream.closed:
             upstream.transport.write(data)
-        else:
+        elif self.chunks:
             self.chunks.append(data)
+        else:
+            self.chunks = [data]
 
     # --- upstream side ------------------------------------------------
     def upstream_ready(self, conn) -> None:
@@ -611,7 +619,7 @@ class Exchange:
         if body_mode == 2 and self.request_done:
             append(b"0\r\n\r\n")
         if self.chunks:
-            self.chunks = []
+            self.chunks = ()
         if self.buffered:
             self.buffered = 0
             self.down.resume(_PAUSE_BUFFER)
@@ -766,7 +774,7 @@ class Exchange:
             self.down.transport.write(tail)
         if self.chunks:
             data = b"".join(self.chunks)
-            self.chunks = []
+            self.chunks = ()
             self.upstream.transport.write(data)
 
     def upstream_raw(self, data: bytes) -> None:

@@ -30,6 +30,7 @@ import ctypes
 import ctypes.util
 import logging
 import queue
+import socket
 import threading
 import time
 from typing import Callable, TypeVar
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 SONAME = "libnftables.so.1"
 NFT_CTX_DEFAULT = 0
 NFT_CTX_OUTPUT_JSON = 1 << 4
+NETLINK_NETFILTER = 12
 # Free a context this long after its last use: by then the RCU grace period
 # that a commit's cleanup waits for is over, so the close does not block.
 FREE_DELAY = 0.05
@@ -62,9 +64,9 @@ _warned = False
 def _load() -> ctypes.CDLL | None:
     global _lib, _load_error
     with _load_lock:
-        if _lib is not None or _load_error is not None:
+        if _lib is not None:
             return _lib
-        try:
+        try:  # a failure is not cached: it may be passing (out of file descriptors)
             lib = ctypes.CDLL(SONAME)
         except OSError as exc:
             _load_error = f"cannot load {SONAME} ({exc}); install Debian's libnftables1 (it comes with nftables)"
@@ -99,6 +101,12 @@ class Session:
     def __init__(self, lib: ctypes.CDLL, where: str) -> None:
         self._lib = lib
         self.where = where
+        # libnftables exit()s the whole process when it cannot open its netlink
+        # socket (e.g. out of file descriptors): find out first, as an exception.
+        try:
+            socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER).close()
+        except OSError as exc:
+            raise NftLibError(f"cannot open a netfilter netlink socket{where}: {exc.strerror or exc}") from None
         with _call_lock:
             ctx = lib.nft_ctx_new(NFT_CTX_DEFAULT)
             if not ctx:

@@ -67,6 +67,8 @@ def _open_netns(netns: NetnsRef) -> int:
                          "is the pod still running?") from None
     except PermissionError:
         raise NetnsError(f"cannot open network namespace {path}: permission denied (run as root)") from None
+    except OSError as exc:  # e.g. out of file descriptors
+        raise NetnsError(f"cannot open network namespace {path}: {exc.strerror or exc}") from None
 
 
 def _setns(fd: int, what: str) -> None:
@@ -85,7 +87,10 @@ def entered(netns: NetnsRef) -> Iterator[None]:
     """
     target = _open_netns(netns)
     try:
-        home = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            home = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise NetnsError(f"cannot open this thread's network namespace: {exc.strerror or exc}") from None
         try:
             _setns(target, netns_path(netns))
             try:

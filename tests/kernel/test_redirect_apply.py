@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -239,8 +240,8 @@ def test_the_nft_command_path_gives_the_same_results(fresh_netns, monkeypatch, c
     assert capture.verify(PLAN, ns) == ()  # and the in-process reader agrees
 
     # libnftables missing: one warning, then the nft binary through nsenter.
+    monkeypatch.setattr(libnft, "SONAME", "libnftables-missing-for-this-test.so.1")
     monkeypatch.setattr(libnft, "_lib", None)
-    monkeypatch.setattr(libnft, "_load_error", "cannot load libnftables.so.1 (test)")
     monkeypatch.setattr(libnft, "_warned", False)
     with caplog.at_level(logging.WARNING, logger="redirect.libnft"):
         assert capture.apply(PLAN, ns).changed is False
@@ -284,3 +285,36 @@ def test_concurrent_applies_in_several_namespaces(needs_root):
     finally:
         for name in names:
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+
+
+def test_out_of_file_descriptors_is_an_error_not_an_exit(fresh_netns):
+    """libnftables exit()s when it cannot open its socket; apply must raise instead."""
+    import resource
+
+    assert libnft.available()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held = []
+    errors = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        try:
+            while len(held) < 256:  # bounded: the limit is 256
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        # 0 spare: the namespace cannot be opened; 2 spare: the namespace and the
+        # thread's own are opened, then libnftables' socket would fail.
+        for spare in (0, 2):
+            while len(held) > 0 and spare > 0:
+                os.close(held.pop())
+                spare -= 1
+            with pytest.raises(capture.CaptureError, match="Too many open files") as info:
+                capture.apply(PLAN, fresh_netns)
+            errors.append(str(info.value))
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert "cannot open network namespace" in errors[0]
+    assert "netfilter netlink socket" in errors[1]
+    assert capture.apply(PLAN, fresh_netns).changed  # and it works again once there are fds

@@ -11,8 +11,8 @@
 #    --variant=minbase: vm/packages.txt, the kernel (with its modules) and its
 #    headers, and a venv (/opt/nodeagent-venv, --system-site-packages for bcc)
 #    with the pinned Python dependencies; then `mkfs.ext4 -d`, no loop mounts.
-# 2. Makes a small per-run work disk holding the repository's tracked files
-#    (working-tree content; VM_GIT_REF=HEAD takes a commit instead).
+# 2. Makes a small per-run work disk holding the repository's working tree
+#    (tracked and untracked-but-not-ignored files; VM_GIT_REF=HEAD takes a commit).
 # 3. Boots the kernel directly (-kernel, root on NVMe, no initramfs for the
 #    cloud flavour) under TCG (or KVM when the CPU really offers it). PID 1 is
 #    vm/init.sh: it mounts proc/sys/cgroup2/bpffs, runs vm/in-vm-suite.sh
@@ -25,7 +25,7 @@
 # Environment: VM_CACHE (/var/cache/nodeagent-vm), VM_SUITE_TIMEOUT (seconds,
 # 2400), VM_BOOT_TIMEOUT (extra host-side seconds for boot and power-off, 300),
 # VM_MEM (MiB, 2048), VM_SMP (1), VM_ACCEL (auto|tcg|kvm), VM_MIRROR
-# (http://deb.debian.org), VM_GIT_REF (unset: working tree), VM_KEEP (1: keep
+# (http://deb.debian.org), VM_GIT_REF (unset: the working tree), VM_KEEP (1: keep
 # the run directory), VM_REBUILD (1: rebuild the cached root image), VM_RESULTS
 # (a directory to copy pytest.log, junit.xml and console.log to), VM_ALL_TESTS
 # (1: also run the tests deselected under TCG for their time budgets).
@@ -62,8 +62,8 @@ PYTEST_EXTRA=("$@")
 for tool in qemu-system-x86_64 mmdebstrap mkfs.ext4 debugfs apt-cache flock timeout git; do
     command -v "$tool" >/dev/null || die "needs $tool: apt-get install -y qemu-system-x86 mmdebstrap e2fsprogs git"
 done
-[[ $VM_SUITE_TIMEOUT =~ ^[0-9]+$ && $VM_BOOT_TIMEOUT =~ ^[0-9]+$ ]] \
-    || die "VM_SUITE_TIMEOUT and VM_BOOT_TIMEOUT must be whole seconds"
+[[ $VM_SUITE_TIMEOUT =~ ^[1-9][0-9]*$ && $VM_BOOT_TIMEOUT =~ ^[1-9][0-9]*$ ]] \
+    || die "VM_SUITE_TIMEOUT and VM_BOOT_TIMEOUT must be whole seconds above 0"
 
 # --- which kernel ------------------------------------------------------------
 resolve_kernel() {   # a package name or a glob -> the newest installable linux-image package
@@ -186,8 +186,9 @@ mkdir -p "$WORK/main" "$WORK/results"
 if [ -n "${VM_GIT_REF:-}" ]; then
     git -C "$REPO" archive --format=tar "$VM_GIT_REF" | tar -x -C "$WORK/main" || die "git archive $VM_GIT_REF failed"
 else
-    # Tracked files as they are in the working tree (deleted ones left out).
-    (cd "$REPO" && git ls-files -z | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
+    # The working tree as git sees it: tracked files plus untracked ones that are not
+    # ignored (a tracked module may already import a new file); deleted ones left out.
+    (cd "$REPO" && git ls-files -z --cached --others --exclude-standard | sort -zu | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
         | tar --null -T - -cf -) | tar -x -C "$WORK/main"
 fi
 cp "$HERE/in-vm-suite.sh" "$WORK/nodeagent-vm-run.sh"

@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test unit integration kernel e2e bench clean
+.PHONY: setup demo test unit integration kernel e2e bench vm-test clean
 
 setup:
 	@VENV=$(VENV) scripts/setup.sh
@@ -27,6 +27,11 @@ e2e: setup
 
 bench: setup
 	$(PY) -m bench
+
+# The kernel suite inside a QEMU VM on another Debian kernel (slow; not part of `make test`).
+KERNEL ?= linux-image-6.1.0-*-cloud-amd64
+vm-test:
+	vm/run-kernel-suite.sh '$(KERNEL)'
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -92,8 +92,7 @@ class BufferedFeed(asyncio.BufferedProtocol):
     mremap then munmap (unless the process's allocation history raised glibc's mmap
     threshold): three system calls and a page fault per read, up to half of an agent's
     kernel time per request on the mesh bench. Given a buffered protocol they decrypt into
-    the buffer it lends (uvloop then also skips its SSLWantReadError probe when a whole
-    record arrived); the bytes handed on are a copy of just the bytes read, taken before
+    the buffer it lends; the bytes handed on are a copy of just the bytes read, taken before
     the protocol sees them, so one buffer serves every stream of the thread.
     """
 

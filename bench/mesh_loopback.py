@@ -305,7 +305,13 @@ def run_wrk(url: str, seconds: float, args, host: str | None) -> str:
     cmd = ["wrk", "-t1", f"-c{args.connections}", f"-d{seconds}s", "--latency", url]
     if host:
         cmd[1:1] = ["-H", f"Host: {host}"]
-    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 30).stdout
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 30).stdout
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"bench mesh-loopback: wrk against {url} failed ({exc.returncode}): "
+                         f"{(exc.stderr or exc.stdout).strip()[:500]}")
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"bench mesh-loopback: wrk against {url} did not finish within {seconds + 30:.0f} s")
 
 
 def node_stats(pid: int, path: Path) -> dict:
@@ -432,6 +438,9 @@ def main(argv=None) -> int:
                 print(f"  measured {name}: {r['rps']:.0f} req/s", file=sys.stderr, flush=True)
                 if results[i] is None or r["rps"] > results[i]["rps"]:
                     results[i] = r
+    except KeyboardInterrupt:
+        print("bench mesh-loopback: interrupted", file=sys.stderr)
+        return 130
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:

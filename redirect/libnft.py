@@ -45,9 +45,14 @@ SONAME = "libnftables.so.1"
 NFT_CTX_DEFAULT = 0
 NFT_CTX_OUTPUT_JSON = 1 << 4
 NETLINK_NETFILTER = 12
-# Free a context this long after its last use: by then the RCU grace period
-# that a commit's cleanup waits for is over, so the close does not block.
+# Free a context once no command ran for this long: by then the RCU grace
+# period that a commit's cleanup waits for is over, so the close does not block
+# (and, holding the call lock, does not delay the next apply). During a burst
+# of applies, contexts wait, but never longer than FREE_MAX_WAIT nor more than
+# FREE_MAX_PENDING at once (each holds a file descriptor and its namespace).
 FREE_DELAY = 0.05
+FREE_MAX_WAIT = 1.0
+FREE_MAX_PENDING = 64
 
 
 class NftLibError(CaptureError):
@@ -59,6 +64,7 @@ _load_error: str | None = None
 _load_lock = threading.Lock()
 _call_lock = threading.Lock()  # one libnftables call at a time, process-wide
 _warned = False
+_last_call = 0.0  # time.monotonic() of the last libnftables command
 
 
 def _load() -> ctypes.CDLL | None:
@@ -119,7 +125,9 @@ class Session:
         """Run ``text`` (one batch, like ``nft -f``); its output, or NftLibError."""
         if self._ctx is None:
             raise NftLibError("libnftables session used after close")
+        global _last_call
         with _call_lock:
+            _last_call = time.monotonic()
             self._lib.nft_ctx_output_set_flags(self._ctx, NFT_CTX_OUTPUT_JSON if json_output else 0)
             rc = self._lib.nft_run_cmd_from_buffer(self._ctx, text.encode())
             out = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode(errors="replace")
@@ -138,7 +146,7 @@ class Session:
 
 
 class _Closer:
-    """Frees contexts off the caller's path, each FREE_DELAY after its last use."""
+    """Frees contexts off the caller's path once libnftables has been idle for FREE_DELAY."""
 
     def __init__(self) -> None:
         self._queue: queue.Queue[tuple[float, ctypes.CDLL, int]] = queue.Queue()
@@ -152,14 +160,17 @@ class _Closer:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="libnft-closer", daemon=True)
                 self._thread.start()
-        self._queue.put((time.monotonic() + FREE_DELAY, lib, ctx))
+        self._queue.put((time.monotonic(), lib, ctx))
 
     def _loop(self) -> None:
         while True:
-            due, lib, ctx = self._queue.get()
-            delay = due - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+            since, lib, ctx = self._queue.get()
+            while True:
+                now = time.monotonic()
+                wait = max(since, _last_call) + FREE_DELAY - now
+                if wait <= 0 or now - since >= FREE_MAX_WAIT or self._pending > FREE_MAX_PENDING:
+                    break
+                time.sleep(min(wait, FREE_MAX_WAIT - (now - since)))
             try:
                 with _call_lock:
                     lib.nft_ctx_free(ctx)

@@ -2,7 +2,7 @@
 
 ``apply(plan, netns)`` reads what nodeagent currently has in the namespace,
 compares it with the plan's rendering, and only when they differ loads the
-rendering in ONE transaction (``nft -f`` or ``iptables-restore --noflush``).
+rendering in ONE transaction (one nft batch, or ``iptables-restore --noflush``).
 Applying twice changes nothing. Rules stay in place when the agent stops;
 only ``cleanup`` removes them (fail closed: with no proxy listening, a
 redirected connect is refused instead of bypassing the mesh).

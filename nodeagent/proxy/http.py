@@ -132,7 +132,7 @@ class HttpDownstream(asyncio.Protocol):
         "runtime", "ctx", "peer", "transport", "parser", "active", "queue", "parsing",
         "url", "headers", "head_bytes", "raw_pending", "reading_head", "head_age",
         "idle_age", "pauses", "write_paused", "closing", "tunnel", "error_status", "target",
-        "routes", "max_header_bytes", "max_headers",
+        "routes", "max_header_bytes", "max_headers", "head_room", "chunk_len", "head_fed", "exact_head",
     )
 
     def __init__(self, runtime, ctx, peer=None, target=None) -> None:
@@ -163,6 +163,14 @@ class HttpDownstream(asyncio.Protocol):
         limits = runtime.limits
         self.max_header_bytes = limits.max_header_bytes
         self.max_headers = limits.max_headers
+        # The head's byte count (url + name + value + 4 per header, checked against
+        # max_header_bytes) is kept exactly only when it could reach the limit: a head
+        # has at least (name + value + 3) raw bytes per header, so while the bytes fed
+        # since it began stay within head_room it cannot (the header count is always checked).
+        self.head_room = limits.max_header_bytes - limits.max_headers
+        self.chunk_len = 0  # length of the chunk being parsed
+        self.head_fed = 0  # bytes fed since the current head began (an upper bound of its size)
+        self.exact_head = False
 
     # asyncio.Protocol
     def connection_made(self, transport) -> None:
@@ -183,8 +191,14 @@ class HttpDownstream(asyncio.Protocol):
         if self.closing:
             return
         self.idle_age = 0.0
+        n = self.chunk_len = len(data)
         if not self.reading_head:
             self.raw_pending = 0
+        else:
+            # the current head continues in this chunk
+            fed = self.head_fed = self.head_fed + n
+            if fed > self.head_room and not self.exact_head:
+                self._count_head()
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -206,7 +220,7 @@ class HttpDownstream(asyncio.Protocol):
             return
         if self.reading_head:
             # Bytes of one head the parser holds internally (a header still arriving).
-            self.raw_pending += len(data)
+            self.raw_pending += n
             if self.raw_pending > self.max_header_bytes:
                 self.protocol_error(431)
 
@@ -237,21 +251,33 @@ class HttpDownstream(asyncio.Protocol):
         self.head_bytes = 0
         self.reading_head = True
         self.head_age = 0.0
+        fed = self.head_fed = self.chunk_len
+        self.exact_head = fed > self.head_room
+
+    def _count_head(self) -> None:
+        """Start counting the head's bytes exactly: what was skipped so far, then per callback."""
+        self.exact_head = True
+        self.head_bytes = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self.head_bytes += len(url)
         self.raw_pending = 0
-        if self.head_bytes > self.max_header_bytes:
-            self.error_status = 431
-            raise ValueError("request head too large")
+        if self.exact_head:
+            self.head_bytes += len(url)
+            if self.head_bytes > self.max_header_bytes:
+                self.error_status = 431
+                raise ValueError("request head too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self.headers
         headers.append((name, value))
-        size = self.head_bytes = self.head_bytes + len(name) + len(value) + 4
         self.raw_pending = 0
-        if size > self.max_header_bytes or len(headers) > self.max_headers:
+        if self.exact_head:
+            size = self.head_bytes = self.head_bytes + len(name) + len(value) + 4
+            if size > self.max_header_bytes:
+                self.error_status = 431
+                raise ValueError("request head too large")
+        if len(headers) > self.max_headers:
             self.error_status = 431
             raise ValueError("request head too large")
 

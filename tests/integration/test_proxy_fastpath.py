@@ -230,3 +230,59 @@ def test_http_version_is_known_without_asking_the_parser_for_1_1(loop):
     assert b"connection: keep-alive" in heads[0]
     assert b"connection:" not in heads[1] and b"connection:" not in heads[2]
     assert b"connection: close" in heads[3]
+
+
+def test_head_size_limit_is_exact_whether_counted_or_bounded(loop):
+    """431 exactly when url + (name + value + 4) per header exceeds max_header_bytes or
+    there are more than max_headers headers, whether the head comes in one read (bounded
+    without counting while it cannot reach the limit) or in pieces (counted from where
+    it could)."""
+    from nodeagent.proxy.runtime import Limits
+
+    runtime, _, down = make_runtime(ROUTES, loop)
+    runtime.limits = Limits(max_header_bytes=120, max_headers=6)
+
+    def request(pads: list[int]) -> tuple[bytes, int, int]:
+        headers = [(b"Host", b"nowhere")] + [(b"X-P%d" % i, b"v" * n) for i, n in enumerate(pads)]
+        # no space after the colon: the raw head is one byte per header smaller than the count
+        raw = b"GET / HTTP/1.1\r\n" + b"".join(n + b":" + v + b"\r\n" for n, v in headers) + b"\r\n"
+        return raw, 1 + sum(len(n) + len(v) + 4 for n, v in headers), len(headers)
+
+    async def status_of(raw: bytes, split: int | None) -> bytes:
+        server = await loop.create_server(lambda: HttpDownstream(runtime, down.ctx), "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        try:
+            if split is None:
+                writer.write(raw)
+            else:
+                writer.write(raw[:split])
+                await writer.drain()
+                await asyncio.sleep(0.02)
+                writer.write(raw[split:])
+            return (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5))[:12]
+        finally:
+            writer.close()
+            server.close()
+            await server.wait_closed()
+
+    # counted: 1 (url) + 15 (Host) + (8 + pad) per pad header, against the limit of 120
+    cases = [[1], [95], [96], [97], [27, 27, 26], [27, 27, 27], [13, 13, 13, 13, 12], [13, 13, 13, 13, 13],
+             [1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    seen = set()
+    for pads in cases:
+        raw, counted, count = request(pads)
+        want = b"HTTP/1.1 431" if counted > 120 or count > 6 else b"HTTP/1.1 404"
+        seen.add(want)
+        # (a piece that leaves the head incomplete is also bounded by the bytes the parser
+        # holds, a separate rule: the second piece here always completes the head)
+        for split in (None, 20, 30):
+            got = loop.run_until_complete(status_of(raw, split))
+            assert got == want, (pads, counted, count, split, got)
+    assert seen == {b"HTTP/1.1 431", b"HTTP/1.1 404"}
+    # Many tiny headers: the count (5 per "X:" header) outgrows the raw bytes (4 per line).
+    runtime.limits = Limits(max_header_bytes=120, max_headers=40)
+    for k, want in ((20, b"HTTP/1.1 404"), (21, b"HTTP/1.1 431")):
+        raw = b"GET / HTTP/1.1\r\nHost:nowhere\r\n" + b"X:\r\n" * k + b"\r\n"
+        assert (16 + 5 * k > 120) == (want == b"HTTP/1.1 431") and len(raw) <= 120  # counted vs raw
+        for split in (None, 20):
+            assert loop.run_until_complete(status_of(raw, split)) == want, (k, split)

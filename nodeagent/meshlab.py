@@ -725,31 +725,41 @@ class MeshLab:
             return []
         self._torn_down = True
         problems = []
-        for node in list(self.agents):
-            try:
-                self.stop_agent(node)
-            except Exception as exc:  # noqa: BLE001 - keep tearing down
-                problems.append(f"agent {node}: {exc}")
-        if self.ca_proc is not None and self.ca_proc.poll() is None:
-            self.ca_proc.send_signal(signal.SIGTERM)
-            try:
-                self.ca_proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        for node in self.nodes:
-            if os.path.exists(os.path.join(self.state_dir(node), "workloads.json")):
-                proc = self.cli("uninstall", "--state-dir", self.state_dir(node), check=False)
-                if proc.returncode != 0:
-                    problems.append(f"uninstall {node}: {proc.stderr.strip()}")
         try:
-            self.topo.teardown()
-        except Exception as exc:  # noqa: BLE001
-            problems.append(str(exc))
-        for fh in self._logs:
-            fh.close()
-        self._logs.clear()
-        if not self.keep_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            for node in list(self.agents):
+                try:
+                    self.stop_agent(node)
+                except Exception as exc:  # noqa: BLE001 - keep tearing down
+                    problems.append(f"agent {node}: {exc}")
+            if self.ca_proc is not None and self.ca_proc.poll() is None:
+                self.ca_proc.send_signal(signal.SIGTERM)
+                try:
+                    self.ca_proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+            for node in self.nodes:
+                if os.path.exists(os.path.join(self.state_dir(node), "workloads.json")):
+                    try:
+                        proc = self.cli("uninstall", "--state-dir", self.state_dir(node), check=False)
+                    except LabError as exc:
+                        problems.append(f"uninstall {node}: {exc}")
+                        continue
+                    if proc.returncode != 0:
+                        problems.append(f"uninstall {node}: {proc.stderr.strip()}")
+        finally:
+            # Whatever failed above, the namespaces (and every process, veth and
+            # rule in them) and the temporary directory go.
+            try:
+                self.topo.teardown()
+            except Exception as exc:  # noqa: BLE001
+                problems.append(str(exc))
+            for fh in self._logs:
+                fh.close()
+            self._logs.clear()
+            if not self.keep_dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                if os.path.exists(self.dir):
+                    problems.append(f"{self.dir} could not be removed")
         return problems
 
 

@@ -159,6 +159,8 @@ def main(argv=None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
     lab = meshlab.MeshLab(log=lambda m: print(f"  {m}", flush=True))
     try:
         results = run(lab, args)
@@ -174,7 +176,7 @@ def main(argv=None) -> int:
         if problems:
             print(f"bench mesh: teardown left {problems}", file=sys.stderr)
     print(f"\nwrk -t1 -c{args.connections} in the client pod, {args.duration}s per path after "
-          f"{args.warmup}s warm-up; CPU = both proxies of the path")
+          f"{args.warmup}s warm-up; CPU = both proxies of the path; load average at the start {load}")
     print(f"{'path':<54}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'errors':>8}")
     for r in results:
         print(f"{r['name']:<54}{r['rps']:>9.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['cpu_us']:>12.1f}{r['errors']:>8}")
@@ -245,6 +247,11 @@ def run(lab, args) -> list[dict]:
 
     check("plainclient", ha_url, None)
     check("client", mesh_url, mesh_host)
+    # The HAProxy hop is mutual TLS: a client without a certificate is refused.
+    no_cert = lab.exec("node1", ["curl", "-sk", "--max-time", "3", "-o", "/dev/null", "-w", "%{http_code}",
+                                 f"https://{node2.link_address}:18443/newcatalog/items"])
+    if no_cert.stdout == "200":
+        raise meshlab.LabError("the HAProxy ingress on node2 accepted a client without a certificate")
     agents = [lab.agents["node1"].pid, lab.agents["node2"].pid]
     paths = [
         ("mesh: client -> agent -> mTLS -> agent -> pod", "client", mesh_url, mesh_host, agents),

@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -32,10 +34,12 @@ def demo(**kw) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
+@pytest.mark.root
+@pytest.mark.slow
 def test_demo_reports_what_the_mesh_did_and_cleans_up(needs_root):
     proc = demo()
     try:
-        out, _ = proc.communicate(timeout=120)
+        out, _ = proc.communicate(timeout=100)  # under pytest's 120 s per test
     finally:
         proc.kill()
     assert proc.returncode == 0, out
@@ -53,13 +57,15 @@ def test_demo_reports_what_the_mesh_did_and_cleans_up(needs_root):
     assert not [n for n in netns_names() if n.startswith(prefix + "-")]
 
 
+@pytest.mark.root
+@pytest.mark.slow
 def test_demo_ctrl_c_tears_everything_down(needs_root):
     proc = demo()
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     seen = []
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any("mesh up" in line for line in seen):
             try:
                 seen.append(lines.get(timeout=1))
@@ -73,7 +79,7 @@ def test_demo_ctrl_c_tears_everything_down(needs_root):
                                                              text=True, timeout=10).stdout.split()}
         assert len(pids) >= 11  # 2 agents, the CA, 8 pod servers
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        proc.wait(timeout=40)
     finally:
         proc.kill()
         proc.wait(timeout=10)
@@ -89,7 +95,7 @@ def test_demo_ctrl_c_tears_everything_down(needs_root):
 def test_demo_config_only_explains_what_would_be_enforced():
     # What the demo runs without root; --config-only asks for it as root too (no privilege needed).
     proc = subprocess.run([sys.executable, "-m", "nodeagent.demo", "--config-only"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=100)
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr
     assert "the configuration pipeline only" in out

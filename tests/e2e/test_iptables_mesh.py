@@ -4,6 +4,8 @@ of test_mesh_traffic.py run unchanged on it, then unenroll/uninstall must leave
 no nodeagent chain or jump in any pod."""
 from __future__ import annotations
 
+import pytest
+
 from tests.e2e.conftest import shop_fixture
 # the nftables scenarios, run again on this module's iptables mesh
 from tests.e2e.test_mesh_traffic import (  # noqa: F401
@@ -15,6 +17,8 @@ from tests.e2e.test_mesh_traffic import (  # noqa: F401
     test_strict_mtls_refuses_a_plaintext_client,
     test_weighted_and_header_routing_to_reviews_on_the_other_node,
 )
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
 shop = shop_fixture("iptables")

@@ -6,6 +6,10 @@ import json
 import os
 import subprocess
 
+import pytest
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
 REQ = "istio_requests_total"
 
 

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import collections
 
+import pytest
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
 
 REQ = "istio_requests_total"
 

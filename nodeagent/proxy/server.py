@@ -72,7 +72,7 @@ def protocol_factory(runtime: ProxyRuntime, ctx: ListenerContext):
     return lambda: DispatchProtocol(runtime, ctx)
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
+def new_event_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
     except ImportError:  # plain asyncio still works, only slower
@@ -146,7 +146,7 @@ def run(config: ProxyConfig) -> int:
 
 
 def _run_single(config, sockets, bound) -> int:
-    loop = _new_loop()
+    loop = new_event_loop()
     asyncio.set_event_loop(loop)
     metrics_server = None
     metrics_addr = None
@@ -192,7 +192,7 @@ def _run_multi(config, sockets, bound, workers) -> int:
                     else:
                         s.close()
                         own.append(bind_socket(addr, reuse_port=True))
-                loop = _new_loop()
+                loop = new_event_loop()
                 asyncio.set_event_loop(loop)
                 loop.run_until_complete(_worker_main(config, own, child_end, None))
             except BaseException:  # a worker must never fall back into the parent's code

@@ -560,7 +560,7 @@ class ProxyRuntime:
             self.access_log.http(exchange, down, down.ctx.source, duration_ms)
 
     def telemetry_local_error(self, down, status: int) -> None:
-        self.telemetry.record_http(down.ctx, destination_labels(None, None, "http"), status, "-", 0.0, 0, 0)
+        self.telemetry.record_http(down.ctx, _NO_DESTINATION, status, "-", 0.0, 0, 0)
         if self.access_log is not None:
             self.access_log.protocol_error(down, status)
 

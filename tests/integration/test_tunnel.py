@@ -7,6 +7,7 @@ import asyncio
 import ssl
 import time
 
+import httptools
 import pytest
 
 from nodeagent.identity import certs
@@ -33,21 +34,46 @@ def adhoc(directory: CADirectory, identity: SpiffeId, *, now: float | None = Non
     return WorkloadCertificate(identity, issued.certificate, issued.chain, certs.key_to_pem(key))
 
 
-async def tunnel_attempt(addr, ctx: ssl.SSLContext, target: str) -> bytes:
-    """Handshake with ``ctx``, send CONNECT and one request; return all the server answered."""
+CONNECTED = b"HTTP/1.1 200 OK\r\n\r\n"
+
+
+def _answer_complete(got: bytes) -> bool:
+    """True once the server accepted the CONNECT and answered the request inside in full (the
+    tunnel then stays open for the next request). A refusal is complete when the server closes."""
+    if not got.startswith(CONNECTED):
+        return False
+    done = []
+
+    class Callbacks:
+        def on_message_complete(self):
+            done.append(True)
+
     try:
-        reader, writer = await asyncio.open_connection(*addr, ssl=ctx, server_hostname="")
-    except (ssl.SSLError, OSError):
+        httptools.HttpResponseParser(Callbacks()).feed_data(got[len(CONNECTED):])
+    except httptools.HttpParserError as exc:
+        raise AssertionError(f"malformed response inside the tunnel: {got!r}") from exc
+    return bool(done)
+
+
+async def tunnel_attempt(addr, ctx: ssl.SSLContext, target: str) -> bytes:
+    """Handshake with ``ctx``, send CONNECT and one request; return all the server answered.
+
+    Ends when the server closes or resets the connection (a refusal: no answer, or an HTTP error
+    then close), or when the CONNECT was accepted and the inner response is complete. A server
+    that neither answers nor closes within 5 s fails the test (TimeoutError is not a refusal)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(*addr, ssl=ctx, server_hostname=""), 5)
+    except (ssl.SSLError, ConnectionError):
         return b""
     got = b""
     try:
         writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\nGET / HTTP/1.1\r\nhost: b\r\n\r\n".encode())
-        while True:
+        while not _answer_complete(got):
             data = await asyncio.wait_for(reader.read(65536), 5)
             if not data:
                 break
             got += data
-    except (ssl.SSLError, OSError):
+    except (ssl.SSLError, ConnectionError):
         pass
     finally:
         writer.close()

@@ -22,6 +22,7 @@ from policy import lb as lb_mod
 from policy import outlier as outlier_mod
 from policy import retry as retry_mod
 from policy import routing
+from policy.authz import InvalidPath, normalize_path
 
 from nodeagent.proxy.context import ListenerContext, PeerInfo
 from nodeagent.proxy.http import LocalReply
@@ -32,6 +33,15 @@ log = logging.getLogger(__name__)
 _NO_DESTINATION = ("unknown",) * 8 + ("http",)  # destination_labels(None, None, "http")
 SWEEP_TICK = 0.25  # seconds between outlier sweeps checks, pool idle sweeps and client timers
 _ERROR_FOR_RETRY = {"connect-failure": "connect-failure", "reset": "reset", "per-try-timeout": "timeout"}
+_PATH_CACHE_LIMIT = 4096
+_BAD_PATH = LocalReply(400, "-", b"Bad Request")
+
+
+def needs_normalizing(path: bytes) -> bool:
+    """Whether ``normalize_path`` could change an origin-form target: only a ``.``
+    (dot segments), ``%`` (escapes), ``\\`` (backslash) or ``#`` (fragment) can; a
+    target starting with ``/`` without them comes back unchanged (slashes are not merged)."""
+    return b"." in path or b"%" in path or b"\\" in path or b"#" in path
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +333,7 @@ class ProxyRuntime:
         self._sources: dict = {}
         self._scopes: dict = {}
         self._fast_clusters: dict = {}
+        self._paths: dict = {}  # raw request target -> normalized target (False: InvalidPath)
         self._sweeper = None
 
     # --- lifecycle ----------------------------------------------------
@@ -417,6 +428,14 @@ class ProxyRuntime:
         resolved once into a ``_RouteEntry`` (service, port, compiled route
         table); a route and destination whose plan is the same for every request
         (``routing.is_static``) hand out one shared ForwardPlan."""
+        path = exchange.path
+        if (b"." in path or b"%" in path or b"\\" in path or b"#" in path) and path[:1] == b"/":  # needs_normalizing, inlined
+            # Envoy's HCM normalizes before routing (Istio's defaults), and forwards the result.
+            normalized = self._normalized(path)
+            if normalized is False:
+                exchange.dest = _NO_DESTINATION
+                return _BAD_PATH
+            exchange.path = normalized
         snapshot = self.snapshots()
         down = exchange.down
         routes = down.routes
@@ -455,6 +474,23 @@ class ProxyRuntime:
                 entry.plans[id(dest)] = False
         exchange.dest = plan.cluster.no_endpoint_labels
         return plan
+
+    def _normalized(self, raw: bytes):
+        """The request target as routed and forwarded (policy.authz.normalize_path, query
+        kept); False when Envoy rejects it (InvalidPath: 400). Memoized per raw target."""
+        paths = self._paths
+        try:
+            return paths[raw]
+        except KeyError:
+            pass
+        try:
+            normalized = normalize_path(raw.decode("latin-1"), keep_query=True).encode("latin-1")
+        except InvalidPath:
+            normalized = False
+        if len(paths) >= _PATH_CACHE_LIMIT:
+            paths.clear()
+        paths[raw] = normalized
+        return normalized
 
     def _scope(self, down) -> dict:
         """The route entries (by raw Host) shared by connections of one listener and destination."""

@@ -335,6 +335,8 @@ class ProxyRuntime:
         self._fast_clusters: dict = {}
         self._paths: dict = {}  # raw request target -> normalized target (False: InvalidPath)
         self._sweeper = None
+        # Builds a cluster's ClusterState; nodeagent.proxy.shared's with several workers.
+        self.cluster_class = ClusterState
 
     # --- lifecycle ----------------------------------------------------
     def start(self) -> None:
@@ -566,7 +568,7 @@ class ProxyRuntime:
         ck = (key, source_namespace, id(ctx.connector))
         state = self.clusters.get(ck)
         if state is None:
-            state = ClusterState(key, source_namespace, ctx.connector, self.rand)
+            state = self.cluster_class(key, source_namespace, ctx.connector, self.rand)
             self.clusters[ck] = state
         if state.version != snapshot.version:
             state.refresh(snapshot, self.loop.time())

@@ -516,6 +516,12 @@ class ProxyRuntime:
             # Unknown host: 404 NR (routing.plan_request's rule).
             service = snapshot.resolve_host(authority, ns)
             service_port = port
+            if service is not None and service.port(port) is None and raw_authority:
+                colon = raw_authority.rfind(b":")
+                if colon > 0 and raw_authority[colon + 1:].isdigit() and b"]" not in raw_authority[colon:]:
+                    # An explicit Host port the service lacks: Istio has no virtual host
+                    # for it (404 NR). Without a port the listener's/default port applies.
+                    service = None
         else:
             # The listener knows the destination service (SO_ORIGINAL_DST, --forward):
             # route as that service whatever the Host header says.

@@ -52,17 +52,60 @@ spec:
 """
 
 
+def two_port_config(http, admin) -> str:
+    return f"""apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: multi
+  namespace: shop
+spec:
+  hosts:
+  - multi.shop.svc.cluster.local
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+  - number: 9000
+    name: http-admin
+    protocol: HTTP
+  workloadSelector:
+    labels:
+      app: multi
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: multi-0
+  namespace: shop
+spec:
+  address: 127.0.0.42
+  ports:
+    http: {http.port}
+    http-admin: {admin.port}
+  labels:
+    app: multi
+"""
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("proxy-audit")
     ratings = UpstreamServer("r0", host="127.0.0.41").start()
+    catalog = UpstreamServer("c0", host="127.0.0.43").start()
+    multi = UpstreamServer("m-http", host="127.0.0.42").start()
+    admin = UpstreamServer("m-admin", host="127.0.0.42").start()
     (d / "ratings.yaml").write_text(service_config("ratings", [ratings]) + RATINGS_VS)
+    (d / "catalog.yaml").write_text(service_config("catalog", [catalog]))
+    (d / "multi.yaml").write_text(two_port_config(multi, admin))
     proxy = ProxyProcess(d, extra=("--idle-timeout", "1")).start()
     try:
         yield proxy, ratings
     finally:
         proxy.stop()
-        ratings.stop()
+        for server in (ratings, catalog, multi, admin):
+            server.stop()
 
 
 def echo(resp) -> dict:
@@ -128,3 +171,21 @@ def test_targets_that_change_are_always_normalized(parts):
     target = "/" + "/".join(parts)
     if normalize_path(target, keep_query=True) != target:
         assert needs_normalizing(target.encode("latin-1"))
+
+
+# --- 3. Host ports ---------------------------------------------------------
+
+def test_a_host_port_the_service_lacks_has_no_route(env):
+    proxy, _ = env
+    catalog, multi = "catalog.shop.svc.cluster.local", "multi.shop.svc.cluster.local"
+    for host in (catalog + ":8080", "catalog.shop:8080", multi + ":8080", multi + ":9001"):
+        status, _, body = proxy.request("/", host=host)
+        assert status == 404, (host, status, body)
+    assert echo(proxy.request("/", host=catalog))["instance"] == "c0"
+    assert echo(proxy.request("/", host=catalog + ":80"))["instance"] == "c0"
+    assert echo(proxy.request("/", host="catalog"))["instance"] == "c0"
+    assert echo(proxy.request("/", host=multi))["instance"] == "m-http"
+    assert echo(proxy.request("/", host=multi + ":80"))["instance"] == "m-http"
+    assert echo(proxy.request("/", host=multi + ":9000"))["instance"] == "m-admin"
+    m = proxy.metrics()
+    assert metric_value(m, "istio_requests_total", response_code="404", response_flags="NR") >= 4

@@ -414,10 +414,13 @@ class ConfigStore:
             if stop is None:
                 await asyncio.sleep(self.poll_interval)
             else:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancel racing with its timeout, and the watcher would never end.
                 try:
-                    await asyncio.wait_for(stop.wait(), self.poll_interval)
+                    async with asyncio.timeout(self.poll_interval):
+                        await stop.wait()
                     break
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             if self.poll() and callback is not None:
                 try:

@@ -260,8 +260,12 @@ class Agent:
                 wake_at = await loop.run_in_executor(None, self._reconcile, self.reconciler.step)
             self._update_gauges()
             delay = max(0.0, wake_at - self.clock.now())
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+            # cancel that races with its timeout, and this loop then never ends
+            # (seen as an agent that ignored SIGTERM, about 1 stop in 5 under load).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
 
     # -- enrollment ------------------------------------------------------
 

@@ -103,7 +103,7 @@ class AgentProcess:
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(self.notify_path))
         self.notify.settimeout(10)
-        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1",
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
                "WATCHDOG_USEC": "1000000"}
         self._log_file = open(self.log, "w")
         self.proc = subprocess.Popen(
@@ -170,6 +170,10 @@ class AgentProcess:
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
+                # PYTHONFAULTHANDLER: SIGABRT makes it print every thread's stack to its log.
+                self.proc.send_signal(signal.SIGABRT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=2)
                 self.proc.kill()
                 self.proc.wait(timeout=5)
                 raise AssertionError(f"agent did not exit on SIGTERM:\n{self.logs()}")
@@ -453,3 +457,21 @@ def test_remote_ca_issues_only_identities_placed_on_this_node(agents, tmp_path):
     finally:
         ca.terminate()
         ca.communicate(timeout=10)  # also closes the pipes
+
+
+def test_sigterm_with_an_idle_enrollment_client_connected(agents, tmp_path):
+    """A CNI plugin or CLI holding its connection open must not stall shutdown."""
+    agent = agents(tmp_path / "state")
+    agent.wait_ready()
+    idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    idle.connect(str(agent.state_dir / "agent.sock"))
+    try:
+        idle.sendall(b'{"op": "list"}\n')
+        idle.settimeout(10)
+        assert b'"ok": true' in idle.recv(65536).replace(b'"ok":true', b'"ok": true')
+        started = time.monotonic()
+        assert agent.stop() == 0
+        assert time.monotonic() - started < 5.0
+        assert idle.recv(1) == b""  # the agent hung up on the idle client
+    finally:
+        idle.close()

@@ -4,7 +4,9 @@
 listeners of a ``ProxyConfig``. ``run`` starts N such workers as processes
 sharing each listening port with SO_REUSEPORT (the kernel spreads accepted
 connections), serves /metrics from the parent by merging the workers'
-counters at scrape time, and stops everything cleanly on SIGTERM/SIGINT.
+counters at scrape time, and stops everything cleanly on SIGTERM/SIGINT. With
+several workers, outlier detection and connection-pool limits stay per cluster
+(not per worker): ``nodeagent.proxy.shared``.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
+from nodeagent.proxy import shared
 from nodeagent.proxy.context import ListenerContext
 from nodeagent.proxy.http import HttpDownstream
 from nodeagent.proxy.runtime import Limits, ProxyRuntime
@@ -81,11 +84,16 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 async def _worker_main(config: ProxyConfig, sockets: list[socket.socket], control: socket.socket | None,
-                       ready: Callable[[ProxyRuntime], None] | None) -> None:
+                       ready: Callable[[ProxyRuntime], None] | None, link=None) -> None:
     loop = asyncio.get_running_loop()
     telemetry = Telemetry()
     runtime = ProxyRuntime(config.snapshots, telemetry, config.limits,
                            AccessLog() if config.access_log else None)
+    if link is not None:
+        # Several workers: outlier detection and pool limits are counted per cluster
+        # across all of them (nodeagent.proxy.shared).
+        runtime.cluster_class = link.cluster_state
+        link.start(loop)
     runtime.start()
     watch = config.start_watch(loop) if config.start_watch is not None else None
     servers = []
@@ -121,6 +129,8 @@ async def _worker_main(config: ProxyConfig, sockets: list[socket.socket], contro
     for server in servers:
         server.close()
     await runtime.close()
+    if link is not None:
+        link.close()
     if watch is not None and hasattr(watch, "cancel"):
         watch.cancel()
 
@@ -178,11 +188,20 @@ def _run_multi(config, sockets, bound, workers) -> int:
     # Each worker binds its own SO_REUSEPORT socket on the same (now known) port;
     # the parent keeps its bound-but-not-listening sockets only to hold the ports.
     children: list[tuple[int, socket.socket]] = []
-    for _ in range(workers):
+    # Cluster-wide outlier detection (a hub in this process) and pool counters (shared memory).
+    counters = shared.PoolCounters(workers)
+    links = [socket.socketpair() for _ in range(workers)]
+    for index in range(workers):
         parent_end, child_end = socket.socketpair()
         pid = os.fork()
         if pid == 0:
             parent_end.close()
+            for _, other in children:
+                other.close()
+            for i, (hub_end, worker_end) in enumerate(links):
+                hub_end.close()
+                if i != index:
+                    worker_end.close()
             code = 0
             try:
                 own = []
@@ -194,7 +213,8 @@ def _run_multi(config, sockets, bound, workers) -> int:
                         own.append(bind_socket(addr, reuse_port=True))
                 loop = new_event_loop()
                 asyncio.set_event_loop(loop)
-                loop.run_until_complete(_worker_main(config, own, child_end, None))
+                link = shared.WorkerLink(links[index][1], counters, index)
+                loop.run_until_complete(_worker_main(config, own, child_end, None, link))
             except BaseException:  # a worker must never fall back into the parent's code
                 log.exception("worker failed")
                 code = 1
@@ -202,6 +222,10 @@ def _run_multi(config, sockets, bound, workers) -> int:
                 os._exit(code)
         child_end.close()
         children.append((pid, parent_end))
+    for _, worker_end in links:
+        worker_end.close()
+    hub = shared.OutlierHub([hub_end for hub_end, _ in links])
+    hub.start()
     for pid, conn in children:
         conn.settimeout(30.0)
         try:
@@ -214,6 +238,7 @@ def _run_multi(config, sockets, bound, workers) -> int:
             for _ in children:
                 os.wait()
             log.error("worker %d failed to start", pid)
+            hub.stop()
             return 1
     lock = threading.Lock()
 
@@ -255,12 +280,18 @@ def _run_multi(config, sockets, bound, workers) -> int:
         except InterruptedError:
             continue
         remaining.discard(pid)
+        pids = [p for p, _ in children]
+        if pid in pids:
+            counters.clear_worker(pids.index(pid))  # its connections are gone with it
         if os.waitstatus_to_exitcode(status) != 0 and not stopping.is_set():
             code = 1
             log.error("worker %d exited with status %d; stopping the others", pid, os.waitstatus_to_exitcode(status))
             forward(signal.SIGTERM, None)
     if metrics_server is not None:
         metrics_server.shutdown()
+    hub.stop()
+    for hub_end, _ in links:
+        hub_end.close()
     for s in sockets:
         s.close()
     return code

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 import time
 from collections.abc import Mapping
 
@@ -30,6 +32,7 @@ PIPELINE_LIMIT = 32  # queued pipelined requests before the client is paused
 WRITE_HIGH_WATER = 256 * 1024
 
 _PAUSE_PIPELINE, _PAUSE_BUFFER, _PAUSE_UPSTREAM = 1, 2, 4
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP reset
 
 # Headers that describe one hop; never forwarded as they are.
 _HOP = frozenset((
@@ -185,12 +188,12 @@ class HttpDownstream(asyncio.Protocol):
         self.runtime.downstreams.add(self)
 
     def data_received(self, data: bytes) -> None:
+        self.idle_age = 0.0  # progress: the idle, stream idle and tunnel idle timeouts restart
         if self.tunnel is not None:
             self.tunnel.downstream_raw(data)
             return
         if self.closing:
             return
-        self.idle_age = 0.0
         n = self.chunk_len = len(data)
         if not self.reading_head:
             self.raw_pending = 0
@@ -241,6 +244,7 @@ class HttpDownstream(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.idle_age = 0.0  # the client is reading again: progress
         if self.active is not None:
             self.active.downstream_resume_writing()
 
@@ -355,10 +359,36 @@ class HttpDownstream(asyncio.Protocol):
             self.closing = True
             self.transport.close()
 
+    def reset(self) -> None:
+        """Reset the connection (TCP RST; what is still buffered is not sent)."""
+        self.closing = True
+        transport = self.transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+        transport.abort()
+
     def check_timers(self, tick: float, limits) -> None:
         """Called by the runtime's sweep every ``tick`` seconds: slow request heads get 408,
-        idle connections close."""
-        if self.closing or self.tunnel is not None or self.active is not None:
+        idle connections close, a request in flight (or an Upgrade tunnel) that makes no
+        progress either way for the stream (tunnel) idle timeout ends. ``idle_age`` counts
+        from the last progress: a downstream read, an upstream read, a write that drained."""
+        if self.closing:
+            return
+        exchange = self.tunnel or self.active
+        if exchange is not None:
+            age = self.idle_age = self.idle_age + tick
+            if exchange.tunneling:
+                limit = limits.tunnel_idle_timeout
+            else:
+                limit = limits.stream_idle_timeout
+                if limit is None:
+                    limit = limits.idle_timeout
+            if limit and age > limit:
+                exchange.idle_timeout()
             return
         if self.reading_head:
             self.head_age += tick
@@ -765,8 +795,10 @@ class Exchange:
         out = self.out
         if out:
             self.out = []
-            if not self.down.closing:
-                self.down.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            down = self.down
+            down.idle_age = 0.0  # upstream progress
+            if not down.closing:
+                down.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def upstream_complete(self, conn) -> None:
         if self.finished:
@@ -804,7 +836,9 @@ class Exchange:
 
     def upstream_raw(self, data: bytes) -> None:
         self.resp_bytes += len(data)
-        self.down.transport.write(data)
+        down = self.down
+        down.idle_age = 0.0  # tunnel progress
+        down.transport.write(data)
 
     def upstream_raw_closed(self) -> None:
         self.upstream = None
@@ -817,6 +851,7 @@ class Exchange:
         self.down.pause(_PAUSE_UPSTREAM)
 
     def upstream_resume_writing(self) -> None:
+        self.down.idle_age = 0.0  # the upstream drained what we wrote: progress
         self.down.resume(_PAUSE_UPSTREAM)
 
     def downstream_pause_writing(self) -> None:
@@ -901,6 +936,37 @@ class Exchange:
             self._finish_abort()
             return
         self.local_reply(LocalReply(504, "UT", b"upstream request timeout"))
+
+    def idle_timeout(self) -> None:
+        """Envoy's stream idle timeout (tunnel idle timeout once upgraded): nothing moved either
+        way for too long. The upstream connection is closed, never pooled (it is mid-request);
+        408 when no response byte went out, else the client connection is reset."""
+        down = self.down
+        if self.finished:
+            # The response is complete but the rest of the request body never came.
+            down.reset()
+            return
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.exchange = None
+            upstream.close()
+        elif self.cluster is not None:
+            self.cluster.pool.cancel(self)
+        if not self.response_started:
+            self.keep_alive = False
+            self.local_reply(LocalReply(408, "SI", b"stream timeout"))
+            return
+        self.flags = "SI" if self.flags == "-" else self.flags + ",SI"
+        self.response_done = True
+        self.keep_alive = False
+        self.close_delimited = True
+        self.flush()
+        if self.tunneling:
+            down.close()  # a TCP proxy idle timeout closes both sides
+        else:
+            down.reset()  # before _finish, whose exchange_done would close it gracefully
+        self._finish()
 
     def _cancel_try_timer(self) -> None:
         if self.try_timer is not None:

@@ -15,9 +15,22 @@ from tests.integration.proxy_harness import ProxyProcess, catalog_config
 from tests.integration.upstream import UpstreamServer
 
 
+class TimedUpstream(UpstreamServer):
+    """An upstream that also notes when it answers each request (``hit_times``, time.monotonic)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.hit_times: list[float] = []
+
+    async def _respond(self, req, parser, writer) -> bool:
+        # noted before the response is written, so before the proxy can record its outcome
+        self.hit_times.append(time.monotonic())
+        return await super()._respond(req, parser, writer)
+
+
 @pytest.fixture
 def catalog(tmp_path):
-    servers = [UpstreamServer(n, host=h).start() for n, h in
+    servers = [TimedUpstream(n, host=h).start() for n, h in
                (("v1a", "127.0.0.11"), ("v1b", "127.0.0.12"), ("v2", "127.0.0.13"))]
     (tmp_path / "catalog.yaml").write_text(catalog_config(*servers))
     proxy = ProxyProcess(tmp_path).start()
@@ -77,20 +90,28 @@ def test_failing_v1_endpoint_is_ejected_then_readmitted(catalog):
         if v1a.hits >= 5:
             break
     assert v1a.hits == 5, "five consecutive gateway errors eject the endpoint"
-    ejected_at = time.monotonic()
-    hits_at_ejection = v1a.hits
-    while time.monotonic() - ejected_at < 1.5:
+    # The proxy ejects v1a when it reads the 5th 503, which v1a wrote after noting its time:
+    # the ejection starts after ejected_at, so nothing may reach v1a before ejected_at + 2s
+    # (baseEjectionTime); readmission comes at the first 1s-interval sweep at or after that.
+    ejected_at = v1a.hit_times[4]
+    readmission_allowed = ejected_at + 2.0
+    sent = 0
+    while time.monotonic() < readmission_allowed:
         status, headers, _ = proxy.request("/")
-        assert (status, headers["x-instance"]) == (200, "v1b")
-    assert v1a.hits == hits_at_ejection, "an ejected endpoint receives nothing"
+        sent += 1
+        assert (status, headers["x-instance"]) == (200, "v1b"), f"{time.monotonic() - ejected_at:.3f} s after ejection"
+        time.sleep(0.005)
+    assert sent >= 20, f"only {sent} requests during the ejection window"
+    during = [t - ejected_at for t in v1a.hit_times[5:] if t < readmission_allowed]
+    assert during == [], f"the ejected endpoint received requests {during} s after its ejection"
+    hits_at_ejection = 5
     v1a.status = 200
-    # baseEjectionTime 2s, readmitted at the first 1s-interval sweep after it.
     deadline = time.monotonic() + 5
     while v1a.hits == hits_at_ejection and time.monotonic() < deadline:
         proxy.request("/")
         time.sleep(0.05)
-    readmitted_after = time.monotonic() - ejected_at
     assert v1a.hits > hits_at_ejection, "v1a is readmitted after the ejection time"
-    assert 1.9 <= readmitted_after <= 4.5
+    readmitted_after = v1a.hit_times[5] - ejected_at
+    assert 2.0 <= readmitted_after <= 4.5
     seen = {instance(proxy.request("/")) for _ in range(10)}
     assert seen == {"v1a", "v1b"}

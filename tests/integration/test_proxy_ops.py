@@ -94,9 +94,14 @@ def test_config_change_applies_without_restart(catalog_dir):
         # A broken change is refused; the previous configuration keeps serving.
         (d / "broken.yaml").write_text("apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
                                        "metadata: {name: b, namespace: shop}\nspec:\n  http: 7\n")
-        time.sleep(1.2)
+        # the proxy says it refused the file (naming it) ...
+        deadline = time.monotonic() + 5
+        while not any("broken.yaml" in line for line in proxy.stderr) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any("broken.yaml" in line for line in proxy.stderr), "the refused file is named on stderr"
+        # ... and the previous configuration keeps serving
         assert proxy.request("/brandnew")[1]["x-instance"] == "v2"
-    assert any("broken.yaml" in line for line in proxy.stderr)
+        assert proxy.request("/newcatalog")[1]["x-instance"] in ("v1a", "v1b")
 
 
 def test_removed_service_releases_its_upstream_connections(catalog_dir):
@@ -123,8 +128,14 @@ def test_two_workers_both_serve(catalog_dir):
     with ProxyProcess(d, workers=2, access_log=True) as proxy:
         for _ in range(40):
             assert proxy.request("/newcatalog")[0] == 200  # a new connection each time
-        time.sleep(0.3)
-        text = proxy.metrics()
+        # each worker counts a request as it completes, and logs it: poll for all 40
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            text = proxy.metrics()
+            if (len(proxy.stdout) >= 40 and
+                    metric_value(text, "istio_requests_total", destination_service=CATALOG, response_code="200") >= 40):
+                break
+            time.sleep(0.05)
     workers = {json.loads(line)["worker"] for line in proxy.stdout}
     assert len(workers) == 2, f"requests were served by workers {workers}"
     assert metric_value(text, "istio_requests_total", destination_service=CATALOG, response_code="200") == 40

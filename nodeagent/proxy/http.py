@@ -728,7 +728,7 @@ class Exchange:
         if self.try_timer is not None:
             self._cancel_try_timer()
         self.cluster.record(self.endpoint, status, self.runtime.loop.time())
-        if status >= 500 and not self.upgrade and self._retryable_status(status):
+        if status >= self.plan.retry_floor and not self.upgrade and self._retryable_status(status):
             conn.exchange = None
             conn.keep_alive = False
             conn.close()

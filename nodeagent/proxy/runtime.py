@@ -11,6 +11,7 @@ decisions and the sockets; it decides nothing itself.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -81,13 +82,32 @@ def _parse_authority(raw: bytes, fixed) -> tuple[str, int]:
     return authority, fixed[1] if fixed is not None else 80
 
 
+@functools.lru_cache(maxsize=256)
+def _retry_floor(retry) -> int:
+    """The lowest response status ``retry`` may retry (500 when only 5xx can be, as
+    ``5xx``/``gateway-error`` and most lists go): the exchange checks ``status >= floor``
+    before it asks policy.retry, so a 2xx/4xx answer costs one comparison."""
+    if retry is None:
+        return 500
+    floor = 500
+    if "retriable-4xx" in retry.retry_on:
+        floor = 409
+    if "retriable-status-codes" in retry.retry_on and retry.retriable_status_codes:
+        floor = min(floor, max(200, min(retry.retriable_status_codes)))
+    return floor
+
+
 class ForwardPlan:
     """What one exchange needs from routing, in wire-ready form."""
 
     __slots__ = (
         "cluster", "path", "authority", "request_ops", "response_ops", "timeout",
         "per_try_timeout", "retry", "delay", "abort", "mirror", "route_name", "mirror_authority",
+        "retry_floor",
     )
+
+    def __init__(self) -> None:
+        self.retry_floor = 500  # plans built field by field (inbound) retry nothing below 5xx
 
     def retry_on_status(self, status: int, attempt: int) -> bool:
         return retry_mod.should_retry(self.retry, attempt, status)
@@ -562,6 +582,7 @@ class ProxyRuntime:
         plan.timeout = result.timeout
         retry = plan.retry = result.retry
         plan.per_try_timeout = retry.per_try_timeout if retry is not None else None
+        plan.retry_floor = _retry_floor(retry)
         plan.delay = result.fault_delay
         plan.abort = result.fault_abort
         plan.route_name = result.route_name or ""

@@ -645,3 +645,11 @@ def test_activity_keeps_the_connection_open_and_restarts_the_idle_clock(env):
         assert wait_closed(sock, IDLE + 5) >= IDLE - SWEEP_TICK - 0.05
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize("host,code", [("r4xx", 409), ("rcodes", 429)])
+def test_4xx_retry(env, client, host, code):
+    """retriable-4xx (409) and 4xx codes a retriable-status-codes list names are retried,
+    as policy.retry.should_retry and Envoy decide."""
+    bad, good = env[1]["pair"]
+    run_retry_case(client, fqdn(host), bad, good, retried=True, bad_status=code)

@@ -115,6 +115,7 @@ class LocalReply:
         self.headers = headers
 
 
+_FIRST_ATTEMPT = b"x-envoy-attempt-count: 1\r\n\r\n"  # the header and the end of the head
 _STATUS_LINES = {code: b"HTTP/1.1 %d %b\r\n" % (code, reason) for code, reason in _REASONS.items()}
 
 
@@ -136,6 +137,7 @@ class HttpDownstream(asyncio.Protocol):
         "url", "headers", "head_bytes", "raw_pending", "reading_head", "head_age",
         "idle_age", "pauses", "write_paused", "closing", "tunnel", "error_status", "target",
         "routes", "max_header_bytes", "max_headers", "head_room", "chunk_len", "head_fed", "exact_head",
+        "first_try",
     )
 
     def __init__(self, runtime, ctx, peer=None, target=None) -> None:
@@ -174,6 +176,9 @@ class HttpDownstream(asyncio.Protocol):
         self.chunk_len = 0  # length of the chunk being parsed
         self.head_fed = 0  # bytes fed since the current head began (an upper bound of its size)
         self.exact_head = False
+        # The end of a first try's head: Istio sets include_request_attempt_count on the
+        # outbound (source-reporting) routes, not on the inbound ones.
+        self.first_try = _FIRST_ATTEMPT if ctx.reporter == "source" else b"\r\n"
 
     # asyncio.Protocol
     def connection_made(self, transport) -> None:
@@ -659,9 +664,8 @@ class Exchange:
         if self.upgrade:
             append(b"connection: upgrade\r\n")
         attempt = self.attempt
-        if attempt > 1:
-            append(b"x-envoy-attempt-count: %d\r\n" % attempt)
-        append(b"\r\n")
+        # Istio turns on Envoy's x-envoy-attempt-count on outbound routes: every try carries it.
+        append(self.down.first_try if attempt == 1 else b"x-envoy-attempt-count: %d\r\n\r\n" % attempt)
         if attempt > 1 and self.replay is not None:
             chunks = self.replay
         else:

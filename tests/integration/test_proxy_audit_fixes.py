@@ -410,3 +410,16 @@ async def _until(check) -> bool:
     while not check():
         await asyncio.sleep(0.02)
     return True
+
+
+# --- 4. x-envoy-attempt-count -----------------------------------------------
+
+def test_the_first_try_carries_attempt_count_1(env):
+    proxy = env[0]
+    for path, host in (("/public/a", RATINGS), ("/", "catalog.shop.svc.cluster.local"),
+                       ("/", "multi.shop.svc.cluster.local:9000")):
+        got = echo(proxy.request(path, host=host))
+        assert got["headers"].get("x-envoy-attempt-count") == "1", (host, got["headers"])
+    # a POST body still follows the head intact
+    got = echo(proxy.request("/public/p", host=RATINGS, method="POST", body=b"x" * 1000))
+    assert got["headers"]["x-envoy-attempt-count"] == "1" and got["body_len"] == 1000

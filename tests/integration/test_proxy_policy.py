@@ -266,7 +266,7 @@ def test_retries_go_to_another_endpoint(env):
             assert status == 200
             assert headers["x-instance"] == good.name
         assert bad.hits >= 1, "some first tries went to the failing endpoint and were retried"
-        retried = [r for r in good.requests if "x-envoy-attempt-count" in r["headers"]]
+        retried = [r for r in good.requests if r["headers"].get("x-envoy-attempt-count") != "1"]
         assert retried and all(r["headers"]["x-envoy-attempt-count"] == "2" for r in retried)
         # A body that was fully received is replayed on the retry.
         status, headers, body = proxy.request("/r", host=fqdn("retry"), method="POST", body=b"payload")

@@ -36,7 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a client has to send a request head before 408 (default 10)")
     p.add_argument("--idle-timeout", type=float, default=300.0,
-                   help="seconds before an idle client connection is closed (default 300)")
+                   help="seconds a client connection may stay open with no request active "
+                        "before it is closed (Envoy's connection idle_timeout; default 300)")
+    p.add_argument("--stream-idle-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="seconds a request in flight may make no progress either way before it "
+                        "ends (408, or a reset once the response began; Envoy's "
+                        "stream_idle_timeout; 0: off; default 300)")
     p.set_defaults(func=cmd_proxy)
 
 
@@ -61,6 +66,10 @@ def cmd_proxy(args) -> int:
         raise UserError(f"--workload must be NAMESPACE/NAME (e.g. shop/frontend), got {args.workload!r}")
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
+    for flag, value in (("--header-timeout", args.header_timeout), ("--idle-timeout", args.idle_timeout),
+                        ("--stream-idle-timeout", args.stream_idle_timeout)):
+        if not value >= 0:  # also NaN
+            raise UserError(f"{flag} must be a number of seconds >= 0, got {value}")
     listen = parse_address(args.listen, "--listen")
     metrics = parse_address(args.metrics, "--metrics") if args.metrics else None
     source = open_config(args.config_dir)  # raises UserError naming the file and field
@@ -92,7 +101,8 @@ def cmd_proxy(args) -> int:
         workers=args.workers,
         metrics=metrics,
         access_log=args.access_log,
-        limits=Limits(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout),
+        limits=Limits(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
+                      stream_idle_timeout=args.stream_idle_timeout),
         on_ready=ready,
         start_watch=source.start_watch,
     )

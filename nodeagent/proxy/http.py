@@ -386,12 +386,7 @@ class HttpDownstream(asyncio.Protocol):
         exchange = self.tunnel or self.active
         if exchange is not None:
             age = self.idle_age = self.idle_age + tick
-            if exchange.tunneling:
-                limit = limits.tunnel_idle_timeout
-            else:
-                limit = limits.stream_idle_timeout
-                if limit is None:
-                    limit = limits.idle_timeout
+            limit = limits.tunnel_idle_timeout if exchange.tunneling else limits.stream_idle_timeout
             if limit and age > limit:
                 exchange.idle_timeout()
             return

@@ -52,11 +52,13 @@ class Limits:
     max_header_bytes: int = 60 * 1024
     max_headers: int = 100
     header_timeout: float = 10.0  # a request head must arrive within this: else 408
-    idle_timeout: float = 300.0  # an idle keep-alive client connection is closed after this
-    # Envoy's stream_idle_timeout (default 5 min): a request in flight with no progress either
-    # way for this long gets 408 (no response byte sent yet) or a reset. None: idle_timeout
-    # (the --idle-timeout flag, whose default is the same 5 min); 0: off.
-    stream_idle_timeout: float | None = None
+    # Envoy's connection idle_timeout: a client connection with NO request active (between
+    # keep-alive requests) is closed after this; a request in flight is not counted.
+    idle_timeout: float = 300.0
+    # Envoy's stream_idle_timeout (default 5 min), independent of idle_timeout: a request in
+    # flight with no progress either way for this long gets 408 (no response byte sent yet)
+    # or a reset. 0: off.
+    stream_idle_timeout: float = 300.0
     # Envoy's TCP proxy idle_timeout (default 1 h) for Upgrade tunnels: no byte either way
     # for this long closes both sides. 0: off.
     tunnel_idle_timeout: float = 3600.0

@@ -158,7 +158,7 @@ def env(tmp_path_factory):
     (d / "hold.yaml").write_text(service_config("hold", [hold]) + HOLD_DR)
     stall = StallingUpstream("127.0.0.46")
     (d / "stall.yaml").write_text(service_config("stall", [stall]))
-    proxy = ProxyProcess(d, extra=("--idle-timeout", "1")).start()
+    proxy = ProxyProcess(d, extra=("--stream-idle-timeout", "1")).start()
     try:
         yield proxy, ratings, hold
     finally:
@@ -267,7 +267,7 @@ def wait_for(check, limit: float = 5.0) -> bool:
 
 
 def test_a_stalled_request_body_gets_408_and_frees_its_upstream_connection(env):
-    """--idle-timeout 1 (no --stream-idle-timeout): a POST announcing 100 bytes and sending 2
+    """--stream-idle-timeout 1: a POST announcing 100 bytes and sending 2
     used to hang forever holding the one connection maxConnections allows."""
     proxy, _, hold = env
     assert echo(proxy.request("/warm", host=HOLD))["instance"] == "h0"
@@ -361,7 +361,7 @@ def test_an_idle_upgrade_tunnel_is_closed_a_busy_one_is_not():
     loop = asyncio.new_event_loop()
     try:
         async def main():
-            runtime, ctx = _tunnel_runtime(upstream, Limits(idle_timeout=60, tunnel_idle_timeout=1))
+            runtime, ctx = _tunnel_runtime(upstream, Limits(stream_idle_timeout=60, tunnel_idle_timeout=1))
             runtime.start()
             server = await asyncio.get_running_loop().create_server(
                 lambda: HttpDownstream(runtime, ctx), "127.0.0.1", 0)

@@ -647,6 +647,22 @@ def test_activity_keeps_the_connection_open_and_restarts_the_idle_clock(env):
         sock.close()
 
 
+def test_the_connection_idle_timeout_does_not_cut_a_request_in_flight(env):
+    """--idle-timeout (Envoy's connection idle_timeout) counts only while no request is
+    active: an answer 2 idle timeouts late still arrives (the stream idle timeout, 5 min by
+    default, is what bounds a request in flight), and the idle clock starts after it."""
+    proxy = env[0]["backend"]
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    try:
+        started = time.monotonic()
+        head = raw_get(sock, headers=f"x-delay: {2 * IDLE}\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert time.monotonic() - started >= 2 * IDLE
+        assert wait_closed(sock, IDLE + 5) >= IDLE - SWEEP_TICK - 0.05
+    finally:
+        sock.close()
+
+
 @pytest.mark.parametrize("host,code", [("r4xx", 409), ("rcodes", 429)])
 def test_4xx_retry(env, client, host, code):
     """retriable-4xx (409) and 4xx codes a retriable-status-codes list names are retried,

@@ -52,6 +52,7 @@ class _UpstreamSide(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         relay = self.relay
+        relay.idle_age = 0.0
         relay.sent += len(data)  # Istio: sent = response bytes, towards the client
         relay.transport.write(data)
 
@@ -75,7 +76,11 @@ class _UpstreamSide(asyncio.Protocol):
 
 
 class TcpRelay(asyncio.Protocol):
-    """Downstream side of an opaque relay; connects upstream first, then copies bytes."""
+    """Downstream side of an opaque relay; connects upstream first, then copies bytes.
+
+    Envoy's TCP proxy idle_timeout (``Limits.tunnel_idle_timeout``, 1 h by default): no
+    byte either way for that long closes both sides. The runtime's sweep advances
+    ``idle_age`` (``check_timers``); a byte read from either side resets it."""
 
     def __init__(self, runtime, ctx, peer, state, passthrough=None, initial: bytes = b"") -> None:
         self.runtime = runtime
@@ -97,10 +102,12 @@ class TcpRelay(asyncio.Protocol):
         self.downstream_eof = False
         self.upstream_eof = False
         self.counted = False
+        self.idle_age = 0.0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         transport.set_write_buffer_limits(262144)
+        self.runtime.downstreams.add(self)  # swept by the runtime: check_timers
         self.runtime.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
@@ -169,6 +176,7 @@ class TcpRelay(asyncio.Protocol):
         self.entry[0] += 1
 
     def data_received(self, data: bytes) -> None:
+        self.idle_age = 0.0
         self.received += len(data)
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None:
@@ -200,10 +208,24 @@ class TcpRelay(asyncio.Protocol):
     def upstream_lost(self) -> None:
         self.transport.close()
 
+    def check_timers(self, tick: float, limits) -> None:
+        """The runtime's sweep, every ``tick`` seconds: close a relay idle for the TCP idle timeout."""
+        if self.closed:
+            return
+        age = self.idle_age = self.idle_age + tick
+        limit = limits.tunnel_idle_timeout
+        if limit and age > limit:
+            self.close()
+
+    def close(self) -> None:
+        """Close the client side; ``connection_lost`` then closes the upstream side."""
+        self.transport.close()
+
     def connection_lost(self, exc) -> None:
         if self.closed:
             return
         self.closed = True
+        self.runtime.downstreams.discard(self)
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
         if self.endpoint is not None and self.cluster is not None:

@@ -423,3 +423,68 @@ def test_the_first_try_carries_attempt_count_1(env):
     # a POST body still follows the head intact
     got = echo(proxy.request("/public/p", host=RATINGS, method="POST", body=b"x" * 1000))
     assert got["headers"]["x-envoy-attempt-count"] == "1" and got["body_len"] == 1000
+
+
+# --- 5. TCP relay idle timeout ------------------------------------------------
+
+def test_an_idle_tcp_relay_is_closed_a_busy_one_is_not():
+    """Opaque TCP relays get the tunnel idle timeout too (Envoy's TCP proxy idle_timeout,
+    1 h by default; here 1 s), counted from the last byte either way, and closing the client
+    side closes the upstream side."""
+    from nodeagent.proxy.tcp import DispatchProtocol
+
+    service_upstream = UpstreamServer("ws0", host="127.0.0.48").start()  # the config's one service
+    loop = asyncio.new_event_loop()
+    try:
+        async def main():
+            upstream_open = []
+
+            async def echo_back(reader, writer):
+                upstream_open.append(writer)
+                try:
+                    while data := await reader.read(65536):
+                        writer.write(data)
+                finally:
+                    upstream_open.remove(writer)
+                    writer.close()
+
+            echo_server = await asyncio.start_server(echo_back, "127.0.0.48", 0)
+            target = echo_server.sockets[0].getsockname()[:2]
+            runtime, _ = _tunnel_runtime(service_upstream, Limits(stream_idle_timeout=60, tunnel_idle_timeout=1))
+            ctx = ListenerContext("forward", WorkloadIdentity("shop", "frontend", "frontend", {"app": "frontend"}),
+                                  fixed_destination=target)  # not a mesh service: a plain relay
+            runtime.start()
+            server = await asyncio.get_running_loop().create_server(
+                lambda: DispatchProtocol(runtime, ctx), "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+
+            async def busy():
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                for i in range(6):  # 2.4 s, never idle for 1 s
+                    await asyncio.sleep(0.4)
+                    writer.write(b"ping%d" % i)
+                    assert await asyncio.wait_for(reader.readexactly(5), 5) == b"ping%d" % i
+                writer.close()
+
+            async def idle():
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"hello")
+                assert await asyncio.wait_for(reader.readexactly(5), 5) == b"hello"
+                started = time.monotonic()
+                assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the proxy
+                writer.close()
+                return time.monotonic() - started
+
+            try:
+                _, elapsed = await asyncio.gather(busy(), idle())
+                assert 0.9 <= elapsed < 2.5, elapsed
+                assert await asyncio.wait_for(_until(lambda: not upstream_open), 5)
+            finally:
+                server.close()
+                echo_server.close()
+                await runtime.close()
+
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+        service_upstream.stop()

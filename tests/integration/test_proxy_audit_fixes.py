@@ -6,7 +6,8 @@
    else a reset), and its upstream connection is released, not pooled; Upgrade tunnels
    have an idle timeout too;
 3. a Host port the service does not have gets 404 NR;
-4. the first try carries ``x-envoy-attempt-count: 1``.
+4. the first try carries ``x-envoy-attempt-count: 1``;
+5. opaque TCP relays have the tunnel (Envoy TCP proxy) idle timeout.
 """
 from __future__ import annotations
 

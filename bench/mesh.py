@@ -142,6 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--duration", type=int, default=8, help="seconds per measured run (default 8)")
     p.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per path (default 2)")
     p.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
+    p.add_argument("--capture", choices=("nftables", "iptables", "ebpf"), default="nftables",
+                   help="how the agents capture the pods' traffic (default nftables)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench mesh: needs root (network namespaces, nftables); run `sudo python -m bench mesh`",
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
-    lab = meshlab.MeshLab(log=lambda m: print(f"  {m}", flush=True))
+    lab = meshlab.MeshLab(capture=args.capture, log=lambda m: print(f"  {m}", flush=True))
     try:
         results = run(lab, args)
     except meshlab.LabError as exc:
@@ -176,7 +178,8 @@ def main(argv=None) -> int:
         if problems:
             print(f"bench mesh: teardown left {problems}", file=sys.stderr)
     print(f"\nwrk -t1 -c{args.connections} in the client pod, {args.duration}s per path after "
-          f"{args.warmup}s warm-up; CPU = both proxies of the path; load average at the start {load}")
+          f"{args.warmup}s warm-up; capture {args.capture}; CPU = both proxies of the path; "
+          f"load average at the start {load}")
     print(f"{'path':<54}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'errors':>8}")
     for r in results:
         print(f"{r['name']:<54}{r['rps']:>9.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['cpu_us']:>12.1f}{r['errors']:>8}")

@@ -372,6 +372,8 @@ class MeshLab:
         self.timeout = timeout
         self.log = log or (lambda msg: None)
         self.dir = tempfile.mkdtemp(prefix="nodeagent-meshlab-")
+        # eBPF capture: each node agent pins its maps and links in a directory of its own.
+        self.pin_root = "/sys/fs/bpf/" + os.path.basename(self.dir)
         self.keep_dir = keep_dir
         self.topo = Topology(timeout=10.0)
         self.pods: dict[str, LabPod] = {}
@@ -520,6 +522,8 @@ class MeshLab:
                 "--ca-url", f"https://{self.ca_address}:{CA_PORT}", "--node-credential", self.credential_dir(node),
                 "--admin", f"127.0.0.1:{ADMIN_PORT}", "--metrics", f"0.0.0.0:{METRICS_PORT}",
                 "--readiness", f"127.0.0.1:{READY_PORT}"]
+        if (capture or self.capture) in ("ebpf", "auto"):
+            argv += ["--bpf-pin-dir", self.pin_dir(node)]
         proc = self.topo.spawn(node, argv, stdout=log, stderr=log, cwd=self.repo,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self._agent_log[node] = logname
@@ -527,6 +531,9 @@ class MeshLab:
         if wait:
             self.wait_ready(node)
         return proc
+
+    def pin_dir(self, node: str) -> str:
+        return f"{self.pin_root}-{node}"
 
     def agent_log(self, node: str) -> str:
         """The log of the node's most recent agent process."""

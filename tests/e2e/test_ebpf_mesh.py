@@ -13,7 +13,6 @@ pinned or attached.
 from __future__ import annotations
 
 import os
-import secrets
 import time
 
 import pytest
@@ -37,26 +36,7 @@ CGROUP_ATTACH_TYPES = (3, 10, 11, 21)   # sock_ops, inet4/6 connect, getsockopt
 def _ebpf_lab():
     from nodeagent.meshlab import MeshLab
 
-    class EbpfMeshLab(MeshLab):
-        """MeshLab with ``--capture ebpf`` and one ``--bpf-pin-dir`` per node agent."""
-
-        def __init__(self, **kw):
-            super().__init__(capture="ebpf", **kw)
-            self.pin_root = f"/sys/fs/bpf/nodeagent-e2e-{secrets.token_hex(3)}"
-            spawn = self.topo.spawn
-
-            def spawn_with_pin_dir(ns, argv, **kwargs):
-                if list(argv[1:4]) == ["-m", "nodeagent", "run"]:
-                    node = argv[argv.index("--node") + 1]
-                    argv = [*argv, "--bpf-pin-dir", self.pin_dir(node)]
-                return spawn(ns, argv, **kwargs)
-
-            self.topo.spawn = spawn_with_pin_dir
-
-        def pin_dir(self, node: str) -> str:
-            return f"{self.pin_root}-{node}"
-
-    return EbpfMeshLab()
+    return MeshLab(capture="ebpf")   # one --bpf-pin-dir per node agent (MeshLab.pin_dir)
 
 
 @pytest.fixture(scope="module")

@@ -10,32 +10,15 @@ the proxy process from /proc/<pid>/stat divided by the requests wrk completed).
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from bench.common import cpu_times, free_port, missing_tool, per_request, stop_all, upstream_cfg, wait_port, wrk
 
-UPSTREAM_CFG = """global
-    nbthread 1
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-frontend upstream
-    bind 127.0.0.2:{port}
-    bind 127.0.0.3:{port}
-    http-request return status 200 content-type text/plain string ok
-"""
+REPO = Path(__file__).resolve().parent.parent
 
 HAPROXY_CFG = """global
     nbthread 1
@@ -116,66 +99,13 @@ spec:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"bench: nothing listens on {host}:{port}")
-
-
-def cpu_seconds(pid: int) -> float:
-    user, system = cpu_split(pid)
-    return user + system
-
-
-def cpu_split(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of a process, from /proc/<pid>/stat (utime, stime)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
-
-
-def wrk(url: str, seconds: float, connections: int, host: str | None) -> dict:
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
-    if host:
-        cmd[1:1] = ["-H", f"Host: {host}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-
-    def latency(pct: str) -> float:
-        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        value, unit = float(m.group(1)), m.group(2)
-        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
-
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "requests": int(re.search(r"(\d+) requests in", out).group(1)),
-        "p50": latency("50"),
-        "p99": latency("99"),
-        "errors": int(non2xx.group(1)) if non2xx else 0,
-    }
-
-
 def measure(name: str, url: str, pid: int | None, args, host: str | None = None) -> dict:
-    wrk(url, args.warmup, args.connections, host)
-    before = cpu_split(pid) if pid else (0.0, 0.0)
-    res = wrk(url, args.duration, args.connections, host)
+    wrk(url, args.warmup, args.connections, host, socket_errors=False)
+    before = [cpu_times(pid)] if pid else []
+    res = wrk(url, args.duration, args.connections, host, socket_errors=False)  # the column counts non-2xx only
     if pid:
-        after = cpu_split(pid)
-        n = max(1, res["requests"])
-        res["user_us"] = (after[0] - before[0]) * 1e6 / n
-        res["sys_us"] = (after[1] - before[1]) * 1e6 / n
-        res["cpu_us"] = res["user_us"] + res["sys_us"]
+        cpu = per_request(before, [cpu_times(pid)], res["requests"])
+        res.update(user_us=cpu["user_us"], sys_us=cpu["sys_us"], cpu_us=cpu["cpu_us"])
     res["name"] = name
     return res
 
@@ -202,15 +132,15 @@ def main(argv=None) -> int:
                    help="measure the proxies this many times, interleaved, and keep each one's best run "
                         "(a shared machine only ever makes a run slower; default 1)")
     args = p.parse_args(argv)
-    for tool in ("wrk", "haproxy"):
-        if shutil.which(tool) is None:
-            print(f"bench: {tool} is not installed (make setup installs it)", file=sys.stderr)
-            return 1
+    tool = missing_tool(("wrk", "haproxy"))
+    if tool:
+        print(f"bench: {tool} is not installed (make setup installs it)", file=sys.stderr)
+        return 1
     procs: list[subprocess.Popen] = []
     tmp = Path(tempfile.mkdtemp(prefix="nodeagent-bench-"))
     try:
         up, hap = free_port(), free_port()
-        (tmp / "upstream.cfg").write_text(UPSTREAM_CFG.format(port=up))
+        (tmp / "upstream.cfg").write_text(upstream_cfg(f"127.0.0.2:{up}", f"127.0.0.3:{up}"))
         (tmp / "haproxy.cfg").write_text(HAPROXY_CFG.format(port=hap, up=up))
         (tmp / "config").mkdir()
         (tmp / "config" / "shop.yaml").write_text(SHOP_CFG.format(up=up))
@@ -237,13 +167,7 @@ def main(argv=None) -> int:
                 if results[i] is None or run["rps"] > results[i]["rps"]:
                     results[i] = run
     finally:
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs, 10)
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrk -t1 -c{args.connections}, {args.duration:g}s per target after {args.warmup:g}s warm-up, "
           f"path {args.path}" + (f", best of {args.rounds} interleaved rounds" if args.rounds > 1 else ""))

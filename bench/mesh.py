@@ -17,124 +17,15 @@ ratios in one run. Setup runs the real agents and CA service; nothing leaves the
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from bench.common import cpu_times, edge_cfg, ingress_cfg, make_certs, missing_tool, per_request, upstream_cfg, wrk
 
-UPSTREAM_CFG = """global
-    nbthread 1
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-frontend upstream
-    bind 0.0.0.0:{port}
-    http-request return status 200 content-type text/plain string ok
-"""
-
-EDGE_CFG = """global
-    nbthread 1
-    ssl-default-bind-options ssl-min-ver TLSv1.3
-    ssl-default-server-options ssl-min-ver TLSv1.3
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    http-reuse always
-frontend out
-    bind {listen}
-    default_backend next
-backend next
-    server s1 {server} ssl crt {dir}/client.pem ca-file {dir}/ca.pem verify required sni str(mesh-node2)
-"""
-
-INGRESS_CFG = """global
-    nbthread 1
-    ssl-default-bind-options ssl-min-ver TLSv1.3
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    http-reuse always
-frontend in
-    bind {listen} ssl crt {dir}/server.pem ca-file {dir}/ca.pem verify required
-    default_backend app
-backend app
-    server app {server}
-"""
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def parse_wrk(out: str) -> dict:
-    def latency(pct: str) -> float:
-        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        if m is None:
-            raise SystemExit(f"bench mesh: no {pct}% latency in wrk output:\n{out}")
-        value, unit = float(m.group(1)), m.group(2)
-        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
-
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    return {
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "requests": int(re.search(r"(\d+) requests in", out).group(1)),
-        "p50": latency("50"),
-        "p99": latency("99"),
-        "errors": (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, errors.groups())) if errors else 0),
-    }
-
-
-def make_certs(directory: str) -> None:
-    """A throwaway CA, a server and a client certificate (ECDSA P-256, as the mesh's)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(cn):
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def pem_key(key):
-        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("bench-ca")).issuer_name(name("bench-ca"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    with open(os.path.join(directory, "ca.pem"), "wb") as f:
-        f.write(ca.public_bytes(serialization.Encoding.PEM))
-    for who, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(f"mesh-{who}")).issuer_name(ca.subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName("mesh-node2")]), critical=False)
-                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        path = os.path.join(directory, f"{who}.pem")
-        with open(path, "wb") as f:
-            f.write(cert.public_bytes(serialization.Encoding.PEM) + pem_key(key))
-        os.chmod(path, 0o600)
+WHO = "bench mesh"
 
 
 def main(argv=None) -> int:
@@ -149,10 +40,10 @@ def main(argv=None) -> int:
         print("bench mesh: needs root (network namespaces, nftables); run `sudo python -m bench mesh`",
               file=sys.stderr)
         return 1
-    for tool in ("wrk", "haproxy", "nft", "nsenter"):
-        if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin:/sbin") is None:
-            print(f"bench mesh: {tool} is not installed (make setup installs it)", file=sys.stderr)
-            return 1
+    tool = missing_tool(("wrk", "haproxy", "nft", "nsenter"))
+    if tool:
+        print(f"bench mesh: {tool} is not installed (make setup installs it)", file=sys.stderr)
+        return 1
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from nodeagent import meshlab
@@ -217,17 +108,16 @@ def run(lab, args) -> list[dict]:
         lab.wait_certificates(node)
 
     d = lab.dir
-    make_certs(d)
+    make_certs(d, server_name="mesh-node2")
     port = server.port
     with open(os.path.join(d, "upstream.cfg"), "w") as f:
-        f.write(UPSTREAM_CFG.format(port=port))
+        f.write(upstream_cfg(f"0.0.0.0:{port}"))
     node1, node2 = lab.topo.nodes["node1"], lab.topo.nodes["node2"]
     edge_listen = f"{node1.gateway}:18080"
     with open(os.path.join(d, "edge.cfg"), "w") as f:
-        f.write(EDGE_CFG.format(listen=edge_listen, server=f"{node2.link_address}:18443", dir=d))
+        f.write(edge_cfg(edge_listen, f"{node2.link_address}:18443", d, sni="mesh-node2"))
     with open(os.path.join(d, "ingress.cfg"), "w") as f:
-        f.write(INGRESS_CFG.format(listen=f"{node2.link_address}:18443", server=f"{lab.pods['plainserver'].ip}:{port}",
-                                   dir=d))
+        f.write(ingress_cfg(f"{node2.link_address}:18443", f"{lab.pods['plainserver'].ip}:{port}", d))
     for pod in ("catalog-v2", "plainserver"):
         lab.topo.spawn(pod, ["haproxy", "-db", "-f", os.path.join(d, "upstream.cfg")],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -263,15 +153,13 @@ def run(lab, args) -> list[dict]:
     ]
     results = []
     for name, pod, url, host, pids in paths:
-        base = ["wrk", "-t1", f"-c{args.connections}", "--latency"]
-        if host:
-            base += ["-H", f"Host: {host}"]
-        warm = parse_wrk(lab.exec(pod, base + [f"-d{args.warmup}s", url], timeout=args.warmup + 30, check=True).stdout)
-        before = sum(cpu_seconds(pid) for pid in pids)
-        out = lab.exec(pod, base + [f"-d{args.duration}s", url], timeout=args.duration + 30, check=True).stdout
-        spent = sum(cpu_seconds(pid) for pid in pids) - before
-        r = parse_wrk(out)
-        r["cpu_us"] = spent * 1e6 / max(1, r["requests"])
+        def in_pod(argv, timeout, pod=pod):
+            return lab.exec(pod, argv, timeout=timeout, check=True).stdout
+
+        warm = wrk(url, args.warmup, args.connections, host, who=WHO, run=in_pod)
+        before = [cpu_times(pid) for pid in pids]
+        r = wrk(url, args.duration, args.connections, host, who=WHO, run=in_pod)
+        r["cpu_us"] = per_request(before, [cpu_times(pid) for pid in pids], r["requests"])["cpu_us"]
         r["name"] = name
         r["warmup_requests"] = warm["requests"]
         if pod == "client":

@@ -25,67 +25,24 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.common import (cpu_times, edge_cfg, free_port, ingress_cfg, make_certs, missing_tool, per_request,
+                          stop_all, upstream_cfg, wait_port, wrk)
+
 REPO = Path(__file__).resolve().parent.parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+WHO = "bench mesh-loopback"
 
 NS = "shop"
 A_ADDR, B_ADDR = "127.0.10.1", "127.0.20.1"  # the two workloads (node 1, node 2)
 H1_ADDR, H2_ADDR = "127.0.10.2", "127.0.20.2"  # the two haproxys
 B_HOST = "b.shop.svc.cluster.local"
-
-UPSTREAM_CFG = """global
-    nbthread 1
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-frontend app
-    bind {addr}:{port}
-    http-request return status 200 content-type text/plain string ok
-"""
-
-EDGE_CFG = """global
-    nbthread 1
-    ssl-default-server-options ssl-min-ver TLSv1.3
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    http-reuse always
-frontend out
-    bind {listen}
-    default_backend next
-backend next
-    server s1 {server} ssl crt {dir}/client.pem ca-file {dir}/ca.pem verify required
-"""
-
-INGRESS_CFG = """global
-    nbthread 1
-    ssl-default-bind-options ssl-min-ver TLSv1.3
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    http-reuse always
-frontend in
-    bind {listen} ssl crt {dir}/server.pem ca-file {dir}/ca.pem verify required
-    default_backend app
-backend app
-    server app {server}
-"""
 
 MESH_CFG = """apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -238,82 +195,6 @@ async def _node(args) -> None:
 # --------------------------------------------------------------------------- the bench
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait_port(host: str, port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"bench mesh-loopback: {' '.join(proc.args[:4])} exited with {proc.returncode}")
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"bench mesh-loopback: nothing listens on {host}:{port}")
-
-
-def cpu_times(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of ``pid`` so far (utime, stime of /proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
-
-
-def parse_wrk(out: str) -> dict:
-    def latency(pct: str) -> float:
-        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        if m is None:
-            raise SystemExit(f"bench mesh-loopback: no {pct}% latency in wrk output:\n{out}")
-        value, unit = float(m.group(1)), m.group(2)
-        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
-
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    return {
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "requests": int(re.search(r"(\d+) requests in", out).group(1)),
-        "p50": latency("50"),
-        "p99": latency("99"),
-        "errors": (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, errors.groups())) if errors else 0),
-    }
-
-
-def make_certs(ca_dir: Path, out: Path) -> None:
-    """HAProxy's certificates from the same embedded CA as the agents' (ECDSA P-256)."""
-    from nodeagent.identity import certs
-    from nodeagent.identity.ca import CADirectory, LocalCA
-    from nodeagent.identity.spiffe import SpiffeId
-
-    directory = CADirectory(ca_dir)
-    ca = LocalCA(directory)
-    (out / "ca.pem").write_bytes(directory.trust_bundle(time.time()).pem)
-    for who in ("client", "server"):
-        key = certs.generate_key()
-        identity = SpiffeId.workload("bench", f"haproxy-{who}")
-        issued = ca.sign_csr(certs.make_csr(key, identity), identity, 3600)
-        path = out / f"{who}.pem"
-        path.write_bytes(certs.certs_to_pem((issued.certificate, *issued.chain)) + certs.key_to_pem(key))
-        path.chmod(0o600)
-
-
-def run_wrk(url: str, seconds: float, args, host: str | None) -> str:
-    cmd = ["wrk", "-t1", f"-c{args.connections}", f"-d{seconds}s", "--latency", url]
-    if host:
-        cmd[1:1] = ["-H", f"Host: {host}"]
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 30).stdout
-    except subprocess.CalledProcessError as exc:
-        raise SystemExit(f"bench mesh-loopback: wrk against {url} failed ({exc.returncode}): "
-                         f"{(exc.stderr or exc.stdout).strip()[:500]}")
-    except subprocess.TimeoutExpired:
-        raise SystemExit(f"bench mesh-loopback: wrk against {url} did not finish within {seconds + 30:.0f} s")
-
-
 def node_stats(pid: int, path: Path) -> dict:
     """Ask a node (SIGUSR1) for its counters and wait for the new file."""
     try:
@@ -334,20 +215,16 @@ def node_stats(pid: int, path: Path) -> dict:
 
 
 def measure(name: str, url: str, pids: list[int], args, host: str | None, stats=None) -> dict:
-    run_wrk(url, args.warmup, args, host)
+    wrk(url, args.warmup, args.connections, host, who=WHO)
     counters = stats() if stats else None
     before = [cpu_times(pid) for pid in pids]
-    r = parse_wrk(run_wrk(url, args.duration, args, host))
+    r = wrk(url, args.duration, args.connections, host, who=WHO)
     after = [cpu_times(pid) for pid in pids]
     if stats:
         end = stats()
         r["tunnels"] = end["tunnels_accepted"] - counters["tunnels_accepted"]
         r["served"] = end["requests"] - counters["requests"]
-    n = max(1, r["requests"])
-    r["user_us"] = sum(a[0] - b[0] for a, b in zip(after, before)) * 1e6 / n
-    r["sys_us"] = sum(a[1] - b[1] for a, b in zip(after, before)) * 1e6 / n
-    r["cpu_us"] = r["user_us"] + r["sys_us"]
-    r["per_proxy"] = [((a[0] - b[0]) * 1e6 / n, (a[1] - b[1]) * 1e6 / n) for a, b in zip(after, before)]
+    r.update(per_request(before, after, r["requests"]))
     r["name"] = name
     return r
 
@@ -367,10 +244,10 @@ def main(argv=None) -> int:
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
                    help="the agents' event loop (default uvloop; `nodeagent run` uses asyncio's today)")
     args = p.parse_args(argv)
-    for tool in ("wrk", "haproxy"):
-        if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin:/sbin") is None:
-            print(f"bench mesh-loopback: {tool} is not installed (make setup installs it)", file=sys.stderr)
-            return 1
+    tool = missing_tool(("wrk", "haproxy"))
+    if tool:
+        print(f"bench mesh-loopback: {tool} is not installed (make setup installs it)", file=sys.stderr)
+        return 1
     sys.path.insert(0, str(REPO))
     from nodeagent.identity.ca import CADirectory
 
@@ -387,13 +264,13 @@ def main(argv=None) -> int:
     results: list[dict | None] = [None, None]
     try:
         CADirectory.init(tmp / "ca", now=time.time() - 3600)
-        make_certs(tmp / "ca", tmp)
+        make_certs(tmp, ca_dir=tmp / "ca")
         app_port = free_port(B_ADDR)
-        (tmp / "app.cfg").write_text(UPSTREAM_CFG.format(addr=B_ADDR, port=app_port))
+        (tmp / "app.cfg").write_text(upstream_cfg(f"{B_ADDR}:{app_port}"))
         (tmp / "config").mkdir()
         (tmp / "config" / "mesh.yaml").write_text(MESH_CFG.format(a_addr=A_ADDR, b_addr=B_ADDR, app_port=app_port))
         app = start(["haproxy", "-db", "-f", str(tmp / "app.cfg")], **quiet)
-        wait_port(B_ADDR, app_port, app)
+        wait_port(B_ADDR, app_port, app, timeout=20.0, who=WHO)
 
         tunnel_port, out_port = free_port(B_ADDR), free_port(A_ADDR)
         node = [sys.executable, "-m", "bench.mesh_loopback", "node", "--ca", str(tmp / "ca"),
@@ -404,20 +281,18 @@ def main(argv=None) -> int:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
         node2 = start(node + ["--workload", "shop/b", "--address", B_ADDR, "--tunnel-listen", str(tunnel_port),
                               "--stats", str(tmp / "node2.json")] + prof("node2"), stdout=subprocess.DEVNULL)
-        wait_port(B_ADDR, tunnel_port, node2)
+        wait_port(B_ADDR, tunnel_port, node2, timeout=20.0, who=WHO)
         node1 = start(node + ["--workload", "shop/a", "--address", A_ADDR, "--listen", str(out_port),
                               "--tunnel-port", str(tunnel_port)] + prof("node1"), stdout=subprocess.DEVNULL)
-        wait_port(A_ADDR, out_port, node1)
+        wait_port(A_ADDR, out_port, node1, timeout=20.0, who=WHO)
 
         h1_port, h2_port = free_port(H1_ADDR), free_port(H2_ADDR)
-        (tmp / "ingress.cfg").write_text(INGRESS_CFG.format(listen=f"{H2_ADDR}:{h2_port}",
-                                                            server=f"{B_ADDR}:{app_port}", dir=tmp))
-        (tmp / "edge.cfg").write_text(EDGE_CFG.format(listen=f"{H1_ADDR}:{h1_port}",
-                                                      server=f"{H2_ADDR}:{h2_port}", dir=tmp))
+        (tmp / "ingress.cfg").write_text(ingress_cfg(f"{H2_ADDR}:{h2_port}", f"{B_ADDR}:{app_port}", tmp))
+        (tmp / "edge.cfg").write_text(edge_cfg(f"{H1_ADDR}:{h1_port}", f"{H2_ADDR}:{h2_port}", tmp))
         ingress = start(["haproxy", "-db", "-f", str(tmp / "ingress.cfg")], **quiet)
-        wait_port(H2_ADDR, h2_port, ingress)
+        wait_port(H2_ADDR, h2_port, ingress, timeout=20.0, who=WHO)
         edge = start(["haproxy", "-db", "-f", str(tmp / "edge.cfg")], **quiet)
-        wait_port(H1_ADDR, h1_port, edge)
+        wait_port(H1_ADDR, h1_port, edge, timeout=20.0, who=WHO)
 
         mesh_url, ha_url = f"http://{A_ADDR}:{out_port}/items", f"http://{H1_ADDR}:{h1_port}/items"
         for url, host in ((mesh_url, B_HOST), (ha_url, None)):
@@ -442,15 +317,7 @@ def main(argv=None) -> int:
         print("bench mesh-loopback: interrupted", file=sys.stderr)
         return 130
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all(procs, 20)
         try:
             stats = json.loads((tmp / "node2.json").read_text())
         except (OSError, ValueError):

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -44,24 +43,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import cpu_seconds, missing_tool, upstream_cfg, wrk
+
 REPO = Path(__file__).resolve().parent.parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 RELAY_PORT = 15001
 INBOUND_PORT = 15006
 PROXY_MARK = 0x539
 MODES = ("direct", "nftables", "ebpf", "ebpf+fast", "nftables-in", "ebpf-in")
 
-SERVER_CFG = """global
-    nbthread 1
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-frontend app
-    bind 0.0.0.0:80
-    http-request return status 200 content-type text/plain string ok
-"""
+SERVER_CFG = upstream_cfg("0.0.0.0:80")
 
 
 # ---- the relay (runs inside the client pod) -----------------------------------------
@@ -169,12 +159,6 @@ def relay_main(argv: list[str]) -> int:
 # ---- the bench ----------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 def setup_rate(netns: str, addr: tuple[str, int], seconds: float, limit: int) -> tuple[float, int, int, float]:
     """(new connections per second, completed, failed, CPU seconds of the client thread):
     connect + GET + read to close, one at a time."""
@@ -205,22 +189,9 @@ def setup_rate(netns: str, addr: tuple[str, int], seconds: float, limit: int) ->
     return run_in_netns(f"/run/netns/{netns}", loop)
 
 
-def wrk(topo, pod: str, url: str, seconds: float, connections: int) -> dict:
-    out = topo.exec(pod, ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", url],
-                    timeout=seconds + 30).stdout
-
-    def latency(pct: str) -> float:
-        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        value, unit = float(m.group(1)), m.group(2)
-        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
-
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    sock_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-            "requests": int(re.search(r"(\d+) requests in", out).group(1)),
-            "p50": latency("50"), "p99": latency("99"),
-            "errors": (int(errors.group(1)) if errors else 0)
-            + (sum(int(x) for x in sock_errors.groups()) if sock_errors else 0)}
+def wrk_in_pod(topo, pod: str, url: str, seconds: float, connections: int) -> dict:
+    return wrk(url, seconds, connections, who="bench capture",
+               run=lambda argv, timeout: topo.exec(pod, argv, timeout=timeout).stdout)
 
 
 class Relay:
@@ -342,9 +313,9 @@ class Bench:
                     raise SystemExit(f"bench capture: mode {mode}: the {name} relay took {relayed} of "
                                      f"{done + failed} connections, expected {want}")
             url = f"http://{self.server.ip}:80/"
-            wrk(self.topo, "client", url, 1, self.args.connections)   # warm-up
+            wrk_in_pod(self.topo, "client", url, 1, self.args.connections)   # warm-up
             cpu = relay.cpu() if relay else 0.0
-            res = wrk(self.topo, "client", url, self.args.duration, self.args.connections)
+            res = wrk_in_pod(self.topo, "client", url, self.args.duration, self.args.connections)
             res["cpu_us"] = (relay.cpu() - cpu) * 1e6 / max(1, res["requests"]) if relay else None
         finally:
             self.capture(mode, False)
@@ -381,10 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench capture: needs root (network namespaces, nftables, eBPF)", file=sys.stderr)
         return 1
-    for tool in ("wrk", "haproxy", "nft", "nsenter"):
-        if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin:/sbin") is None:
-            print(f"bench capture: {tool} is not installed (make setup installs it)", file=sys.stderr)
-            return 1
+    tool = missing_tool(("wrk", "haproxy", "nft", "nsenter"))
+    if tool:
+        print(f"bench capture: {tool} is not installed (make setup installs it)", file=sys.stderr)
+        return 1
     if any(m.startswith("ebpf") for m in modes):
         from bpf.loader import unavailable_reason
         reason = unavailable_reason()

@@ -24,6 +24,7 @@ from bpf import sys as bpfsys
 from bpf.loader import EbpfCapture, Excludes, cgroup2_root
 from bpf.netns import netns_cookie, run_in_netns, socket_netns_cookie
 from tests.conftest import REPO, require
+from tests.kernel.responder import Responder, fmt, ip
 
 TAG = secrets.token_hex(3)
 PIN_DIR = f"/sys/fs/bpf/nodeagent-test-{TAG}"
@@ -33,42 +34,6 @@ ATTACH_TYPES = (bpfsys.CGROUP_INET4_CONNECT, bpfsys.CGROUP_INET6_CONNECT, bpfsys
                 bpfsys.CGROUP_GETSOCKOPT)
 DST6 = ("fd00:250::2", 80)
 EXCLUDES = Excludes(ports=(81,), destinations=("10.250.1.3/32", "fd00:250::3/128"))
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=5)
-
-
-class Responder:
-    """Accepts on one listening socket in a thread; answers each connection with reply(conn)."""
-
-    def __init__(self, sock: socket.socket, reply):
-        self.sock = sock
-        self.reply = reply
-        self.stop = threading.Event()
-        sock.settimeout(0.1)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            with conn:
-                try:
-                    answer = self.reply(conn)
-                except Exception as exc:   # shown in the asserting test's answer
-                    answer = f"error {exc!r}"
-                conn.sendall(answer.encode() + b"\n")
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=2)
-        self.sock.close()
 
 
 def family_of(host: str) -> socket.AddressFamily:
@@ -92,10 +57,6 @@ def proxy_reply(pin_dir: str):
         via_map = origdst.original_dst_for_socket(conn, pin_dir=pin_dir)
         return f"proxy {fmt(via_sockopt)} {fmt(via_map)} {peer[0]}:{peer[1]}"
     return reply
-
-
-def fmt(addr) -> str:
-    return f"{addr[0]}:{addr[1]}" if addr else "-"
 
 
 def ask(netns: str, addr: tuple[str, int], mark: int | None = None) -> str:

@@ -17,7 +17,6 @@ import secrets
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -28,50 +27,12 @@ from bpf.inbound import InboundConfig, listeners_in_process, patch_netns, INBOUN
 from bpf.loader import EbpfCapture
 from bpf.netns import netns_cookie, run_in_netns
 from tests.conftest import REPO, require
+from tests.kernel.responder import Responder, fmt, ip
 
 TAG = secrets.token_hex(3)
 PIN_DIR = f"/sys/fs/bpf/nodeagent-test-in-{TAG}"
 POD_IP, POD_IP6, CLIENT_IP, PROBE_IP = "10.250.3.2", "fd00:253::2", "10.250.3.3", "10.250.3.9"
 CONFIG = InboundConfig(exclude_ports=(9090,), probe_sources=(f"{PROBE_IP}/32",))
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=5)
-
-
-class Responder:
-    """Accepts on one listening socket in a thread; answers each connection with reply(conn)."""
-
-    def __init__(self, sock: socket.socket, reply):
-        self.sock, self.reply = sock, reply
-        self.stop = threading.Event()
-        sock.settimeout(0.1)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            with conn:
-                try:
-                    answer = self.reply(conn)
-                except Exception as exc:   # shown in the asserting test's answer
-                    answer = f"error {exc!r}"
-                conn.sendall(answer.encode() + b"\n")
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=2)
-        self.sock.close()
-
-
-def fmt(addr) -> str:
-    return f"{addr[0]}:{addr[1]}" if addr else "-"
 
 
 def proxy_reply(conn: socket.socket) -> str:

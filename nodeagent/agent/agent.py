@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import time
@@ -45,6 +46,31 @@ from policy.errors import ConfigError
 from policy.snapshot import ConfigSnapshot, build_snapshot
 
 log = logging.getLogger("nodeagent.agent")
+
+# glibc malloc: mallopt() parameters and their default values (malloc(3), mallopt(3)).
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MALLOC_THRESHOLD = 128 * 1024
+
+
+def pin_malloc_thresholds() -> bool:
+    """Fix glibc's trim and mmap thresholds at their defaults (128 KiB) for the process.
+
+    Why: by default glibc raises both thresholds each time a large mmap()ed block is
+    freed (up to 32 MiB / 64 MiB), after which a thread's arena keeps up to that much
+    FREE memory instead of returning it to the kernel. The workers that open each
+    pod's listeners and rules run in such arenas: measured with 100 enrolled pods
+    (/tmp/rss.py), 48 of the 52 MiB of anonymous memory they added was free space
+    glibc kept (malloc_info), ~0.47 MiB per pod. Pinned, it is returned: anon 87 ->
+    43 MiB, enroll latency unchanged. Same effect as MALLOC_TRIM_THRESHOLD_=131072.
+    False (and nothing done) where the C library has no mallopt (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_TRIM_THRESHOLD, MALLOC_THRESHOLD)) and bool(mallopt(M_MMAP_THRESHOLD, MALLOC_THRESHOLD))
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +111,7 @@ class Readiness:
 
 class Agent:
     def __init__(self, options: AgentOptions, capture: Capture, clock: Clock | None = None) -> None:
+        pin_malloc_thresholds()
         self.options = options
         self.clock = clock or MonotonicClock()
         self.store = ConfigStore(options.config_dir)

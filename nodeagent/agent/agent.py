@@ -58,10 +58,12 @@ def pin_malloc_thresholds() -> bool:
 
     Why: by default glibc raises both thresholds each time a large mmap()ed block is
     freed (up to 32 MiB / 64 MiB), after which a thread's arena keeps up to that much
-    FREE memory instead of returning it to the kernel. The workers that open each
-    pod's listeners and rules run in such arenas: measured with 100 enrolled pods
-    (/tmp/rss.py), 48 of the 52 MiB of anonymous memory they added was free space
-    glibc kept (malloc_info), ~0.47 MiB per pod. Pinned, it is returned: anon 87 ->
+    FREE memory instead of returning it to the kernel. libnftnl allocates and frees a
+    2 MiB batch buffer for every nft command (nftnl_batch_free -> munmap, seen with
+    gdb), which raises them to ~2 / ~4 MiB; the per-namespace worker threads' arenas
+    then kept the freed space: measured with 100 enrolled pods (/tmp/rss.py), 48 of
+    the 52 MiB of anonymous memory they added was free space glibc kept
+    (malloc_info), ~0.47 MiB per pod. Pinned, it is returned: anon 87 ->
     43 MiB, enroll latency unchanged. Same effect as MALLOC_TRIM_THRESHOLD_=131072.
     False (and nothing done) where the C library has no mallopt (not glibc)."""
     try:

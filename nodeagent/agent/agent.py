@@ -393,6 +393,7 @@ class Agent:
             old = self._spiffe(change.previous)
             if all(self._spiffe(s) != old for s in self.registry):
                 self.identities.remove_workload(old)
+                self.plane.tls.forget(old)
 
     async def _persist(self, change: Change) -> str:
         """Write the registry; on failure undo the change in memory and say why."""

@@ -137,6 +137,14 @@ class TunnelTls:
         self._cache[(server, identity)] = (version, ctx)
         return ctx
 
+    def forget(self, identity: SpiffeId) -> None:
+        """Drop the cached contexts of ``identity`` (call once the manager no longer serves
+        it: its workloads are unenrolled). Each holds the key, the chain and a trust store
+        in OpenSSL (~26 KiB); nothing else would ever free them. Re-enrolled, the identity
+        gets fresh contexts on first use."""
+        self._cache.pop((True, identity), None)
+        self._cache.pop((False, identity), None)
+
     def server_context(self, workload_identity: SpiffeId) -> ssl.SSLContext:
         """For a listener on 15008 of ``workload_identity``; keep it for the listener's life."""
         return self.scoped(workload_identity).server_context()

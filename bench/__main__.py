@@ -118,6 +118,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["capture"]:  # `python -m bench capture`: nftables vs eBPF capture, bench/capture.py
         from bench.capture import main as capture_main
         return capture_main(argv[1:])
+    if argv[:1] == ["memory"]:  # `python -m bench memory`: agent memory and enroll latency with N pods
+        from bench.memory import main as memory_main
+        return memory_main(argv[1:])
     if argv[:1] == ["mesh-loopback"]:  # the same without root: two agent processes on loopback
         from bench.mesh_loopback import main as loopback_main
         return loopback_main(argv[1:])

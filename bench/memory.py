@@ -1,0 +1,110 @@
+"""`python -m bench memory`: the agent's memory and enroll latency with N pods (root).
+
+Makes N network namespaces (loopback only, nothing routed), starts one
+`nodeagent run` on the embedded default config, enrolls every namespace as a
+pod through the agent's socket, and prints Rss/Pss/private/anonymous memory of
+the agent at start and with N pods (from /proc/PID/smaps_rollup) and the
+enroll round trip p50/p95. Everything it made is removed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench.common import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+FIELDS = ("Rss", "Pss", "Private_Clean", "Private_Dirty", "Anonymous")
+
+
+def memory(pid: int) -> str:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        kib = {line.split(":")[0]: int(line.split()[1]) for line in f if line.split(":")[0] in FIELDS}
+    private = kib["Private_Clean"] + kib["Private_Dirty"]
+    return (f"Rss {kib['Rss'] / 1024:.1f}  Pss {kib['Pss'] / 1024:.1f}  private {private / 1024:.1f}  "
+            f"anon {kib['Anonymous'] / 1024:.1f} MiB")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pods", type=int, default=100, help="pods to enroll (default 100)")
+    p.add_argument("--capture", choices=("nftables", "iptables", "ebpf", "none"), default="nftables")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench memory: needs root (network namespaces, capture rules)", file=sys.stderr)
+        return 1
+    sys.path.insert(0, str(REPO))
+    from nodeagent.agent.server import AgentClient
+
+    tmp = Path(tempfile.mkdtemp(prefix="nodeagent-bench-memory-"))
+    tag = secrets.token_hex(2)
+    names = [f"bm{tag}-{i}" for i in range(args.pods)]
+    made: list[str] = []
+    agent = None
+    try:
+        for name in names:
+            subprocess.run(["ip", "netns", "add", name], check=True, timeout=5)
+            made.append(name)
+            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=5)
+        ready = free_port()
+        extra = ["--bpf-pin-dir", f"/sys/fs/bpf/nodeagent-bench-{tag}"] if args.capture == "ebpf" else []
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "nodeagent", "run", "--node", "bench", "--state-dir", str(tmp / "state"),
+             "--capture", args.capture, "--admin", f"127.0.0.1:{free_port()}",
+             "--metrics", f"127.0.0.1:{free_port()}", "--readiness", f"127.0.0.1:{ready}",
+             "--config-dir", str(REPO / "nodeagent" / "defaults"), *extra],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "w"))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{ready}/healthz/ready", timeout=0.5)
+                break
+            except OSError:
+                if agent.poll() is not None or time.monotonic() > deadline:
+                    print(f"bench memory: the agent did not become ready; see {tmp / 'agent.log'}",
+                          file=sys.stderr)
+                    return 1
+                time.sleep(0.05)
+        print(f"agent ready, 0 pods:     {memory(agent.pid)}")
+        client = AgentClient(tmp / "state" / "agent.sock")
+        took = []
+        for i, name in enumerate(names):
+            started = time.perf_counter()
+            reply = client.call({"op": "enroll", "kind": "netns", "target": name, "name": f"w{i}",
+                                 "namespace": "bench", "service_account": f"sa{i}", "labels": {"app": f"w{i}"},
+                                 "ips": [f"10.250.{200 + i // 250}.{i % 250 + 1}"]})
+            took.append((time.perf_counter() - started) * 1000)
+            if not reply.get("ok"):
+                print(f"bench memory: enroll {name}: {reply}", file=sys.stderr)
+                return 1
+        time.sleep(2)   # certificates issued, listeners up, arenas settled
+        took.sort()
+        print(f"{args.pods} pods ({args.capture}): {memory(agent.pid)}")
+        print(f"enroll round trip: p50 {took[len(took) // 2]:.1f} ms, p95 {took[int(len(took) * 0.95) - 1]:.1f} ms")
+        return 0
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.send_signal(signal.SIGTERM)
+            try:
+                agent.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+        subprocess.run([sys.executable, "-m", "nodeagent", "uninstall", "--state-dir", str(tmp / "state")],
+                       cwd=REPO, capture_output=True, timeout=60)
+        for name in made:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=5)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,6 +5,14 @@ An identity is the URI in a workload certificate:
 AuthorizationPolicy names the same identity without the scheme, as a
 *principal*: ``<trust-domain>/ns/<namespace>/sa/<service-account>``.
 
+This module owns the one parser of the ``spiffe://<td>/<path>`` form
+(strip_spiffe_scheme, split_principal, split_spiffe_id, workload_names) and
+the one formatting of a principal (workload_path, format_principal,
+spiffe_uri). Policy matching is lenient on top of them (any non-blank
+segment, case-insensitive scheme); nodeagent.identity.spiffe layers the
+issuer's strict name and trust-domain checks and node identities on the same
+functions.
+
 Pure functions, no I/O.
 """
 from __future__ import annotations
@@ -14,6 +22,8 @@ from functools import lru_cache
 
 __all__ = [
     "SPIFFE_PREFIX", "DEFAULT_TRUST_DOMAIN", "SpiffeId", "PrincipalError",
+    "strip_spiffe_scheme", "split_principal", "split_spiffe_id", "workload_names",
+    "workload_path", "format_principal", "spiffe_uri",
     "parse_spiffe_id", "parse_principal", "try_parse_principal", "principal_of",
     "namespace_of_principal", "trust_domain_of", "same_trust_domain",
     "expand_trust_domain_aliases",
@@ -36,15 +46,70 @@ class SpiffeId:
 
     @property
     def uri(self) -> str:
-        return f"{SPIFFE_PREFIX}{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+        return spiffe_uri(self.principal)
 
     @property
     def principal(self) -> str:
-        return f"{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+        return format_principal(self.trust_domain, self.namespace, self.service_account)
 
     def __str__(self) -> str:
         return self.uri
 
+
+# --- the shared parser and formatter (no validation of names here) -----------
+
+def strip_spiffe_scheme(uri: str) -> str | None:
+    """``spiffe://td/path`` -> ``td/path``; None if ``uri`` has another scheme.
+
+    The scheme compares case-insensitively (RFC 3986).
+    """
+    if uri[:len(SPIFFE_PREFIX)].lower() != SPIFFE_PREFIX:
+        return None
+    return uri[len(SPIFFE_PREFIX):]
+
+
+def split_principal(principal: str) -> tuple[str, list[str]]:
+    """``td/a/b/c`` -> ``("td", ["a", "b", "c"])``: the trust domain and the
+    path segments, as written (``"td"`` and ``"td/"`` have no segments)."""
+    trust_domain, _, path = principal.partition("/")
+    return trust_domain, (path.split("/") if path else [])
+
+
+def _without_scheme(uri: str) -> str:
+    rest = strip_spiffe_scheme(uri)
+    if rest is None:
+        raise PrincipalError(f"{uri!r} is not a SPIFFE ID (must start with {SPIFFE_PREFIX})")
+    return rest
+
+
+def split_spiffe_id(uri: str) -> tuple[str, list[str]]:
+    """``spiffe://td/a/b`` -> ``("td", ["a", "b"])``; PrincipalError without the scheme."""
+    return split_principal(_without_scheme(uri))
+
+
+def workload_names(segments: list[str]) -> tuple[str, str] | None:
+    """``["ns", NS, "sa", SA]`` -> ``(NS, SA)``; None for any other path shape."""
+    if len(segments) == 4 and segments[0] == "ns" and segments[2] == "sa":
+        return segments[1], segments[3]
+    return None
+
+
+def workload_path(namespace: str, service_account: str) -> str:
+    """The path of a workload identity: ``/ns/<namespace>/sa/<service-account>``."""
+    return f"/ns/{namespace}/sa/{service_account}"
+
+
+def format_principal(trust_domain: str, namespace: str, service_account: str) -> str:
+    """``td/ns/<namespace>/sa/<service-account>``, the principal Istio policies name."""
+    return f"{trust_domain}{workload_path(namespace, service_account)}"
+
+
+def spiffe_uri(principal: str) -> str:
+    """``td/path`` -> ``spiffe://td/path``."""
+    return f"{SPIFFE_PREFIX}{principal}"
+
+
+# --- lenient parsing for policy matching -------------------------------------
 
 def _valid_segment(s: str) -> bool:
     return bool(s) and "/" not in s and not any(c.isspace() for c in s)
@@ -52,11 +117,12 @@ def _valid_segment(s: str) -> bool:
 
 def parse_principal(principal: str) -> SpiffeId:
     """``td/ns/x/sa/y`` -> SpiffeId; raises PrincipalError with the reason."""
-    parts = principal.split("/")
-    if len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa":
+    td, segments = split_principal(principal)
+    names = workload_names(segments)
+    if names is None:
         raise PrincipalError(
             f"{principal!r} is not a principal of the form <trust-domain>/ns/<namespace>/sa/<service-account>")
-    td, _, ns, _, sa = parts
+    ns, sa = names
     for what, value in (("trust domain", td), ("namespace", ns), ("service account", sa)):
         if not _valid_segment(value):
             raise PrincipalError(f"{principal!r}: empty or invalid {what}")
@@ -65,9 +131,7 @@ def parse_principal(principal: str) -> SpiffeId:
 
 def parse_spiffe_id(uri: str) -> SpiffeId:
     """``spiffe://td/ns/x/sa/y`` -> SpiffeId; the scheme is case-insensitive (RFC 3986)."""
-    if uri[:len(SPIFFE_PREFIX)].lower() != SPIFFE_PREFIX:
-        raise PrincipalError(f"{uri!r} is not a SPIFFE ID (must start with {SPIFFE_PREFIX})")
-    return parse_principal(uri[len(SPIFFE_PREFIX):])
+    return parse_principal(_without_scheme(uri))
 
 
 @lru_cache(maxsize=4096)
@@ -83,9 +147,8 @@ def try_parse_principal(principal: str | None) -> SpiffeId | None:
 
 def principal_of(uri_or_principal: str) -> str:
     """The principal form of a SPIFFE ID, accepting either form."""
-    if uri_or_principal[:len(SPIFFE_PREFIX)].lower() == SPIFFE_PREFIX:
-        return parse_spiffe_id(uri_or_principal).principal
-    return parse_principal(uri_or_principal).principal
+    rest = strip_spiffe_scheme(uri_or_principal)
+    return parse_principal(uri_or_principal if rest is None else rest).principal
 
 
 def namespace_of_principal(principal: str | None) -> str | None:

@@ -2,13 +2,33 @@
 
 Workload identities follow Istio's layout; node agents authenticate to the CA
 service as ``spiffe://<trust-domain>/node/<name>``. Pure: no I/O.
+
+The ``spiffe://td/path`` form is split and the principal string
+(``td/ns/NS/sa/SA``) is formatted by policy.principal, the one place for
+both. This module layers what issuing needs on top: the exact lower-case
+scheme, RFC 1123 trust domains and Kubernetes names (InvalidSpiffeId), and
+node identities.
+
+Two SpiffeId classes remain on purpose: policy.principal.SpiffeId is any
+well-formed workload principal, as written in a policy or a peer's
+certificate (upper case, ``_`` and long names included; always a namespace
+and service account), while this one refuses at construction anything the
+CA must not issue and may be a node. One class with both behaviours would
+need a mode flag and would give policy code identities without a
+namespace. A workload SpiffeId here and the policy one for its ``uri``
+always have the same ``principal`` and ``uri``.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-DEFAULT_TRUST_DOMAIN = "cluster.local"
+from policy.principal import (
+    DEFAULT_TRUST_DOMAIN, SPIFFE_PREFIX, format_principal, spiffe_uri, split_spiffe_id, workload_names,
+    workload_path,
+)
+
+__all__ = ["DEFAULT_TRUST_DOMAIN", "InvalidSpiffeId", "SpiffeId", "check_name", "check_trust_domain"]
 
 # RFC 1123 labels for trust domains and node names; Kubernetes names for ns/sa.
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,253}[a-z0-9])?$")
@@ -65,16 +85,19 @@ class SpiffeId:
 
     @classmethod
     def parse(cls, uri: str) -> "SpiffeId":
-        """Parse ``spiffe://td/ns/NS/sa/SA`` or ``spiffe://td/node/NAME``."""
-        if not isinstance(uri, str) or not uri.startswith("spiffe://"):
-            raise InvalidSpiffeId(f"{uri!r} is not a SPIFFE ID (must start with spiffe://)")
-        rest = uri[len("spiffe://"):]
-        trust_domain, _, path = rest.partition("/")
-        parts = path.split("/") if path else []
-        if len(parts) == 4 and parts[0] == "ns" and parts[2] == "sa":
-            return cls(trust_domain, namespace=parts[1], service_account=parts[3])
-        if len(parts) == 2 and parts[0] == "node":
-            return cls(trust_domain, node=parts[1])
+        """Parse ``spiffe://td/ns/NS/sa/SA`` or ``spiffe://td/node/NAME``.
+
+        Stricter than policy.principal.parse_spiffe_id: the scheme must be
+        lower case, and names are checked by the constructor.
+        """
+        if not isinstance(uri, str) or not uri.startswith(SPIFFE_PREFIX):
+            raise InvalidSpiffeId(f"{uri!r} is not a SPIFFE ID (must start with {SPIFFE_PREFIX})")
+        trust_domain, segments = split_spiffe_id(uri)
+        names = workload_names(segments)
+        if names is not None:
+            return cls(trust_domain, namespace=names[0], service_account=names[1])
+        if len(segments) == 2 and segments[0] == "node":
+            return cls(trust_domain, node=segments[1])
         raise InvalidSpiffeId(
             f"{uri!r}: expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account> "
             "or spiffe://<trust-domain>/node/<name>")
@@ -87,16 +110,19 @@ class SpiffeId:
     def path(self) -> str:
         if self.node is not None:
             return f"/node/{self.node}"
-        return f"/ns/{self.namespace}/sa/{self.service_account}"
+        return workload_path(self.namespace, self.service_account)
 
     @property
     def uri(self) -> str:
-        return f"spiffe://{self.trust_domain}{self.path}"
+        return spiffe_uri(self.principal)
 
     @property
     def principal(self) -> str:
-        """Istio's principal string used in AuthorizationPolicy: ``td/ns/NS/sa/SA``."""
-        return f"{self.trust_domain}{self.path}"
+        """Istio's principal string used in AuthorizationPolicy: ``td/ns/NS/sa/SA``
+        (``td/node/NAME`` for a node, which no policy names)."""
+        if self.node is not None:
+            return f"{self.trust_domain}{self.path}"
+        return format_principal(self.trust_domain, self.namespace, self.service_account)
 
     def __str__(self) -> str:
         return self.uri

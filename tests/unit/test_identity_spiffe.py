@@ -26,6 +26,37 @@ def test_workload_id_round_trip():
     assert sid.is_workload and sid.namespace == "bookinfo" and sid.service_account == "reviews"
 
 
+def test_workload_ids_agree_with_policy_principals():
+    from policy.principal import parse_spiffe_id, principal_of
+    sid = SpiffeId.workload("bookinfo", "reviews", "example.org")
+    assert parse_spiffe_id(sid.uri).principal == sid.principal == principal_of(sid.uri)
+    assert str(parse_spiffe_id(sid.uri)) == sid.uri == str(sid)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("SPIFFE://cluster.local/ns/a/sa/b",
+     "'SPIFFE://cluster.local/ns/a/sa/b' is not a SPIFFE ID (must start with spiffe://)"),
+    ("spiffe://Cluster.local/ns/a/sa/b",
+     "trust domain 'Cluster.local' is not valid (lower-case letters, digits, '.', '-', '_')"),
+    ("spiffe://td/ns/a_b/sa/c",
+     "namespace 'a_b' is not a valid name (lower-case letters, digits, '-' and '.', "
+     "starting and ending with a letter or digit)"),
+    ("spiffe://td/ns/a/sa/b/",
+     "'spiffe://td/ns/a/sa/b/': expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account> "
+     "or spiffe://<trust-domain>/node/<name>"),
+])
+def test_issuer_is_stricter_than_policy_with_its_own_messages(text, message):
+    from policy.principal import PrincipalError, parse_spiffe_id
+    with pytest.raises(InvalidSpiffeId) as err:
+        SpiffeId.parse(text)
+    assert str(err.value) == message
+    if text.endswith("/"):
+        with pytest.raises(PrincipalError):
+            parse_spiffe_id(text)
+    else:  # policy matching stays lenient about case and '_'
+        assert parse_spiffe_id(text).principal == text.split("://", 1)[1]
+
+
 def test_node_id_round_trip():
     sid = SpiffeId.parse("spiffe://example.org/node/worker-1")
     assert sid == SpiffeId.for_node("worker-1", "example.org")

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 
 from policy.principal import (
-    PrincipalError, SpiffeId, expand_trust_domain_aliases, namespace_of_principal, parse_principal,
-    parse_spiffe_id, principal_of, same_trust_domain, trust_domain_of,
+    PrincipalError, SpiffeId, expand_trust_domain_aliases, format_principal, namespace_of_principal,
+    parse_principal, parse_spiffe_id, principal_of, same_trust_domain, spiffe_uri, split_principal,
+    split_spiffe_id, strip_spiffe_scheme, trust_domain_of, workload_names, workload_path,
 )
 
 
@@ -64,3 +65,35 @@ def test_expand_trust_domain_aliases(principals, expected):
 def test_expand_without_aliases_keeps_cluster_local_meaning_local():
     assert expand_trust_domain_aliases(["cluster.local/ns/a/sa/b"], "cluster.local") == \
         ("cluster.local/ns/a/sa/b",)
+
+
+def test_shared_split_keeps_every_segment_as_written():
+    assert split_principal("td/ns/a/sa/b") == ("td", ["ns", "a", "sa", "b"])
+    assert split_principal("td/node/n1") == ("td", ["node", "n1"])
+    assert split_principal("td") == ("td", []) == split_principal("td/")
+    assert split_principal("/ns//sa/B_1") == ("", ["ns", "", "sa", "B_1"])
+    assert split_spiffe_id("SPIFFE://td/node/n1") == ("td", ["node", "n1"])
+    with pytest.raises(PrincipalError, match="must start with spiffe://"):
+        split_spiffe_id("td/node/n1")
+
+
+def test_strip_scheme_and_workload_shape():
+    assert strip_spiffe_scheme("Spiffe://td/x") == "td/x"
+    assert strip_spiffe_scheme("td/x") is None and strip_spiffe_scheme("spiffe:/td") is None
+    assert workload_names(["ns", "a", "sa", "b"]) == ("a", "b")
+    for shape in (["ns", "a", "sa"], ["ns", "a", "sa", "b", ""], ["node", "n"], ["sa", "a", "ns", "b"], []):
+        assert workload_names(shape) is None
+
+
+def test_one_principal_format():
+    assert workload_path("a", "b") == "/ns/a/sa/b"
+    assert format_principal("td", "a", "b") == "td/ns/a/sa/b" == SpiffeId("td", "a", "b").principal
+    assert spiffe_uri("td/ns/a/sa/b") == "spiffe://td/ns/a/sa/b" == SpiffeId("td", "a", "b").uri
+
+
+def test_policy_stays_lenient_where_the_issuer_is_strict():
+    # Names the CA would refuse still match in policies: peers of other meshes may carry them.
+    sid = parse_spiffe_id("spiffe://Example.ORG/ns/Team_A/sa/" + "x" * 300)
+    assert (sid.trust_domain, sid.namespace) == ("Example.ORG", "Team_A")
+    with pytest.raises(PrincipalError, match="principal of the form"):
+        parse_spiffe_id("spiffe://td/node/n1")

@@ -19,8 +19,12 @@ A netns workload (a pod) gets, opened INSIDE its namespace from this process
 
 A cgroup workload (host mode) gets one outbound listener on 127.0.0.1 at the
 port its capture backend assigned (the accepting listener names the source).
-Host-mode workloads share the host's addresses, so no per-workload inbound
-listener can tell them apart: they have outbound capture only.
+Host-mode workloads share the host's addresses, so inbound is identified by
+the original destination PORT: a cgroup workload enrolled with ``ports``
+is served by ONE shared host inbound listener (the capture config's inbound
+port, 15006 by default, on 0.0.0.0 and [::]) that is open while any such
+workload is attached; the port names the workload, then ``InboundPlane``
+decides as for a pod and connects to the app with mark 0x539.
 
 Nothing here decides policy or routing.
 """
@@ -103,6 +107,9 @@ class DataPlane:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.attached: dict[tuple[str, str], _Attached] = {}
         self.host_port_of: Callable[[WorkloadSpec], int | None] = lambda spec: None
+        self.host_inbound_port: Callable[[], int | None] = lambda: None
+        self.host_ports: dict[int, InboundWorkload] = {}  # declared host port -> its cgroup workload
+        self._host_inbound: list = []  # the shared host inbound servers
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -138,6 +145,9 @@ class DataPlane:
             port = self.host_port_of(spec)
             if port is None:
                 raise CaptureError(f"{spec.ref}: no outbound listener port assigned by the capture backend")
+            if spec.ports and self.host_inbound_port() is None:
+                raise CaptureError(f"{spec.ref}: declares ports {list(spec.ports)} but this capture mode has no "
+                                   f"host inbound capture; use --capture nftables or iptables")
             sockets = [("outbound", _listen_host(port))]
         try:
             future = asyncio.run_coroutine_threadsafe(self._serve(entry, sockets), self.loop)
@@ -169,9 +179,12 @@ class DataPlane:
             inbound = InboundWorkload(spec.namespace, spec.name, spec.service_account, dict(spec.labels), spec.ips,
                                       trust_domain=self.trust_domain, connector=plain)
         else:
-            connector = TunnelConnector(self.tls, identity, self.directory, PlainConnector(mark=PROXY_MARK),
-                                        mark=PROXY_MARK)
+            plain = PlainConnector(mark=PROXY_MARK)
+            connector = TunnelConnector(self.tls, identity, self.directory, plain, mark=PROXY_MARK)
             inbound = None
+            if spec.ports:
+                inbound = InboundWorkload(spec.namespace, spec.name, spec.service_account, dict(spec.labels),
+                                          spec.ips, trust_domain=self.trust_domain, connector=plain)
         outbound = ListenerContext(f"outbound {spec.namespace}/{spec.name}", source, connector=connector,
                                    original_destination=_original_dst_or_none)
         return _Attached(spec, outbound, inbound)
@@ -189,12 +202,31 @@ class DataPlane:
                 ctx = entry.outbound
                 factory = lambda ctx=ctx: DispatchProtocol(self.runtime, ctx)  # noqa: E731
             entry.servers.append(await self.loop.create_server(factory, sock=sock, backlog=1024))
+        if entry.spec.kind == "cgroup" and entry.inbound is not None:
+            # The shared host inbound listener is opened and closed on the loop thread
+            # only, so a detach queued before this attach cannot close it under us.
+            if not self._host_inbound:
+                for sock in _listen_any(self.host_inbound_port()):
+                    self._host_inbound.append(await self.loop.create_server(
+                        lambda: _HostInbound(self), sock=sock, backlog=1024))
+            for port in entry.spec.ports:
+                self.host_ports[port] = entry.inbound
+            entry.addresses += [f"{_addr(server.sockets[0])} (host inbound for port {p})"
+                                for p in entry.spec.ports for server in self._host_inbound]
 
     def _close(self, entry: _Attached) -> None:
         for server in entry.servers:
             server.close()
         for tunnel in entry.tunnels:
             tunnel.close()
+        if entry.spec.kind == "cgroup":
+            for port in entry.spec.ports:
+                if self.host_ports.get(port) is entry.inbound:
+                    del self.host_ports[port]
+            if not self.host_ports:
+                for server in self._host_inbound:
+                    server.close()
+                self._host_inbound.clear()
         if entry.inbound is not None and self.inbound is not None:
             self.inbound.forget(entry.inbound)
 
@@ -229,9 +261,13 @@ class DataPlaneCapture:
         self.plane = plane
         self.mode = inner.mode
         plane.host_port_of = getattr(inner, "host_port", lambda spec: None)
+        plane.host_inbound_port = getattr(inner, "host_inbound_port", lambda: None)
 
     def apply(self, spec: WorkloadSpec) -> None:
         if spec.kind == "cgroup":
+            if spec.ports and self.plane.host_inbound_port() is None:
+                raise CaptureError(f"{spec.ref}: declares ports {list(spec.ports)} but capture mode {self.mode} has "
+                                   f"no host inbound capture; use --capture nftables or iptables, or drop --ports")
             self.inner.apply(spec)  # assigns the cgroup's listener port
             self._attach(spec)
             return
@@ -307,6 +343,50 @@ def _listener(family: socket.AddressFamily, host: str, port: int, where: str) ->
             return None
         raise CaptureError(f"cannot listen on {host}:{port} in {where}: {exc.strerror or exc}") from None
     return sock
+
+
+class _HostInbound(asyncio.Protocol):
+    """A connection on the shared host inbound listener: the original destination
+    port names the cgroup workload, then the plane's plaintext path decides it."""
+
+    __slots__ = ("plane", "inner")
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.inner = None
+
+    def connection_made(self, transport) -> None:
+        target = _original_dst_or_none(transport.get_extra_info("socket"))
+        workload = self.plane.host_ports.get(target[1]) if target is not None else None
+        if workload is None:
+            log.info("host inbound: %s has no enrolled workload; refused", target)
+            transport.abort()
+            return
+        self.inner = self.plane.inbound.plaintext_factory(workload, lambda sock: target)()
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.data_received(data)
+
+    def connection_lost(self, exc) -> None:
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
+
+
+def _listen_any(port: int) -> list[socket.socket]:
+    """The shared host inbound listener: 0.0.0.0 and (when the host has IPv6) [::]."""
+    made = []
+    try:
+        for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            sock = _listener(family, host, port, "the host namespace")
+            if sock is not None:
+                made.append(sock)
+    except BaseException:
+        for sock in made:
+            sock.close()
+        raise
+    return made
 
 
 def _listen_host(port: int) -> socket.socket:

@@ -41,6 +41,10 @@ class NetfilterCapture:
         """The outbound listener port of a cgroup workload (None for netns workloads)."""
         return self._ports.get(spec.target)
 
+    def host_inbound_port(self) -> int:
+        """Where the host plan sends inbound connections to cgroup workloads' declared ports."""
+        return self.config.inbound_port
+
     def apply(self, spec: WorkloadSpec) -> None:
         try:
             if spec.kind == "netns":
@@ -91,7 +95,7 @@ class NetfilterCapture:
     def _apply_host(self) -> None:
         workloads = [
             HostWorkload(name=_host_name(spec), cgroup=spec.target.lstrip("/"), outbound_port=self._ports[target],
-                         inbound_port=self.config.inbound_port)
+                         inbound_port=self.config.inbound_port, inbound_ports=spec.ports)
             for target, spec in sorted(self._cgroups.items())
         ]
         if self.cgroup2_mount is None:

@@ -40,6 +40,7 @@ class WorkloadSpec:
     service_account: str
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     ips: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()  # cgroup workloads: the host ports they serve (inbound capture)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -62,6 +63,7 @@ class WorkloadSpec:
             "service_account": self.service_account,
             "labels": dict(self.labels),
             "ips": list(self.ips),
+            **({"ports": list(self.ports)} if self.ports else {}),
         }
 
 
@@ -95,7 +97,8 @@ def spec_from_json(data: Any) -> WorkloadSpec:
     """Validate a JSON object (the wire form and the state-file form)."""
     if not isinstance(data, Mapping):
         raise SpecError(f"workload must be a JSON object, got {type(data).__name__}")
-    unknown = sorted(set(data) - {"kind", "target", "name", "namespace", "service_account", "labels", "ips", "op"})
+    unknown = sorted(set(data) - {"kind", "target", "name", "namespace", "service_account", "labels", "ips",
+                                  "ports", "op"})
     if unknown:
         raise SpecError(f"unknown field(s): {', '.join(unknown)}")
 
@@ -128,7 +131,34 @@ def spec_from_json(data: Any) -> WorkloadSpec:
         raise SpecError(f"service_account: {service_account!r} is not a valid Kubernetes name")
     labels = validate_labels(data.get("labels") or {})
     ips = validate_ips(data.get("ips") or [])
-    return WorkloadSpec(kind, target, name, namespace, service_account, labels, ips)
+    ports = validate_ports(data.get("ports") or [])
+    if ports and kind != "cgroup":
+        raise SpecError("ports: only cgroup (host-mode) workloads declare ports; "
+                        "a pod's inbound traffic is captured on every port")
+    return WorkloadSpec(kind, target, name, namespace, service_account, labels, ips, ports)
+
+
+def validate_ports(raw: Any) -> tuple[int, ...]:
+    if not isinstance(raw, (list, tuple)):
+        raise SpecError("ports must be a list of TCP port numbers")
+    out: list[int] = []
+    for value in raw:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            raise SpecError(f"ports: {value!r} is not a TCP port number (1-65535)")
+        if value not in out:
+            out.append(value)
+    return tuple(sorted(out))
+
+
+def parse_ports(text: str) -> list[int]:
+    """The CLI form ``8080,9090`` (empty string: no ports)."""
+    ports: list[int] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            ports.append(int(item))
+        except ValueError:
+            raise SpecError(f"ports: {item!r} is not a port number; write them as 8080,9090") from None
+    return ports
 
 
 def validate_labels(raw: Any) -> Mapping[str, str]:

@@ -62,6 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     enroll.add_argument("--service-account", default="default", help="service account (the identity)")
     enroll.add_argument("--labels", default="", help="labels, k=v,k2=v2")
     enroll.add_argument("--ip", action="append", default=[], help="workload IP address (repeatable)")
+    enroll.add_argument("--ports", default="",
+                        help="--cgroup only: host TCP ports the workload serves, 8080,9090 (their inbound "
+                             "connections go through the proxy)")
     enroll.add_argument("--json", action="store_true", help="print the agent's reply as JSON")
     _state_dir(enroll)
     enroll.set_defaults(func=cmd_enroll)
@@ -195,13 +198,13 @@ def _call(args: argparse.Namespace, message: dict) -> dict:
 
 def cmd_enroll(args: argparse.Namespace) -> int:
     from nodeagent.agent.protocol import enroll_request
-    from nodeagent.agent.workload import SpecError, parse_labels, spec_from_json
+    from nodeagent.agent.workload import SpecError, parse_labels, parse_ports, spec_from_json
 
     kind, target = _kind_target(args)
     try:
         spec = spec_from_json({"kind": kind, "target": target, "name": args.name, "namespace": args.namespace,
                                "service_account": args.service_account, "labels": parse_labels(args.labels),
-                               "ips": args.ip})
+                               "ips": args.ip, "ports": parse_ports(args.ports)})
     except SpecError as exc:
         raise UserError(f"enroll: {exc}") from None
     reply = _call(args, enroll_request(spec.to_json()))

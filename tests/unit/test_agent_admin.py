@@ -30,7 +30,8 @@ def test_to_jsonable_handles_frozen_model_values():
     spec = spec_from_json({"kind": "netns", "target": "p", "name": "w", "namespace": "ns", "ips": ["fd00::1"]})
     out = to_jsonable({"spec": spec, "set": frozenset({"b", "a"}), "raw": b"x"})
     assert out == {"spec": {"kind": "netns", "target": "p", "name": "w", "namespace": "ns",
-                            "service_account": "default", "labels": {}, "ips": ["fd00::1"]},
+                            "service_account": "default", "labels": {}, "ips": ["fd00::1"],
+                            "ports": []},
                    "set": ["a", "b"], "raw": "x"}
 
 

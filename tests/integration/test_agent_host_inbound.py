@@ -21,26 +21,7 @@ import pytest
 
 from redirect.topology import Topology
 from tests.integration.test_agent_daemon import REPO, cli
-
-SERVER = """
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = ("hello from web, you are " + self.client_address[0]).encode()
-        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a): pass
-http.server.HTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
-"""
-
-CLIENT = """
-import sys, urllib.request
-try:
-    with urllib.request.urlopen(sys.argv[1], timeout=5) as r:
-        print(r.status, r.read().decode())
-except Exception as e:
-    print("ERR", type(e).__name__, e)
-"""
+from tests.integration.test_agent_datapath import CLIENT, SERVER
 
 GET = """
 import sys, urllib.request, urllib.error
@@ -144,7 +125,7 @@ def test_host_workload_inbound_through_the_agent(node, tmp_path):
 
     try:
         assert wait_for(lambda: not get(admin, "/workloads").startswith("ERR"), 20), log_path.read_text()
-        direct = f"200 hello from web, you are {client_ip}"
+        direct = f"200 hello from server, you are {client_ip}"
         assert wait_for(lambda: curl() == direct), curl()  # not enrolled: the client reaches the app directly
 
         out = cli(state, "enroll", "--cgroup", cgroup, "--name", "web", "--namespace", "ops",
@@ -159,7 +140,7 @@ def test_host_workload_inbound_through_the_agent(node, tmp_path):
 
         # Captured: the app now sees the proxy (the node's address), not the client.
         reply = curl()
-        assert reply == f"200 hello from web, you are {host_ip}", (reply, log_path.read_text())
+        assert reply == f"200 hello from server, you are {host_ip}", (reply, log_path.read_text())
         text = get(metrics, "/metrics")
         inbound = [line for line in text.splitlines()
                    if line.startswith("istio_tcp_connections_opened_total{") and 'reporter="destination"' in line]
@@ -174,7 +155,7 @@ def test_host_workload_inbound_through_the_agent(node, tmp_path):
         assert "denied by DENY policy ops/deny-client" in log_path.read_text()
         (config / "deny.yaml").unlink()
         assert wait_for(lambda: config_version() == 3)
-        assert curl() == f"200 hello from web, you are {host_ip}"
+        assert curl() == f"200 hello from server, you are {host_ip}"
 
         # STRICT: a plaintext connection is refused.
         (config / "strict.yaml").write_text(STRICT)

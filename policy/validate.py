@@ -359,49 +359,48 @@ def decode_message(node: Node, name: str, path: str, ctx: Ctx) -> Any:
     return obj
 
 
+def _percent_problem(value: float, vnode: Node) -> str | None:
+    if value < 0:
+        return f"must be >= 0, got {vnode.value}"
+    if value > 100:
+        return f"must be <= 100, got {vnode.value}"
+    return None
+
+
+def _single_field_message(node: Node, path: str, ctx: Ctx, field: str, scalar_type: str, example: str,
+                          problem) -> Any:
+    """A wrapper message with one scalar field ({number: N}, {value: X}): the field's
+    value, None when absent, INVALID after reporting; ``problem(value, vnode)``
+    returns a range error or None."""
+    items = _mapping_items(node, path, ctx, example)
+    if items is None:
+        return INVALID
+    value = None
+    ok = True
+    for key, knode, vnode in items:
+        ctx.lines[f"{path}.{key}"] = _line(knode)
+        if key != field:
+            _unknown(ctx, path, key, (field,), _line(knode))
+            ok = False
+            continue
+        value = _decode_scalar(vnode, scalar_type, f"{path}.{field}", ctx)
+        if value is INVALID:
+            ok = False
+            continue
+        message = problem(value, vnode)
+        if message is not None:
+            ctx.err(f"{path}.{field}", message)
+            ok = False
+    return value if ok else INVALID
+
+
 def _decode_special(node: Node, name: str, path: str, ctx: Ctx) -> Any:
     if name == "port_selector":
-        items = _mapping_items(node, path, ctx, " like {number: 9080}")
-        if items is None:
-            return INVALID
-        number = None
-        ok = True
-        for key, knode, vnode in items:
-            ctx.lines[f"{path}.{key}"] = _line(knode)
-            if key != "number":
-                _unknown(ctx, path, key, ("number",), _line(knode))
-                ok = False
-                continue
-            number = _decode_scalar(vnode, "uint32", f"{path}.number", ctx)
-            if number is INVALID:
-                ok = False
-            elif not 1 <= number <= 65535:
-                ctx.err(f"{path}.number", f"must be a port number between 1 and 65535, got {number}")
-                ok = False
-        return number if ok else INVALID
+        return _single_field_message(
+            node, path, ctx, "number", "uint32", " like {number: 9080}",
+            lambda n, _: None if 1 <= n <= 65535 else f"must be a port number between 1 and 65535, got {n}")
     if name == "percent":
-        items = _mapping_items(node, path, ctx, " like {value: 50.0}")
-        if items is None:
-            return INVALID
-        value = None
-        ok = True
-        for key, knode, vnode in items:
-            ctx.lines[f"{path}.{key}"] = _line(knode)
-            if key != "value":
-                _unknown(ctx, path, key, ("value",), _line(knode))
-                ok = False
-                continue
-            value = _decode_scalar(vnode, "double", f"{path}.value", ctx)
-            if value is INVALID:
-                ok = False
-            elif value < 0:
-                ctx.err(f"{path}.value", f"must be >= 0, got {vnode.value}")
-                ok = False
-            elif value > 100:
-                ctx.err(f"{path}.value", f"must be <= 100, got {vnode.value}")
-                ok = False
-        if not ok:
-            return INVALID
+        value = _single_field_message(node, path, ctx, "value", "double", " like {value: 50.0}", _percent_problem)
         return 0.0 if value is None else value
     if name in ("string_match", "string_match_or_present"):
         items = _mapping_items(node, path, ctx, " with one of exact, prefix, regex")

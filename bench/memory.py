@@ -34,10 +34,27 @@ def memory(pid: int) -> str:
             f"anon {kib['Anonymous'] / 1024:.1f} MiB")
 
 
+def mappings(pid: int, top: int = 12) -> str:
+    """Rss per mapped file ([heap], [anon], the .so files) from /proc/PID/smaps, largest first."""
+    rss: dict[str, int] = {}
+    name = "[anon]"
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            first = line.split(None, 1)[0]
+            if not first.endswith(":"):  # a mapping's header: ADDR PERMS OFFSET DEV INODE [PATH]
+                fields = line.split(None, 5)
+                name = os.path.basename(fields[5].strip()) if len(fields) > 5 else "[anon]"
+            elif first == "Rss:":
+                rss[name] = rss.get(name, 0) + int(line.split()[1])
+    ranked = sorted(rss.items(), key=lambda kv: -kv[1])
+    return "\n".join(f"    {kib / 1024:6.2f} MiB  {name}" for name, kib in ranked[:top] if kib)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--pods", type=int, default=100, help="pods to enroll (default 100)")
     p.add_argument("--capture", choices=("nftables", "iptables", "ebpf", "none"), default="nftables")
+    p.add_argument("--breakdown", action="store_true", help="also print Rss per mapping (heap, anon, each .so)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench memory: needs root (network namespaces, capture rules)", file=sys.stderr)
@@ -75,6 +92,8 @@ def main(argv=None) -> int:
                     return 1
                 time.sleep(0.05)
         print(f"agent ready, 0 pods:     {memory(agent.pid)}")
+        if args.breakdown:
+            print(mappings(agent.pid))
         client = AgentClient(tmp / "state" / "agent.sock")
         took = []
         for i, name in enumerate(names):
@@ -89,6 +108,8 @@ def main(argv=None) -> int:
         time.sleep(2)   # certificates issued, listeners up, arenas settled
         took.sort()
         print(f"{args.pods} pods ({args.capture}): {memory(agent.pid)}")
+        if args.breakdown:
+            print(mappings(agent.pid))
         print(f"enroll round trip: p50 {took[len(took) // 2]:.1f} ms, p95 {took[int(len(took) * 0.95) - 1]:.1f} ms")
         return 0
     finally:

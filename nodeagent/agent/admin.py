@@ -1,4 +1,4 @@
-"""The agent's HTTP faces (aiohttp), each a thin view over the agent:
+"""The agent's HTTP faces (``nodeagent.httpd``), each a thin view over the agent:
 
 - admin (localhost, :15000): ``/workloads``, ``/config_dump``, ``/certs``,
   ``/endpoints``, ``/healthz``;
@@ -12,14 +12,11 @@ import dataclasses
 import enum
 import ipaddress
 import json
-import logging
 import os
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Protocol
 
-from aiohttp import web
-
-log = logging.getLogger("nodeagent.agent.admin")
+from nodeagent.httpd import HttpServer, Response, Route, json_response
 
 
 class AdminView(Protocol):
@@ -61,23 +58,16 @@ def to_jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(text=json.dumps(to_jsonable(data), indent=2, sort_keys=True) + "\n",
-                        status=status, content_type="application/json")
+def _json(data: Any, status: int = 200) -> Response:
+    return json_response(to_jsonable(data), status)
 
 
-def _view(fn: Callable[[], Any]):
-    async def handler(request: web.Request) -> web.Response:
-        try:
-            return _json(fn())
-        except Exception as exc:  # the admin API reports, it must not die
-            log.exception("admin %s failed", request.path)
-            return _json({"error": f"{request.path}: {exc}"}, status=500)
-    return handler
+def _view(fn: Callable[[], Any]) -> Route:
+    # an exception is logged and answered 500 {"error": ...} by the server
+    return lambda: _json(fn())
 
 
-def admin_app(view: AdminView) -> web.Application:
-    app = web.Application()
+def admin_routes(view: AdminView) -> dict[str, Route]:
     paths = {
         "/workloads": view.workloads_view,
         "/config_dump": view.config_dump_view,
@@ -85,37 +75,26 @@ def admin_app(view: AdminView) -> web.Application:
         "/endpoints": view.endpoints_view,
         "/healthz": view.health_view,
     }
-    for path, fn in paths.items():
-        app.router.add_get(path, _view(fn))
-
-    async def index(request: web.Request) -> web.Response:
-        return _json({"paths": sorted(paths)})
-
-    app.router.add_get("/", index)
-    return app
+    routes = {path: _view(fn) for path, fn in paths.items()}
+    index = {"paths": sorted(paths)}
+    routes["/"] = lambda: _json(index)
+    return routes
 
 
-def readiness_app(view: AdminView) -> web.Application:
-    app = web.Application()
-
-    async def ready(request: web.Request) -> web.Response:
+def readiness_routes(view: AdminView) -> dict[str, Route]:
+    def ready() -> Response:
         is_ready, detail = view.readiness_view()
         return _json(detail, status=200 if is_ready else 503)
 
-    app.router.add_get("/healthz/ready", ready)
-    return app
+    return {"/healthz/ready": ready}
 
 
-def metrics_app(view: AdminView) -> web.Application:
-    app = web.Application()
-
-    async def metrics(request: web.Request) -> web.Response:
+def metrics_routes(view: AdminView) -> dict[str, Route]:
+    def metrics() -> Response:
         body, content_type = view.metrics_text()
-        return web.Response(body=body, headers={"Content-Type": content_type})
+        return 200, content_type, body
 
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/stats/prometheus", metrics)
-    return app
+    return {"/metrics": metrics, "/stats/prometheus": metrics}
 
 
 def parse_listen(text: str, flag: str) -> tuple[str, int]:
@@ -132,29 +111,27 @@ def parse_listen(text: str, flag: str) -> tuple[str, int]:
 
 
 class HttpFace:
-    """One aiohttp app on one address."""
+    """One of the agent's HTTP servers (``name`` is its command-line flag)."""
 
-    def __init__(self, name: str, app: web.Application, host: str, port: int) -> None:
-        self.name, self.app, self.host, self.port = name, app, host, port
-        self.runner: web.AppRunner | None = None
+    def __init__(self, name: str, routes: dict[str, Route], host: str, port: int) -> None:
+        self.name = name
+        self.server = HttpServer(routes, host, port, name=name)
+
+    @property
+    def host(self) -> str:
+        return self.server.host
+
+    @property
+    def port(self) -> int:
+        return self.server.port
 
     async def start(self) -> None:
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True)
         try:
-            await site.start()
+            await self.server.start()
         except OSError as exc:
-            await self.runner.cleanup()
-            self.runner = None
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise OSError(f"{self.name} cannot listen on {self.host}:{self.port}: {reason} "
                           f"(choose another address with --{self.name})") from None
-        sockets = site._server.sockets if site._server else ()  # the bound port when 0 was asked
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
 
     async def close(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
+        await self.server.close()

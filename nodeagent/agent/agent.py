@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from nodeagent.agent import protocol, sdnotify
-from nodeagent.agent.admin import HttpFace, admin_app, metrics_app, readiness_app, to_jsonable
+from nodeagent.agent.admin import HttpFace, admin_routes, metrics_routes, readiness_routes, to_jsonable
 from nodeagent.agent.capture import Capture
 from nodeagent.agent.dataplane import DataPlane, DataPlaneCapture
 from nodeagent.agent.persist import ensure_state_dir, load_registry, save_registry
@@ -151,9 +151,9 @@ class Agent:
         self.socket_path = self.state_dir / SOCKET_NAME
         self.enrollment = EnrollmentServer(self.socket_path, self.handle_request)
         self.faces = [
-            HttpFace("admin", admin_app(self), *options.admin),
-            HttpFace("metrics", metrics_app(self), *options.metrics),
-            HttpFace("readiness", readiness_app(self), *options.readiness),
+            HttpFace("admin", admin_routes(self), *options.admin),
+            HttpFace("metrics", metrics_routes(self), *options.metrics),
+            HttpFace("readiness", readiness_routes(self), *options.readiness),
         ]
         self.metrics_registry = CollectorRegistry(auto_describe=True)
         self._m_enrolled = Gauge("nodeagent_workloads_enrolled", "Workloads enrolled on this node",

@@ -17,7 +17,7 @@ import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import aiohttp
+from nodeagent import httpd
 
 from . import certs
 from .ca import NODE_CERT_FILE, NODE_KEY_FILE, ROOTS_FILE, write_file_atomic
@@ -36,6 +36,8 @@ class HttpsCAClient:
         if parts.scheme != "https" or not parts.hostname:
             raise CAError(f"CA URL {url!r} must look like https://HOST:PORT")
         self.url = url.rstrip("/")
+        self._host, self._port = parts.hostname, parts.port or 443
+        self._base = parts.path.rstrip("/")
         self.credential_dir = Path(credential_dir)
         self.timeout = timeout
         key_file = self.credential_dir / NODE_KEY_FILE
@@ -76,15 +78,14 @@ class HttpsCAClient:
         return self._ctx[1]
 
     async def _request(self, method: str, path: str, payload: dict | None = None) -> tuple[int, bytes]:
-        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        body = json.dumps(payload).encode() if payload is not None else b""
         try:
-            async with aiohttp.ClientSession(timeout=timeout,
-                                             connector=aiohttp.TCPConnector(ssl=self._context())) as session:
-                async with session.request(method, self.url + path, json=payload) as resp:
-                    return resp.status, await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, ssl.SSLError, OSError) as exc:
+            resp = await httpd.request(method, self._host, self._port, self._base + path, body=body,
+                                       ssl=self._context(), timeout=self.timeout)
+        except (httpd.HttpClientError, asyncio.TimeoutError, ssl.SSLError, OSError) as exc:
             detail = str(exc) or exc.__class__.__name__
             raise CAUnavailable(f"CA at {self.url} unreachable: {detail}") from None
+        return resp.status, resp.body
 
     @staticmethod
     def _error_of(status: int, body: bytes) -> str:

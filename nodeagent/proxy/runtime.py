@@ -14,6 +14,7 @@ import asyncio
 import functools
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -41,8 +42,14 @@ _BAD_PATH = LocalReply(400, "-", b"Bad Request")
 def needs_normalizing(path: bytes) -> bool:
     """Whether ``normalize_path`` could change an origin-form target: only a ``.``
     (dot segments), ``%`` (escapes), ``\\`` (backslash) or ``#`` (fragment) can; a
-    target starting with ``/`` without them comes back unchanged (slashes are not merged)."""
-    return b"." in path or b"%" in path or b"\\" in path or b"#" in path
+    target starting with ``/`` without them comes back unchanged (slashes are not merged).
+
+    Not ``b"." in path``: bytes' ``in`` first tries the operand as an integer and
+    formats (then discards) a TypeError for a bytes operand, ≈ 90 ns per test."""
+    return _NORMALIZING_CHAR(path) is not None
+
+
+_NORMALIZING_CHAR = re.compile(rb"[.%\\#]").search
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,14 +466,18 @@ class ProxyRuntime:
         resolved once into a ``_RouteEntry`` (service, port, compiled route
         table); a route and destination whose plan is the same for every request
         (``routing.is_static``) hand out one shared ForwardPlan."""
-        path = exchange.path
-        if (b"." in path or b"%" in path or b"\\" in path or b"#" in path) and path[:1] == b"/":  # needs_normalizing, inlined
+        raw = exchange.path
+        # Routing reads the path as str: decoded once here, and tested as str (needs_normalizing,
+        # inlined; str's ``in`` is cheap, bytes' is not).
+        path = raw.decode("latin-1")
+        if ("." in path or "%" in path or "\\" in path or "#" in path) and raw[:1] == b"/":
             # Envoy's HCM normalizes before routing (Istio's defaults), and forwards the result.
-            normalized = self._normalized(path)
+            normalized = self._normalized(raw)
             if normalized is False:
                 exchange.dest = _NO_DESTINATION
                 return _BAD_PATH
             exchange.path = normalized
+            path = normalized.decode("latin-1")
         snapshot = self.snapshots()
         down = exchange.down
         routes = down.routes
@@ -483,7 +494,6 @@ class ProxyRuntime:
         if table is None:
             exchange.dest = _NO_DESTINATION
             return LocalReply(404, "NR", b"", [])
-        path = exchange.path.decode("latin-1")
         attrs = _Attrs(exchange, entry.authority, path, entry.port, entry.source)
         path_only = routing.path_part(path) if "?" in path or "#" in path else path
         hit = routing.select_route(table, attrs, path_only, self.rand)

@@ -37,6 +37,8 @@ SIZE_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000)
 
 _NB_D = len(DURATION_BUCKETS_MS) + 1
 _NB_S = len(SIZE_BUCKETS) + 1
+# bisect_left(SIZE_BUCKETS, n) for n < 1024, by index (cheaper than the call)
+_SMALL_SIZE = bytes(bisect_left(SIZE_BUCKETS, n) for n in range(1024))
 
 
 def source_labels(ctx) -> tuple:
@@ -53,7 +55,8 @@ class Telemetry:
     __slots__ = ("http", "tcp", "_src_cache", "security_policy", "_series")
 
     def __init__(self) -> None:
-        # key -> [count, dur_sum, req_sum, resp_sum, dur_buckets, req_buckets, resp_buckets]
+        # key -> [count, dur_sum, req_sum, resp_sum, dur_buckets, req_buckets, resp_buckets];
+        # count and the size buckets [0] are filled in by export() (_complete), not per request
         self.http: dict[tuple, list] = {}
         # key -> [opened, closed, sent, received]
         self.tcp: dict[tuple, list] = {}
@@ -74,15 +77,19 @@ class Telemetry:
 
     def record_http(self, ctx, dest: tuple, status: int, flags: str, duration_ms: float,
                     req_bytes: int, resp_bytes: int) -> None:
+        # Only what export() cannot derive is counted here: the request count is the sum of
+        # the duration buckets, and a size histogram's first bucket (0 or 1 byte) is the count
+        # minus its other buckets, so empty bodies (most requests) cost nothing.
         hit = self._series.get((id(ctx), id(dest), status, flags))
         entry = hit[0] if hit is not None else self._http_entry(ctx, dest, status, flags)
-        entry[0] += 1
         entry[1] += duration_ms
-        entry[2] += req_bytes
-        entry[3] += resp_bytes
         entry[4][bisect_left(DURATION_BUCKETS_MS, duration_ms)] += 1
-        entry[5][bisect_left(SIZE_BUCKETS, req_bytes) if req_bytes else 0] += 1
-        entry[6][bisect_left(SIZE_BUCKETS, resp_bytes) if resp_bytes else 0] += 1
+        if req_bytes:
+            entry[2] += req_bytes
+            entry[5][bisect_left(SIZE_BUCKETS, req_bytes)] += 1
+        if resp_bytes:
+            entry[3] += resp_bytes
+            entry[6][_SMALL_SIZE[resp_bytes] if resp_bytes < 1024 else bisect_left(SIZE_BUCKETS, resp_bytes)] += 1
 
     def _http_entry(self, ctx, dest: tuple, status: int, flags: str) -> list:
         key = (self._src(ctx), dest, status, flags)
@@ -108,11 +115,22 @@ class Telemetry:
     def export(self) -> dict:
         """A picklable copy (label tuples flattened) for the parent process to merge."""
         return {
-            "http": {k[0] + k[1] + (str(k[2]), "", k[3], self.security_policy):
-                     [v[0], v[1], v[2], v[3], list(v[4]), list(v[5]), list(v[6])]
+            "http": {k[0] + k[1] + (str(k[2]), "", k[3], self.security_policy): _complete(v)
                      for k, v in list(self.http.items())},
             "tcp": {k[0] + k[1] + (k[2], self.security_policy): list(v) for k, v in list(self.tcp.items())},
         }
+
+
+def _complete(v: list) -> list:
+    """A copy of one HTTP accumulator with what ``record_http`` leaves out filled in: the
+    request count (the duration buckets' sum) and the size histograms' first bucket (the
+    count minus the other buckets). Accumulators that count those too (a subclass's
+    ``record_http``) come out the same."""
+    count = sum(v[4])
+    req, resp = list(v[5]), list(v[6])
+    req[0] = count - sum(req[1:])
+    resp[0] = count - sum(resp[1:])
+    return [count, v[1], v[2], v[3], list(v[4]), req, resp]
 
 
 def merge_exports(exports) -> dict:

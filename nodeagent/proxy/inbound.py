@@ -59,6 +59,11 @@ _CONTEXT_CACHE_LIMIT = 4096
 _IDENTITY_HEADERS = frozenset((b"x-forwarded-client-cert",))  # never trusted from a client
 _IDENTITY_HEADER_LEN = len(b"x-forwarded-client-cert")
 _PATH_CACHE_LIMIT = 4096
+# L7 verdicts memoized per (connection attributes, method, target, authority) when no policy of
+# the workload reads request headers: at most this many, for request targets and authorities
+# of at most _VERDICT_KEY_LIMIT bytes together (a long target is evaluated every time).
+_VERDICT_CACHE_LIMIT = 4096
+_VERDICT_KEY_LIMIT = 512
 _PLAN_FIELDS = ("cluster", "path", "authority", "request_ops", "response_ops", "timeout", "per_try_timeout",
                 "retry", "delay", "abort", "mirror", "mirror_authority", "route_name")
 # The proxy's own ports inside a pod (admin, outbound, inbound, tunnel, metrics, health): an inbound
@@ -165,12 +170,25 @@ class AppCluster:
 
 
 class _Policies:
-    __slots__ = ("version", "authz", "peer")
+    __slots__ = ("version", "snapshot", "authz", "peer", "header_reads")
 
     def __init__(self, snapshot, trust_domain: str, aliases: tuple[str, ...]) -> None:
         self.version = snapshot.version
+        self.snapshot = snapshot
         self.authz = AuthorizationIndex(snapshot, trust_domain=trust_domain, trust_domain_aliases=aliases)
         self.peer = PeerAuthenticationIndex(snapshot)
+        self.header_reads: dict[InboundWorkload, bool] = {}
+
+    def reads_headers(self, wl: InboundWorkload) -> bool:
+        """True when an AuthorizationPolicy of ``wl`` has a ``request.headers[...]`` condition;
+        otherwise an HTTP verdict depends only on the connection, method, path and host."""
+        found = self.header_reads.get(wl)
+        if found is None:
+            found = self.header_reads[wl] = any(
+                cond.key.startswith("request.headers")
+                for res in self.snapshot.authorization_policies_for(wl.namespace, wl.labels)
+                for rule in getattr(res.spec, "rules", ()) for cond in rule.when)
+        return found
 
 
 class InboundConnection:
@@ -189,9 +207,11 @@ class _HttpDecision:
     """What an inbound HTTP connection's requests share, decided once per snapshot version:
     the PeerAuthentication outcome, the policy set, the L4 verdict when no policy reads L7
     attributes (then every request on the connection gets the same one), the application
-    cluster and a forward plan for requests whose path needs no rewriting."""
+    cluster and a forward plan for requests whose path needs no rewriting. ``memo``: when the
+    policies read L7 attributes but no request header, a token naming the connection's
+    attributes, so verdicts are memoized per (token, method, target, authority); else None."""
 
-    __slots__ = ("version", "refusal", "policies", "l7", "verdict", "conn", "cluster", "plan")
+    __slots__ = ("version", "refusal", "policies", "l7", "verdict", "conn", "cluster", "plan", "memo")
 
 
 class InboundPlane:
@@ -216,6 +236,11 @@ class InboundPlane:
         self._watch: asyncio.Task | None = None
         self._checked_version = None
         self._paths: dict[bytes, str | None] = {}  # raw request target -> normalized (None: unchanged)
+        # L7 verdicts of the current snapshot version (see _HttpDecision.memo): tokens per
+        # (workload, principal, peer address, target) and (token, method, target, authority) -> Verdict.
+        self._verdicts_version = None
+        self._verdict_tokens: dict[tuple, object] = {}
+        self._verdicts: dict[tuple, object] = {}
 
     # --- what the engine reads from its runtime ------------------------
     @property
@@ -432,6 +457,21 @@ class InboundPlane:
         d.l7 = needs_l7(d.policies)
         d.conn = self._connection(principal, peer.remote, target)
         d.verdict = None if d.l7 else evaluate(d.policies, d.conn)
+        d.memo = None
+        if d.l7 and not pol.reads_headers(wl):
+            if self._verdicts_version != snapshot.version:
+                self._verdicts_version = snapshot.version
+                self._verdict_tokens.clear()
+                self._verdicts.clear()
+            # The Connection's attributes: equal keys give equal verdicts for equal requests.
+            key = (wl, principal, peer.remote[0], target)
+            token = self._verdict_tokens.get(key)
+            if token is None:
+                if len(self._verdict_tokens) >= _CONTEXT_CACHE_LIMIT:
+                    self._verdict_tokens.clear()
+                    self._verdicts.clear()
+                token = self._verdict_tokens[key] = object()
+            d.memo = token
         plan = ForwardPlan()
         plan.cluster = d.cluster
         plan.path = None
@@ -482,13 +522,15 @@ class InboundPlane:
             return LocalReply(503, "-")
         try:
             target_path = self._normalized(exchange.path)
-            if d.l7:
-                raw_path = exchange.path.decode("latin-1")
-                verdict = evaluate(d.policies, Request(d.conn, host=exchange.authority.decode("latin-1"),
-                                                       method=exchange.method.decode("latin-1"), path=raw_path,
-                                                       headers=exchange.header_map()))
-            else:
+            if not d.l7:
                 verdict = d.verdict
+            elif d.memo is not None:
+                verdict = self._memo_verdict(d, exchange)
+            else:
+                verdict = evaluate(d.policies, Request(d.conn, host=exchange.authority.decode("latin-1"),
+                                                       method=exchange.method.decode("latin-1"),
+                                                       path=exchange.path.decode("latin-1"),
+                                                       headers=exchange.header_map()))
         except InvalidPath:
             return LocalReply(400, "-", b"Bad Request")
         if not verdict.allowed:
@@ -509,6 +551,23 @@ class InboundPlane:
         plan.path = target_path.encode("latin-1") if target_path is not None else None
         plan.request_ops = _STRIP_IDENTITY if strip else None
         return plan
+
+    def _memo_verdict(self, d: _HttpDecision, exchange):
+        """The L7 verdict of a request whose policies read no header: memoized (evaluate is a pure
+        function of the connection, host, method and normalized path)."""
+        path, authority = exchange.path, exchange.authority
+        key = (d.memo, exchange.method, path, authority)
+        verdicts = self._verdicts
+        verdict = verdicts.get(key)
+        if verdict is None:
+            verdict = evaluate(d.policies, Request(d.conn, host=authority.decode("latin-1"),
+                                                   method=exchange.method.decode("latin-1"),
+                                                   path=path.decode("latin-1")))
+            if len(path) + len(authority) <= _VERDICT_KEY_LIMIT:
+                if len(verdicts) >= _VERDICT_CACHE_LIMIT:
+                    verdicts.clear()
+                verdicts[key] = verdict
+        return verdict
 
     # --- live connections ----------------------------------------------
     def recheck(self) -> int:

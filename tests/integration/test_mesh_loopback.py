@@ -898,6 +898,74 @@ def test_l7_policy_per_request_with_the_peer_principal_and_normalized_paths(ca_d
     run(scenario())
 
 
+L7_HEADER = f"""---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: b-team
+  namespace: {NS}
+spec:
+  selector:
+    matchLabels:
+      app: b
+  action: ALLOW
+  rules:
+  - to:
+    - operation:
+        methods: ["GET"]
+    when:
+    - key: request.headers[x-team]
+      values: ["blue"]
+"""
+
+
+def test_memoized_l7_verdicts_are_per_request_peer_and_policy_version(ca_dir):
+    """Policies that read methods/paths but no header: verdicts are memoized, yet each request,
+    each peer and each configuration version still gets its own answer, in any order."""
+    async def scenario():
+        mesh = await Mesh(ca_dir, L7_ALLOW).start()
+        try:
+            a1, a2 = await HttpClient.open(mesh.a_out), await HttpClient.open(mesh.a_out)
+            cases = [("/public/x", "GET", 200), ("/private", "GET", 403), ("/public/x", "POST", 403),
+                     ("/public/../private", "GET", 403), ("/%70ublic/x", "GET", 200)]
+            for _ in range(3):
+                for client in (a1, a2):
+                    for path, method, want in cases:
+                        assert (await client.request(path, method=method))[0] == want, (path, method)
+            assert mesh.node2.plane._verdicts  # the policy reads no header: memoized
+            c = await HttpClient.open(mesh.c_out)  # same requests, another principal: its own verdicts
+            for path, method, _ in cases:
+                assert (await c.request(path, method=method))[0] == 403, (path, method)
+            mesh.set_config(L7_ALLOW.replace("/public/*", "/private"))  # the next request sees it
+            for client in (a1, a2):
+                assert (await client.request("/public/x"))[0] == 403
+                assert (await client.request("/private"))[0] == 200
+            for client in (a1, a2, c):
+                client.close()
+        finally:
+            await mesh.close()
+    run(scenario())
+
+
+def test_a_policy_on_request_headers_is_decided_for_every_request(ca_dir):
+    """A `request.headers[...]` condition: the same method, path and peer on one kept-alive
+    tunnel get different verdicts depending on the header, so nothing is memoized."""
+    async def scenario():
+        mesh = await Mesh(ca_dir, L7_HEADER).start()
+        try:
+            client = await HttpClient.open(mesh.a_out)
+            for _ in range(3):
+                assert (await client.request("/x", headers={"x-team": "blue"}))[0] == 200
+                assert (await client.request("/x"))[0] == 403
+                assert (await client.request("/x", headers={"x-team": "red"}))[0] == 403
+            assert not mesh.node2.plane._verdicts
+            assert mesh.app.hits == 3
+            client.close()
+        finally:
+            await mesh.close()
+    run(scenario())
+
+
 def test_l4_verdict_of_a_kept_alive_connection_follows_a_policy_change(ca_dir):
     """The inbound side decides an L4-only policy once per connection and snapshot version:
     a new snapshot is decided again on the very next request of the same client connection."""

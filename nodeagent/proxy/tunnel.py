@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from bisect import bisect_left
 import logging
 import re
 import socket
@@ -56,8 +55,7 @@ from cryptography import x509
 from nodeagent.identity.errors import IdentityError, NoCertificate, PeerRejected
 from nodeagent.identity.spiffe import SpiffeId
 from nodeagent.identity.tls import TunnelTls
-from nodeagent.telemetry import (DURATION_BUCKETS_MS, SIZE_BUCKETS, Telemetry, _NB_D, _NB_S,
-                                 source_labels)
+from nodeagent.telemetry import Telemetry, _NB_D, _NB_S, _complete, source_labels
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +94,12 @@ class BufferedFeed(asyncio.BufferedProtocol):
     the protocol sees them, so one buffer serves every stream of the thread.
     """
 
-    __slots__ = ("inner", "view")
+    __slots__ = ("inner", "view", "feed")
 
     def __init__(self, inner) -> None:
         self.inner = inner
         self.view = read_buffer()
+        self.feed = inner.data_received  # bound once: this runs for every TLS read
 
     def connection_made(self, transport) -> None:
         self.inner.connection_made(transport)
@@ -109,7 +108,7 @@ class BufferedFeed(asyncio.BufferedProtocol):
         return self.view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.inner.data_received(bytes(self.view[:nbytes]))
+        self.feed(self.view[:nbytes].tobytes())
 
     def eof_received(self):
         handler = getattr(self.inner, "eof_received", None)
@@ -223,9 +222,10 @@ class MeshTelemetry(Telemetry):
     on 15008, ``none`` on plaintext 15006); on the source side it is
     ``mutual_tls`` when the destination principal is known, which only the
     tunnel's verified handshake provides (as ztunnel reports it), else
-    ``unknown``. The label is one more element of the accumulator key, looked
-    up with the context's cached source labels: one call per request, as
-    plain ``Telemetry``.
+    ``unknown``. The label is one more element of the accumulator key; it
+    depends only on the context and the destination labels, so the engine's
+    per-request path (``Telemetry.record_http``: the series found by the
+    identities of both) is used as is and the label is decided once per series.
     """
 
     __slots__ = ()
@@ -243,29 +243,27 @@ class MeshTelemetry(Telemetry):
             self._src_cache[key] = hit
         return hit[1]
 
-    def record_http(self, ctx, dest: tuple, status: int, flags: str, duration_ms: float,
-                    req_bytes: int, resp_bytes: int) -> None:
-        hit = self._src_cache.get(id(ctx))  # _src inlined: this runs for every request
-        src, policy = hit[1] if hit is not None and hit[0] is ctx else self._src(ctx)
+    def _policy(self, ctx, dest: tuple) -> tuple[tuple, str]:
+        src, policy = self._src(ctx)
         if policy is None:
             policy = "mutual_tls" if len(dest) > 2 and dest[2] != "unknown" else "unknown"
+        return src, policy
+
+    def _http_entry(self, ctx, dest: tuple, status: int, flags: str) -> list:
+        src, policy = self._policy(ctx, dest)
         key = (src, dest, status, flags, policy)
         entry = self.http.get(key)
         if entry is None:
             entry = [0, 0.0, 0, 0, [0] * _NB_D, [0] * _NB_S, [0] * _NB_S]
             self.http[key] = entry
-        entry[0] += 1
-        entry[1] += duration_ms
-        entry[2] += req_bytes
-        entry[3] += resp_bytes
-        entry[4][bisect_left(DURATION_BUCKETS_MS, duration_ms)] += 1
-        entry[5][bisect_left(SIZE_BUCKETS, req_bytes)] += 1
-        entry[6][bisect_left(SIZE_BUCKETS, resp_bytes)] += 1
+        series = self._series
+        if len(series) >= 4096:
+            series.clear()
+        series[(id(ctx), id(dest), status, flags)] = (entry, ctx, dest)  # keeps ctx and dest alive
+        return entry
 
     def tcp_entry(self, ctx, dest: tuple, flags: str = "-") -> list:
-        src, policy = self._src(ctx)
-        if policy is None:
-            policy = "mutual_tls" if len(dest) > 2 and dest[2] != "unknown" else "unknown"
+        src, policy = self._policy(ctx, dest)
         key = (src, dest, flags, policy)
         entry = self.tcp.get(key)
         if entry is None:
@@ -275,9 +273,7 @@ class MeshTelemetry(Telemetry):
 
     def export(self) -> dict:
         return {
-            "http": {k[0] + k[1] + (str(k[2]), "", k[3], k[4]):
-                     [v[0], v[1], v[2], v[3], list(v[4]), list(v[5]), list(v[6])]
-                     for k, v in list(self.http.items())},
+            "http": {k[0] + k[1] + (str(k[2]), "", k[3], k[4]): _complete(v) for k, v in list(self.http.items())},
             "tcp": {k[0] + k[1] + (k[2], k[3]): list(v) for k, v in list(self.tcp.items())},
         }
 

@@ -14,7 +14,9 @@ method on a known path is 405 with ``Allow``, an unknown path 404. HTTP/1.1
 keep-alive (and HTTP/1.0 ``Connection: keep-alive``), pipelined requests
 answered in order. Bounded: request line, each header and the whole head
 (431/414), header count, request body (413, no route reads one), time to
-send a request (408) and idle keep-alive time, concurrent connections.
+send a request (408) and idle keep-alive time, concurrent connections (at
+the cap, an idle keep-alive connection makes room; a probe is not locked
+out by idle clients).
 A failing route is logged with its traceback and answered 500 with a
 one-line JSON error: a client never sees a traceback.
 """
@@ -24,6 +26,7 @@ import asyncio
 import json
 import logging
 import ssl as _ssl
+import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
 from urllib.parse import unquote
@@ -40,7 +43,7 @@ MAX_HEADERS = 100
 MAX_REQUEST_BODY = 65536     # no route reads a body; a small one is read and dropped
 REQUEST_TIMEOUT = 10.0       # from a request's first byte to its last
 KEEPALIVE_TIMEOUT = 75.0     # an idle connection is closed after this (aiohttp's default)
-MAX_CONNECTIONS = 256        # per server; more are closed at once
+MAX_CONNECTIONS = 256        # per server: at the cap an idle one is closed, or the new one
 
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
@@ -56,6 +59,24 @@ TEXT = "text/plain; charset=utf-8"
 
 def json_response(data, status: int = 200) -> Response:
     return status, JSON, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+_date: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    """RFC 9110 IMF-fixdate of now, formatted once per second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, "%s, %02d %s %d %02d:%02d:%02d GMT" % _imf(time.gmtime(now)))
+    return _date[1]
+
+
+def _imf(t: time.struct_time) -> tuple:
+    return (("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")[t.tm_wday], t.tm_mday,
+            ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")[t.tm_mon - 1],
+            t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)
 
 
 class _Refused(Exception):
@@ -126,10 +147,15 @@ class _ServerConnection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        if len(self.server._connections) >= MAX_CONNECTIONS:
-            transport.abort()
-            return
-        self.server._connections.add(self)
+        connections = self.server._connections
+        if len(connections) >= MAX_CONNECTIONS:
+            idle = next((c for c in connections if not c._busy and not c._closing), None)
+            if idle is None:
+                transport.abort()
+                return
+            idle._finish()
+            connections.discard(idle)
+        connections.add(self)
         self._arm(KEEPALIVE_TIMEOUT)
 
     def connection_lost(self, exc) -> None:
@@ -221,8 +247,8 @@ class _ServerConnection(asyncio.Protocol):
 
     def _write(self, status: int, ctype: str, body: bytes, extra: tuple[str, ...], keep_alive: bool,
                head_only: bool = False) -> None:
-        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}", f"Content-Type: {ctype}",
-                 f"Content-Length: {len(body)}", *extra]
+        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}", f"Date: {_http_date()}",
+                 f"Content-Type: {ctype}", f"Content-Length: {len(body)}", *extra]
         if not keep_alive:
             lines.append("Connection: close")
         self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body))

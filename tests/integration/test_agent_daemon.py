@@ -475,3 +475,48 @@ def test_sigterm_with_an_idle_enrollment_client_connected(agents, tmp_path):
         assert idle.recv(1) == b""  # the agent hung up on the idle client
     finally:
         idle.close()
+
+
+def test_http_faces_paths_methods_content_types_keep_alive(agents, tmp_path):
+    import http.client
+
+    agent = agents(tmp_path / "state")
+    agent.wait_ready()
+    admin = http.client.HTTPConnection("127.0.0.1", agent.admin, timeout=5)
+    try:
+        for path in ("/", "/workloads", "/config_dump", "/certs", "/endpoints", "/healthz"):
+            admin.request("GET", path)  # one keep-alive connection for all of them
+            resp = admin.getresponse()
+            body = resp.read()
+            assert (resp.status, resp.getheader("Content-Type")) == (200, "application/json; charset=utf-8"), path
+            assert isinstance(json.loads(body), dict)
+        assert json.loads(body)["status"] == "OK"
+        admin.request("HEAD", "/healthz")
+        resp = admin.getresponse()
+        assert resp.status == 200 and int(resp.getheader("Content-Length")) > 0 and resp.read() == b""
+        admin.request("POST", "/workloads", body=b"{}")
+        resp = admin.getresponse()
+        assert (resp.status, resp.getheader("Allow"), resp.read()) == (405, "GET, HEAD", b"405: Method Not Allowed\n")
+        admin.request("GET", "/nope")
+        resp = admin.getresponse()
+        assert (resp.status, resp.read()) == (404, b"404: Not Found\n")
+    finally:
+        admin.close()
+    for path in ("/metrics", "/stats/prometheus"):
+        conn = http.client.HTTPConnection("127.0.0.1", agent.metrics, timeout=5)
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        conn.close()
+        assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/plain; version=")
+        assert "# TYPE nodeagent_ready gauge\nnodeagent_ready 1.0\n" in text
+    conn = http.client.HTTPConnection("127.0.0.1", agent.ready_port, timeout=5)
+    conn.request("HEAD", "/healthz/ready")
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read() == b""
+    conn.close()
+    assert http_get(agent.ready_port, "/metrics")[0] == 404  # each face serves only its own paths
+    # The daemon does not load aiohttp (issue #5: its memory): none of its extension modules is mapped.
+    maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
+    assert "aiohttp" not in maps and "multidict" not in maps and "yarl" not in maps
+    assert agent.stop() == 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import socket
 import threading
@@ -208,30 +209,47 @@ def test_idle_and_unfinished_requests_time_out(monkeypatch):
         served.close()
 
 
-def test_connections_beyond_the_limit_are_closed(monkeypatch):
+def test_at_the_connection_cap_an_idle_connection_makes_room(monkeypatch):
     monkeypatch.setattr(httpd, "MAX_CONNECTIONS", 2)
     served = Served()
     try:
-        first, second = served.connect(), served.connect()
-        for sock in (first, second):
-            sock.sendall(b"GET /data HTTP/1.1\r\n\r\n")
-            assert read_response(sock)[0] == 200
-        with served.connect() as third:
-            assert closed_by_peer(third)
-        first.close()
-        deadline = time.monotonic() + 5
-        while True:  # the freed slot is reused once the server saw the close
-            with served.connect() as again:
-                again.sendall(b"GET /data HTTP/1.1\r\n\r\n")
-                try:
-                    assert read_response(again)[0] == 200
-                    break
-                except (AssertionError, ConnectionResetError):
-                    assert time.monotonic() < deadline
-                    time.sleep(0.05)
-        second.close()
+        with served.connect() as idle, served.connect() as busy:
+            idle.sendall(b"GET /data HTTP/1.1\r\n\r\n")
+            assert read_response(idle)[0] == 200           # answered, now idle (keep-alive)
+            busy.sendall(b"GET /data HTTP/1.1\r\nX-Unfinished: ")  # a request in progress
+            time.sleep(0.2)
+            with served.connect() as third:                  # at the cap: the idle one is closed for it
+                third.sendall(b"GET /data HTTP/1.1\r\n\r\n")
+                assert read_response(third)[0] == 200
+                assert closed_by_peer(idle)
+                busy.sendall(b"1\r\n\r\n")                 # the busy one was kept
+                assert read_response(busy)[0] == 200
     finally:
         served.close()
+
+
+def test_at_the_connection_cap_with_no_idle_connection_the_new_one_is_closed(monkeypatch):
+    monkeypatch.setattr(httpd, "MAX_CONNECTIONS", 2)
+    served = Served()
+    try:
+        with served.connect() as first, served.connect() as second:
+            for sock in (first, second):
+                sock.sendall(b"GET /data HTTP/1.1\r\nX-Unfinished: ")
+            time.sleep(0.2)
+            with served.connect() as third:
+                assert closed_by_peer(third)
+            first.sendall(b"1\r\n\r\n")
+            assert read_response(first)[0] == 200
+    finally:
+        served.close()
+
+
+def test_responses_carry_a_date(served):
+    with served.connect() as sock:
+        sock.sendall(b"GET /data HTTP/1.1\r\n\r\n")
+        date = read_response(sock)[1]["date"]
+    assert date.endswith(" GMT")
+    assert abs(email.utils.parsedate_to_datetime(date).timestamp() - time.time()) < 5
 
 
 def test_listen_error_is_an_oserror():

@@ -23,6 +23,7 @@ from httptools import (
 )
 
 from nodeagent.proxy.context import RequestInfo
+from nodeagent.proxy.upstream import HOP_HEADERS
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,7 @@ _PAUSE_PIPELINE, _PAUSE_BUFFER, _PAUSE_UPSTREAM = 1, 2, 4
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP reset
 
 # Headers that describe one hop; never forwarded as they are.
-_HOP = frozenset((
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-    b"transfer-encoding", b"upgrade", b"expect", b"host", b"content-length",
-    b"proxy-authorization",
-))
+_HOP = HOP_HEADERS
 
 _REASONS = {
     100: b"Continue", 101: b"Switching Protocols", 200: b"OK", 201: b"Created", 204: b"No Content",
@@ -723,7 +720,11 @@ class Exchange:
         status = 502 if flag == "UPE" else 503
         self.local_reply(LocalReply(status, flag, b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"))
 
-    def upstream_head(self, conn, status: int, headers: list) -> None:
+    def upstream_head(self, conn, status: int, parts: list, length, hop) -> None:
+        """The response head: ``parts`` are the forwarded header lines serialized after a
+        slot for the status line, ``length`` the Content-Length value (None: none),
+        ``hop`` the other hop-by-hop headers as (lower-case name, name, value) or None
+        (see UpstreamConnection.on_header)."""
         if self.try_timer is not None:
             self._cancel_try_timer()
         self.cluster.record(self.endpoint, status, self.runtime.loop.time())
@@ -736,31 +737,26 @@ class Exchange:
             return
         self.status = status
         self.response_started = True
-        ops = self.plan.response_ops
-        length = None
+        parts[0] = _STATUS_LINES.get(status) or b"HTTP/1.1 %d %b\r\n" % (status, _REASONS.get(status, b"Unknown"))
         chunked = False
-        parts = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d %b\r\n" % (status, _REASONS.get(status, b"Unknown"))]
-        out = [] if ops is not None else None  # the forwarded headers, when ops must see them first
-        for h in headers:
-            name = h[0].lower()
-            if name in _HOP:
-                if name == b"content-length":
-                    length = h[1]
-                elif name == b"transfer-encoding":
+        upgrade = None
+        if hop is not None:
+            for lname, name, value in hop:
+                if lname == b"transfer-encoding":
                     chunked = True
-                elif name == b"upgrade" and status == 101:
-                    if out is None:
-                        parts += (h[0], b": ", h[1], b"\r\n")
-                    else:
-                        out.append(h)
-                continue
-            if out is None:
-                parts += (h[0], b": ", h[1], b"\r\n")
-            else:
-                out.append(h)
-        if out is not None:
-            for name, value in apply_header_ops(out, ops):
+                elif lname == b"upgrade" and status == 101:
+                    upgrade = (name, value)
+        ops = self.plan.response_ops
+        if ops is not None:
+            # the forwarded headers as pairs, for the route's header operations to see first
+            pairs = [(parts[i], parts[i + 2]) for i in range(1, len(parts), 4)]
+            if upgrade is not None:
+                pairs.append(upgrade)
+            del parts[1:]
+            for name, value in apply_header_ops(pairs, ops):
                 parts += (name, b": ", value, b"\r\n")
+        elif upgrade is not None:
+            parts += (upgrade[0], b": ", upgrade[1], b"\r\n")
         if length is not None and not chunked and status != 101:
             parts.append(b"content-length: " + length + b"\r\n")  # the common case
         elif status == 101:
@@ -779,10 +775,11 @@ class Exchange:
             self.keep_alive = False  # the client may already have sent bytes of the new protocol
         if not self.keep_alive or self.close_delimited or (self.expect_continue and not self.request_done):
             self.keep_alive = False
-            parts.append(b"connection: close\r\n")
+            parts.append(b"connection: close\r\n\r\n")
         elif self.version == "1.0" and status != 101:
-            parts.append(b"connection: keep-alive\r\n")  # HTTP/1.0 closes unless told otherwise
-        parts.append(b"\r\n")
+            parts.append(b"connection: keep-alive\r\n\r\n")  # HTTP/1.0 closes unless told otherwise
+        else:
+            parts.append(b"\r\n")
         self.out.append(b"".join(parts))
 
     def upstream_body(self, body: bytes) -> None:

@@ -693,7 +693,7 @@ class MirrorExchange:
     def upstream_failed(self, conn, flag) -> None:
         self._done()
 
-    def upstream_head(self, conn, status, headers) -> None:
+    def upstream_head(self, conn, status, parts, length, hop) -> None:
         self.state.record(self.endpoint, status, self.runtime.loop.time())
 
     def upstream_body(self, body) -> None:

@@ -19,6 +19,13 @@ log = logging.getLogger(__name__)
 
 UNLIMITED = 1 << 32
 
+# Headers that describe one hop; never forwarded as they are (lower case).
+HOP_HEADERS = frozenset((
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"expect", b"host", b"content-length",
+    b"proxy-authorization",
+))
+
 
 @dataclass(frozen=True, slots=True)
 class PoolLimits:
@@ -38,7 +45,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "pool", "endpoint", "transport", "parser", "exchange", "requests", "idle_since",
-        "closed", "raw", "head_only", "status", "headers", "keep_alive",
+        "closed", "raw", "head_only", "status", "headers", "keep_alive", "length", "hop",
     )
 
     def __init__(self, pool: "ClusterPool", endpoint: tuple[str, int]) -> None:
@@ -53,7 +60,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.raw = False
         self.head_only = False
         self.status = 0
-        self.headers = []
+        # The response head as it is parsed: ``headers`` holds the forwarded header lines
+        # already serialized (name, b": ", value, b"\r\n", ...) after a slot for the status
+        # line; ``length`` the Content-Length value; ``hop`` any other hop-by-hop header
+        # as (lower-case name, name, value), None when there is none (the common case).
+        self.headers = [b""]
+        self.length = None
+        self.hop = None
         self.keep_alive = True
 
     # asyncio.Protocol
@@ -113,17 +126,27 @@ class UpstreamConnection(asyncio.Protocol):
 
     # httptools callbacks (no on_status: the reason phrase is regenerated, as Envoy does)
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        lname = name.lower()
+        if lname in HOP_HEADERS:
+            if lname == b"content-length":
+                self.length = value
+            elif self.hop is None:
+                self.hop = [(lname, name, value)]
+            else:
+                self.hop.append((lname, name, value))
+        else:
+            self.headers += (name, b": ", value, b"\r\n")  # cheaper than joining each line first
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         self.status = status
-        headers = self.headers
-        self.headers = []
+        headers, length, hop = self.headers, self.length, self.hop
+        self.headers = [b""]
+        self.length = self.hop = None
         if 100 <= status < 200 and status != 101:
             return  # interim responses are consumed here (we strip Expect upstream)
         self.keep_alive = self.parser.should_keep_alive()
-        self.exchange.upstream_head(self, status, headers)
+        self.exchange.upstream_head(self, status, headers, length, hop)
         if self.head_only and status != 101:
             raise _HeadResponseDone()
 

@@ -48,7 +48,7 @@ def memory(pid: int) -> str:
             f"anon {kib['Anonymous'] / 1024:.1f} MiB")
 
 
-def mappings(pid: int, top: int = 12) -> str:
+def mappings(pid: int, top: int = 16) -> str:
     """Rss per mapped file ([heap], [anon], the .so files) from /proc/PID/smaps, largest first."""
     rss: dict[str, int] = {}
     name = "[anon]"

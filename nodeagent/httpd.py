@@ -4,9 +4,9 @@ The daemon serves its admin API, metrics and readiness with ``HttpServer``
 and talks to ``nodeagent ca serve`` with ``request``; httptools is already
 the proxy's parser, so the daemon never imports aiohttp. Why: the agent's
 memory budget (issue #5, 40 MiB Rss with 100 pods). Importing aiohttp's
-server and client costs ~200 modules and ~12 MiB of the daemon's Rss
-(measured with ``python -m bench memory --breakdown``: see docs/operations.md);
-this module costs well under 1 MiB. The CA server itself keeps aiohttp.
+server and client cost the daemon ~110 modules and ~10 MiB Rss (measured
+with ``python -m bench memory``: see docs/operations.md); this module and
+httptools cost well under 1 MiB. The CA server itself keeps aiohttp.
 
 Server: GET and HEAD on exact paths (the query string is ignored), each
 route a plain function returning ``(status, content type, body)``; any other

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "L4Decision", "L4Table", "is_tls_port", "l4_table", "plan_l4", "sni_matches", "pick_weighted",
+    "sni_only_ports", "plan_by_sni",
 ]
 
 
@@ -274,6 +275,49 @@ def _compile_match(m, port: int, tls: bool) -> _Match | None:
     if tls and not out.snis:
         return None  # Istio refuses a TLS match without sniHosts; it could never select by SNI
     return out
+
+
+def sni_only_ports(snapshot: ConfigSnapshot) -> frozenset[int]:
+    """Port numbers on which some service is reachable only by its SNI: a TLS port of a
+    service without ``addresses`` (e.g. an egress ServiceEntry with ``resolution: DNS``).
+    A connection to an address that is no service, on such a port, is routed by
+    ``plan_by_sni`` once its ClientHello is read (Istio's wildcard 0.0.0.0:PORT listener
+    with one filter chain per SNI)."""
+    memo = snapshot_memo(snapshot)
+    try:
+        return memo["l4-sni-ports"]
+    except KeyError:
+        pass
+    ports = frozenset(p.number for svc in snapshot.services.values() if not svc.addresses
+                      for p in svc.ports if is_tls_port(p))
+    return memo_put(memo, "l4-sni-ports", ports)
+
+
+def plan_by_sni(snapshot: ConfigSnapshot, port: int, source: WorkloadRef | None, destination_ip: str | None,
+                sni: str | None, rand: random.Random) -> L4Decision | None:
+    """The destination of a TLS connection to an address that is no service, by its SNI:
+    the service the SNI names (exact host, then wildcard host) when it has a TLS ``port``
+    and no ``addresses``. With a VirtualService that has ``tls`` routes for that port, the
+    first matching ``tls`` route; none matching -> None. Without such routes, the service
+    itself (Istio uses the service's host as the filter chain's SNI). None also when no
+    service fits: the caller passes the connection through to its original destination."""
+    if not sni:
+        return None
+    ns = source.namespace if source is not None else "default"
+    svc = snapshot.resolve_host(sni.lower(), ns)
+    if svc is None or svc.addresses:
+        return None
+    sport = svc.port(port)
+    if sport is None or not is_tls_port(sport):
+        return None
+    table = l4_table(snapshot, svc, port, ns)
+    if not table.tls:
+        return table.default
+    for route in table.tls:
+        for m in route.matches:
+            if m.test(source, destination_ip, sni):
+                return route.pick(rand)
+    return None
 
 
 def resolve_destination(snapshot, dest, vs_namespace: str, source_ns: str, port: int) -> tuple[ClusterKey, bool]:

@@ -103,7 +103,8 @@ class Backend:
         try:
             first = conn.recv(6, socket.MSG_PEEK)
             deadline = time.monotonic() + 0.3
-            while 0 < len(first) < 6 and time.monotonic() < deadline:
+            while first[:1] == b"\x16" and self.context is not None and len(first) < 6 \
+                    and time.monotonic() < deadline:
                 time.sleep(0.01)
                 first = conn.recv(6, socket.MSG_PEEK)
             mode = "plain"

@@ -374,3 +374,45 @@ def test_route_to_a_missing_cluster_closes_with_nc(env):
         time.sleep(0.05)
     assert env.closed_total(response_flags="NC", destination_service="nowhere.shop.svc.cluster.local") == 1
     assert env.b["sink"].connections == before
+
+
+def test_nodeagent_proxy_forward_listener_tcp_split_tls_routes_and_metrics(env, tmp_path):
+    """The same configuration through a real `nodeagent proxy` process and its /metrics."""
+    from tests.integration.proxy_harness import ProxyProcess, metric_value
+
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    (cfg / "l4.yaml").write_text(config(env.b))
+    (cfg / "web.yaml").write_text("""apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: web, namespace: shop}
+spec: {address: 127.0.0.9, serviceAccount: web, labels: {app: web, version: v1}}
+""")
+    proxy = ProxyProcess(cfg, workload="shop/web", extra=(
+        "--forward", f"127.0.0.1:0={ECHO}:9000", "--forward", "127.0.0.1:0=api.example.com:443"))
+    with proxy:
+        echo_port, api_port = proxy.ports[1], proxy.ports[2]
+        n = 200
+        counts = {"v1": 0, "v2": 0}
+        for i in range(n):
+            counts[who(plain_call(echo_port, b"p%d" % i))] += 1
+        # Binomial(200, 0.2): mean 40, sigma 5.7; +-28 is 5 sigma
+        assert abs(counts["v2"] - 40) <= 28, counts
+        assert tls_call(api_port, "api.example.com", env.certs["api-v2"][0], b"t") == b"api-v2|tls|t"
+        assert tls_call(api_port, None, None, b"d") == b"api-default|tls|d"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = proxy.metrics()
+            if metric_value(text, "istio_tcp_connections_closed_total", source_workload="web") >= n + 2:
+                break
+            time.sleep(0.1)
+        for version, count in counts.items():
+            labels = dict(source_workload="web", destination_service=ECHO, destination_version=version,
+                          destination_app="tcp-echo", request_protocol="tcp", response_flags="-")
+            assert metric_value(text, "istio_tcp_connections_opened_total", **labels) == count
+            assert metric_value(text, "istio_tcp_connections_closed_total", **labels) == count
+            assert metric_value(text, "istio_tcp_received_bytes_total", **labels) >= count * 2
+        assert metric_value(text, "istio_tcp_connections_opened_total", source_workload="web",
+                            destination_service="api-v2.example.com", destination_version="v2") == 1
+        assert metric_value(text, "istio_tcp_connections_opened_total", source_workload="web",
+                            destination_service="api.example.com") == 1

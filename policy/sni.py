@@ -23,7 +23,7 @@ Pure: no I/O; never raises on any input.
 """
 from __future__ import annotations
 
-__all__ = ["NEED_MORE", "NOT_TLS", "MAX_CLIENT_HELLO", "server_name"]
+__all__ = ["NEED_MORE", "NOT_TLS", "MAX_CLIENT_HELLO", "ClientHelloReader", "server_name"]
 
 
 class _Verdict:
@@ -51,49 +51,75 @@ _MAX_RECORD = 16384 + 256  # TLSPlaintext: 2^14; a little slack for lenient send
 
 def server_name(data: bytes):
     """The SNI of the ClientHello at the start of ``data``; see the module docstring."""
-    return _server_name(memoryview(data))
+    return ClientHelloReader().feed(data)
 
 
-def _server_name(buf: memoryview):
-    # 1. reassemble the handshake bytes from consecutive handshake records
-    hs = bytearray()
-    pos = 0
-    need = None  # total handshake bytes wanted (4-byte header + body), once the header is known
-    n = len(buf)
-    while True:
-        if pos >= n:
-            return NEED_MORE
-        if buf[pos] != _HANDSHAKE:
-            return NOT_TLS
-        if pos + 1 < n and buf[pos + 1] != 3:
-            return NOT_TLS  # record version major must be 3 (SSL 3.0 .. TLS 1.3 all say 3)
-        if pos + 2 < n and buf[pos + 2] > 4:
-            return NOT_TLS
-        if pos + 5 > n:
-            if pos + 3 < n and (buf[pos + 3] << 8) > _MAX_RECORD:
-                return NOT_TLS  # the length's high byte alone is already too much
-            return NEED_MORE
-        length = (buf[pos + 3] << 8) | buf[pos + 4]
-        if length == 0 or length > _MAX_RECORD:
-            return NOT_TLS  # empty handshake records are forbidden (RFC 8446 5.1)
-        body_start = pos + 5
-        body_end = body_start + length
-        chunk = buf[body_start:min(body_end, n)]
-        hs += chunk
-        if need is None and len(hs) >= 4:
-            if hs[0] != _CLIENT_HELLO:
+class ClientHelloReader:
+    """``server_name`` fed one read at a time, in time linear in the bytes fed: each record
+    is examined once, the handshake bytes are joined only when the ClientHello is whole.
+    ``feed(data)`` returns the same answers as ``server_name(everything fed so far)``;
+    once the answer is not ``NEED_MORE`` it no longer changes."""
+
+    __slots__ = ("_buf", "_pos", "_hs", "_need", "result")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0          # start of the first record not yet taken into _hs
+        self._hs = bytearray()  # handshake bytes of the complete records before _pos
+        self._need = None      # 4 + the ClientHello's length, once its header is known
+        self.result = NEED_MORE
+
+    def feed(self, data: bytes):
+        if self.result is not NEED_MORE:
+            return self.result
+        self._buf += data
+        self.result = result = self._advance()
+        if result is not NEED_MORE:
+            self._buf = self._hs = None
+        return result
+
+    def _advance(self):
+        buf = self._buf
+        n = len(buf)
+        while True:
+            pos = self._pos
+            if pos >= n:
+                return NEED_MORE
+            if buf[pos] != _HANDSHAKE:
                 return NOT_TLS
-            need = 4 + ((hs[1] << 16) | (hs[2] << 8) | hs[3])
-            if need > MAX_CLIENT_HELLO:
-                return None  # TLS, but too large to inspect: no SNI routing (Envoy gives up too)
-            if need < 4 + 2 + 32 + 1 + 2 + 1:
+            if pos + 1 < n and buf[pos + 1] != 3:
+                return NOT_TLS  # record version major must be 3 (SSL 3.0 .. TLS 1.3 all say 3)
+            if pos + 2 < n and buf[pos + 2] > 4:
                 return NOT_TLS
-        if need is not None and len(hs) >= need:
-            break
-        if body_end > n:
-            return NEED_MORE
-        pos = body_end
-    return _parse_client_hello(bytes(hs[4:need]))
+            if pos + 5 > n:
+                if pos + 3 < n and (buf[pos + 3] << 8) > _MAX_RECORD:
+                    return NOT_TLS  # the length's high byte alone is already too much
+                return NEED_MORE
+            length = (buf[pos + 3] << 8) | buf[pos + 4]
+            if length == 0 or length > _MAX_RECORD:
+                return NOT_TLS  # empty handshake records are forbidden (RFC 8446 5.1)
+            start = pos + 5
+            end = start + length
+            have = len(self._hs)
+            avail = have + min(end, n) - start  # handshake bytes known so far
+            if self._need is None and avail >= 4:
+                head = bytes(self._hs[:4]) + bytes(buf[start:start + max(0, 4 - have)])
+                if head[0] != _CLIENT_HELLO:
+                    return NOT_TLS
+                need = 4 + ((head[1] << 16) | (head[2] << 8) | head[3])
+                if need > MAX_CLIENT_HELLO:
+                    return None  # TLS, but too large to inspect: no SNI routing (Envoy gives up too)
+                if need < 4 + 2 + 32 + 1 + 2 + 1:
+                    return NOT_TLS
+                self._need = need
+            need = self._need
+            if need is not None and avail >= need:
+                hs = bytes(self._hs) + bytes(buf[start:start + need - have])
+                return _parse_client_hello(hs[4:need])
+            if end > n:
+                return NEED_MORE
+            self._hs += buf[start:end]
+            self._pos = end
 
 
 def _parse_client_hello(body: bytes):

@@ -28,7 +28,7 @@ import time
 
 from policy import l4routing
 from policy.cluster import ClusterKey
-from policy.sni import MAX_CLIENT_HELLO, NEED_MORE, server_name
+from policy.sni import MAX_CLIENT_HELLO, NEED_MORE, ClientHelloReader
 
 from nodeagent.proxy.http import HttpDownstream
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 _REQUEST_LINE = re.compile(rb"^[A-Z]{3,10} \S+ HTTP/1\.[01]\r?\n")
 _SNIFF_LIMIT = 4096
 # Reading the ClientHello for ``tls`` routes (Envoy's tls_inspector): at most this long
-# and this many bytes (a 64 KiB hello in 1-byte records carries 5 header bytes per byte),
+# and this many bytes (a hello of up to 64 KiB, with room for the headers of its records),
 # then the connection is routed without SNI (tcp routes / the service / passthrough).
 SNI_PEEK_TIMEOUT = 5.0
 SNI_PEEK_MAX = MAX_CLIENT_HELLO + 16384
@@ -303,6 +303,9 @@ class DispatchProtocol(asyncio.Protocol):
         self.next = None
         self.mode = "sniff"  # "sniff" (HTTP2/GRPC port), "sni" (reading a ClientHello)
         self.timer = None
+        self.hello = None  # the ClientHelloReader in "sni" mode
+        self.chunks = []  # what was read in "sni" mode, handed to the relay
+        self.nbytes = 0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -370,6 +373,7 @@ class DispatchProtocol(asyncio.Protocol):
     # --- reading the ClientHello (tls routes) ---------------------------
     def _start_sni_peek(self) -> None:
         self.mode = "sni"
+        self.hello = ClientHelloReader()
         self.timer = self.runtime.loop.call_later(SNI_PEEK_TIMEOUT, self._sni_done, None)
 
     def _sni_done(self, sni) -> None:
@@ -384,8 +388,9 @@ class DispatchProtocol(asyncio.Protocol):
         snapshot = runtime.snapshots()
         service, sport, source, src_ns = self._resolve(snapshot)
         host, port = self.peer.original_destination
-        data = self.buffer
-        self.buffer = b""
+        data = b"".join(self.chunks)
+        self.chunks = []
+        self.hello = None
         if service is not None:
             dest_ip = _destination_ip(host, service)
             if port_kind(sport) == "tcp":
@@ -408,14 +413,16 @@ class DispatchProtocol(asyncio.Protocol):
             protocol.data_received(data)
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        buf = self.buffer
         if self.mode == "sni":
-            name = server_name(buf)
-            if name is NEED_MORE and len(buf) < SNI_PEEK_MAX:
+            self.chunks.append(data)
+            self.nbytes += len(data)
+            name = self.hello.feed(data)
+            if name is NEED_MORE and self.nbytes < SNI_PEEK_MAX:
                 return
             self._sni_done(name if isinstance(name, str) else None)
             return
+        self.buffer += data
+        buf = self.buffer
         if b"\n" not in buf and len(buf) < _SNIFF_LIMIT:
             return
         if _REQUEST_LINE.match(buf):

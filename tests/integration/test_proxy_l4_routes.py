@@ -416,3 +416,19 @@ spec: {address: 127.0.0.9, serviceAccount: web, labels: {app: web, version: v1}}
                             destination_service="api-v2.example.com", destination_version="v2") == 1
         assert metric_value(text, "istio_tcp_connections_opened_total", source_workload="web",
                             destination_service="api.example.com") == 1
+
+
+def test_client_hello_beyond_the_byte_limit_is_routed_without_sni(env, monkeypatch):
+    monkeypatch.setattr(tcp_mod, "SNI_PEEK_MAX", 64)
+    monkeypatch.setattr(tcp_mod, "SNI_PEEK_TIMEOUT", 60.0)  # only the byte limit may end the wait
+    default, v2 = env.b["api-default"], env.b["api-v2"]
+    before = (default.connections, v2.connections)
+    # a ClientHello announcing 200 bytes, sent 100 bytes at a time: past 64 bytes the proxy stops
+    # looking, routes without SNI (the service itself) and forwards what it has
+    hello = b"\x16\x03\x01\x00\xcc" + b"\x01\x00\x00\xc8" + b"\x03\x03" + bytes(98)
+    with socket.create_connection(("127.0.0.1", env.ports["api"]), timeout=5) as s:
+        s.sendall(hello[:100])
+        deadline = time.monotonic() + 3
+        while default.connections == before[0] and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert (default.connections, v2.connections) == (before[0] + 1, before[1])

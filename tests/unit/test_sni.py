@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policy.sni import MAX_CLIENT_HELLO, NEED_MORE, NOT_TLS, server_name
+from policy.sni import MAX_CLIENT_HELLO, NEED_MORE, NOT_TLS, ClientHelloReader, server_name
 
 
 def client_hello(sni: str | None, alpn=None, tls13_only=False) -> bytes:
@@ -182,3 +182,39 @@ def test_random_handshake_bodies_in_valid_records_never_raise(body, sizes):
     msg = b"\x01" + len(body).to_bytes(3, "big") + body
     result = server_name(records(msg, sizes))
     assert result in (NEED_MORE, NOT_TLS, None) or isinstance(result, str)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.just(HELLO), st.binary(max_size=300),
+                 st.builds(lambda sizes: records(handshake_message(HELLO), sizes),
+                           st.lists(st.integers(1, 300), max_size=8))),
+       st.lists(st.integers(min_value=1, max_value=200), max_size=20))
+def test_reader_fed_read_by_read_answers_as_server_name_on_the_whole_prefix(stream, read_sizes):
+    reader = ClientHelloReader()
+    fed = 0
+    final = NEED_MORE
+    for n in read_sizes + [len(stream)]:
+        chunk = stream[fed:fed + n]
+        fed += len(chunk)
+        answer = reader.feed(chunk)
+        if final is NEED_MORE:
+            assert answer == server_name(stream[:fed]) or answer is server_name(stream[:fed])
+            final = answer
+        else:
+            assert answer is final or answer == final  # settled: later bytes change nothing
+
+
+def test_reader_takes_a_64k_hello_in_one_byte_records_one_byte_per_read():
+    name = b"big.example.com"
+    sni_ext = struct.pack("!HH", 0, len(name) + 5) + struct.pack("!HBH", len(name) + 3, 0, len(name)) + name
+    padding = struct.pack("!HH", 21, 60000) + bytes(60000)  # RFC 7685 padding extension
+    ext = sni_ext + padding
+    body = (b"\x03\x03" + b"r" * 32 + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
+            + struct.pack("!H", len(ext)) + ext)
+    msg = b"\x01" + len(body).to_bytes(3, "big") + body
+    stream = records(msg, [1] * len(msg))
+    assert len(stream) == 6 * len(msg) > 360000
+    reader = ClientHelloReader()
+    answers = [reader.feed(stream[i:i + 1]) for i in range(len(stream))]
+    assert answers[-1] == "big.example.com"
+    assert all(a is NEED_MORE for a in answers[:-1])

@@ -159,18 +159,28 @@ class L4Table:
     def decide(self, source, destination_ip: str | None, sni: str | None, rand) -> L4Decision:
         """The first applying ``tls`` route (when ``sni`` is given), else ``tcp`` route, else
         the default; split by weight with ``rand.random()``."""
+        route = self.route_for(source, destination_ip, sni)
+        return self.default if route is None else route.pick(rand)
+
+    def candidates(self, source, destination_ip: str | None, sni: str | None) -> tuple[L4Decision, ...]:
+        """Every destination ``decide`` may answer for this connection, with its weight
+        (for ``nodeagent explain``)."""
+        route = self.route_for(source, destination_ip, sni)
+        return (self.default,) if route is None else route.decisions
+
+    def route_for(self, source, destination_ip, sni) -> _Route | None:
         if sni:
             for route in self.tls:
                 for m in route.matches:
                     if m.test(source, destination_ip, sni):
-                        return route.pick(rand)
+                        return route
         for route in self.tcp:
             if not route.matches:
-                return route.pick(rand)
+                return route
             for m in route.matches:
                 if m.test_l4(source, destination_ip):
-                    return route.pick(rand)
-        return self.default
+                    return route
+        return None
 
 
 def plan_l4(snapshot: ConfigSnapshot, service: Service, service_port: int, source: WorkloadRef | None,

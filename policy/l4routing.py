@@ -292,15 +292,25 @@ def sni_only_ports(snapshot: ConfigSnapshot) -> frozenset[int]:
     service without ``addresses`` (e.g. an egress ServiceEntry with ``resolution: DNS``).
     A connection to an address that is no service, on such a port, is routed by
     ``plan_by_sni`` once its ClientHello is read (Istio's wildcard 0.0.0.0:PORT listener
-    with one filter chain per SNI)."""
+    with one filter chain per SNI). A ``resolution: NONE`` service without endpoints
+    counts only when some VirtualService has ``tls`` routes: otherwise its SNI chain
+    would lead to the original destination anyway (``_original_dst``)."""
     memo = snapshot_memo(snapshot)
     try:
         return memo["l4-sni-ports"]
     except KeyError:
         pass
-    ports = frozenset(p.number for svc in snapshot.services.values() if not svc.addresses
+    any_tls_routes = any(r.kind == "VirtualService" and r.spec.tls for r in snapshot.resources)
+    ports = frozenset(p.number for svc in snapshot.services.values()
+                      if not svc.addresses and (any_tls_routes or not _original_dst(svc))
                       for p in svc.ports if is_tls_port(p))
     return memo_put(memo, "l4-sni-ports", ports)
+
+
+def _original_dst(svc) -> bool:
+    """True for a service Envoy serves with an ORIGINAL_DST cluster (``resolution: NONE``
+    and no endpoints): its connections go to the address the client dialled."""
+    return svc.resolution == "NONE" and not svc.endpoints
 
 
 def plan_by_sni(snapshot: ConfigSnapshot, port: int, source: WorkloadRef | None, destination_ip: str | None,
@@ -310,7 +320,9 @@ def plan_by_sni(snapshot: ConfigSnapshot, port: int, source: WorkloadRef | None,
     and no ``addresses``. With a VirtualService that has ``tls`` routes for that port, the
     first matching ``tls`` route; none matching -> None. Without such routes, the service
     itself (Istio uses the service's host as the filter chain's SNI). None also when no
-    service fits: the caller passes the connection through to its original destination."""
+    service fits, or when the destination is a ``resolution: NONE`` service without
+    endpoints (an ORIGINAL_DST cluster): the caller passes the connection through to its
+    original destination."""
     if not sni:
         return None
     ns = source.namespace if source is not None else "default"
@@ -321,13 +333,20 @@ def plan_by_sni(snapshot: ConfigSnapshot, port: int, source: WorkloadRef | None,
     if sport is None or not is_tls_port(sport):
         return None
     table = l4_table(snapshot, svc, port, ns)
+    decision = None
     if not table.tls:
-        return table.default
-    for route in table.tls:
-        for m in route.matches:
-            if m.test(source, destination_ip, sni):
-                return route.pick(rand)
-    return None
+        decision = table.default
+    else:
+        for route in table.tls:
+            if any(m.test(source, destination_ip, sni) for m in route.matches):
+                decision = route.pick(rand)
+                break
+    if decision is None:
+        return None
+    target = snapshot.services.get(decision.cluster.host)
+    if target is not None and _original_dst(target):
+        return None
+    return decision
 
 
 def resolve_destination(snapshot, dest, vs_namespace: str, source_ns: str, port: int) -> tuple[ClusterKey, bool]:

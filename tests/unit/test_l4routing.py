@@ -379,3 +379,84 @@ spec:
         p = sum(x for x in weights if x == w) / total
         sigma = (n * p * (1 - p)) ** 0.5
         assert abs(counts[w] - n * p) <= 5 * sigma + 1
+
+
+EGRESS = """apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: dropbox, namespace: shop}
+spec:
+  hosts: [api.dropboxapi.com]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  location: MESH_EXTERNAL
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: wild, namespace: shop}
+spec:
+  hosts: ["*.wild.example"]
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  location: MESH_EXTERNAL
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: plain, namespace: shop}
+spec:
+  hosts: [plain.example]
+  ports: [{number: 8080, name: tcp, protocol: TCP}]
+  location: MESH_EXTERNAL
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: googleapis, namespace: shop}
+spec:
+  hosts: [www.googleapis.com]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  location: MESH_EXTERNAL
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: googleapis, namespace: shop}
+spec:
+  hosts: [www.googleapis.com]
+  tls:
+  - match: [{port: 443, sniHosts: [www.googleapis.com], sourceNamespace: shop}]
+    route: [{destination: {host: api.dropboxapi.com}}]
+"""
+
+
+def test_sni_only_ports_and_routing_by_sni_to_address_less_services():
+    from policy.l4routing import plan_by_sni, sni_only_ports
+    snap = snapshot(EGRESS)
+    # 443: TLS ports of services without addresses; api.example.com (443 with an address) and
+    # plain.example (a TCP port) do not count
+    assert sni_only_ports(snap) == frozenset({443})
+
+    def by_sni(sni, source=WEB, port=443):
+        return plan_by_sni(snap, port, source, "93.184.216.34", sni, FixedRandom(0.0))
+
+    d = by_sni("api.dropboxapi.com")
+    assert (d.cluster, d.kind) == (ClusterKey("api.dropboxapi.com", None, 443), "default")
+    assert by_sni("API.DropboxAPI.com").cluster.host == "api.dropboxapi.com"
+    # resolution NONE without endpoints: Envoy's ORIGINAL_DST cluster, i.e. the address dialled
+    assert by_sni("x.wild.example") is None
+    # a service with tls routes: its routes decide, and none matching is a passthrough
+    d = by_sni("www.googleapis.com")
+    assert (d.cluster.host, d.kind, d.route_index) == ("api.dropboxapi.com", "tls", 0)
+    assert by_sni("www.googleapis.com", source=BATCH) is None
+    # no SNI, an unknown name, a service with addresses, another port: passthrough
+    assert by_sni(None) is None
+    assert by_sni("unknown.example") is None
+    assert by_sni("api.example.com") is None
+    assert by_sni("api.dropboxapi.com", port=8443) is None
+
+
+def test_resolution_none_services_count_for_sni_only_ports_only_with_tls_routes():
+    from policy.l4routing import sni_only_ports
+    wild_only = EGRESS.split("---")[1].replace("number: 443", "number: 4443")
+    # 443 is www.example.com's (STATIC, no addresses); 4443 only the wildcard NONE service's
+    assert sni_only_ports(snapshot(wild_only)) == frozenset({443})
+    assert sni_only_ports(snapshot(wild_only + "---\n" + TLS_VS)) == frozenset({443, 4443})

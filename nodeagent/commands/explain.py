@@ -52,7 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--header", action="append", default=[], metavar="NAME=VALUE",
                    help="HTTP request header (repeatable; makes the traffic HTTP)")
     p.add_argument("--source-ip", help="caller address (default: the caller's WorkloadEntry address, if any)")
-    p.add_argument("--sni", help="TLS SNI the caller sent on the tunnel")
+    p.add_argument("--sni", help="TLS SNI the caller sent (on the tunnel; with --service, for tls routes)")
+    p.add_argument("--service", metavar="HOST:PORT",
+                   help="TCP only: the service the caller dialled (name or address, with port); shows the "
+                        "VirtualService tcp/tls route the connection takes (tls routes read --sni)")
     p.add_argument("--root-namespace", default="istio-system", help="Istio root namespace (default istio-system)")
     p.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN,
                    help=f"trust domain for NS/SA callers (default {DEFAULT_TRUST_DOMAIN})")
@@ -227,7 +230,45 @@ def explain(args) -> dict:
 
     if http:
         out["route"] = _route(snapshot, args, req, src_wl, source_ip, port)
+    elif args.service:
+        out["route"] = _l4_route(snapshot, args.service, src_wl, args.sni)
     return out
+
+
+def _l4_route(snapshot, service_arg: str, src_wl, sni: str | None) -> dict:
+    """The VirtualService tcp/tls route of a TCP connection to ``service_arg`` (policy.l4routing)."""
+    from policy import l4routing
+
+    host, port = split_authority(service_arg)
+    if not host or port is None:
+        raise UserError(f"--service {service_arg!r}: expected HOST:PORT (a service name or address and the port)")
+    ns = src_wl.namespace if src_wl is not None else "default"
+    service = snapshot.resolve_host(service_arg, ns)
+    sport = service.port(port) if service is not None else None
+    if service is None:
+        found = snapshot.service_by_address(host, port)
+        if found is not None:
+            service, sport = found
+    if service is None or sport is None:
+        return {"note": f"{service_arg} is no service port of the configuration: the bytes are passed "
+                        f"through to it as they are"}
+    try:
+        ip = str(ipaddress.ip_address(host))
+    except ValueError:
+        ip = next((a for a in service.addresses if _split_address(a) is not None), None)
+    table = l4routing.l4_table(snapshot, service, sport.number, ns)
+    tls_port = l4routing.is_tls_port(sport)
+    cands = table.candidates(src_wl, ip, sni)
+    first = cands[0]
+    return {
+        "l4": True, "service": service.host, "service_port": sport.number, "kind": first.kind,
+        "virtual_service": first.virtual_service,
+        "route": None if first.route_index is None else f"{first.kind}[{first.route_index}]",
+        "destinations": [{"cluster": "outbound|%d|%s|%s" % (d.cluster.port, d.cluster.subset or "", d.cluster.host),
+                          "weight": d.weight, "known": d.known} for d in cands],
+        "sni": sni if tls_port else None,
+        "reads_sni": tls_port and bool(table.tls),
+    }
 
 
 def _route(snapshot, args, req: Request, src_wl, source_ip, port) -> dict | None:
@@ -303,6 +344,18 @@ def render_text(e: dict) -> str:
         lines.append("")
         if "note" in rt:
             lines.append(f"Route: {rt['note']}")
+        elif rt.get("l4"):
+            target = f"{rt['service']}:{rt['service_port']}"
+            if rt["kind"] == "default":
+                lines.append(f"Route: no tcp/tls route applies -> the service itself, {target}")
+            else:
+                lines.append(f"Route: VirtualService {rt['virtual_service']} {rt['route']} ({target})")
+            for d in rt["destinations"]:
+                lines.append(f"  {d['cluster']}  weight {d['weight']}"
+                             + ("" if d["known"] else "  NO SUCH CLUSTER: closed with response flag NC"))
+            if rt["reads_sni"]:
+                lines.append(f"  the proxy reads the ClientHello's SNI first: "
+                             + (f"{rt['sni']}" if rt["sni"] else "none given (--sni)"))
         elif "reject" in rt:
             rj = rt["reject"]
             lines.append(f"Route: answered {rj['status']} ({rj['response_flags']}): {rj['reason']}")

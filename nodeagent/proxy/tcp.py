@@ -9,16 +9,26 @@ A listener that knows the destination (a ``--forward`` listener today, the
   HTTP/1.1 only if the client's first bytes are an HTTP/1.x request line,
   otherwise (h2 prior knowledge, TLS...) an opaque relay, since this engine
   does not parse HTTP/2 framing;
-- anything else: opaque relay to an endpoint picked by the cluster's LB.
+- anything else: opaque relay. Its cluster comes from the VirtualService's
+  ``tls`` routes (TLS ports: the ClientHello's SNI is read first, without
+  terminating TLS), then ``tcp`` routes, else the service itself
+  (``policy.l4routing``); then the cluster's LB picks an endpoint.
+
+A connection to an address that is no service, on a port where some service is
+reachable only by SNI (a TLS port of a service without ``addresses``), is routed
+by its SNI (``l4routing.plan_by_sni``); anything else is passed through.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 import time
 
+from policy import l4routing
 from policy.cluster import ClusterKey
+from policy.sni import MAX_CLIENT_HELLO, NEED_MORE, ClientHelloReader
 
 from nodeagent.proxy.http import HttpDownstream
 
@@ -26,6 +36,11 @@ log = logging.getLogger(__name__)
 
 _REQUEST_LINE = re.compile(rb"^[A-Z]{3,10} \S+ HTTP/1\.[01]\r?\n")
 _SNIFF_LIMIT = 4096
+# Reading the ClientHello for ``tls`` routes (Envoy's tls_inspector): at most this long
+# and this many bytes (a hello of up to 64 KiB, with room for the headers of its records),
+# then the connection is routed without SNI (tcp routes / the service / passthrough).
+SNI_PEEK_TIMEOUT = 5.0
+SNI_PEEK_MAX = MAX_CLIENT_HELLO + 16384
 
 
 def port_kind(port) -> str:
@@ -82,12 +97,14 @@ class TcpRelay(asyncio.Protocol):
     byte either way for that long closes both sides. The runtime's sweep advances
     ``idle_age`` (``check_timers``); a byte read from either side resets it."""
 
-    def __init__(self, runtime, ctx, peer, state, passthrough=None, initial: bytes = b"") -> None:
+    def __init__(self, runtime, ctx, peer, state, passthrough=None, initial: bytes = b"",
+                 no_cluster: ClusterKey | None = None) -> None:
         self.runtime = runtime
         self.ctx = ctx
         self.peer = peer
         self.cluster = state
         self.passthrough = passthrough
+        self.no_cluster = no_cluster  # a route named a cluster that does not exist: close, flag NC
         self.transport = None
         self.upstream = None
         self.pending = [initial] if initial else []
@@ -115,6 +132,11 @@ class TcpRelay(asyncio.Protocol):
         state = self.cluster
         if self.closed:
             return  # the client left before we got to connect
+        if self.no_cluster is not None:
+            self.flags = "NC"  # Envoy's tcp_proxy: no cluster found for the route's destination
+            self._open_entry(unknown_cluster_labels(self.no_cluster))
+            self.transport.close()
+            return
         if state is not None:
             pool = state.pool
             if pool.tcp_open >= pool.limits.max_connections:
@@ -246,8 +268,31 @@ def runtime_passthrough_labels(addr) -> tuple:
     return ("unknown", "unknown", "unknown", "unknown", "unknown", host, host, "unknown", "tcp")
 
 
+def unknown_cluster_labels(key: ClusterKey) -> tuple:
+    """destination_* labels of a connection whose route names a missing cluster."""
+    return ("unknown", "unknown", "unknown", "unknown", "unknown", key.host, key.host, "unknown", "tcp")
+
+
+def _destination_ip(host: str, service) -> str | None:
+    """The connection's original destination IP for ``destinationSubnets``: the address
+    the client dialled (captured listeners), else, for a listener bound to a service by
+    name (``--forward``), the service's first address that is a plain IP."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if service is not None:
+        for addr in service.addresses:
+            try:
+                return str(ipaddress.ip_address(addr))
+            except ValueError:
+                continue
+    return None
+
+
 class DispatchProtocol(asyncio.Protocol):
-    """First protocol of a connection to a known destination: picks HTTP, sniff or relay."""
+    """First protocol of a connection to a known destination: picks HTTP, sniff or relay,
+    and for a relay its cluster (VirtualService tls/tcp routes; the SNI when it matters)."""
 
     def __init__(self, runtime, ctx) -> None:
         self.runtime = runtime
@@ -256,6 +301,11 @@ class DispatchProtocol(asyncio.Protocol):
         self.peer = None
         self.buffer = b""
         self.next = None
+        self.mode = "sniff"  # "sniff" (HTTP2/GRPC port), "sni" (reading a ClientHello)
+        self.timer = None
+        self.hello = None  # the ClientHelloReader in "sni" mode
+        self.chunks = []  # what was read in "sni" mode, handed to the relay
+        self.nbytes = 0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -269,29 +319,91 @@ class DispatchProtocol(asyncio.Protocol):
             self._become(HttpDownstream(runtime, self.ctx, peer))
             return
         snapshot = runtime.snapshots()
-        source = runtime.source_ref(self.ctx, snapshot)
-        src_ns = source.namespace if source is not None else "default"
+        service, sport, source, src_ns = self._resolve(snapshot)
         host, port = dest
+        if service is None:
+            if port in l4routing.sni_only_ports(snapshot):
+                self._start_sni_peek()  # maybe an egress service known only by its SNI
+                return
+            # Not a mesh service: pass the bytes through to where they were going.
+            self._become(TcpRelay(runtime, self.ctx, peer, None, passthrough=(host, port)))
+            return
+        self.kind = port_kind(sport)
+        self.target = (service.host, sport.number)
+        if self.kind == "http":
+            self._become(HttpDownstream(runtime, self.ctx, peer, self.target))
+        elif self.kind == "tcp":
+            dest_ip = _destination_ip(host, service)
+            table = l4routing.l4_table(snapshot, service, sport.number, src_ns)
+            if table.needs_sni(source, dest_ip):
+                self._start_sni_peek()
+                return
+            self._relay(snapshot, src_ns, table.decide(source, dest_ip, None, runtime.rand))
+        else:  # "sniff": wait for the first bytes; an opaque stream goes to the service itself
+            self.state = runtime.cluster(ClusterKey(service.host, None, sport.number), src_ns, snapshot, self.ctx)
+
+    def _resolve(self, snapshot):
+        """(service, service port, source WorkloadRef, source namespace) of this connection;
+        service and port are None when the destination is no mesh service."""
+        source = self.runtime.source_ref(self.ctx, snapshot)
+        src_ns = source.namespace if source is not None else "default"
+        host, port = self.peer.original_destination
         service = snapshot.resolve_host("%s:%d" % (host, port), src_ns)
         sport = None
         if service is None:
             found = snapshot.service_by_address(host, port)
             if found is not None:
                 service, sport = found
-        elif service is not None:
+        else:
             sport = service.port(port)
-        if service is None or sport is None:
-            # Not a mesh service: pass the bytes through to where they were going.
-            self._become(TcpRelay(runtime, self.ctx, peer, None, passthrough=(host, port)))
+        if sport is None:
+            service = None
+        return service, sport, source, src_ns
+
+    def _relay(self, snapshot, src_ns: str, decision, data: bytes = b"") -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s:%d: %s", *self.peer.remote[:2], decision.describe())
+        if not decision.known:
+            self._become(TcpRelay(self.runtime, self.ctx, self.peer, None, initial=data,
+                                  no_cluster=decision.cluster))
             return
-        self.kind = port_kind(sport)
-        self.state = runtime.cluster(ClusterKey(service.host, None, sport.number), src_ns, snapshot, self.ctx)
-        self.target = (service.host, sport.number)
-        if self.kind == "http":
-            self._become(HttpDownstream(runtime, self.ctx, peer, self.target))
-        elif self.kind == "tcp":
-            self._become(TcpRelay(runtime, self.ctx, peer, self.state))
-        # "sniff": wait for the first bytes
+        state = self.runtime.cluster(decision.cluster, src_ns, snapshot, self.ctx)
+        self._become(TcpRelay(self.runtime, self.ctx, self.peer, state, initial=data))
+
+    # --- reading the ClientHello (tls routes) ---------------------------
+    def _start_sni_peek(self) -> None:
+        self.mode = "sni"
+        self.hello = ClientHelloReader()
+        self.timer = self.runtime.loop.call_later(SNI_PEEK_TIMEOUT, self._sni_done, None)
+
+    def _sni_done(self, sni) -> None:
+        """Route with what the ClientHello said (None: no SNI, not TLS, or no hello in time)
+        on the configuration current now, and hand over the bytes read so far."""
+        if self.next is not None or self.transport.is_closing():
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        runtime = self.runtime
+        snapshot = runtime.snapshots()
+        service, sport, source, src_ns = self._resolve(snapshot)
+        host, port = self.peer.original_destination
+        data = b"".join(self.chunks)
+        self.chunks = []
+        self.hello = None
+        if service is not None:
+            dest_ip = _destination_ip(host, service)
+            if port_kind(sport) == "tcp":
+                decision = l4routing.plan_l4(snapshot, service, sport.number, source, dest_ip, sni, runtime.rand)
+            else:  # the port became HTTP meanwhile: relay to the service, as a sniffed stream would be
+                decision = l4routing.L4Decision(ClusterKey(service.host, None, sport.number), True, "default")
+            self._relay(snapshot, src_ns, decision, data)
+            return
+        decision = l4routing.plan_by_sni(snapshot, port, source, _destination_ip(host, None), sni, runtime.rand)
+        if decision is None:
+            self._become(TcpRelay(runtime, self.ctx, self.peer, None, passthrough=(host, port), initial=data))
+        else:
+            self._relay(snapshot, src_ns, decision, data)
 
     def _become(self, protocol, data: bytes = b"") -> None:
         self.next = protocol
@@ -301,6 +413,14 @@ class DispatchProtocol(asyncio.Protocol):
             protocol.data_received(data)
 
     def data_received(self, data: bytes) -> None:
+        if self.mode == "sni":
+            self.chunks.append(data)
+            self.nbytes += len(data)
+            name = self.hello.feed(data)
+            if name is NEED_MORE and self.nbytes < SNI_PEEK_MAX:
+                return
+            self._sni_done(name if isinstance(name, str) else None)
+            return
         self.buffer += data
         buf = self.buffer
         if b"\n" not in buf and len(buf) < _SNIFF_LIMIT:
@@ -310,6 +430,18 @@ class DispatchProtocol(asyncio.Protocol):
         else:
             self._become(TcpRelay(self.runtime, self.ctx, self.peer, self.state, initial=buf))
 
+    def eof_received(self):
+        if self.mode == "sni" and self.next is None:
+            # the client stopped sending before a whole ClientHello: route without SNI,
+            # keep the half-open connection for the answer
+            self._sni_done(None)
+            if self.next is not None:
+                return self.next.eof_received()
+        return None
+
     def connection_lost(self, exc) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.next is not None:
             self.next.connection_lost(exc)

@@ -74,6 +74,9 @@ def main(argv=None) -> int:
     print(f"{'path':<54}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'errors':>8}")
     for r in results:
         print(f"{r['name']:<54}{r['rps']:>9.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['cpu_us']:>12.1f}{r['errors']:>8}")
+    for r in results:
+        split = ", ".join(f"{u:.1f}+{s:.1f}" for u, s in r["per_proxy"])
+        print(f"  {r['name'].split(':')[0]}: user+system us/req per proxy (node1, node2): {split}")
     mesh, ha = results
     print(f"mesh path: {mesh['mtls']:.0f} requests counted by node2's agent with "
           f"connection_security_policy=mutual_tls (wrk completed {mesh['requests'] + mesh['warmup_requests']})")
@@ -83,6 +86,13 @@ def main(argv=None) -> int:
 
 
 def run(lab, args) -> list[dict]:
+    paths = setup(lab, args)
+    return [measure(lab, args, path) for path in paths]
+
+
+def setup(lab, args) -> list[tuple]:
+    """Build the lab, start both paths' processes, check them; returns one
+    (name, pod, url, host, pids) per path (mesh first)."""
     from nodeagent import meshlab
 
     docs = meshlab.load_documents()
@@ -151,25 +161,31 @@ def run(lab, args) -> list[dict]:
         ("haproxy: client -> haproxy -> TLS -> haproxy -> pod", "plainclient", ha_url, None,
          [edge.pid, ingress.pid]),
     ]
-    results = []
-    for name, pod, url, host, pids in paths:
-        def in_pod(argv, timeout, pod=pod):
-            return lab.exec(pod, argv, timeout=timeout, check=True).stdout
+    return paths
 
-        warm = wrk(url, args.warmup, args.connections, host, who=WHO, run=in_pod)
-        before = [cpu_times(pid) for pid in pids]
-        r = wrk(url, args.duration, args.connections, host, who=WHO, run=in_pod)
-        r["cpu_us"] = per_request(before, [cpu_times(pid) for pid in pids], r["requests"])["cpu_us"]
-        r["name"] = name
-        r["warmup_requests"] = warm["requests"]
-        if pod == "client":
-            r["mtls"] = lab.count("node2", "istio_requests_total", reporter="destination",
-                                  destination_workload="catalog-v2", response_code="200",
-                                  connection_security_policy="mutual_tls")
-        results.append(r)
-        print(f"  measured {name}: {r['rps']:.0f} req/s", flush=True)
-        time.sleep(0.5)
-    return results
+
+def measure(lab, args, path) -> dict:
+    """Warm-up, then one measured wrk run of ``path`` with the CPU time of its two proxies."""
+    name, pod, url, host, pids = path
+
+    def in_pod(argv, timeout):
+        return lab.exec(pod, argv, timeout=timeout, check=True).stdout
+
+    warm = wrk(url, args.warmup, args.connections, host, who=WHO, run=in_pod)
+    before = [cpu_times(pid) for pid in pids]
+    r = wrk(url, args.duration, args.connections, host, who=WHO, run=in_pod)
+    cpu = per_request(before, [cpu_times(pid) for pid in pids], r["requests"])
+    r["cpu_us"] = cpu["cpu_us"]
+    r["per_proxy"] = cpu["per_proxy"]
+    r["name"] = name
+    r["warmup_requests"] = warm["requests"]
+    if pod == "client":
+        r["mtls"] = lab.count("node2", "istio_requests_total", reporter="destination",
+                              destination_workload="catalog-v2", response_code="200",
+                              connection_security_policy="mutual_tls")
+    print(f"  measured {name}: {r['rps']:.0f} req/s", flush=True)
+    time.sleep(0.5)
+    return r
 
 
 if __name__ == "__main__":

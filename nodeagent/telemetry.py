@@ -36,6 +36,7 @@ DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 1
 SIZE_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000)
 
 _NB_D = len(DURATION_BUCKETS_MS) + 1
+_DURATION_BOUNDS = tuple(map(float, DURATION_BUCKETS_MS))  # float keys compare faster against floats
 _NB_S = len(SIZE_BUCKETS) + 1
 # bisect_left(SIZE_BUCKETS, n) for n < 1024, by index (cheaper than the call)
 _SMALL_SIZE = bytes(bisect_left(SIZE_BUCKETS, n) for n in range(1024))
@@ -83,7 +84,8 @@ class Telemetry:
         hit = self._series.get((id(ctx), id(dest), status, flags))
         entry = hit[0] if hit is not None else self._http_entry(ctx, dest, status, flags)
         entry[1] += duration_ms
-        entry[4][bisect_left(DURATION_BUCKETS_MS, duration_ms)] += 1
+        # bisect_left(DURATION_BUCKETS_MS, d): the first two buckets (up to 1 ms) by comparison
+        entry[4][0 if duration_ms <= 0.5 else 1 if duration_ms <= 1.0 else bisect_left(_DURATION_BOUNDS, duration_ms)] += 1
         if req_bytes:
             entry[2] += req_bytes
             entry[5][bisect_left(SIZE_BUCKETS, req_bytes)] += 1

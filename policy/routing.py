@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from policy.snapshot import ConfigSnapshot, Service, WorkloadRef
 
 DEFAULT_ROUTE_NAME = "default"
+_bisect_right = bisect.bisect_right
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,7 +367,7 @@ def _query_check(name: str, sm):
 
 
 class _Match:
-    __slots__ = ("checks", "test", "uri_kind", "uri_value", "name")
+    __slots__ = ("checks", "test", "uri_kind", "uri_value", "name", "uri_only")
 
 
 def _uri_check(sm, ignore_case: bool):
@@ -440,6 +441,11 @@ def _compile_match(mr, port: int) -> _Match | None:
     cm.uri_kind = mr.uri.kind if mr.uri is not None else None
     cm.uri_value = mr.uri.value if mr.uri is not None else None
     cm.name = mr.name
+    # 1 exact, 2 prefix: the uri test is the only check and is case-sensitive (select_route
+    # runs it inline); 0 otherwise
+    cm.uri_only = 0
+    if len(checks) == 1 and mr.uri is not None and not mr.ignore_uri_case:
+        cm.uri_only = {"exact": 1, "prefix": 2}.get(mr.uri.kind, 0)
     return cm
 
 
@@ -690,7 +696,17 @@ def select_route(table, req, path_only: str, rand: random.Random):
             if not route.matches:
                 break
             for m in route.matches:
-                if m.test(req, path_only):
+                # a match on the uri alone (exact or prefix, case-sensitive): tested inline
+                kind = m.uri_only
+                if kind == 2:
+                    if path_only.startswith(m.uri_value):
+                        match = m
+                        break
+                elif kind == 1:
+                    if path_only == m.uri_value:
+                        match = m
+                        break
+                elif m.test(req, path_only):
                     match = m
                     break
             if match is not None:
@@ -707,7 +723,7 @@ def select_route(table, req, path_only: str, rand: random.Random):
     if len(dests) == 1:
         dest = dests[0]
     else:
-        dest = dests[bisect.bisect_right(route.cum, rand.random() * route.total)]
+        dest = dests[_bisect_right(route.cum, rand.random() * route.total)]
     if not dest.known:
         return _NO_CLUSTER
     return route, match, dest

@@ -157,7 +157,7 @@ class _RouteEntry:
     the parsed authority and port, the compiled route table (None: unknown host), and
     the shared ForwardPlans of static destinations (by id; False: not static)."""
 
-    __slots__ = ("snapshot", "source", "src_ns", "authority", "port", "table", "fixed", "plan", "plans")
+    __slots__ = ("snapshot", "source", "src_ns", "authority", "port", "table", "fixed", "plan", "plans", "attrs")
 
     def __init__(self, snapshot, source, authority: str, port: int) -> None:
         self.snapshot = snapshot
@@ -165,6 +165,7 @@ class _RouteEntry:
         self.src_ns = source.namespace if source is not None else None
         self.authority = authority
         self.port = port
+        self.attrs = _Attrs(None, authority, "", port, source)  # reused by every request (plan)
         self.table = None
         self.fixed = None  # routing.fixed_destination(table)
         self.plan = None  # the shared plan every request gets, when there is one
@@ -494,18 +495,25 @@ class ProxyRuntime:
         if table is None:
             exchange.dest = _NO_DESTINATION
             return LocalReply(404, "NR", b"", [])
-        attrs = _Attrs(exchange, entry.authority, path, entry.port, entry.source)
+        # The entry's request view, pointed at this request for the time of the call
+        # (routing is synchronous and keeps no reference to it).
+        attrs = entry.attrs
+        attrs.exchange = exchange
+        attrs.path = path
         path_only = routing.path_part(path) if "?" in path or "#" in path else path
         hit = routing.select_route(table, attrs, path_only, self.rand)
         if hit.__class__ is routing.Reject:
+            attrs.exchange = None
             return self._reject(exchange, hit)
         route, match, dest = hit
         cached = entry.plans.get(id(dest))
         if cached:
+            attrs.exchange = None
             exchange.dest = cached.cluster.no_endpoint_labels
             return cached
         result = routing.finish_plan(route, match, dest, attrs, path_only, self.rand)
         plan = self._forward(result, attrs, entry, snapshot, down.ctx)
+        attrs.exchange = None
         if cached is None:
             if routing.is_static(route, dest):
                 entry.plans[id(dest)] = plan

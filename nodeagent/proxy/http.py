@@ -26,6 +26,7 @@ from nodeagent.proxy.context import RequestInfo
 from nodeagent.proxy.upstream import HOP_HEADERS
 
 log = logging.getLogger(__name__)
+_monotonic = time.monotonic
 
 BUFFER_LIMIT = 256 * 1024  # request bytes held while no upstream connection is ready
 REPLAY_LIMIT = 64 * 1024  # a request body up to this size is kept for retries and mirrors
@@ -290,10 +291,7 @@ class HttpDownstream(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.reading_head = False
         parser = self.parser
-        exchange = Exchange(
-            self, parser.get_method(), self.url, self.headers,
-            None, parser.should_keep_alive(), parser.should_upgrade(),
-        )
+        exchange = Exchange(self, parser.get_method(), self.url, self.headers, None, parser.should_keep_alive(), None)
         self.parsing = exchange
         if self.active is None:
             self.active = exchange
@@ -410,12 +408,12 @@ class Exchange:
     )
 
     def __init__(self, down: HttpDownstream, method, url, headers, version, keep_alive, upgrade) -> None:
-        """``version`` None: read it from ``down.parser`` (the head was just parsed)."""
+        """``version`` None: read it from ``down.parser`` (the head was just parsed); so for
+        ``upgrade`` None, asked only when the request can be one (an Upgrade header or CONNECT)."""
         self.down = down
         self.runtime = down.runtime
         self.method = method
         self.keep_alive = keep_alive
-        self.upgrade = upgrade
         self.body_mode = 0  # 0 none, 1 content-length, 2 chunked
         self.expect_continue = False
         self.chunks = ()  # request bytes waiting for an upstream connection (a list once there are any)
@@ -436,7 +434,7 @@ class Exchange:
         self.flags = "-"
         self.req_bytes = 0
         self.resp_bytes = 0
-        self.t0 = time.monotonic()
+        self.t0 = _monotonic()
         self.abandoned = False
         self.timer = None
         self.try_timer = None
@@ -452,6 +450,7 @@ class Exchange:
         authority = b""
         keep = []
         connection = False  # a Connection or Proxy-Connection header
+        upgrade_header = None
         for h in headers:
             name = h[0].lower()
             if name in _HOP:
@@ -466,12 +465,17 @@ class Exchange:
                 elif name == b"expect":
                     self.expect_continue = h[1].lower() == b"100-continue"
                 elif name == b"upgrade":
-                    if upgrade:
-                        keep.append(h)
+                    upgrade_header = h
                 elif name == b"connection" or name == b"proxy-connection":
                     connection = True
                 continue
             keep.append(h)
+        if upgrade is None:
+            # httptools' upgrade flag needs an Upgrade header (with Connection: upgrade) or CONNECT
+            upgrade = (upgrade_header is not None or method == b"CONNECT") and down.parser.should_upgrade()
+        self.upgrade = upgrade
+        if upgrade and upgrade_header is not None:
+            keep.append(upgrade_header)
         if version is None:
             # The parser's version string costs a format call. The parser accepts only
             # 0.9, 1.0, 1.1 and 2.0, and keeps the connection alive without a Connection

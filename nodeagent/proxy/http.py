@@ -1026,6 +1026,14 @@ class Exchange:
         if self.try_timer is not None:
             self._cancel_try_timer()
         self.runtime.record_exchange(self)
-        if self.request_done or not self.keep_alive:
-            self.down.exchange_done(self, self.keep_alive)
+        if self.request_done:
+            down = self.down
+            if self.keep_alive and down.active is self and not down.queue:
+                # exchange_done's common case, inlined: the connection waits for its next request
+                down.active = None
+                down.idle_age = 0.0
+            else:
+                down.exchange_done(self, self.keep_alive)
+        elif not self.keep_alive:
+            self.down.exchange_done(self, False)
         # else: wait for request_complete() to hand the connection to the next request

@@ -160,7 +160,8 @@ class UpstreamConnection(asyncio.Protocol):
             return  # interim response, or 101 (the relay takes over in data_received)
         exchange = self.exchange
         if exchange is not None and not self.raw:
-            self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
+            # keep_alive is the parser's answer at the head (on_headers_complete): everything
+            # it depends on (version, Connection, framing) is known by then
             self.exchange = None
             exchange.upstream_complete(self)
 

@@ -445,7 +445,9 @@ class Exchange:
         self.cluster = None
         self._hmap = None
         self.mirrored = False
-        self.out = []  # response bytes gathered during one upstream read, written once
+        # response bytes gathered during one upstream read, written once: the head's parts
+        # list once the head is in (a list from then on), () before and after
+        self.out = ()
         self.eof_body = False  # the upstream response body ends when its connection closes
         authority = b""
         keep = []
@@ -784,7 +786,11 @@ class Exchange:
             parts.append(b"connection: keep-alive\r\n\r\n")  # HTTP/1.0 closes unless told otherwise
         else:
             parts.append(b"\r\n")
-        self.out.append(b"".join(parts))
+        out = self.out
+        if out:
+            out += parts
+        else:
+            self.out = parts  # joined with the body when written (one join, not two)
 
     def upstream_body(self, body: bytes) -> None:
         self.resp_bytes += len(body)
@@ -808,9 +814,9 @@ class Exchange:
             out.append(b"0\r\n\r\n")
         down = self.down
         if out:
-            self.out = []
+            self.out = ()
             if not down.closing:
-                down.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                down.transport.write(b"".join(out))
         self.upstream = None
         if down.write_paused:
             conn.transport.resume_reading()

@@ -1417,11 +1417,23 @@ class H2UpstreamConnection(asyncio.Protocol):
         conn.initiate_connection()
         conn.update_settings(_settings())
         conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.flush()  # streams wait for the server's SETTINGS (its SETTINGS_MAX_CONCURRENT_STREAMS)
+
+    def _settled(self) -> None:
+        """The server's first SETTINGS arrived: start as many waiting streams as it allows;
+        the others go back to the pool (another connection, or the pending queue)."""
         self.ready = True
-        self.flush()
         waiting, self.waiting = self.waiting, []
-        for stream in waiting:
+        room = self.conn.remote_settings.max_concurrent_streams
+        for stream in waiting[:room]:
             stream.h2_ready(self)
+        extra = waiting[room:]
+        if extra:
+            self.reserved -= len(extra)
+            self.requests -= len(extra)
+            self.pool.active -= len(extra)
+            for stream in reversed(extra):
+                self.pool.pending.appendleft((stream, self.endpoint))
         self.flush()
 
     def connect_failed(self) -> None:
@@ -1500,6 +1512,8 @@ class H2UpstreamConnection(asyncio.Protocol):
                 if not streams:
                     self.close()
             elif cls is RemoteSettingsChanged:
+                if not self.ready:
+                    self._settled()
                 self.pool.serve_pending()
             elif cls is InformationalResponseReceived:
                 pass

@@ -1,0 +1,447 @@
+"""HTTP/2 and gRPC through `nodeagent proxy` (issue 3): real grpcio clients and servers,
+a real h2 server that resets streams, curl --http2-prior-knowledge, all on loopback."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+
+from tests.integration.grpc_upstream import GrpcServer, RawH2Server
+from tests.integration.proxy_harness import ProxyProcess, metric_value
+from tests.integration.upstream import UpstreamServer
+
+NS = "shop"
+
+
+def _service(name: str, port: int, endpoints, *, port_name="grpc", protocol="GRPC") -> str:
+    """A ServiceEntry NAME.shop on PORT with one WorkloadEntry per (server, version)."""
+    out = [f"""---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: {name}
+  namespace: {NS}
+spec:
+  hosts:
+  - {name}.{NS}.svc.cluster.local
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+  - number: {port}
+    name: {port_name}
+    protocol: {protocol}
+  workloadSelector:
+    labels:
+      app: {name}
+"""]
+    for i, (server, version) in enumerate(endpoints):
+        out.append(f"""---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: {name}-{i}
+  namespace: {NS}
+spec:
+  address: 127.0.0.1
+  ports:
+    {port_name}: {server.address[1]}
+  labels:
+    app: {name}
+    version: {version}
+""")
+    return "".join(out)
+
+
+def _subsets_dr(name: str, extra: str = "") -> str:
+    return f"""---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: {name}
+  namespace: {NS}
+spec:
+  host: {name}.{NS}.svc.cluster.local
+  trafficPolicy:
+    loadBalancer:
+      simple: ROUND_ROBIN
+{extra}  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+"""
+
+
+def _config(a, b, good, bad, good2, bad2, raw, raw1, web) -> str:
+    host = f".{NS}.svc.cluster.local"
+    return "".join([
+        _service("echo", 50051, [(a, "v1"), (b, "v2")]),
+        _subsets_dr("echo"),
+        f"""---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: echo
+  namespace: {NS}
+spec:
+  hosts: [echo{host}]
+  http:
+  - name: by-header
+    match:
+    - headers:
+        x-version:
+          exact: v2
+    route:
+    - destination: {{host: echo{host}, subset: v2}}
+  - name: by-method
+    match:
+    - uri:
+        prefix: /test.Echo/Second
+    route:
+    - destination: {{host: echo{host}, subset: v2}}
+  - name: default
+    route:
+    - destination: {{host: echo{host}, subset: v1}}
+""",
+        _service("split", 50052, [(a, "v1"), (b, "v2")]),
+        _subsets_dr("split"),
+        f"""---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: split
+  namespace: {NS}
+spec:
+  hosts: [split{host}]
+  http:
+  - route:
+    - destination: {{host: split{host}, subset: v1}}
+      weight: 75
+    - destination: {{host: split{host}, subset: v2}}
+      weight: 25
+""",
+        _service("flaky", 50053, [(good, "v1"), (bad, "v1")]),
+        _subsets_dr("flaky"),
+        f"""---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: flaky
+  namespace: {NS}
+spec:
+  hosts: [flaky{host}]
+  http:
+  - route:
+    - destination: {{host: flaky{host}}}
+    retries:
+      attempts: 2
+      retryOn: unavailable
+""",
+        _service("eject", 50054, [(good2, "v1"), (bad2, "v1")]),
+        _subsets_dr("eject", extra="""    outlierDetection:
+      consecutive5xxErrors: 2
+      interval: 1s
+      baseEjectionTime: 60s
+      maxEjectionPercent: 100
+"""),
+        f"""---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: eject
+  namespace: {NS}
+spec:
+  hosts: [eject{host}]
+  http:
+  - route:
+    - destination: {{host: eject{host}}}
+    retries:
+      attempts: 0
+""",
+        _service("faulty", 50055, [(a, "v1")]),
+        f"""---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: faulty
+  namespace: {NS}
+spec:
+  hosts: [faulty{host}]
+  http:
+  - match:
+    - uri:
+        prefix: /test.Echo/Which
+    fault:
+      abort:
+        grpcStatus: RESOURCE_EXHAUSTED
+        percentage:
+          value: 100
+    route:
+    - destination: {{host: faulty{host}}}
+  - fault:
+      abort:
+        httpStatus: 503
+        percentage:
+          value: 100
+    route:
+    - destination: {{host: faulty{host}}}
+""",
+        _service("raw", 50056, [(raw, "v1")]),
+        _service("raw1", 50057, [(raw1, "v1")]),
+        _service("web", 8080, [(web, "v1")], port_name="http", protocol="HTTP"),
+    ])
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    a, b = GrpcServer("a").start(), GrpcServer("b").start()
+    good, bad = GrpcServer("good").start(), GrpcServer("bad").start()
+    good2, bad2 = GrpcServer("good2").start(), GrpcServer("bad2").start()
+    bad.fail = bad2.fail = True
+    raw = RawH2Server().start()
+    raw1 = RawH2Server(max_streams=1, delay=0.3).start()
+    web = UpstreamServer("web").start()
+    servers = [a, b, good, bad, good2, bad2, raw, raw1, web]
+    d = tmp_path_factory.mktemp("grpc")
+    (d / "config.yaml").write_text(_config(*servers))
+    proxy = ProxyProcess(d, access_log=True).start()
+    channels = {}
+
+    def channel(service: str, port: int) -> grpc.Channel:
+        key = (service, port)
+        if key not in channels:
+            channels[key] = grpc.insecure_channel(
+                f"127.0.0.1:{proxy.port}",
+                options=[("grpc.default_authority", f"{service}.{NS}.svc.cluster.local:{port}"),
+                         ("grpc.enable_retries", 0)])
+        return channels[key]
+
+    yield {"proxy": proxy, "channel": channel, "a": a, "b": b, "good": good, "bad": bad,
+           "good2": good2, "bad2": bad2, "raw": raw, "raw1": raw1, "web": web}
+    for ch in channels.values():
+        ch.close()
+    proxy.stop()
+    for s in servers:
+        s.stop()
+
+
+def _unary(ch, method: str, req: bytes = b"x", metadata=None, timeout: float = 5.0):
+    return ch.unary_unary(f"/test.Echo/{method}")(req, metadata=metadata, timeout=timeout)
+
+
+def _code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+def test_unary_server_streaming_client_streaming_and_bidi(env):
+    ch = env["channel"]("echo", 50051)
+    assert _unary(ch, "Echo", b"hello") == b"hello"
+    assert list(ch.unary_stream("/test.Echo/Stream")(b"5", timeout=5)) == [b"0", b"1", b"2", b"3", b"4"]
+    # client streaming: 3 MiB in 48 messages, well beyond the proxy's 1 MiB connection window
+    chunks = [bytes([65 + i % 26]) * 65536 for i in range(48)]
+    assert ch.stream_unary("/test.Echo/Collect")(iter(chunks), timeout=10) == b"%d" % (48 * 65536)
+    # bidi: each answer comes back before the next message is sent (true streaming, no buffering)
+    sent = []
+    ready = threading.Event()
+
+    def requests():
+        for word in (b"one", b"two", b"three"):
+            sent.append(word)
+            yield word
+            assert ready.wait(5)
+            ready.clear()
+
+    answers = []
+    for answer in ch.stream_stream("/test.Echo/Bidi")(requests(), timeout=5):
+        answers.append(answer)
+        assert len(answers) == len(sent)
+        ready.set()
+    assert answers == [b"ONE", b"TWO", b"THREE"]
+
+
+def test_large_server_stream_flows_with_backpressure(env):
+    ch = env["channel"]("echo", 50051)
+    total = 0
+    for i, msg in enumerate(ch.unary_stream("/test.Echo/Big")(b"160", timeout=20)):  # 10 MiB
+        total += len(msg)
+        if i % 40 == 0:
+            time.sleep(0.05)  # a slow reader: the proxy must hold back, not buffer 10 MiB
+    assert total == 160 * 65536
+
+
+def test_trailers_and_error_status_reach_the_client(env):
+    ch = env["channel"]("echo", 50051)
+    err = _code(lambda: _unary(ch, "Trailers"))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert err.details() == "missing thing"
+    assert ("x-trailer", "yes") in tuple(err.trailing_metadata())
+
+
+def test_routing_by_header_and_by_method_path(env):
+    ch = env["channel"]("echo", 50051)
+    assert _unary(ch, "Which") == b"a"
+    assert _unary(ch, "Which", metadata=(("x-version", "v2"),)) == b"b"
+    assert _unary(ch, "Second") == b"b"
+    # the same connection carries both routes: one upstream HTTP/2 connection per endpoint
+    seen = env["b"].seen_metadata[-1]
+    assert seen.get("x-envoy-attempt-count") == "1"
+
+
+def test_weighted_split(env):
+    ch = env["channel"]("split", 50052)
+    answers = [_unary(ch, "Which") for _ in range(200)]
+    a = answers.count(b"a")
+    assert answers.count(b"b") == 200 - a
+    assert 120 <= a <= 180, a  # 75/25, binomial sd ~6
+
+
+def test_retry_on_unavailable_reaches_the_good_endpoint(env):
+    ch = env["channel"]("flaky", 50053)
+    before = env["bad"].hits
+    for _ in range(10):
+        assert _unary(ch, "Which") == b"good"
+    assert env["bad"].hits > before  # round robin did send some tries to the failing one
+    retried = [m for m in env["good"].seen_metadata if m.get("x-envoy-attempt-count") == "2"]
+    assert retried
+
+
+def test_outlier_detection_ejects_an_endpoint_answering_unavailable(env):
+    ch = env["channel"]("eject", 50054)
+    failures = 0
+    for _ in range(12):
+        try:
+            assert _unary(ch, "Which") == b"good2"
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            failures += 1
+    assert failures == 2  # two consecutive UNAVAILABLE (recorded as 503) eject it
+    hits = env["bad2"].hits
+    for _ in range(5):
+        assert _unary(ch, "Which") == b"good2"
+    assert env["bad2"].hits == hits
+
+
+def test_fault_abort_with_grpc_status_and_with_http_status(env):
+    ch = env["channel"]("faulty", 50055)
+    hits = env["a"].hits
+    err = _code(lambda: _unary(ch, "Which"))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.details() == "fault filter abort"
+    err = _code(lambda: _unary(ch, "Echo"))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE  # httpStatus 503, mapped as Envoy does
+    assert env["a"].hits == hits  # nothing reached the server
+    text = env["proxy"].metrics()
+    assert metric_value(text, "istio_requests_total", destination_service_name="faulty",
+                        response_flags="FI", grpc_response_status="8", request_protocol="grpc") == 1
+    assert metric_value(text, "istio_requests_total", destination_service_name="faulty",
+                        response_flags="FI", grpc_response_status="14", response_code="503") == 1
+
+
+def test_upstream_reset_before_and_after_the_response_started(env):
+    ch = env["channel"]("raw", 50056)
+    assert _unary(ch, "Ok") == b"ok"
+    err = _code(lambda: _unary(ch, "ResetBefore"))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE  # 503 UR as a trailers-only reply
+    assert "reset" in err.details()
+    err = _code(lambda: _unary(ch, "ResetAfter"))
+    assert err.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    assert _unary(ch, "Ok") == b"ok"  # the upstream connection survived the stream resets
+    assert env["raw"].connections == 1
+    text = env["proxy"].metrics()
+    assert metric_value(text, "istio_requests_total", destination_service_name="raw",
+                        response_flags="UR") == 2
+
+
+def test_upstream_goaway_refuses_the_stream_and_it_is_retried_elsewhere_or_unavailable(env):
+    ch = env["channel"]("raw", 50056)
+    connections = env["raw"].connections
+    err = _code(lambda: _unary(ch, "GoAway"))
+    # Istio's default retry policy retries refused streams: the new connection gets GOAWAY too.
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert env["raw"].connections >= connections + 1
+    assert _unary(ch, "Ok") == b"ok"
+
+
+def test_server_max_concurrent_streams_is_respected(env):
+    ch = env["channel"]("raw1", 50057)
+    results = []
+
+    def call():
+        results.append(_unary(ch, "Slow", timeout=10))
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert results == [b"ok"] * 4
+    assert env["raw1"].max_active == 1  # never two streams on one connection
+    assert env["raw1"].connections >= 2  # the proxy opened more connections instead
+
+
+def test_grpc_to_an_http1_port_is_refused_clearly(env):
+    ch = env["channel"]("web", 8080)
+    err = _code(lambda: _unary(ch, "Which"))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert "HTTP/2" in err.details() and "grpc" in err.details()
+
+
+def test_no_route_is_unimplemented(env):
+    ch = grpc.insecure_channel(f"127.0.0.1:{env['proxy'].port}",
+                               options=[("grpc.default_authority", "nowhere.shop.svc.cluster.local:1")])
+    try:
+        err = _code(lambda: _unary(ch, "Which"))
+        assert err.code() == grpc.StatusCode.UNIMPLEMENTED  # 404 NR, as Envoy maps it
+    finally:
+        ch.close()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_http2_prior_knowledge_and_http1_on_the_same_listener(env):
+    proxy = env["proxy"]
+    out = subprocess.run(
+        ["curl", "-sS", "--http2-prior-knowledge", "-o", "-", "-w", "\\n%{http_version} %{http_code}",
+         "-H", "Host: web.shop.svc.cluster.local:8080", "-H", "x-test: h2",
+         f"http://127.0.0.1:{proxy.port}/hello?x=1"],
+        capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0, out.stderr
+    body, _, tail = out.stdout.rpartition("\n")
+    assert tail == "2 200"
+    assert '"path": "/hello?x=1"' in body and '"x-test": "h2"' in body
+    # a POST body through HTTP/2 -> HTTP/1.1 (chunked upstream)
+    out = subprocess.run(
+        ["curl", "-sS", "--http2-prior-knowledge", "--data-binary", "@-", "-H", "content-type: text/plain",
+         "-H", "Host: web.shop.svc.cluster.local:8080", f"http://127.0.0.1:{proxy.port}/upload"],
+        input="z" * 100000, capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0, out.stderr
+    assert '"body_len": 100000' in out.stdout
+    # HTTP/1.1 on the same listener is unaffected
+    status, headers, data = proxy.request("/plain", host="web.shop.svc.cluster.local:8080")
+    assert status == 200 and headers["x-instance"] == "web"
+
+
+def test_metrics_and_access_log(env):
+    ch = env["channel"]("echo", 50051)
+    assert _unary(ch, "Echo", b"m") == b"m"
+    _code(lambda: _unary(ch, "Trailers"))
+    assert env["proxy"].request("/m", host="web.shop.svc.cluster.local:8080")[0] == 200
+    text = env["proxy"].metrics()
+    assert metric_value(text, "istio_requests_total", destination_service_name="echo",
+                        request_protocol="grpc", response_code="200", grpc_response_status="0") >= 1
+    assert metric_value(text, "istio_requests_total", destination_service_name="echo",
+                        grpc_response_status="5", response_code="200") >= 1  # Trailers: NOT_FOUND
+    assert metric_value(text, "istio_requests_total", destination_service_name="web",
+                        request_protocol="http", grpc_response_status="") >= 1
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any('"/test.Echo/Echo"' in l for l in env["proxy"].stdout):
+        time.sleep(0.05)
+    line = next(l for l in env["proxy"].stdout if '"/test.Echo/Echo"' in l)
+    assert '"protocol":"HTTP/2"' in line and '"upstream_cluster":"outbound|50051|v1|echo.shop.svc.cluster.local"' in line

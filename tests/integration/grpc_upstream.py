@@ -26,8 +26,9 @@ class GrpcServer:
     - ``Trailers``: answers, then trailing metadata ``x-trailer: yes`` and NOT_FOUND ``missing thing``.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, host: str = "127.0.0.1") -> None:
         self.name = name
+        self.host = host
         self.fail = False
         self.hits = 0
         self.seen_metadata: list[dict] = []
@@ -37,7 +38,7 @@ class GrpcServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
+        return (self.host, self.port)
 
     def _count(self, ctx) -> None:
         with self._lock:
@@ -92,7 +93,7 @@ class GrpcServer:
         }
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.port = self.server.add_insecure_port(f"{self.host}:0")
         self.server.start()
         return self
 

@@ -453,7 +453,9 @@ class H2Stream:
         self.dest = None
         self.upstream_host = ""
         self._hmap = None
-        self.out = ()  # the HTTP/1.1 upstream's gathered-output hook: unused, we write as we go
+        # UpstreamConnection calls flush() after each read when ``out`` is true: always, so what
+        # one upstream read produced goes to the client in one write (down.flush)
+        self.out = (True,)
         self.out_q = []  # response DATA waiting for flow-control window
         self.out_end = False
         self.out_trailers = None
@@ -1455,10 +1457,13 @@ class H2UpstreamConnection(asyncio.Protocol):
             self._lost("UPE")
             return
         streams = self.streams
+        touched = set()  # the client connections to flush once this read is processed
         for event in events:
             cls = event.__class__
+            stream = streams.get(getattr(event, "stream_id", 0) or 0)
+            if stream is not None:
+                touched.add(stream.down)
             if cls is DataReceived:
-                stream = streams.get(event.stream_id)
                 if stream is not None:
                     if event.data or event.flow_controlled_length:
                         stream.h2_data(event.data, event.flow_controlled_length)
@@ -1518,6 +1523,8 @@ class H2UpstreamConnection(asyncio.Protocol):
             elif cls is InformationalResponseReceived:
                 pass
         self.flush()
+        for down in touched:
+            down.flush()
 
     def _end(self, sid: int) -> None:
         stream = self.streams.pop(sid, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -23,6 +24,8 @@ class GrpcServer:
     - ``Echo``: the request back; ``Stream``: N numbered messages (N = the request);
     - ``Collect``: client streaming, answers total bytes received;
     - ``Bidi``: every message back upper-cased;
+    - ``Sleep``: answers after the request's float seconds (``cancelled`` counts the calls
+      whose stream was cancelled meanwhile);
     - ``Trailers``: answers, then trailing metadata ``x-trailer: yes`` and NOT_FOUND ``missing thing``.
     """
 
@@ -32,6 +35,7 @@ class GrpcServer:
         self.fail = False
         self.hits = 0
         self.seen_metadata: list[dict] = []
+        self.cancelled = 0  # Sleep calls that saw their stream cancelled before they answered
         self._lock = threading.Lock()
         self.server = None
         self.port = 0
@@ -76,6 +80,17 @@ class GrpcServer:
             for m in it:
                 yield m.upper()
 
+        def sleep(req, ctx):
+            self._count(ctx)
+            deadline = time.monotonic() + float(req)
+            while time.monotonic() < deadline:
+                if not ctx.is_active():
+                    with self._lock:
+                        self.cancelled += 1
+                    return b""
+                time.sleep(0.01)
+            return b"slept"
+
         def trailers(req, ctx):
             self._count(ctx)
             ctx.set_trailing_metadata((("x-trailer", "yes"),))
@@ -90,6 +105,7 @@ class GrpcServer:
             "Collect": grpc.stream_unary_rpc_method_handler(collect),
             "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
             "Trailers": grpc.unary_unary_rpc_method_handler(trailers),
+            "Sleep": grpc.unary_unary_rpc_method_handler(sleep),
         }
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

@@ -192,6 +192,31 @@ spec:
     route:
     - destination: {{host: faulty{host}}}
 """,
+        _service("slow", 50058, [(a, "v1")]),
+        f"""---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: slow
+  namespace: {NS}
+spec:
+  hosts: [slow{host}]
+  http:
+  - match:
+    - headers:
+        x-delay-me:
+          exact: "yes"
+    fault:
+      delay:
+        fixedDelay: 0.3s
+        percentage:
+          value: 100
+    route:
+    - destination: {{host: slow{host}}}
+  - route:
+    - destination: {{host: slow{host}}}
+    timeout: 0.3s
+""",
         _service("raw", 50056, [(raw, "v1")]),
         _service("raw1", 50057, [(raw1, "v1")]),
         _service("web", 8080, [(web, "v1")], port_name="http", protocol="HTTP"),
@@ -445,3 +470,67 @@ def test_metrics_and_access_log(env):
         time.sleep(0.05)
     line = next(l for l in env["proxy"].stdout if '"/test.Echo/Echo"' in l)
     assert '"protocol":"HTTP/2"' in line and '"upstream_cluster":"outbound|50051|v1|echo.shop.svc.cluster.local"' in line
+
+
+def test_route_timeout_fault_delay_and_client_cancellation(env):
+    ch = env["channel"]("slow", 50058)
+    a = env["a"]
+    t0 = time.monotonic()
+    err = _code(lambda: _unary(ch, "Sleep", b"2"))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE  # 504 UT as a trailers-only reply
+    assert "timeout" in err.details()
+    assert time.monotonic() - t0 < 1.5
+    t0 = time.monotonic()
+    assert _unary(ch, "Echo", b"late", metadata=(("x-delay-me", "yes"),)) == b"late"
+    assert time.monotonic() - t0 >= 0.3
+    # the client cancels: the proxy resets the upstream stream, the server sees it
+    cancelled = a.cancelled
+    ch_plain = env["channel"]("echo", 50051)
+    future = ch_plain.unary_unary("/test.Echo/Sleep").future(b"3")  # no deadline: only a cancel ends it
+    time.sleep(0.3)
+    future.cancel()
+    deadline = time.monotonic() + 3
+    while a.cancelled == cancelled and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert a.cancelled == cancelled + 1
+    text = env["proxy"].metrics()
+    assert metric_value(text, "istio_requests_total", destination_service_name="slow",
+                        response_code="504", response_flags="UT", grpc_response_status="14") == 1
+    assert metric_value(text, "istio_requests_total", destination_service_name="slow",
+                        response_flags="DI", grpc_response_status="0") == 1
+    assert metric_value(text, "istio_requests_total", destination_service_name="echo",
+                        response_flags="DC", request_protocol="grpc") == 1
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_slow_reader_does_not_make_the_proxy_buffer(env):
+    ch = env["channel"]("echo", 50051)
+    pid = env["proxy"].proc.pid
+    assert len(list(ch.unary_stream("/test.Echo/Big")(b"64", timeout=30))) == 64  # warm up (imports, heap)
+    before = _rss_kb(pid)
+    it = ch.unary_stream("/test.Echo/Big")(b"512", timeout=30)  # 32 MiB
+    total = len(next(it))
+    time.sleep(1.0)  # the client does not read: the server must be held back, not buffered
+    held = _rss_kb(pid) - before
+    for msg in it:
+        total += len(msg)
+    assert total == 512 * 65536
+    assert held < 8 * 1024, f"proxy RSS grew {held} KiB while the client did not read"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_too_many_request_headers_get_431_on_the_stream(env):
+    proxy = env["proxy"]
+    args = ["curl", "-sS", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}",
+            "-H", "Host: web.shop.svc.cluster.local:8080"]
+    for i in range(120):
+        args += ["-H", f"x-h{i}: v"]
+    out = subprocess.run(args + [f"http://127.0.0.1:{proxy.port}/many"], capture_output=True, text=True, timeout=20)
+    assert out.stdout == "431", out.stderr

@@ -12,6 +12,7 @@ import pytest
 
 from tests.integration.grpc_upstream import GrpcServer, RawH2Server
 from tests.integration.proxy_harness import ProxyProcess, metric_value
+from tests.integration.test_proxy_hooks import HOST as HOOKED_HOST, hooked  # noqa: F401 (fixture)
 from tests.integration.upstream import UpstreamServer
 
 NS = "shop"
@@ -534,3 +535,21 @@ def test_too_many_request_headers_get_431_on_the_stream(env):
         args += ["-H", f"x-h{i}: v"]
     out = subprocess.run(args + [f"http://127.0.0.1:{proxy.port}/many"], capture_output=True, text=True, timeout=20)
     assert out.stdout == "431", out.stderr
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_inbound_authorization_hook_applies_to_each_http2_stream(hooked):
+    port, authorizer, connector, upstream = hooked
+
+    def curl(path: str) -> str:
+        out = subprocess.run(
+            ["curl", "-sS", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_version} %{http_code}",
+             "-H", f"Host: {HOOKED_HOST}", f"http://127.0.0.1:{port}{path}"],
+            capture_output=True, text=True, timeout=20)
+        return out.stdout
+
+    assert curl("/admin/users") == "2 403"
+    assert upstream.hits == 0
+    assert curl("/public") == "2 200"
+    assert upstream.hits == 1
+    assert [r[1] for r in authorizer.requests] == ["/admin/users", "/public"]

@@ -126,6 +126,28 @@ def _cluster_speaks_h2(cluster) -> bool:
 
 
 _PROTO_CACHE: dict = {}
+_DIRTY: list = []  # HTTP/2 connections (either side) with frames not yet written
+_FLUSH_SCHEDULED = [False]
+
+
+def flush_pending() -> None:
+    """Write the frames every connection touched since the last call gathered: one write per
+    connection per batch of events, instead of one per frame."""
+    _FLUSH_SCHEDULED[0] = False
+    dirty = _DIRTY
+    while dirty:
+        conn = dirty.pop()
+        conn.dirty = False
+        conn.write_out()
+
+
+def _mark_dirty(conn) -> None:
+    conn.dirty = True
+    _DIRTY.append(conn)
+    if not _FLUSH_SCHEDULED[0]:
+        # The protocol callbacks flush at their end; this covers timers and other entry points.
+        _FLUSH_SCHEDULED[0] = True
+        asyncio.get_running_loop().call_soon(flush_pending)
 _GRPC_DEST: dict = {}
 
 
@@ -190,7 +212,7 @@ class H2Downstream(asyncio.Protocol):
 
     __slots__ = (
         "runtime", "ctx", "peer", "target", "transport", "conn", "streams", "closing", "idle_age",
-        "write_paused", "routes", "decision", "entry", "first_try", "goaway", "blocked",
+        "write_paused", "routes", "decision", "entry", "first_try", "goaway", "blocked", "dirty",
     )
 
     def __init__(self, runtime, ctx, peer, target=None) -> None:
@@ -199,7 +221,8 @@ class H2Downstream(asyncio.Protocol):
         self.peer = peer
         self.target = target
         self.transport = None
-        config = H2Configuration(client_side=False, header_encoding=None)
+        config = H2Configuration(client_side=False, header_encoding=None, validate_outbound_headers=False,
+                                 normalize_outbound_headers=False)
         self.conn = H2Connection(config=config)
         self.streams: dict[int, H2Stream] = {}
         self.closing = False
@@ -211,6 +234,7 @@ class H2Downstream(asyncio.Protocol):
         self.first_try = ctx.reporter == "source"
         self.goaway = False  # the client said GOAWAY: close once its streams are done
         self.blocked: set = set()  # streams with response bytes waiting for window
+        self.dirty = False
 
     # asyncio.Protocol
     def connection_made(self, transport) -> None:
@@ -229,7 +253,7 @@ class H2Downstream(asyncio.Protocol):
         settings[SettingCodes.MAX_HEADER_LIST_SIZE] = self.runtime.limits.max_header_bytes
         conn.update_settings(settings)
         conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-        self.flush()
+        self.write_out()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -239,7 +263,7 @@ class H2Downstream(asyncio.Protocol):
             events = self.conn.receive_data(data)
         except ProtocolError as exc:
             log.info("HTTP/2 protocol error from %s:%s: %s", self.peer.remote[0], self.peer.remote[1], exc)
-            self.flush()
+            self.write_out()
             self._fail_all()
             self.close()
             return
@@ -272,6 +296,7 @@ class H2Downstream(asyncio.Protocol):
                 if not self.streams:
                     self.close()
         self.flush()
+        flush_pending()
 
     def _request(self, event) -> None:
         sid = event.stream_id
@@ -330,9 +355,15 @@ class H2Downstream(asyncio.Protocol):
         self.idle_age = 0.0
         for stream in list(self.streams.values()):
             stream.downstream_writable()
+        flush_pending()
 
     # helpers
     def flush(self) -> None:
+        """Have the pending frames written at the end of this batch of events (flush_pending)."""
+        if not self.dirty:
+            _mark_dirty(self)
+
+    def write_out(self) -> None:
         data = self.conn.data_to_send()
         if data and not self.closing:
             self.transport.write(data)
@@ -348,7 +379,7 @@ class H2Downstream(asyncio.Protocol):
         if not self.closing:
             try:
                 self.conn.close_connection()
-                self.flush()
+                self.write_out()
             except ProtocolError:
                 pass
             self.closing = True
@@ -666,7 +697,7 @@ class H2Stream:
         plan = self.plan
         headers = self.headers
         if plan.request_ops is not None:
-            headers = apply_header_ops(list(headers), plan.request_ops)
+            headers = [(n.lower(), v) for n, v in apply_header_ops(list(headers), plan.request_ops)]
         return headers
 
     # --- HTTP/1.1 upstream (UpstreamConnection callbacks) ----------------
@@ -764,6 +795,7 @@ class H2Stream:
 
     def flush(self) -> None:
         self.down.flush()
+        flush_pending()
 
     def upstream_complete(self, conn) -> None:
         if self.finished:
@@ -920,7 +952,7 @@ class H2Stream:
         self.response_started = True
         ops = self.plan.response_ops if self.plan is not None else None
         if ops is not None:
-            headers = apply_header_ops(headers, ops)
+            headers = [(n.lower(), v) for n, v in apply_header_ops(headers, ops)]  # HTTP/2: lower-case names
         down = self.down
         try:
             down.conn.send_headers(self.sid, [(b":status", b"%d" % status)] + headers, end_stream=end)
@@ -1372,14 +1404,16 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "pool", "endpoint", "transport", "conn", "streams", "waiting", "reserved", "ready",
-        "closed", "draining", "requests", "max_requests", "idle_handle", "write_paused",
+        "closed", "draining", "requests", "max_requests", "idle_handle", "write_paused", "dirty",
     )
 
     def __init__(self, pool: H2Pool, endpoint, max_requests: int) -> None:
         self.pool = pool
         self.endpoint = endpoint
         self.transport = None
-        self.conn = H2Connection(config=H2Configuration(client_side=True, header_encoding=None))
+        self.conn = H2Connection(config=H2Configuration(client_side=True, header_encoding=None,
+                                                        validate_outbound_headers=False,
+                                                        normalize_outbound_headers=False))
         self.streams: dict[int, H2Stream] = {}
         self.waiting: list = []  # streams given to this connection before it is open
         self.reserved = 0  # streams taken: open ones plus waiting ones
@@ -1390,6 +1424,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.max_requests = max_requests or 0
         self.idle_handle = None
         self.write_paused = False
+        self.dirty = False
 
     def has_room(self) -> bool:
         if self.closed or self.draining:
@@ -1419,7 +1454,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         conn.initiate_connection()
         conn.update_settings(_settings())
         conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-        self.flush()  # streams wait for the server's SETTINGS (its SETTINGS_MAX_CONCURRENT_STREAMS)
+        self.write_out()  # streams wait for the server's SETTINGS (its SETTINGS_MAX_CONCURRENT_STREAMS)
 
     def _settled(self) -> None:
         """The server's first SETTINGS arrived: start as many waiting streams as it allows;
@@ -1453,7 +1488,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             events = self.conn.receive_data(data)
         except ProtocolError as exc:
             log.info("HTTP/2 protocol error from upstream %s:%d: %s", self.endpoint[0], self.endpoint[1], exc)
-            self.flush()
+            self.write_out()
             self._lost("UPE")
             return
         streams = self.streams
@@ -1525,6 +1560,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.flush()
         for down in touched:
             down.flush()
+        flush_pending()
 
     def _end(self, sid: int) -> None:
         stream = self.streams.pop(sid, None)
@@ -1650,6 +1686,10 @@ class H2UpstreamConnection(asyncio.Protocol):
             self.reset(stream, ErrorCodes.CANCEL)
 
     def flush(self) -> None:
+        if not self.dirty:
+            _mark_dirty(self)
+
+    def write_out(self) -> None:
         data = self.conn.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
@@ -1666,7 +1706,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             try:
                 self.conn.close_connection()
-                self.flush()
+                self.write_out()
             except ProtocolError:
                 pass
             self.transport.close()

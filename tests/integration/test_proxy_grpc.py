@@ -79,7 +79,7 @@ spec:
 """
 
 
-def _config(a, b, good, bad, good2, bad2, raw, raw1, web) -> str:
+def _config(a, b, good, bad, good2, bad2, raw, raw1, web, shadow) -> str:
     host = f".{NS}.svc.cluster.local"
     return "".join([
         _service("echo", 50051, [(a, "v1"), (b, "v2")]),
@@ -221,6 +221,26 @@ spec:
         _service("raw", 50056, [(raw, "v1")]),
         _service("raw1", 50057, [(raw1, "v1")]),
         _service("web", 8080, [(web, "v1")], port_name="http", protocol="HTTP"),
+        _service("shadow", 8080, [(shadow, "v1")], port_name="http", protocol="HTTP"),
+        f"""---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: web
+  namespace: {NS}
+spec:
+  hosts: [web{host}]
+  http:
+  - match:
+    - uri:
+        prefix: /mirrored
+    route:
+    - destination: {{host: web{host}}}
+    mirror:
+      host: shadow{host}
+  - route:
+    - destination: {{host: web{host}}}
+""",
     ])
 
 
@@ -233,7 +253,8 @@ def env(tmp_path_factory):
     raw = RawH2Server().start()
     raw1 = RawH2Server(max_streams=1, delay=0.3).start()
     web = UpstreamServer("web").start()
-    servers = [a, b, good, bad, good2, bad2, raw, raw1, web]
+    shadow = UpstreamServer("shadow").start()
+    servers = [a, b, good, bad, good2, bad2, raw, raw1, web, shadow]
     d = tmp_path_factory.mktemp("grpc")
     (d / "config.yaml").write_text(_config(*servers))
     proxy = ProxyProcess(d, access_log=True).start()
@@ -249,7 +270,7 @@ def env(tmp_path_factory):
         return channels[key]
 
     yield {"proxy": proxy, "channel": channel, "a": a, "b": b, "good": good, "bad": bad,
-           "good2": good2, "bad2": bad2, "raw": raw, "raw1": raw1, "web": web}
+           "good2": good2, "bad2": bad2, "raw": raw, "raw1": raw1, "web": web, "shadow": shadow}
     for ch in channels.values():
         ch.close()
     proxy.stop()
@@ -553,3 +574,42 @@ def test_inbound_authorization_hook_applies_to_each_http2_stream(hooked):
     assert curl("/public") == "2 200"
     assert upstream.hits == 1
     assert [r[1] for r in authorizer.requests] == ["/admin/users", "/public"]
+
+
+def test_grpc_with_several_workers_and_merged_metrics(tmp_path):
+    server = GrpcServer("w").start()
+    proxy = None
+    try:
+        (tmp_path / "c.yaml").write_text(_service("echo", 50051, [(server, "v1")]))
+        proxy = ProxyProcess(tmp_path, workers=2).start()
+        channels = [grpc.insecure_channel(f"127.0.0.1:{proxy.port}",
+                                          options=[("grpc.default_authority", "echo.shop.svc.cluster.local:50051")])
+                    for _ in range(4)]
+        for ch in channels:
+            for _ in range(5):
+                assert _unary(ch, "Echo", b"w") == b"w"
+        text = proxy.metrics()
+        assert metric_value(text, "istio_requests_total", request_protocol="grpc",
+                            grpc_response_status="0", response_code="200") == 20
+        for ch in channels:
+            ch.close()
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        server.stop()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_plain_http2_request_is_mirrored(env):
+    proxy, shadow = env["proxy"], env["shadow"]
+    hits = shadow.hits
+    out = subprocess.run(
+        ["curl", "-sS", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}",
+         "-H", "Host: web.shop.svc.cluster.local:8080", f"http://127.0.0.1:{proxy.port}/mirrored/x"],
+        capture_output=True, text=True, timeout=20)
+    assert out.stdout == "200", out.stderr
+    deadline = time.monotonic() + 5
+    while shadow.hits == hits and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert shadow.hits == hits + 1
+    assert shadow.requests[-1]["headers"]["host"] == "web.shop.svc.cluster.local-shadow:8080"

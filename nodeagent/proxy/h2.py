@@ -1364,6 +1364,9 @@ class H2Pool:
         except asyncio.CancelledError:
             up.connect_failed()
             raise
+        except Exception:  # a connector's own error: the streams must not hang on it
+            log.exception("HTTP/2 connect to %s:%d failed", host, port)
+            up.connect_failed()
 
     def removed(self, up) -> None:
         conns = self.conns.get(up.endpoint)
@@ -1404,7 +1407,7 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "pool", "endpoint", "transport", "conn", "streams", "waiting", "reserved", "ready",
-        "closed", "draining", "requests", "max_requests", "idle_handle", "write_paused", "dirty",
+        "closed", "draining", "requests", "max_requests", "idle_handle", "idle_since", "write_paused", "dirty",
     )
 
     def __init__(self, pool: H2Pool, endpoint, max_requests: int) -> None:
@@ -1423,6 +1426,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.requests = 0
         self.max_requests = max_requests or 0
         self.idle_handle = None
+        self.idle_since = 0.0
         self.write_paused = False
         self.dirty = False
 
@@ -1438,9 +1442,6 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.reserved += 1
         self.requests += 1
         self.pool.active += 1
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
-            self.idle_handle = None
         if self.ready:
             stream.h2_ready(self)
         else:
@@ -1586,12 +1587,21 @@ class H2UpstreamConnection(asyncio.Protocol):
                 return
         elif self.reserved <= 0:
             loop = asyncio.get_running_loop()
-            self.idle_handle = loop.call_later(self.pool._limits().idle_timeout, self._idle)
+            self.idle_since = loop.time()
+            if self.idle_handle is None:  # one timer per idle period, not one per stream
+                self.idle_handle = loop.call_later(self.pool._limits().idle_timeout, self._idle)
         self.pool.serve_pending()
 
     def _idle(self) -> None:
+        """idleTimeout: close the connection once it has had no stream for that long."""
         self.idle_handle = None
-        if self.reserved <= 0:
+        if self.closed or self.reserved > 0:
+            return  # busy again: the next idle period arms a new timer
+        loop = asyncio.get_running_loop()
+        left = self.idle_since + self.pool._limits().idle_timeout - loop.time()
+        if left > 0:
+            self.idle_handle = loop.call_later(left, self._idle)
+        else:
             self.close()
 
     def connection_lost(self, exc) -> None:

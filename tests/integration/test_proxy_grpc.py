@@ -79,7 +79,7 @@ spec:
 """
 
 
-def _config(a, b, good, bad, good2, bad2, raw, raw1, web, shadow) -> str:
+def _config(a, b, good, bad, good2, bad2, raw, raw1, web, shadow, raw2) -> str:
     host = f".{NS}.svc.cluster.local"
     return "".join([
         _service("echo", 50051, [(a, "v1"), (b, "v2")]),
@@ -222,6 +222,21 @@ spec:
         _service("raw1", 50057, [(raw1, "v1")]),
         _service("web", 8080, [(web, "v1")], port_name="http", protocol="HTTP"),
         _service("shadow", 8080, [(shadow, "v1")], port_name="http", protocol="HTTP"),
+        _service("pooled", 50059, [(raw2, "v1")]),
+        f"""---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: pooled
+  namespace: {NS}
+spec:
+  host: pooled{host}
+  trafficPolicy:
+    connectionPool:
+      http:
+        maxRequestsPerConnection: 2
+        idleTimeout: 0.4s
+""",
         f"""---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -254,7 +269,8 @@ def env(tmp_path_factory):
     raw1 = RawH2Server(max_streams=1, delay=0.3).start()
     web = UpstreamServer("web").start()
     shadow = UpstreamServer("shadow").start()
-    servers = [a, b, good, bad, good2, bad2, raw, raw1, web, shadow]
+    raw2 = RawH2Server().start()
+    servers = [a, b, good, bad, good2, bad2, raw, raw1, web, shadow, raw2]
     d = tmp_path_factory.mktemp("grpc")
     (d / "config.yaml").write_text(_config(*servers))
     proxy = ProxyProcess(d, access_log=True).start()
@@ -270,7 +286,7 @@ def env(tmp_path_factory):
         return channels[key]
 
     yield {"proxy": proxy, "channel": channel, "a": a, "b": b, "good": good, "bad": bad,
-           "good2": good2, "bad2": bad2, "raw": raw, "raw1": raw1, "web": web, "shadow": shadow}
+           "good2": good2, "bad2": bad2, "raw": raw, "raw1": raw1, "web": web, "shadow": shadow, "raw2": raw2}
     for ch in channels.values():
         ch.close()
     proxy.stop()
@@ -613,3 +629,15 @@ def test_plain_http2_request_is_mirrored(env):
         time.sleep(0.02)
     assert shadow.hits == hits + 1
     assert shadow.requests[-1]["headers"]["host"] == "web.shop.svc.cluster.local-shadow:8080"
+
+
+def test_upstream_connection_reuse_max_requests_per_connection_and_idle_timeout(env):
+    ch = env["channel"]("pooled", 50059)
+    raw2 = env["raw2"]
+    assert [_unary(ch, "Ok") for _ in range(2)] == [b"ok", b"ok"]
+    assert raw2.connections == 1  # two streams, one connection
+    assert _unary(ch, "Ok") == b"ok"
+    assert raw2.connections == 2  # maxRequestsPerConnection: 2
+    time.sleep(1.0)  # idleTimeout 0.4s closes the idle connection
+    assert _unary(ch, "Ok") == b"ok"
+    assert raw2.connections == 3

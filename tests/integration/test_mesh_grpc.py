@@ -115,3 +115,51 @@ def test_grpc_through_the_tunnel_l7_at_the_source_l4_at_the_destination(ca_dir):
     finally:
         app.stop()
 
+
+
+PATHS_ONLY = f"""---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: b-paths
+  namespace: {NS}
+spec:
+  selector:
+    matchLabels:
+      app: b
+  action: ALLOW
+  rules:
+  - to:
+    - operation:
+        paths: ["/public/*"]
+"""
+
+
+def test_inbound_plane_decides_each_http2_stream_on_an_http_port(ca_dir):
+    """An h2c client on the inbound plane's plaintext listener (an HTTP port): every stream
+    goes through the plane's per-request AuthorizationPolicy, then to the app over HTTP/1.1."""
+    async def curl(addr, path: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "--http2-prior-knowledge", "--path-as-is", "-o", "/dev/null", "-w", "%{http_version} %{http_code}",
+            "-H", f"Host: b.{NS}.svc.cluster.local", f"http://{addr[0]}:{addr[1]}{path}",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+        return out.decode()
+
+    async def scenario():
+        mesh = await Mesh(ca_dir, PATHS_ONLY).start()
+        try:
+            plain = await mesh.node2.plaintext(mesh.b, B_ADDR, (B_ADDR, mesh.app.port))
+            hits = mesh.app.hits
+            assert await curl(plain, "/private") == "2 403"
+            assert await curl(plain, "/public/../private") == "2 403"  # normalized before the policy
+            assert mesh.app.hits == hits
+            assert await curl(plain, "/public/x") == "2 200"
+            assert mesh.app.hits == hits + 1
+            assert mesh.app.requests[-1]["path"] == "/public/x"
+            dst = {(m["response_code"], m["response_flags"]) for m in metrics(mesh.node2)
+                   if m["connection_security_policy"] == "none"}
+            assert dst == {("403", "RBAC"), ("200", "-")}
+        finally:
+            await mesh.close()
+    asyncio.run(scenario())

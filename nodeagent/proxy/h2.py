@@ -573,6 +573,11 @@ class H2Stream:
                 tried.append(previous)
         self.cluster = cluster
         h2 = _cluster_speaks_h2(cluster)
+        if not h2:
+            # The inbound plane's application cluster has no service port: the stream's
+            # admission says whether the port is an HTTP2/GRPC one ("sniff").
+            admission = getattr(self.down.entry, "admission", None)
+            h2 = admission is not None and admission.kind == "sniff"
         if self.grpc and not h2:
             self.dest = cluster.labels_for(None)
             self.local_reply(LocalReply(

@@ -641,3 +641,88 @@ def test_upstream_connection_reuse_max_requests_per_connection_and_idle_timeout(
     time.sleep(1.0)  # idleTimeout 0.4s closes the idle connection
     assert _unary(ch, "Ok") == b"ok"
     assert raw2.connections == 3
+
+
+def _h2_get(sock, host: str, path: str, split_preface: bool = False, limit: float = 5.0) -> tuple[int, bytes]:
+    """One GET over a raw socket with the h2 library as the client; (status, body)."""
+    from h2.connection import H2Connection
+    from h2.events import DataReceived, ResponseReceived, StreamEnded
+
+    conn = H2Connection()
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", host), (":path", path)],
+                      end_stream=True)
+    data = conn.data_to_send()
+    if split_preface:
+        sock.sendall(data[:8])  # "PRI * HT": the preface split over two reads
+        time.sleep(0.1)
+        sock.sendall(data[8:])
+    else:
+        sock.sendall(data)
+    status, body = 0, b""
+    sock.settimeout(limit)
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        for event in conn.receive_data(chunk):
+            if isinstance(event, ResponseReceived):
+                status = int(dict(event.headers)[b":status"])
+            elif isinstance(event, DataReceived):
+                body += event.data
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, StreamEnded):
+                return status, body
+        sock.sendall(conn.data_to_send())
+    raise AssertionError("no complete response")
+
+
+def test_preface_split_over_reads_and_protocol_errors(env):
+    proxy = env["proxy"]
+    with proxy.raw() as sock:
+        status, body = _h2_get(sock, "web.shop.svc.cluster.local:8080", "/split", split_preface=True)
+    assert status == 200 and b'"path": "/split"' in body
+    # a preface followed by garbage: GOAWAY (frame type 7) and the connection closes
+    with proxy.raw() as sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x04\x09\x00\x00\x00\x00\x01garb")
+        data = b""
+        sock.settimeout(5)
+        while True:
+            part = sock.recv(65536)
+            if not part:
+                break
+            data += part
+    frames, i = [], 0
+    while i + 9 <= len(data):
+        length = int.from_bytes(data[i:i + 3], "big")
+        frames.append(data[i + 3])
+        i += 9 + length
+    assert 7 in frames, frames
+    # the listener still serves both protocols
+    assert proxy.request("/after", host="web.shop.svc.cluster.local:8080")[0] == 200
+    with proxy.raw() as sock:
+        assert _h2_get(sock, "web.shop.svc.cluster.local:8080", "/after2")[0] == 200
+
+
+def test_stream_idle_timeout_ends_a_silent_grpc_call(tmp_path):
+    server = GrpcServer("idle").start()
+    proxy = None
+    try:
+        (tmp_path / "c.yaml").write_text(_service("echo", 50051, [(server, "v1")]))
+        proxy = ProxyProcess(tmp_path, extra=("--stream-idle-timeout", "0.5")).start()
+        with grpc.insecure_channel(f"127.0.0.1:{proxy.port}",
+                                   options=[("grpc.default_authority", "echo.shop.svc.cluster.local:50051")]) as ch:
+            t0 = time.monotonic()
+            err = _code(lambda: _unary(ch, "Sleep", b"3"))
+            assert err.code() == grpc.StatusCode.UNKNOWN  # 408, mapped as Envoy does
+            assert "stream timeout" in err.details()
+            assert time.monotonic() - t0 < 2.5
+            assert _unary(ch, "Echo", b"still") == b"still"
+        text = proxy.metrics()
+        assert metric_value(text, "istio_requests_total", response_code="408", response_flags="SI",
+                            grpc_response_status="2") == 1
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        server.stop()

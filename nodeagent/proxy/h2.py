@@ -126,14 +126,19 @@ def _cluster_speaks_h2(cluster) -> bool:
 
 
 _PROTO_CACHE: dict = {}
-_DIRTY: list = []  # HTTP/2 connections (either side) with frames not yet written
-_FLUSH_SCHEDULED = [False]
+_GRPC_DEST: dict = {}
+
+# Frames are written once per connection per batch of events: a connection with frames to
+# send is listed in _DIRTY and written by flush_pending() at the end of the protocol callback
+# that produced them (_BATCH[0]: callbacks running), or by a call_soon for other entry points
+# (timers, HTTP/1.1 upstream reads) (_BATCH[1]: one is scheduled).
+_DIRTY: list = []
+_BATCH = [0, False]
 
 
 def flush_pending() -> None:
-    """Write the frames every connection touched since the last call gathered: one write per
-    connection per batch of events, instead of one per frame."""
-    _FLUSH_SCHEDULED[0] = False
+    """Write what every connection touched since the last call has to send."""
+    _BATCH[1] = False
     dirty = _DIRTY
     while dirty:
         conn = dirty.pop()
@@ -141,14 +146,17 @@ def flush_pending() -> None:
         conn.write_out()
 
 
+def _scheduled_flush() -> None:
+    if _BATCH[1]:
+        flush_pending()
+
+
 def _mark_dirty(conn) -> None:
     conn.dirty = True
     _DIRTY.append(conn)
-    if not _FLUSH_SCHEDULED[0]:
-        # The protocol callbacks flush at their end; this covers timers and other entry points.
-        _FLUSH_SCHEDULED[0] = True
-        asyncio.get_running_loop().call_soon(flush_pending)
-_GRPC_DEST: dict = {}
+    if not _BATCH[0] and not _BATCH[1]:
+        _BATCH[1] = True
+        asyncio.get_running_loop().call_soon(_scheduled_flush)
 
 
 def _grpc_dest(dest: tuple) -> tuple:
@@ -259,6 +267,18 @@ class H2Downstream(asyncio.Protocol):
         if self.closing:
             return
         self.idle_age = 0.0
+        _BATCH[0] += 1
+        try:
+            self._received(data)
+        except Exception:  # a bug of ours: log it, never show the client a traceback
+            log.exception("HTTP/2 request handling failed")
+            self._fail_all()
+            self.close()
+        finally:
+            _BATCH[0] -= 1
+        flush_pending()
+
+    def _received(self, data: bytes) -> None:
         try:
             events = self.conn.receive_data(data)
         except ProtocolError as exc:
@@ -296,7 +316,6 @@ class H2Downstream(asyncio.Protocol):
                 if not self.streams:
                     self.close()
         self.flush()
-        flush_pending()
 
     def _request(self, event) -> None:
         sid = event.stream_id
@@ -1490,6 +1509,17 @@ class H2UpstreamConnection(asyncio.Protocol):
             stream.upstream_connect_failed(self.endpoint)
 
     def data_received(self, data: bytes) -> None:
+        _BATCH[0] += 1
+        try:
+            self._received(data)
+        except Exception:  # a bug of ours: log it; the streams fail as on a lost connection
+            log.exception("HTTP/2 upstream response handling failed")
+            self._lost("UPE")
+        finally:
+            _BATCH[0] -= 1
+        flush_pending()
+
+    def _received(self, data: bytes) -> None:
         try:
             events = self.conn.receive_data(data)
         except ProtocolError as exc:
@@ -1566,7 +1596,6 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.flush()
         for down in touched:
             down.flush()
-        flush_pending()
 
     def _end(self, sid: int) -> None:
         stream = self.streams.pop(sid, None)

@@ -95,6 +95,20 @@ def http_to_grpc(status: int) -> int:
     return 2  # UNKNOWN
 
 
+_GRPC_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+def grpc_timeout(value) -> float | None:
+    """Seconds of a ``grpc-timeout`` header (1 to 8 digits and a unit: H M S m u n); None
+    when absent or malformed (then it is ignored, as Envoy does)."""
+    if not value or len(value) > 9:
+        return None
+    digits, unit = value[:-1], _GRPC_TIMEOUT_UNITS.get(value[-1])
+    if unit is None or not digits.isdigit():
+        return None
+    return int(digits) * unit
+
+
 def is_h2_port(port) -> bool:
     """Istio's protocol selection: HTTP/2 to the endpoint (Envoy's http2_protocol_options)."""
     if port is None:
@@ -558,6 +572,14 @@ class H2Stream:
         self.plan = plan
         if plan.timeout:
             self.timer = self.runtime.loop.call_later(plan.timeout, self._route_timeout)
+        if self.grpc:
+            # Istio sets the route's max stream duration to honour grpc-timeout, capped by the
+            # route timeout (grpcTimeoutHeaderMax = timeout, 0: uncapped): DEADLINE_EXCEEDED (DT).
+            deadline = grpc_timeout(self.header_map().get("grpc-timeout"))
+            if deadline is not None and (not plan.timeout or deadline < plan.timeout):
+                if self.timer is not None:
+                    self.timer.cancel()
+                self.timer = self.runtime.loop.call_later(deadline, self._duration_timeout)
         if plan.delay:
             self.flags = "DI"
             self.runtime.loop.call_later(plan.delay, self._after_delay)
@@ -1183,6 +1205,18 @@ class H2Stream:
             self._reset_down(ErrorCodes.CANCEL)
             return
         self.local_reply(LocalReply(504, "UT", b"upstream request timeout"))
+
+    def _duration_timeout(self) -> None:
+        """The gRPC deadline (grpc-timeout) passed: Envoy's max stream duration."""
+        self.timer = None
+        if self.finished:
+            return
+        self._drop_upstream(ErrorCodes.CANCEL)
+        if self.response_started:
+            self.flags = "DT" if self.flags == "-" else self.flags + ",DT"
+            self._reset_down(ErrorCodes.CANCEL)
+            return
+        self.local_reply(LocalReply(408, "DT", b"downstream duration timeout"), grpc_code=4)
 
     def idle_timeout(self) -> None:
         if self.finished:

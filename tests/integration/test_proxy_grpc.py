@@ -643,15 +643,23 @@ def test_upstream_connection_reuse_max_requests_per_connection_and_idle_timeout(
     assert raw2.connections == 3
 
 
-def _h2_get(sock, host: str, path: str, split_preface: bool = False, limit: float = 5.0) -> tuple[int, bytes]:
-    """One GET over a raw socket with the h2 library as the client; (status, body)."""
+def _h2_get(sock, host: str, path: str, split_preface: bool = False, limit: float = 5.0,
+            grpc: bytes | None = None, headers: tuple = ()) -> tuple[int, bytes]:
+    """One GET (or with ``grpc``, a gRPC call with that message) over a raw socket with the h2
+    library as the client; (status, body), with ``.trailers`` of the last call in _h2_get.trailers."""
     from h2.connection import H2Connection
-    from h2.events import DataReceived, ResponseReceived, StreamEnded
+    from h2.events import DataReceived, ResponseReceived, StreamEnded, TrailersReceived
 
     conn = H2Connection()
     conn.initiate_connection()
-    conn.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", host), (":path", path)],
-                      end_stream=True)
+    _h2_get.trailers = {}
+    if grpc is None:
+        conn.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", host), (":path", path)]
+                          + list(headers), end_stream=True)
+    else:
+        conn.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":authority", host), (":path", path),
+                              ("content-type", "application/grpc"), ("te", "trailers")] + list(headers))
+        conn.send_data(1, b"\x00" + len(grpc).to_bytes(4, "big") + grpc, end_stream=True)
     data = conn.data_to_send()
     if split_preface:
         sock.sendall(data[:8])  # "PRI * HT": the preface split over two reads
@@ -669,6 +677,9 @@ def _h2_get(sock, host: str, path: str, split_preface: bool = False, limit: floa
         for event in conn.receive_data(chunk):
             if isinstance(event, ResponseReceived):
                 status = int(dict(event.headers)[b":status"])
+                _h2_get.trailers = dict(event.headers)  # a trailers-only response
+            elif isinstance(event, TrailersReceived):
+                _h2_get.trailers = dict(event.headers)
             elif isinstance(event, DataReceived):
                 body += event.data
                 conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -726,3 +737,21 @@ def test_stream_idle_timeout_ends_a_silent_grpc_call(tmp_path):
         if proxy is not None:
             proxy.stop()
         server.stop()
+
+
+def test_grpc_timeout_header_bounds_the_call_as_istio_configures_envoy(env):
+    a = env["a"]
+    cancelled = a.cancelled
+    t0 = time.monotonic()
+    with env["proxy"].raw() as sock:
+        status, _ = _h2_get(sock, "echo.shop.svc.cluster.local:50051", "/test.Echo/Sleep", grpc=b"3",
+                            headers=(("grpc-timeout", "300m"),))
+    assert time.monotonic() - t0 < 2.0
+    assert status == 200 and _h2_get.trailers[b"grpc-status"] == b"4"  # DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 3
+    while a.cancelled == cancelled and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert a.cancelled == cancelled + 1  # the call did not run on (the header is forwarded too)
+    text = env["proxy"].metrics()
+    assert metric_value(text, "istio_requests_total", destination_service_name="echo",
+                        response_code="408", response_flags="DT", grpc_response_status="4") == 1

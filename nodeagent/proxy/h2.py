@@ -813,7 +813,18 @@ class H2Stream:
         self.cluster.record(self.endpoint, 0, self.runtime.loop.time())
         self._upstream_gone(flag, "reset")
 
-    def upstream_head(self, conn, status: int, headers: list) -> None:
+    def upstream_head(self, conn, status: int, headers: list, length=None, hop=None) -> None:
+        """The HTTP/1.1 upstream's response head. ``headers`` is either (name, value) pairs, or
+        (UpstreamConnection serializing as it parses) a slot for the status line followed by
+        the forwarded header lines as ``name, b": ", value, b"\r\n"``, with Content-Length in
+        ``length`` and the other hop-by-hop headers in ``hop`` as (lower name, name, value)."""
+        if headers and headers[0].__class__ is bytes:
+            pairs = [(headers[i], headers[i + 2]) for i in range(1, len(headers) - 3, 4)]
+            if length is not None:
+                pairs.append((b"content-length", length))
+            if hop is not None:
+                pairs += [(name, value) for _, name, value in hop]
+            headers = pairs
         self._cancel_try_timer()
         self.cluster.record(self.endpoint, status, self.runtime.loop.time())
         if status >= self.plan.retry_floor and self._retryable(status, None):

@@ -1389,18 +1389,38 @@ class H2Pool:
         max_requests = getattr(policy, "max_requests", UNLIMITED) or UNLIMITED
         if self.active >= max_requests:
             return "UO"
+        connecting = None
         for up in self.conns.get(endpoint, ()):
             if up.has_room():
-                up.take(stream)
-                return None
+                if up.ready:
+                    up.take(stream)
+                    return None
+                if connecting is None:
+                    connecting = up
         limits = self._limits()
+        # A stream that waits for a connection someone else is opening, or in the queue, is
+        # pending (http1MaxPendingRequests); the one that opens a connection is not (as the
+        # HTTP/1.1 pool counts them).
+        if connecting is not None:
+            if self._pending_count() >= limits.max_pending:
+                return "UO"
+            connecting.take(stream)
+            return None
         if self.open < limits.max_connections:
             self._connect(endpoint, stream)
             return None
-        if len(self.pending) < limits.max_pending:
+        if self._pending_count() < limits.max_pending:
             self.pending.append((stream, endpoint))
             return None
         return "UO"
+
+    def _pending_count(self) -> int:
+        waiting = len(self.pending)
+        for conns in self.conns.values():
+            for up in conns:
+                if up.waiting:
+                    waiting += len(up.waiting) - 1  # its first stream opened it
+        return waiting
 
     def cancel(self, stream) -> None:
         for i, (waiting, _) in enumerate(self.pending):

@@ -79,7 +79,7 @@ spec:
 """
 
 
-def _config(a, b, good, bad, good2, bad2, raw, raw1, web, shadow, raw2) -> str:
+def _config(a, b, good, bad, good2, bad2, raw, raw1, web, shadow, raw2, raw3) -> str:
     host = f".{NS}.svc.cluster.local"
     return "".join([
         _service("echo", 50051, [(a, "v1"), (b, "v2")]),
@@ -222,6 +222,22 @@ spec:
         _service("raw1", 50057, [(raw1, "v1")]),
         _service("web", 8080, [(web, "v1")], port_name="http", protocol="HTTP"),
         _service("shadow", 8080, [(shadow, "v1")], port_name="http", protocol="HTTP"),
+        _service("limited", 50060, [(raw3, "v1")]),
+        f"""---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: limited
+  namespace: {NS}
+spec:
+  host: limited{host}
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnections: 1
+      http:
+        http1MaxPendingRequests: 1
+""",
         _service("pooled", 50059, [(raw2, "v1")]),
         f"""---
 apiVersion: networking.istio.io/v1
@@ -270,7 +286,8 @@ def env(tmp_path_factory):
     web = UpstreamServer("web").start()
     shadow = UpstreamServer("shadow").start()
     raw2 = RawH2Server().start()
-    servers = [a, b, good, bad, good2, bad2, raw, raw1, web, shadow, raw2]
+    raw3 = RawH2Server(max_streams=1, delay=0.4).start()
+    servers = [a, b, good, bad, good2, bad2, raw, raw1, web, shadow, raw2, raw3]
     d = tmp_path_factory.mktemp("grpc")
     (d / "config.yaml").write_text(_config(*servers))
     proxy = ProxyProcess(d, access_log=True).start()
@@ -286,7 +303,7 @@ def env(tmp_path_factory):
         return channels[key]
 
     yield {"proxy": proxy, "channel": channel, "a": a, "b": b, "good": good, "bad": bad,
-           "good2": good2, "bad2": bad2, "raw": raw, "raw1": raw1, "web": web, "shadow": shadow, "raw2": raw2}
+           "good2": good2, "bad2": bad2, "raw": raw, "raw1": raw1, "web": web, "shadow": shadow, "raw2": raw2, "raw3": raw3}
     for ch in channels.values():
         ch.close()
     proxy.stop()
@@ -755,3 +772,30 @@ def test_grpc_timeout_header_bounds_the_call_as_istio_configures_envoy(env):
     text = env["proxy"].metrics()
     assert metric_value(text, "istio_requests_total", destination_service_name="echo",
                         response_code="408", response_flags="DT", grpc_response_status="4") == 1
+
+
+def test_connection_pool_limits_overflow_on_http2_upstreams(env):
+    """maxConnections 1 + http1MaxPendingRequests 1 to a server allowing one stream per
+    connection: of six concurrent calls one runs, one waits, four overflow (503 UO)."""
+    ch = env["channel"]("limited", 50060)
+    results = []
+    lock = threading.Lock()
+
+    def call():
+        try:
+            out = _unary(ch, "Slow", timeout=10)
+        except grpc.RpcError as err:
+            out = err.code()
+        with lock:
+            results.append(out)
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert sorted(map(str, results)) == sorted(["b'ok'"] * 2 + [str(grpc.StatusCode.UNAVAILABLE)] * 4)
+    assert env["raw3"].connections == 1 and env["raw3"].max_active == 1
+    text = env["proxy"].metrics()
+    assert metric_value(text, "istio_requests_total", destination_service_name="limited",
+                        response_flags="UO", response_code="503", grpc_response_status="14") == 4

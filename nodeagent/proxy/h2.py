@@ -442,25 +442,22 @@ class H2Stream:
     ``ClusterState.pick`` and the access log read of an exchange."""
 
     __slots__ = (
-        "down", "runtime", "sid", "method", "path", "authority", "scheme", "headers", "grpc",
+        "down", "runtime", "sid", "method", "path", "authority", "headers", "grpc",
         "request_done", "response_started", "response_done", "finished", "abandoned",
         "chunks", "replay", "replay_bytes", "plan", "cluster", "endpoint", "tried", "attempt",
         "upstream", "up_sid", "h1", "status", "grpc_status", "flags", "req_bytes", "resp_bytes", "t0",
         "timer", "try_timer", "dest", "upstream_host", "_hmap", "out", "out_q", "out_end", "out_trailers",
-        "unacked_up", "unacked_down", "idle_age", "body_mode", "version", "content_length",
+        "unacked_up", "unacked_down", "idle_age", "body_mode", "version",
         "held", "up_paused", "eof_body",
     )
-    tunneling = False
 
     def __init__(self, down: H2Downstream, sid: int, raw_headers) -> None:
         self.down = down
         self.runtime = down.runtime
         self.sid = sid
         method = path = authority = b""
-        scheme = b"http"
         headers = []
         grpc = False
-        content_length = None
         for name, value in raw_headers:
             if name[:1] == b":":
                 if name == b":method":
@@ -469,8 +466,6 @@ class H2Stream:
                     path = value
                 elif name == b":authority":
                     authority = value
-                elif name == b":scheme":
-                    scheme = value
                 continue
             if name == b"host":
                 if not authority:
@@ -478,16 +473,12 @@ class H2Stream:
                 continue
             if name == b"content-type" and value[:16] == b"application/grpc":
                 grpc = True
-            elif name == b"content-length":
-                content_length = value
             headers.append((name, value))
         self.method = method
         self.path = path
         self.authority = authority
-        self.scheme = scheme
         self.headers = headers
         self.grpc = grpc
-        self.content_length = content_length
         self.version = "2"
         self.body_mode = 0
         self.request_done = False

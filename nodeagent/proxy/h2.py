@@ -1264,8 +1264,7 @@ class H2Stream:
         try:
             down.conn.send_headers(self.sid, headers, end_stream=not body)
             if body:
-                self.resp_bytes = len(body)
-                if self._send_down(body):
+                if self._send_down(body):  # counts resp_bytes
                     self.out_end = True
                     self.out_trailers = None
                     down.flush()

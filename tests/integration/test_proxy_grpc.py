@@ -523,7 +523,8 @@ def test_metrics_and_access_log(env):
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and not any('"/test.Echo/Echo"' in l for l in env["proxy"].stdout):
         time.sleep(0.05)
-    line = next(l for l in env["proxy"].stdout if '"/test.Echo/Echo"' in l)
+    line = next(l for l in env["proxy"].stdout if '"/test.Echo/Echo"' in l and '"bytes_received":6,' in l)
+    assert '"bytes_sent":6,' in line  # one gRPC message of one byte each way (5-byte prefix + 1)
     assert '"protocol":"HTTP/2"' in line and '"upstream_cluster":"outbound|50051|v1|echo.shop.svc.cluster.local"' in line
 
 
@@ -589,6 +590,12 @@ def test_too_many_request_headers_get_431_on_the_stream(env):
         args += ["-H", f"x-h{i}: v"]
     out = subprocess.run(args + [f"http://127.0.0.1:{proxy.port}/many"], capture_output=True, text=True, timeout=20)
     assert out.stdout == "431", out.stderr
+    body = len(b"Request Header Fields Too Large\n")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any('"/many"' in l for l in proxy.stdout):
+        time.sleep(0.05)
+    line = next(l for l in proxy.stdout if '"/many"' in l)
+    assert '"response_code":431' in line and f'"bytes_sent":{body},' in line
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")

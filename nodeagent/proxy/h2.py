@@ -938,7 +938,8 @@ class H2Stream:
 
     def h2_data(self, data: bytes, fc: int) -> None:
         if self.finished:
-            self.upstream.ack(self, fc)
+            if self.upstream is not None:
+                self.upstream.ack(self, fc)
             return
         blocked = self._send_down(data)
         if blocked:

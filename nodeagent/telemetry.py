@@ -50,6 +50,14 @@ def source_labels(ctx) -> tuple:
     return (ctx.reporter, src.name, src.namespace, src.principal or "unknown", src.app, src.version)
 
 
+def status_labels(status) -> tuple[str, str]:
+    """(response_code, grpc_response_status) of a recorded status: an int, or for a gRPC
+    request (int, grpc-status string) as nodeagent.proxy.h2 records it."""
+    if status.__class__ is tuple:
+        return str(status[0]), status[1]
+    return str(status), ""
+
+
 class Telemetry:
     """Per-process accumulators for HTTP and TCP metrics."""
 
@@ -117,7 +125,7 @@ class Telemetry:
     def export(self) -> dict:
         """A picklable copy (label tuples flattened) for the parent process to merge."""
         return {
-            "http": {k[0] + k[1] + (str(k[2]), "", k[3], self.security_policy): _complete(v)
+            "http": {k[0] + k[1] + status_labels(k[2]) + (k[3], self.security_policy): _complete(v)
                      for k, v in list(self.http.items())},
             "tcp": {k[0] + k[1] + (k[2], self.security_policy): list(v) for k, v in list(self.tcp.items())},
         }

@@ -221,7 +221,11 @@ class HttpDownstream(asyncio.Protocol):
                 log.error("request handling failed", exc_info=exc.__context__ or exc)
                 self.internal_error()
             return
-        except HttpParserError:
+        except HttpParserError as exc:
+            if exc.args and exc.args[0] == "Pause on PRI/Upgrade":  # HTTP/2 preface (docs/http2.md)
+                from nodeagent.proxy.h2 import take_over
+                if take_over(self, data):
+                    return
             self.protocol_error(400)
             return
         if self.reading_head:

@@ -112,11 +112,12 @@ class ForwardPlan:
     __slots__ = (
         "cluster", "path", "authority", "request_ops", "response_ops", "timeout",
         "per_try_timeout", "retry", "delay", "abort", "mirror", "route_name", "mirror_authority",
-        "retry_floor",
+        "retry_floor", "abort_grpc",
     )
 
     def __init__(self) -> None:
         self.retry_floor = 500  # plans built field by field (inbound) retry nothing below 5xx
+        self.abort_grpc = None  # a fault abort's grpcStatus name (served by nodeagent.proxy.h2)
 
     def retry_on_status(self, status: int, attempt: int) -> bool:
         return retry_mod.should_retry(self.retry, attempt, status)
@@ -605,6 +606,7 @@ class ProxyRuntime:
         plan.retry_floor = _retry_floor(retry)
         plan.delay = result.fault_delay
         plan.abort = result.fault_abort
+        plan.abort_grpc = result.fault_grpc_status
         plan.route_name = result.route_name or ""
         if result.mirrors:
             plan.mirror = [self.cluster(k, src_ns, snapshot, ctx) for k in result.mirrors]

@@ -160,6 +160,12 @@ class LeastRequestPicker(Picker):
             self._equal = _equal_weights(endpoints)
         active = self.active
         if self._equal:
+            n = len(endpoints)
+            if n and not exclude:
+                # _uniform twice, inlined for the common case (nothing excluded): the same draws
+                a = endpoints[int(rand.random() * n)]
+                b = endpoints[int(rand.random() * n)]
+                return b if active.get(b.id, 0) < active.get(a.id, 0) else a
             a = _uniform(endpoints, exclude, rand)
             if a is None:
                 return None

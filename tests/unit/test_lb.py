@@ -296,3 +296,21 @@ def test_any_key_maps_to_one_endpoint_and_fresh_pickers_agree(keys, n):
         first = a.pick(e, k, r).id
         assert a.pick(e, k, r).id == first == b.pick(e, k, r).id
         assert b.pick(eps(*([1] * n)), k, r).id == first      # another tuple, same endpoints
+
+
+def test_least_request_without_exclusions_draws_as_uniform_twice():
+    """The inlined no-exclusion path of LeastRequestPicker.pick makes the same two draws as
+    two _uniform calls: same seed, same pick (active counts break the tie the same way)."""
+    from policy.lb import _uniform
+    endpoints = eps(1, 1, 1, 1, 1)
+    picker = LeastRequestPicker()
+    for i, e in enumerate(endpoints):
+        for _ in range(i % 3):
+            picker.request_started(e.id)
+    for seed in range(200):
+        r1, r2 = random.Random(seed), random.Random(seed)
+        got = picker.pick(endpoints, None, r1, frozenset())
+        a, b = _uniform(endpoints, frozenset(), r2), _uniform(endpoints, frozenset(), r2)
+        want = b if picker.active.get(b.id, 0) < picker.active.get(a.id, 0) else a
+        assert got is want
+        assert r1.random() == r2.random()  # the same number of draws

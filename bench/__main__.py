@@ -4,8 +4,11 @@ The upstream is an HAProxy answering ``200 ok`` itself (fast, not Python-bound).
 HAProxy 2.6 as the reference proxy runs with ``nbthread 1`` and ``http-reuse
 always``; nodeagent runs one worker with routing (a shop-like VirtualService and
 DestinationRule) and metrics on. Prints req/s, p50, p99 per target, the
-nodeagent/HAProxy ratio, and CPU microseconds per request (utime+stime deltas of
-the proxy process from /proc/<pid>/stat divided by the requests wrk completed).
+nodeagent/HAProxy ratio, CPU microseconds per request (utime+stime deltas of
+the proxy process from /proc/<pid>/stat divided by the requests wrk completed) and
+context switches per request (voluntary: the proxy waited for events; involuntary: it
+was preempted, which on a machine with as many busy processes as cores costs system
+time in the switches and user time in cold caches).
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import cpu_times, free_port, missing_tool, per_request, stop_all, upstream_cfg, wait_port, wrk
+from bench.common import (context_switches, cpu_times, free_port, missing_tool, per_request, stop_all, upstream_cfg,
+                          wait_port, wrk)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,10 +106,14 @@ spec:
 def measure(name: str, url: str, pid: int | None, args, host: str | None = None) -> dict:
     wrk(url, args.warmup, args.connections, host, socket_errors=False)
     before = [cpu_times(pid)] if pid else []
+    switches = context_switches(pid) if pid else None
     res = wrk(url, args.duration, args.connections, host, socket_errors=False)  # the column counts non-2xx only
     if pid:
         cpu = per_request(before, [cpu_times(pid)], res["requests"])
         res.update(user_us=cpu["user_us"], sys_us=cpu["sys_us"], cpu_us=cpu["cpu_us"])
+        after = context_switches(pid)
+        n = max(1, res["requests"])
+        res.update(vcs=(after[0] - switches[0]) / n, ics=(after[1] - switches[1]) / n)
     res["name"] = name
     return res
 
@@ -174,11 +182,13 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrk -t1 -c{args.connections}, {args.duration:g}s per target after {args.warmup:g}s warm-up, "
           f"path {args.path}" + (f", best of {args.rounds} interleaved rounds" if args.rounds > 1 else ""))
-    print(f"{'target':<20}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'user':>7}{'sys':>7}{'non-2xx':>9}")
+    print(f"{'target':<20}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'user':>7}{'sys':>7}{'non-2xx':>9}"
+          f"{'cs/req vol':>12}{'invol':>7}")
     for r in results:
         cpu, user, system = (f"{r[k]:.1f}" if k in r else "-" for k in ("cpu_us", "user_us", "sys_us"))
+        vcs, ics = (f"{r[k]:.3f}" if k in r else "-" for k in ("vcs", "ics"))
         print(f"{r['name']:<20}{r['rps']:>10.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{cpu:>12}{user:>7}{system:>7}"
-              f"{r['errors']:>9}")
+              f"{r['errors']:>9}{vcs:>12}{ics:>7}")
     na, ha = results[1], results[2]
     print(f"nodeagent/haproxy: {na['rps'] / ha['rps']:.2f}x req/s, "
           f"{na['cpu_us'] / ha['cpu_us']:.2f}x CPU per request")

@@ -3,7 +3,8 @@ ports and processes.
 
 - ``cpu_times(pid)``: (user, system) CPU seconds from /proc/PID/stat (utime, stime);
   ``cpu_seconds`` their sum; ``per_request`` turns before/after samples of several processes
-  into microseconds per request (user, system, both, and per process).
+  into microseconds per request (user, system, both, and per process);
+  ``context_switches(pid)``: (voluntary, involuntary) context switches of its threads.
 - ``wrk(...)``: Debian's wrk, ``-t1 --latency``, run here or through ``run`` (a pod's exec),
   parsed into req/s, requests, p50 and p99 (ms) and errors.
 - ``upstream_cfg`` (an HAProxy answering ``200 ok`` itself, not Python-bound), ``edge_cfg`` and
@@ -40,6 +41,24 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of ``pid`` so far."""
     user, system = cpu_times(pid)
     return user + system
+
+
+def context_switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of all threads of ``pid`` so far
+    (/proc/PID/task/*/status). Involuntary ones are preemptions: on a machine with fewer
+    cores than busy processes they say how often the proxy was put aside mid-work."""
+    vol = invol = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        vol += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        invol += int(line.split()[1])
+        except FileNotFoundError:  # a thread that just exited
+            pass
+    return vol, invol
 
 
 def per_request(before: Sequence[tuple[float, float]], after: Sequence[tuple[float, float]],

@@ -25,6 +25,8 @@ from . import iptables, libnft, nft
 from .netns import NetnsRef, check_netns, run_command, run_in_netns
 from .plan import OWNER, CaptureError, CapturePlan, Family
 
+OWNERS: tuple[str, ...] = nft.OWNERS  # nodeagent's tables/chain prefixes: in-pod/host plans, node plan
+
 Backend = Literal["nft", "iptables-nft", "iptables-legacy"]
 BACKENDS: tuple[Backend, ...] = ("nft", "iptables-nft", "iptables-legacy")
 T = TypeVar("T")
@@ -76,8 +78,16 @@ class Snapshot:
     when it has been used in this namespace.
     """
 
-    nft: nft.Ruleset
+    rulesets: Mapping[str, nft.Ruleset]  # by owner (``OWNERS``)
     legacy_tables: Mapping[Family, frozenset[str]]  # loaded legacy tables, per family
+
+    @property
+    def nft(self) -> nft.Ruleset:
+        """The in-pod/host plans' owner (``nodeagent``)."""
+        return self.rulesets[OWNER]
+
+    def ruleset(self, owner: str) -> nft.Ruleset:
+        return self.rulesets.get(owner) or nft.Ruleset({}, frozenset())
 
     def legacy_nat(self) -> tuple[Family, ...]:
         return tuple(f for f in ("ipv4", "ipv6") if iptables.TABLE in self.legacy_tables.get(f, ()))
@@ -159,17 +169,21 @@ def _with_session(netns: NetnsRef | None, runner: Runner, fn: Callable[[_Session
 
 def _read(session: _Session) -> Snapshot:
     present = nft.parse_tables(session.list("tables") or "")
-    tables = {}
-    for fam in nft.TABLE_FAMILIES:
-        if (fam, OWNER) in present:
-            listing = session.list(f"table {fam} {OWNER}")  # None: deleted meanwhile
-            state = nft.parse_state(listing, fam) if listing is not None else None
-            if state is not None:
-                tables[fam] = state
-    xt: frozenset[str] = frozenset()
-    if nft.iptables_nft_holders(present):
-        xt = nft.parse_owned_chains(session.list("chains") or "", iptables.PREFIX)
-    return Snapshot(nft.Ruleset(tables, xt), session.legacy_tables())
+    chains = session.list("chains") or "" if nft.iptables_nft_holders(present) else None
+    rulesets = {}
+    for owner in OWNERS:
+        tables = {}
+        for fam in nft.TABLE_FAMILIES:
+            if (fam, owner) in present:
+                listing = session.list(f"table {fam} {owner}")  # None: deleted meanwhile
+                state = nft.parse_state(listing, fam, owner) if listing is not None else None
+                if state is not None:
+                    tables[fam] = state
+        xt: frozenset[str] = frozenset()
+        if chains is not None:
+            xt = nft.parse_owned_chains(chains, iptables.prefix_of(owner))
+        rulesets[owner] = nft.Ruleset(tables, xt)
+    return Snapshot(rulesets, session.legacy_tables())
 
 
 def snapshot(netns: NetnsRef | None, *, runner: Runner = run_command) -> Snapshot:
@@ -179,19 +193,20 @@ def snapshot(netns: NetnsRef | None, *, runner: Runner = run_command) -> Snapsho
 
 def _nft_drift(plan: CapturePlan, snap: Snapshot) -> tuple[str, ...]:
     want = nft.desired_state(plan)
-    drift = list(nft.diff(want, snap.nft.tables.get(want.family)))
+    tables = snap.ruleset(plan.owner).tables
+    drift = list(nft.diff(want, tables.get(want.family)))
     for fam in nft.TABLE_FAMILIES:
-        if fam != want.family and fam in snap.nft.tables:
-            drift.append(f"stale table {fam} {OWNER}")
+        if fam != want.family and fam in tables:
+            drift.append(f"stale table {fam} {plan.owner}")
     return tuple(drift)
 
 
 # --- iptables --------------------------------------------------------------
 
 def iptables_state(netns: NetnsRef | None, backend: Backend, family: Family = "ipv4", *,
-                   runner: Runner = run_command) -> iptables.IptablesState:
+                   runner: Runner = run_command, owner: str = OWNER) -> iptables.IptablesState:
     proc = _run(runner, netns, [_xt(backend, family, "save")])
-    return iptables.parse_save(proc.stdout)
+    return iptables.parse_save(proc.stdout, iptables.prefix_of(owner))
 
 
 def detect_backend(netns: NetnsRef | None, *, runner: Runner = run_command) -> Backend:
@@ -209,21 +224,26 @@ def _restore(runner, netns, backend: Backend, family: Family, text: str) -> None
     _run(runner, netns, [_xt(backend, family, "restore"), "--noflush", "-w", XTABLES_WAIT], input=text)
 
 
-def _cleanup_iptables(snap: Snapshot, netns, backends: Sequence[Backend], runner) -> list[Backend]:
-    """Remove nodeagent's chains/jumps from the iptables ``backends`` the snapshot says hold any."""
+def _cleanup_iptables(snap: Snapshot, netns, backends: Sequence[Backend], runner,
+                      owners: Sequence[str] = OWNERS) -> list[Backend]:
+    """Remove the ``owners``' chains/jumps from the iptables ``backends`` the snapshot says hold any."""
     removed: list[Backend] = []
     for backend in backends:
         if backend == "nft":
             continue
-        families = snap.nft.iptables_nft if backend == "iptables-nft" else frozenset(snap.legacy_nat())
         for family in ("ipv4", "ipv6"):
-            if family not in families:
+            holders = [o for o in owners
+                       if family in (snap.ruleset(o).iptables_nft if backend == "iptables-nft"
+                                     else frozenset(snap.legacy_nat()))]
+            if not holders:
                 continue
-            text = iptables.render_cleanup(iptables_state(netns, backend, family, runner=runner))
-            if text is not None:
-                _restore(runner, netns, backend, family, text)
-                if backend not in removed:
-                    removed.append(backend)
+            saved = _run(runner, netns, [_xt(backend, family, "save")]).stdout
+            for owner in holders:
+                text = iptables.render_cleanup(iptables.parse_save(saved, iptables.prefix_of(owner)))
+                if text is not None:
+                    _restore(runner, netns, backend, family, text)
+                    if backend not in removed:
+                        removed.append(backend)
     return removed
 
 
@@ -246,7 +266,7 @@ def verify(plan: CapturePlan, netns: NetnsRef | None, backend: str = "nft", *,
         return _nft_drift(plan, snapshot(netns, runner=runner))
     drift: list[str] = []
     for family in plan.families:
-        state = iptables_state(netns, chosen, family, runner=runner)
+        state = iptables_state(netns, chosen, family, runner=runner, owner=plan.owner)
         drift += [f"{_xt(chosen, family, 'save')}: {d}"
                   for d in iptables.diff(iptables.desired_state(plan, family), state)]
     return tuple(drift)
@@ -276,33 +296,38 @@ def apply(plan: CapturePlan, netns: NetnsRef | None, backend: str = "nft", *,
             return snap, found
 
         snap, drift = _with_session(netns, runner, body)
-        removed = tuple(_cleanup_iptables(snap, netns, others, runner)) if sweep else ()
+        removed = tuple(_cleanup_iptables(snap, netns, others, runner, (plan.owner,))) if sweep else ()
         return ApplyResult(chosen, bool(drift) or bool(removed), drift, removed)
     drift_list: list[str] = []
     for family in plan.families:
-        state = iptables_state(netns, chosen, family, runner=runner)
+        state = iptables_state(netns, chosen, family, runner=runner, owner=plan.owner)
         found_xt = iptables.diff(iptables.desired_state(plan, family), state)
         if found_xt:
             drift_list += [f"{_xt(chosen, family, 'save')}: {d}" for d in found_xt]
             _restore(runner, netns, chosen, family, iptables.render_restore(plan, family, state))
-    removed = cleanup(netns, others, runner=runner) if sweep else ()
+    removed = cleanup(netns, others, runner=runner, owners=(plan.owner,)) if sweep else ()
     return ApplyResult(chosen, bool(drift_list) or bool(removed), tuple(drift_list), removed)
 
 
 def cleanup(netns: NetnsRef | None, backends: Sequence[Backend] = BACKENDS, *,
-            runner: Runner = run_command) -> tuple[Backend, ...]:
+            runner: Runner = run_command, owners: Sequence[str] = OWNERS) -> tuple[Backend, ...]:
     """Remove everything nodeagent added in ``netns`` (and nothing else).
 
+    ``owners`` limits it to some of nodeagent's tables/chains (``OWNERS``: the
+    in-pod/host plans' ``nodeagent``, the node plan's ``nodeagent-node``).
     Returns the backends that held nodeagent rules.
     """
+    owners = tuple(owners)
+
     def body(session: _Session) -> tuple[Snapshot, bool]:
         snap = _read(session)
-        if "nft" in backends and snap.nft.tables:
-            session.load(nft.render_cleanup())
+        held = tuple(o for o in owners if snap.ruleset(o).tables)
+        if "nft" in backends and held:
+            session.load(nft.render_cleanup(held))
             return snap, True
         return snap, False
 
     snap, nft_removed = _with_session(netns, runner, body)
     removed: list[Backend] = ["nft"] if nft_removed else []
-    removed += _cleanup_iptables(snap, netns, backends, runner)
+    removed += _cleanup_iptables(snap, netns, backends, runner, owners)
     return tuple(b for b in BACKENDS if b in removed)

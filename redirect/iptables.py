@@ -20,12 +20,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from .plan import CapturePlan, Family, Hook, HOOKS, Rule
+from .plan import OWNER, CapturePlan, Family, Hook, HOOKS, Rule
 
 PREFIX = "NODEAGENT-"
 TABLE = "nat"
-BUILTIN: Mapping[Hook, str] = {"prerouting": "PREROUTING", "output": "OUTPUT"}
-CHAINS: Mapping[Hook, str] = {hook: PREFIX + builtin for hook, builtin in BUILTIN.items()}
+BUILTIN: Mapping[Hook, str] = {"prerouting": "PREROUTING", "output": "OUTPUT", "postrouting": "POSTROUTING"}
+CHAINS: Mapping[Hook, str] = {hook: PREFIX + BUILTIN[hook] for hook in HOOKS}
+
+
+def prefix_of(owner: str) -> str:
+    """Owned chain prefix of a plan owner: ``nodeagent`` -> ``NODEAGENT-``,
+    ``nodeagent-node`` -> ``NODEAGENT_NODE-`` (never a prefix of another owner's)."""
+    return owner.upper().replace("-", "_") + "-"
+
+
+def chain_of(plan: CapturePlan, hook: Hook) -> str:
+    return prefix_of(plan.owner) + BUILTIN[hook]
+
+
+assert prefix_of(OWNER) == PREFIX
 MULTIPORT_MAX = 15  # the multiport match takes at most 15 ports
 
 
@@ -56,6 +69,8 @@ def rule_args(rule: Rule, family: Family) -> list[list[str]]:
                     args += ["-o", rule.oif]
                 if rule.tcp or rule.dports:
                     args += ["-p", "tcp"]
+                if rule.local_socket:
+                    args += ["-m", "owner", "--socket-exists"]
                 if rule.mark is not None:
                     value, mask = rule.mark
                     args += ["-m", "mark", "--mark", f"{value:#x}/{mask:#x}"]
@@ -68,6 +83,8 @@ def rule_args(rule: Rule, family: Family) -> list[list[str]]:
                 args += ["-m", "comment", "--comment", rule.comment]
                 if rule.action == "return":
                     args += ["-j", "RETURN"]
+                elif rule.action == "snat":
+                    args += ["-j", "SNAT", "--to-source", str(rule.to_addr)]
                 else:
                     args += ["-j", "REDIRECT", "--to-ports", str(rule.to_port)]
                 out.append(args)
@@ -84,8 +101,8 @@ def _quote(args: list[str]) -> str:
     return " ".join(words)
 
 
-def jump_args(hook: Hook) -> list[str]:
-    return ["-j", CHAINS[hook]]
+def jump_args(hook: Hook, chain: str | None = None) -> list[str]:
+    return ["-j", chain or CHAINS[hook]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,16 +123,18 @@ EMPTY = IptablesState({}, ())
 
 def desired_state(plan: CapturePlan, family: Family) -> IptablesState:
     chains = {}
-    for hook in HOOKS:
-        chain = CHAINS[hook]
+    for hook in plan.hooks:
+        chain = chain_of(plan, hook)
         chains[chain] = tuple(f"-A {chain} {_quote(args)}"
                               for rule in plan.rules_for(hook, family) for args in rule_args(rule, family))
-    jumps = tuple(sorted(f"-A {BUILTIN[hook]} {_quote(jump_args(hook))}" for hook in HOOKS))
+    jumps = tuple(sorted(f"-A {BUILTIN[hook]} {_quote(jump_args(hook, chain_of(plan, hook)))}"
+                         for hook in plan.hooks))
     return IptablesState(chains, jumps)
 
 
-def parse_save(text: str) -> IptablesState:
-    """Read ``iptables-save`` output: nodeagent's nat chains and jumps, and a rule count."""
+def parse_save(text: str, prefix: str = PREFIX) -> IptablesState:
+    """Read ``iptables-save`` output: the nat chains named ``prefix``* and the jumps into
+    them (one owner's, see ``prefix_of``), and a rule count."""
     table = None
     chains: dict[str, list[str]] = {}
     jumps: list[str] = []
@@ -126,16 +145,16 @@ def parse_save(text: str) -> IptablesState:
             table = line[1:]
         elif line.startswith(":") and table == TABLE:
             name = line[1:].split()[0]
-            if name.startswith(PREFIX):
+            if name.startswith(prefix):
                 chains.setdefault(name, [])
         elif line.startswith("-A "):
             count += 1
             if table != TABLE:
                 continue
             chain = line.split()[1]
-            if chain.startswith(PREFIX):
+            if chain.startswith(prefix):
                 chains.setdefault(chain, []).append(line)
-            elif _jump_target(line).startswith(PREFIX):
+            elif _jump_target(line).startswith(prefix):
                 jumps.append(line)
     return IptablesState({k: tuple(v) for k, v in chains.items()}, tuple(sorted(jumps)), count)
 
@@ -184,7 +203,7 @@ def render_restore(plan: CapturePlan, family: Family, current: IptablesState = E
     lines += [f"-X {chain}" for chain in stale]
     for chain_lines in want.chains.values():
         lines += chain_lines
-    lines += [f"-A {BUILTIN[hook]} {_quote(jump_args(hook))}" for hook in HOOKS]
+    lines += [f"-A {BUILTIN[hook]} {_quote(jump_args(hook, chain_of(plan, hook)))}" for hook in plan.hooks]
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -207,12 +226,12 @@ def render_cleanup(current: IptablesState) -> str | None:
 def check_commands(plan: CapturePlan, family: Family) -> list[list[str]]:
     """``-C`` argv (without the iptables binary) for every rule and jump of the plan."""
     cmds = []
-    for hook in HOOKS:
+    for hook in plan.hooks:
         for rule in plan.rules_for(hook, family):
             for args in rule_args(rule, family):
-                cmds.append(["-t", TABLE, "-C", CHAINS[hook], *args])
-    for hook in HOOKS:
-        cmds.append(["-t", TABLE, "-C", BUILTIN[hook], *jump_args(hook)])
+                cmds.append(["-t", TABLE, "-C", chain_of(plan, hook), *args])
+    for hook in plan.hooks:
+        cmds.append(["-t", TABLE, "-C", BUILTIN[hook], *jump_args(hook, chain_of(plan, hook))])
     return cmds
 
 

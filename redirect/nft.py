@@ -19,10 +19,13 @@ import posixpath
 from dataclasses import dataclass
 from typing import Mapping
 
-from .plan import OWNER, CaptureError, CapturePlan, Hook, Rule, HOOKS
+from .plan import NODE_OWNER, OWNER, CaptureError, CapturePlan, Hook, Rule
 
 # nft 1.0.6 refuses the symbolic ``dstnat`` for a nat output chain: use numbers.
-NAT_PRIORITY = -100
+NAT_PRIORITY = -100  # dstnat: prerouting, output
+SNAT_PRIORITY = 100  # srcnat: postrouting
+PRIORITIES: Mapping[str, int] = {"prerouting": NAT_PRIORITY, "output": NAT_PRIORITY, "postrouting": SNAT_PRIORITY}
+OWNERS = (OWNER, NODE_OWNER)  # every table nodeagent may own in a namespace
 # nft resolves `socket cgroupv2` paths relative to this directory, whatever the mount.
 NFT_CGROUP_BASE = "/sys/fs/cgroup"
 TABLE_FAMILIES = ("inet", "ip")
@@ -67,31 +70,41 @@ def render_rule(plan: CapturePlan, rule: Rule) -> str:
         parts.append(f"tcp dport {_set(rule.dports)}")
     elif rule.tcp:
         parts.append("meta l4proto tcp")
-    parts.append("return" if rule.action == "return" else f"redirect to :{rule.to_port}")
+    if rule.local_socket:
+        # nft has no "socket exists" match: `meta skuid` only matches a packet that
+        # belongs to a full local socket (as xt_owner's --socket-exists); every uid is >= 0.
+        parts.append("meta skuid >= 0")
+    if rule.action == "return":
+        parts.append("return")
+    elif rule.action == "snat":
+        parts.append(f"snat {proto} to {rule.to_addr}")
+    else:
+        parts.append(f"redirect to :{rule.to_port}")
     parts.append(f'comment "{rule.comment}"')
     return " ".join(parts)
 
 
 def _chain_header(hook: Hook) -> str:
-    return f"type nat hook {hook} priority {NAT_PRIORITY}; policy accept;"
+    return f"type nat hook {hook} priority {PRIORITIES[hook]}; policy accept;"
 
 
-def _drop_tables() -> list[str]:
+def _drop_tables(owners: tuple[str, ...] = (OWNER,)) -> list[str]:
     # `add` first so `delete` never fails on a fresh namespace: the idiom that
     # makes one `nft -f` both create and replace.
     lines = []
-    for fam in TABLE_FAMILIES:
-        lines += [f"add table {fam} {OWNER}", f"delete table {fam} {OWNER}"]
+    for owner in owners:
+        for fam in TABLE_FAMILIES:
+            lines += [f"add table {fam} {owner}", f"delete table {fam} {owner}"]
     return lines
 
 
 def render(plan: CapturePlan) -> str:
-    """`nft -f` text that atomically (re)creates nodeagent's table for this plan."""
+    """`nft -f` text that atomically (re)creates the plan owner's table (and nothing else)."""
     fam = table_family(plan)
     families = plan.families
-    lines = _drop_tables()
-    lines.append(f"table {fam} {OWNER} {{")
-    for hook in HOOKS:
+    lines = _drop_tables((plan.owner,))
+    lines.append(f"table {fam} {plan.owner} {{")
+    for hook in plan.hooks:
         lines.append(f"\tchain {hook} {{")
         lines.append(f"\t\t{_chain_header(hook)}")
         for rule in plan.rules_for(hook):
@@ -102,9 +115,9 @@ def render(plan: CapturePlan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_cleanup() -> str:
-    """`nft -f` text removing nodeagent's table(s) and nothing else."""
-    return "\n".join(_drop_tables()) + "\n"
+def render_cleanup(owners: tuple[str, ...] = (OWNER,)) -> str:
+    """`nft -f` text removing the ``owners``' tables (both families) and nothing else."""
+    return "\n".join(_drop_tables(owners)) + "\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,15 +133,16 @@ class ChainState:
 class TableState:
     family: str
     chains: Mapping[str, ChainState]
+    owner: str = OWNER
 
 
 def desired_state(plan: CapturePlan) -> TableState:
     families = plan.families
     chains = {}
-    for hook in HOOKS:
+    for hook in plan.hooks:
         rules = tuple(r.comment for r in plan.rules_for(hook) if r.family is None or r.family in families)
-        chains[hook] = ChainState("nat", hook, NAT_PRIORITY, "accept", rules)
-    return TableState(table_family(plan), chains)
+        chains[hook] = ChainState("nat", hook, PRIORITIES[hook], "accept", rules)
+    return TableState(table_family(plan), chains, plan.owner)
 
 
 def _items(listing: str, what: str) -> list:
@@ -141,8 +155,8 @@ def _items(listing: str, what: str) -> list:
     return items
 
 
-def _table_state(items: list, family: str) -> TableState | None:
-    """nodeagent's table of ``family`` among listing ``items`` (None if absent)."""
+def _table_state(items: list, family: str, owner: str = OWNER) -> TableState | None:
+    """The ``owner``'s table of ``family`` among listing ``items`` (None if absent)."""
     chains: dict[str, dict] = {}
     rules: dict[str, list[str]] = {}
     found = False
@@ -150,12 +164,12 @@ def _table_state(items: list, family: str) -> TableState | None:
         kind, obj = next(iter(item.items())) if isinstance(item, dict) and item else (None, None)
         if not isinstance(obj, dict) or obj.get("family") != family:
             continue
-        if kind == "table" and obj.get("name") == OWNER:
+        if kind == "table" and obj.get("name") == owner:
             found = True
-        elif kind == "chain" and obj.get("table") == OWNER:
+        elif kind == "chain" and obj.get("table") == owner:
             chains[obj["name"]] = obj
             rules.setdefault(obj["name"], [])
-        elif kind == "rule" and obj.get("table") == OWNER:
+        elif kind == "rule" and obj.get("table") == owner:
             comment = obj.get("comment")
             if not (isinstance(comment, str) and comment.startswith(OWNER + ":")):
                 comment = f"<foreign rule handle {obj.get('handle')}>"
@@ -166,12 +180,12 @@ def _table_state(items: list, family: str) -> TableState | None:
         name: ChainState(c.get("type"), c.get("hook"), c.get("prio"), c.get("policy"), tuple(rules.get(name, ())))
         for name, c in chains.items()
     }
-    return TableState(family, states)
+    return TableState(family, states, owner)
 
 
-def parse_state(listing: str, family: str) -> TableState | None:
-    """Read `nft -j list table FAMILY nodeagent` output; None if it is empty."""
-    return _table_state(_items(listing, f"list table {family} {OWNER}"), family)
+def parse_state(listing: str, family: str, owner: str = OWNER) -> TableState | None:
+    """Read `nft -j list table FAMILY OWNER` output; None if it is empty."""
+    return _table_state(_items(listing, f"list table {family} {owner}"), family, owner)
 
 
 # iptables-nft keeps its nat table as native tables `ip nat` / `ip6 nat`.
@@ -180,10 +194,10 @@ IPTABLES_NFT_TABLES = {"ip": "ipv4", "ip6": "ipv6"}
 
 @dataclass(frozen=True, slots=True)
 class Ruleset:
-    """What nodeagent needs to know of a namespace's nftables."""
+    """What nodeagent needs to know of a namespace's nftables (for one owner, see ``OWNERS``)."""
 
-    tables: Mapping[str, TableState]  # nodeagent's own tables, by family (inet, ip)
-    iptables_nft: frozenset[str]  # "ipv4"/"ipv6": iptables-nft nat tables holding NODEAGENT-* chains
+    tables: Mapping[str, TableState]  # the owner's own tables, by family (inet, ip)
+    iptables_nft: frozenset[str]  # "ipv4"/"ipv6": iptables-nft nat tables holding the owner's chains
 
 
 def parse_tables(listing: str) -> frozenset[tuple[str, str]]:
@@ -220,7 +234,7 @@ def parse_owned_chains(listing: str, owned_chain_prefix: str) -> frozenset[str]:
 def diff(desired: TableState, actual: TableState | None) -> tuple[str, ...]:
     """Human-readable differences; empty when the kernel matches the plan."""
     if actual is None:
-        return (f"table {desired.family} {OWNER} is missing",)
+        return (f"table {desired.family} {desired.owner} is missing",)
     out = []
     for name, want in desired.chains.items():
         have = actual.chains.get(name)

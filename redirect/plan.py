@@ -12,6 +12,12 @@ Two modes:
   inbound plaintext listener (15006); the mTLS tunnel port (15008) is accepted
   as is. The proxy's own sockets (mark 0x539), loopback traffic, excluded
   ports/CIDRs and the node's health probes are not captured.
+- node: the node's own (host) namespace, next to in-pod capture. TCP that a
+  LOCAL socket of the node (kubelet's health probes, anything the node itself
+  runs) opens to an enrolled pod is SNATed to the link-local probe address
+  169.254.7.127 (Istio ambient's), which every in-pod plan lets through
+  uncaptured. Forwarded traffic (other pods, other nodes) has no local socket
+  and is never rewritten; nor are the proxy's own sockets (mark 0x539).
 - host: processes grouped by cgroup v2 are the workloads, all in one namespace
   (usually the host's). Outbound TCP of each cgroup goes to that workload's own
   listener port, so the listener that accepts tells the proxy who is calling;
@@ -35,8 +41,13 @@ INBOUND_PORT = 15006
 TUNNEL_PORT = 15008
 PROXY_MARK = 0x539
 MARK_MASK = 0xFFF
-# Istio's SNAT address for kubelet probes when the node has no address on the pod's veth.
+# Istio ambient's link-local SNAT addresses for the node's probes (istio-cni HostProbeSNATAddress,
+# HostProbeV6SNATAddress): node-originated TCP to an enrolled pod gets this source, which the pod's
+# rules let through uncaptured.
 ISTIO_PROBE_SOURCE = "169.254.7.127"
+ISTIO_PROBE_SOURCE_V6 = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
+# The node plan lives in its own table/chains, so it never touches a host-mode plan in the same namespace.
+NODE_OWNER = "nodeagent-node"
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 _TAG_MAX = 48  # nft comments hold at most 128 characters: keep workload tags short
@@ -48,10 +59,11 @@ def _tag(name: str) -> str:
         return name
     return name[:_TAG_MAX - 9] + "~" + hashlib.sha256(name.encode()).hexdigest()[:8]
 
-Hook = Literal["output", "prerouting"]
-Action = Literal["return", "redirect"]
+Hook = Literal["output", "prerouting", "postrouting"]
+Action = Literal["return", "redirect", "snat"]
 Family = Literal["ipv4", "ipv6"]
-HOOKS: tuple[Hook, ...] = ("prerouting", "output")
+HOOKS: tuple[Hook, ...] = ("prerouting", "output")  # the in-pod and host plans' chains
+NODE_HOOKS: tuple[Hook, ...] = ("postrouting",)  # the node plan's chain
 
 
 class CaptureError(ValueError):
@@ -106,7 +118,11 @@ class CaptureConfig:
     exclude_outbound_ports: tuple[int, ...] = ()  # excludeOutboundPorts
     exclude_inbound_ports: tuple[int, ...] = ()  # excludeInboundPorts
     exclude_cidrs: tuple[str, ...] = ()  # excludeOutboundIPRanges
-    node_probe_sources: tuple[str, ...] = ()  # kubelet probe source (veth IP, or 169.254.7.127)
+    node_probe_sources: tuple[str, ...] = ()  # extra probe sources never captured inbound (e.g. the veth IP)
+    # Source address the node plan gives node-originated TCP to enrolled pods (None: no SNAT for
+    # that family); in-pod plans never capture it.
+    probe_snat_v4: str | None = ISTIO_PROBE_SOURCE
+    probe_snat_v6: str | None = ISTIO_PROBE_SOURCE_V6
     ipv6: bool = True
 
     def __post_init__(self) -> None:
@@ -135,6 +151,33 @@ class CaptureConfig:
             v6 = [c for c in self.exclude_cidrs + self.node_probe_sources if _family_of(c) == "ipv6"]
             if v6:
                 raise CaptureError(f"capture: IPv6 addresses {v6} given but ipv6 is off; remove them or set ipv6")
+        for name, version in (("probe_snat_v4", 4), ("probe_snat_v6", 6)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                addr = ipaddress.ip_address(str(value))
+            except ValueError:
+                raise CaptureError(f"capture.{name}: {value!r} is not an IPv{version} address") from None
+            if addr.version != version:
+                raise CaptureError(f"capture.{name}: {value!r} is not an IPv{version} address")
+            set_(self, name, str(addr))
+
+    @property
+    def probe_snat(self) -> tuple[str, ...]:
+        """The SNAT addresses in use (IPv6 only with ipv6 on), as /32 and /128 networks."""
+        out = []
+        if self.probe_snat_v4:
+            out.append(f"{self.probe_snat_v4}/32")
+        if self.probe_snat_v6 and self.ipv6:
+            out.append(f"{self.probe_snat_v6}/128")
+        return tuple(out)
+
+    @property
+    def inbound_exempt_sources(self) -> tuple[str, ...]:
+        """Sources an in-pod plan never captures inbound: the probe SNAT addresses and
+        ``node_probe_sources`` (sorted, no duplicates)."""
+        return _cidrs("capture.node_probe_sources", self.node_probe_sources + self.probe_snat)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +215,9 @@ class HostWorkload:
         return len(self.cgroup.split("/"))
 
 
+_LATER_FIELDS = ("to_addr", "local_socket")
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """One netfilter rule in nodeagent's nat chains, backend-neutral.
@@ -184,6 +230,7 @@ class Rule:
     hook: Hook
     action: Action
     to_port: int | None = None
+    to_addr: str | None = None  # snat: the new source address
     family: Family | None = None
     mark: tuple[int, int] | None = None  # (value, mask)
     iif: str | None = None
@@ -194,11 +241,16 @@ class Rule:
     dports: tuple[int, ...] = ()
     cgroup: str | None = None  # relative to the cgroup v2 root
     cgroup_level: int | None = None
+    local_socket: bool = False  # only packets of a local socket of this namespace (not forwarded ones)
 
     @property
     def digest(self) -> str:
         """Short content hash: a changed rule gets a new comment, so drift is visible."""
-        text = repr(tuple(getattr(self, f.name) for f in fields(self)))
+        # Fields added later (to_addr, local_socket) count only when set, so the rules
+        # that do not use them keep their digests (no drift on upgrade).
+        values = [getattr(self, f.name) for f in fields(self) if f.name not in _LATER_FIELDS]
+        extra = {name: getattr(self, name) for name in _LATER_FIELDS if getattr(self, name) not in (None, False)}
+        text = repr(tuple(values)) + (repr(sorted(extra.items())) if extra else "")
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
     @property
@@ -208,13 +260,22 @@ class Rule:
 
 @dataclass(frozen=True, slots=True)
 class CapturePlan:
-    """The complete set of nodeagent rules for ONE network namespace."""
+    """One owner's set of nodeagent rules for ONE network namespace.
 
-    mode: Literal["in-pod", "host"]
+    ``owner`` names the nft table (and, upper-cased, the iptables chain
+    prefix); ``hooks`` are its chains. The in-pod and host plans own
+    ``nodeagent`` (prerouting, output); the node plan ``nodeagent-node``
+    (postrouting), so a host namespace can hold a host plan and the node plan
+    side by side, each replaced and removed on its own.
+    """
+
+    mode: Literal["in-pod", "host", "node"]
     rules: tuple[Rule, ...]
     ipv6: bool = True
     cgroup2_mount: str = "/sys/fs/cgroup"
     workloads: tuple[HostWorkload, ...] = field(default=())
+    owner: str = OWNER
+    hooks: tuple[Hook, ...] = HOOKS
 
     def rules_for(self, hook: Hook, family: Family | None = None) -> tuple[Rule, ...]:
         return tuple(r for r in self.rules
@@ -225,7 +286,7 @@ class CapturePlan:
         return ("ipv4", "ipv6") if self.ipv6 else ("ipv4",)
 
 
-def _exclusion_rules(config: CaptureConfig) -> list[Rule]:
+def _exclusion_rules(config: CaptureConfig, probe_sources: tuple[str, ...]) -> list[Rule]:
     """Rules shared by both modes: what is never captured."""
     rules = [
         Rule("out-skip-proxy-mark", "output", "return", mark=(config.proxy_mark, config.mark_mask)),
@@ -238,7 +299,7 @@ def _exclusion_rules(config: CaptureConfig) -> list[Rule]:
     if config.exclude_outbound_ports:
         rules.append(Rule("out-skip-ports", "output", "return", tcp=True, dports=config.exclude_outbound_ports))
     for fam, tag in (("ipv4", "4"), ("ipv6", "6")):
-        sources = tuple(c for c in config.node_probe_sources if _family_of(c) == fam)
+        sources = tuple(c for c in probe_sources if _family_of(c) == fam)
         if sources:
             rules.append(Rule(f"in-skip-probes{tag}", "prerouting", "return", family=fam, saddrs=sources))
     rules.append(Rule("in-skip-loopback", "prerouting", "return", iif="lo"))
@@ -249,8 +310,12 @@ def _exclusion_rules(config: CaptureConfig) -> list[Rule]:
 
 
 def in_pod_plan(config: CaptureConfig = CaptureConfig()) -> CapturePlan:
-    """Rules for a pod's own network namespace (ambient-style in-pod capture)."""
-    rules = _exclusion_rules(config)
+    """Rules for a pod's own network namespace (ambient-style in-pod capture).
+
+    Inbound TCP from the probe SNAT addresses (``node_plan``) and from
+    ``node_probe_sources`` reaches the application uncaptured.
+    """
+    rules = _exclusion_rules(config, config.inbound_exempt_sources)
     rules.append(Rule("out-redirect", "output", "redirect", to_port=config.outbound_port, tcp=True))
     rules.append(Rule("in-redirect", "prerouting", "redirect", to_port=config.inbound_port, tcp=True))
     return CapturePlan("in-pod", _ordered(rules), ipv6=config.ipv6)
@@ -290,7 +355,7 @@ def host_plan(workloads: Sequence[HostWorkload], config: CaptureConfig = Capture
         seen_names[w.name] = seen_cgroups[w.cgroup] = seen_ports[w.outbound_port] = w
     if not cgroup2_mount.startswith("/"):
         raise CaptureError(f"host mode: cgroup2_mount must be an absolute path, got {cgroup2_mount!r}")
-    rules = _exclusion_rules(config)
+    rules = _exclusion_rules(config, config.node_probe_sources)
     for w in workloads:
         rules.append(Rule(f"out-redirect-{_tag(w.name)}", "output", "redirect", to_port=w.outbound_port,
                           tcp=True, cgroup=w.cgroup, cgroup_level=w.cgroup_level))
@@ -303,10 +368,51 @@ def host_plan(workloads: Sequence[HostWorkload], config: CaptureConfig = Capture
                        cgroup2_mount=posixpath.normpath(cgroup2_mount), workloads=workloads)
 
 
-def _ordered(rules: list[Rule]) -> tuple[Rule, ...]:
+def node_plan(pod_addresses: Sequence[str], config: CaptureConfig = CaptureConfig()) -> CapturePlan:
+    """Rules for the node's own (host) namespace: probe SNAT towards enrolled pods.
+
+    In nat ``postrouting``: the proxy's own sockets (mark) are left alone;
+    then TCP to one of ``pod_addresses`` whose packet belongs to a LOCAL
+    socket (iptables ``-m owner --socket-exists``, nft ``meta skuid``: the
+    node's processes such as kubelet, never forwarded pod or node traffic) is
+    SNATed to ``config.probe_snat_v4`` / ``probe_snat_v6``, which every in-pod
+    plan lets through uncaptured. NAT runs on a connection's first packet, so
+    only new connections are rewritten; replies are un-NATed by conntrack,
+    which needs the pod to route the SNAT address back to the node (its
+    default route via the node does).
+    """
+    if isinstance(pod_addresses, (str, bytes)):
+        raise CaptureError(f"node plan: pod addresses must be a list, got {pod_addresses!r}")
+    addresses = []
+    for i, value in enumerate(pod_addresses):
+        try:
+            addr = ipaddress.ip_address(str(value))
+        except ValueError:
+            raise CaptureError(f"node plan: pod address [{i}] {value!r} is not an IP address") from None
+        addresses.append(f"{addr}/{addr.max_prefixlen}")
+    addresses = list(_cidrs("node plan: pod addresses", addresses))
+    if not addresses:
+        raise CaptureError("node plan: no pod addresses given; enrol a pod with its IP first")
+    snat = {"ipv4": config.probe_snat_v4, "ipv6": config.probe_snat_v6 if config.ipv6 else None}
+    rules = [Rule("post-skip-proxy-mark", "postrouting", "return", mark=(config.proxy_mark, config.mark_mask))]
+    for fam, tag in (("ipv4", "4"), ("ipv6", "6")):
+        daddrs = tuple(a for a in addresses if _family_of(a) == fam)
+        if daddrs and snat[fam]:
+            rules.append(Rule(f"post-probe-snat{tag}", "postrouting", "snat", to_addr=snat[fam], family=fam,
+                              daddrs=daddrs, tcp=True, local_socket=True))
+    if len(rules) == 1:
+        raise CaptureError(f"node plan: probe SNAT is off for the families of {addresses} "
+                           "(probe_snat_v4/probe_snat_v6 unset, or ipv6 off)")
+    return CapturePlan("node", _ordered(rules, NODE_HOOKS), ipv6=config.ipv6, owner=NODE_OWNER, hooks=NODE_HOOKS)
+
+
+def _ordered(rules: list[Rule], hooks: tuple[Hook, ...] = HOOKS) -> tuple[Rule, ...]:
     """Hook order is fixed (prerouting, output); order within a hook is as built."""
     names = [r.name for r in rules]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise CaptureError(f"capture plan: duplicate rule names {sorted(dup)}")
-    return tuple(r for hook in HOOKS for r in rules if r.hook == hook)
+    stray = [r.name for r in rules if r.hook not in hooks]
+    if stray:
+        raise CaptureError(f"capture plan: rules {stray} are not in the plan's chains {list(hooks)}")
+    return tuple(r for hook in hooks for r in rules if r.hook == hook)

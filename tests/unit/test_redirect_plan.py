@@ -17,12 +17,17 @@ def _names(plan, hook):
 def test_in_pod_plan_skips_before_it_redirects():
     plan = in_pod_plan(CaptureConfig(exclude_cidrs=("10.96.0.0/12",), node_probe_sources=("169.254.7.127",)))
     assert _names(plan, "output") == ["out-skip-proxy-mark", "out-skip-loopback", "out-skip-cidrs4", "out-redirect"]
-    assert _names(plan, "prerouting") == ["in-skip-probes4", "in-skip-loopback", "in-accept-tunnel", "in-redirect"]
+    # the node's probe SNAT addresses (IPv4 and IPv6) are exempt by default, before anything else
+    assert _names(plan, "prerouting") == ["in-skip-probes4", "in-skip-probes6", "in-skip-loopback",
+                                          "in-accept-tunnel", "in-redirect"]
+    probes = {r.name: r.saddrs for r in plan.rules_for("prerouting")[:2]}
+    assert probes == {"in-skip-probes4": ("169.254.7.127/32",),
+                      "in-skip-probes6": ("fd16:9254:7127:1337:ffff:ffff:ffff:ffff/128",)}
     out = plan.rules_for("output")[-1]
     assert (out.action, out.to_port, out.tcp) == ("redirect", 15001, True)
     inbound = plan.rules_for("prerouting")[-1]
     assert (inbound.action, inbound.to_port) == ("redirect", 15006)
-    tunnel = plan.rules_for("prerouting")[2]
+    tunnel = plan.rules_for("prerouting")[3]
     assert (tunnel.action, tunnel.dports) == ("return", (15008,))
     assert plan.rules_for("output")[0].mark == (0x539, 0xFFF)
 

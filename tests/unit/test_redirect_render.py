@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from redirect import iptables, nft
-from redirect.plan import CaptureConfig, HostWorkload, host_plan, in_pod_plan
+from redirect.plan import CaptureConfig, HostWorkload, host_plan, in_pod_plan, node_plan
 
 GOLDEN = Path(__file__).parent / "golden"
 REGEN = os.environ.get("NODEAGENT_REGEN_GOLDEN") == "1"
@@ -40,6 +40,9 @@ PLANS = {
          HostWorkload("batch", "/batch/", 15102)],
         CaptureConfig(exclude_cidrs=("169.254.169.254/32",), node_probe_sources=("10.250.0.1",)),
         cgroup2_mount="/sys/fs/cgroup/unified"),
+    # The node's own namespace: node-originated TCP to enrolled pods SNATed to the probe address.
+    "node-probes": lambda: node_plan(["10.250.1.6", "10.250.1.5", "fd00:250::5"]),
+    "node-probes-ipv4": lambda: node_plan(["10.250.1.5"], CaptureConfig(ipv6=False)),
 }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import time
@@ -35,7 +36,7 @@ from nodeagent.agent.persist import ensure_state_dir, load_registry, save_regist
 from nodeagent.agent.reconciler import Clock, MonotonicClock, Reconciler
 from nodeagent.agent.registry import Change, EnrollConflict, Outcome, RetrySet, StateFileError
 from nodeagent.agent.server import SOCKET_NAME, EnrollmentServer
-from nodeagent.agent.workload import SpecError, WorkloadSpec, merge_workloads, spec_from_json, spiffe_id
+from nodeagent.agent.workload import SpecError, WorkloadSpec, merge_workloads, netns_path, spec_from_json, spiffe_id
 from nodeagent.identity import CAError, CertificateManager, IdentityError, SpiffeId, create_manager
 from nodeagent.identity import certs as x509certs
 from nodeagent.store import ConfigStore
@@ -302,7 +303,7 @@ class Agent:
         if request.op == "list":
             return protocol.ok(workloads=self.workloads_view()["enrolled"])
         if request.op == "enroll":
-            return await self.enroll(request.spec)
+            return await self.enroll(request.spec, wait=request.wait)
         if request.workload is not None:
             spec = self.registry.find(*request.workload)
             if spec is None:
@@ -310,9 +311,22 @@ class Agent:
             return await self.unenroll(*spec.key)
         return await self.unenroll(*request.key)
 
-    async def enroll(self, spec: WorkloadSpec) -> dict[str, Any]:
+    async def enroll(self, spec: WorkloadSpec, wait: bool = False) -> dict[str, Any]:
+        """Enroll (or update) a workload. Its netns/cgroup must exist unless ``wait``
+        (the caller expects it to appear: it is then captured when it does)."""
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
+        if not wait:
+            problem = target_problem(spec)
+            if problem:
+                held = self.registry.get(*spec.key)
+                log.info("enroll %s refused: %s", spec.ref, problem)
+                return protocol.error(
+                    f"{problem}: {spec.namespace}/{spec.name} "
+                    + ("stays enrolled from before (unenroll it if it is gone for good)" if held is not None
+                       else "not enrolled, no identity issued")
+                    + f". Check the {'name (`ip netns list`)' if spec.kind == 'netns' else 'path (systemctl status)'}"
+                      ", or pass --wait to enroll it ahead: it is captured when it appears")
         async with self._lock:
             try:
                 change = self.registry.enroll(spec)
@@ -573,6 +587,41 @@ class Agent:
 
     def metrics_text(self) -> tuple[bytes, str]:
         return generate_latest(self.metrics_registry), CONTENT_TYPE_LATEST
+
+
+CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3): the namespace type of an nsfs file (Linux 4.11+)
+
+
+def target_problem(spec: WorkloadSpec) -> str:
+    """'' when the workload's network namespace / cgroup exists, else what is wrong, naming the path."""
+    if spec.kind == "netns":
+        path = netns_path(spec.target)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return f"network namespace {path} does not exist"
+        except OSError as exc:
+            return f"cannot open network namespace {path}: {exc.strerror or exc}"
+        try:
+            kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+        except OSError:
+            kind = None  # not an nsfs file (ENOTTY)
+        finally:
+            os.close(fd)
+        if kind != CLONE_NEWNET:
+            return f"{path} is not a network namespace (a leftover file, or /var/run/netns not mounted here)"
+        return ""
+    from redirect import CaptureError as RedirectError, cgroup2_mount
+
+    try:
+        mount = cgroup2_mount()
+    except (RedirectError, OSError) as exc:
+        return f"cgroup {spec.target}: {exc}"
+    path = mount.rstrip("/") + spec.target
+    if not os.path.isdir(path):
+        return f"cgroup {spec.target} does not exist (no directory {path})"
+    return ""
 
 
 def _lock_state_dir(state_dir: Path) -> int:

@@ -276,7 +276,7 @@ class DataPlaneCapture:
             # The pod is gone without an unenroll: close its listeners (an open socket
             # would keep the dead namespace alive) and keep it in the retry set.
             self.plane.detach(spec)
-            raise CaptureError(f"network namespace {path} does not exist (pod gone?); "
+            raise CaptureError(f"{spec.ref}: network namespace {path} does not exist (pod gone?); "
                                f"unenroll it, or it is captured again when it reappears")
         self._attach(spec)
         self.inner.apply(spec)

@@ -65,7 +65,7 @@ class NetfilterCapture:
                     self._cgroups[spec.target] = previous
                 raise
         except (RedirectError, TimeoutError) as exc:
-            raise CaptureError(str(exc)) from None
+            raise CaptureError(self._explain(spec, exc)) from None
 
     def remove(self, spec: WorkloadSpec) -> None:
         try:
@@ -84,7 +84,26 @@ class NetfilterCapture:
             else:
                 cleanup(None, runner=self.runner)
         except (RedirectError, TimeoutError) as exc:
-            raise CaptureError(str(exc)) from None
+            raise CaptureError(self._explain(spec, exc)) from None
+
+    def _explain(self, spec: WorkloadSpec, exc: Exception) -> str:
+        """The backend's error, naming the workload and its netns or cgroup path. nft's own
+        text for a cgroup that does not exist is "cgroupv2 path fails" under a caret line
+        that points into the table, never at the cgroup: name the missing cgroup(s) instead."""
+        if spec.kind == "netns":
+            path = netns_path(spec.target)
+            where = "" if path in str(exc) else f" in network namespace {path}"
+            return f"{spec.ref}: {self.mode} capture{where}: {exc}"
+        mount = (self.cgroup2_mount or "/sys/fs/cgroup").rstrip("/")
+        wanted = {spec.target: spec, **self._cgroups}
+        missing = [(target, other) for target, other in sorted(wanted.items())
+                   if not os.path.isdir(mount + target)]
+        if missing:
+            gone = "; ".join(f"cgroup {mount}{target} of {other.namespace}/{other.name} does not exist"
+                             for target, other in missing)
+            return (f"{spec.ref}: {self.mode} host capture not applied: {gone} (the host table names every "
+                    f"enrolled cgroup; start the service, or unenroll it) [{self.mode}: {str(exc).splitlines()[0]}]")
+        return f"{spec.ref}: {self.mode} host capture for cgroup {mount}{spec.target}: {exc}"
 
     def _cgroups_cleanup_if_empty(self) -> None:
         # Removing a cgroup workload this process never applied (after a restart,

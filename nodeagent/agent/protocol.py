@@ -6,7 +6,8 @@ a unix stream socket. This is the call a CNI plugin makes.
 Requests::
 
     {"op": "enroll", "kind": "netns"|"cgroup", "target": "...", "name": "...",
-     "namespace": "...", "service_account": "...", "labels": {...}, "ips": [...]}
+     "namespace": "...", "service_account": "...", "labels": {...}, "ips": [...],
+     "wait": false}
     {"op": "unenroll", "kind": "netns"|"cgroup", "target": "..."}
     {"op": "unenroll", "namespace": "...", "name": "..."}   (CNI DEL without a netns)
     {"op": "list"}
@@ -14,6 +15,8 @@ Requests::
 Replies: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``. An
 enroll reply carries ``result`` (added / unchanged / updated), ``identity``,
 ``capture`` (applied / pending / none) and, when pending, ``capture_error``.
+An enroll whose netns/cgroup does not exist is refused unless ``wait`` is
+true (the target is expected to appear; it is captured when it does).
 Pure: parsing and encoding only.
 """
 from __future__ import annotations
@@ -36,6 +39,7 @@ class ProtocolError(ValueError):
 class Request:
     op: str
     spec: WorkloadSpec | None = None  # enroll
+    wait: bool = False  # enroll: accept a target that does not exist yet
     key: tuple[str, str] | None = None  # unenroll by (kind, target)
     workload: tuple[str, str] | None = None  # unenroll by (namespace, name)
 
@@ -63,7 +67,11 @@ def parse_request(line: bytes) -> Request:
         raise ProtocolError(f"op must be one of {', '.join(OPS)}, got {op!r}")
     try:
         if op == "enroll":
-            return Request(op, spec=spec_from_json({k: v for k, v in message.items() if k != "op"}))
+            wait = message.get("wait", False)
+            if not isinstance(wait, bool):
+                raise SpecError(f"wait must be true or false, got {wait!r}")
+            return Request(op, spec=spec_from_json({k: v for k, v in message.items() if k not in ("op", "wait")}),
+                           wait=wait)
         if op == "unenroll" and "target" not in message and "kind" not in message:
             namespace, name = message.get("namespace"), message.get("name")
             if not isinstance(namespace, str) or not namespace or not isinstance(name, str) or not name:
@@ -81,8 +89,8 @@ def parse_request(line: bytes) -> Request:
     return Request(op)
 
 
-def enroll_request(spec_fields: dict[str, Any]) -> dict[str, Any]:
-    return {"op": "enroll", **spec_fields}
+def enroll_request(spec_fields: dict[str, Any], wait: bool = False) -> dict[str, Any]:
+    return {"op": "enroll", **spec_fields, **({"wait": True} if wait else {})}
 
 
 def unenroll_request(kind: str, target: str) -> dict[str, Any]:

@@ -65,6 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     enroll.add_argument("--ports", default="",
                         help="--cgroup only: host TCP ports the workload serves, 8080,9090 (their inbound "
                              "connections go through the proxy)")
+    enroll.add_argument("--wait", action="store_true",
+                        help="accept a netns/cgroup that does not exist yet: the workload is enrolled (and gets "
+                             "its identity) now, and captured when the target appears (exit 3 until then); "
+                             "without it such an enrollment is refused")
     enroll.add_argument("--json", action="store_true", help="print the agent's reply as JSON")
     _state_dir(enroll)
     enroll.set_defaults(func=cmd_enroll)
@@ -207,7 +211,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
                                "ips": args.ip, "ports": parse_ports(args.ports)})
     except SpecError as exc:
         raise UserError(f"enroll: {exc}") from None
-    reply = _call(args, enroll_request(spec.to_json()))
+    reply = _call(args, enroll_request(spec.to_json(), wait=args.wait))
     if args.json:
         print(json.dumps(reply, indent=2, sort_keys=True))
     else:

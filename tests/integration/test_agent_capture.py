@@ -68,14 +68,28 @@ def test_capture_applied_kept_while_down_readopted_and_removed(agents, namespace
     print(f"\nenroll round trip with nftables capture ({len(samples)}): p50 {statistics.median(samples):.1f} ms "
           f"(listeners + rules {statistics.median(capture):.1f} ms), max {max(samples):.1f} ms")
 
-    # A netns that does not exist: enrolled, capture pending, in the retry set, health Degraded.
-    missing = cli(state, *enroll_args("ghost", f"{pods[0]}-missing", "10.250.0.99"), check=False)
-    assert missing.returncode == 3 and "capture is not applied yet" in missing.stderr
-    view = agent.json("/workloads")
-    assert [r["target"] for r in view["retry"]] == [f"{pods[0]}-missing"]
-    assert agent.json("/healthz")["status"] == "Degraded"
-    cli(state, "unenroll", "--netns", f"{pods[0]}-missing")
+    # A netns that does not exist is refused (a typo); with --wait it is enrolled, capture
+    # pending, in the retry set, health Degraded until it appears, then captured.
+    later = f"{pods[0]}-later"
+    typo = cli(state, *enroll_args("ghost", later, "10.250.0.99"), check=False)
+    assert typo.returncode == 1 and f"network namespace /var/run/netns/{later} does not exist" in typo.stderr
     assert agent.json("/workloads")["retry"] == []
+    missing = cli(state, *enroll_args("ghost", later, "10.250.0.99", "--wait"), check=False)
+    assert missing.returncode == 3 and "capture is not applied yet" in missing.stderr
+    assert f"shop/ghost (netns {later}): " in missing.stderr  # the reason names the workload
+    view = agent.json("/workloads")
+    assert [r["target"] for r in view["retry"]] == [later]
+    assert agent.json("/healthz")["status"] == "Degraded"
+    subprocess.run(["ip", "netns", "add", later], check=True, timeout=10)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and agent.json("/workloads")["retry"]:
+            time.sleep(0.1)
+        assert agent.json("/workloads")["retry"] == [] and nft_tables(later) == ["table inet nodeagent"]
+        cli(state, "unenroll", "--netns", later)
+        assert nft_tables(later) == []
+    finally:
+        subprocess.run(["ip", "netns", "del", later], timeout=10)
 
     # Stopped agent: the rules stay (fail closed).
     assert agent.stop() == 0

@@ -74,22 +74,34 @@ def test_cni_add_del_check(agents, api_server, tmp_path):
     version = run_plugin("VERSION", conf)
     assert json.loads(version.stdout)["supportedVersions"][-1] == "1.0.0"
 
-    added = run_plugin("ADD", conf, netns="/var/run/netns/cni-1234")
+    # ADD runs after the runtime created the pod's netns and the main plugin wired it, so the
+    # netns exists: here a real one, this test process's (/proc/PID/ns/net, as some runtimes pass).
+    netns = f"/proc/{os.getpid()}/ns/net"
+    added = run_plugin("ADD", conf, netns=netns)
     assert added.returncode == 0, added.stdout + added.stderr
     assert json.loads(added.stdout) == prev  # a chained plugin passes the result on
     assert seen == [("/api/v1/namespaces/shop/pods/web-7d9f", "Bearer secret-token")]
     (w,) = call(state, {"op": "list"})["workloads"]
     assert (w["target"], w["name"], w["namespace"], w["service_account"], w["labels"], w["ips"]) == (
-        "cni-1234", "web-7d9f", "shop", "web-sa", {"app": "web", "version": "v2"}, ["10.250.3.7", "fd00::7"])
-    assert run_plugin("CHECK", conf, netns="/var/run/netns/cni-1234").returncode == 0
+        netns, "web-7d9f", "shop", "web-sa", {"app": "web", "version": "v2"}, ["10.250.3.7", "fd00::7"])
+    assert run_plugin("CHECK", conf, netns=netns).returncode == 0
 
     # DEL after the runtime dropped the netns: by pod name; DEL again is a no-op.
     deleted = run_plugin("DEL", conf, netns="")
     assert deleted.returncode == 0, deleted.stdout + deleted.stderr
     assert call(state, {"op": "list"})["workloads"] == []
-    assert run_plugin("DEL", conf, netns="/var/run/netns/cni-1234").returncode == 0
-    missing = run_plugin("CHECK", conf, netns="/var/run/netns/cni-1234")
+    assert run_plugin("DEL", conf, netns=netns).returncode == 0
+    missing = run_plugin("CHECK", conf, netns=netns)
     assert missing.returncode == 1 and "is not enrolled" in json.loads(missing.stdout)["msg"]
+
+    # A netns that does not exist (the runtime removed it before ADD ran): the ADD fails with the
+    # agent's reason and nothing is enrolled (kubelet retries the sandbox; no identity minted).
+    gone = run_plugin("ADD", conf, netns="/var/run/netns/cni-gone-1234")
+    assert gone.returncode == 1, gone.stdout + gone.stderr
+    failure = json.loads(gone.stdout)
+    assert failure["msg"] == "nodeagent-cni: enrolling shop/web-7d9f failed"
+    assert "network namespace /var/run/netns/cni-gone-1234 does not exist" in failure["details"]
+    assert call(state, {"op": "list"})["workloads"] == []
 
     # Excluded namespaces pass through; an unknown pod fails the ADD (fail closed).
     assert run_plugin("ADD", conf, netns="/var/run/netns/x", pod=("kube-system", "dns")).returncode == 0

@@ -83,8 +83,11 @@ def call(state_dir: Path, message: dict) -> dict:
 
 
 def enroll_message(name: str, target: str, *ips: str, sa: str | None = None) -> dict:
+    # "wait": these tests run without root and with --capture none, their netns targets are
+    # names only (an enroll of a netns that does not exist is refused without it: test_agent_enroll.py).
     return {"op": "enroll", "kind": "netns", "target": target, "name": name, "namespace": "shop",
-            "service_account": sa or f"{name}-sa", "labels": {"app": name, "version": "v1"}, "ips": list(ips)}
+            "service_account": sa or f"{name}-sa", "labels": {"app": name, "version": "v1"}, "ips": list(ips),
+            "wait": True}
 
 
 class AgentProcess:
@@ -214,11 +217,11 @@ def test_lifecycle_enroll_restart_readopt_unenroll(agents, tmp_path):
     assert "WATCHDOG=1" in agent.notifications("WATCHDOG=1")  # $WATCHDOG_USEC=1 s: pinged every 0.5 s
     assert (state / "agent.sock").exists() and (os.stat(state / "agent.sock").st_mode & 0o777) == 0o600
 
-    out = cli(state, *enroll_args("web", "pod-web", "10.250.0.2"))
+    out = cli(state, *enroll_args("web", "pod-web", "10.250.0.2", "--wait"))
     assert out.stdout.startswith("added: shop/web on netns pod-web as spiffe://cluster.local/ns/shop/sa/web-sa")
     assert call(state, enroll_message("web", "/var/run/netns/pod-web", "10.250.0.2"))["result"] == "unchanged"
     assert call(state, enroll_message("web", "pod-web", "10.250.0.2", "10.250.0.12"))["result"] == "updated"
-    conflict = cli(state, *enroll_args("db", "pod-db", "10.250.0.12"), check=False)
+    conflict = cli(state, *enroll_args("db", "pod-db", "10.250.0.12", "--wait"), check=False)
     assert conflict.returncode == 1
     assert conflict.stderr.strip() == "nodeagent: IP 10.250.0.12 is already held by workload shop/web (netns pod-web)"
     assert "Traceback" not in conflict.stderr
@@ -357,7 +360,7 @@ def test_readiness_is_503_until_identities_are_issued(agents, tmp_path):
     health = agent.json("/healthz")
     assert health["ready"] is False
     # Enrollment works while not ready (the CNI must not block on the CA), with a warning.
-    out = cli(agent.state_dir, *enroll_args("web", "pod-web", "10.250.0.2"))
+    out = cli(agent.state_dir, *enroll_args("web", "pod-web", "10.250.0.2", "--wait"))
     assert "certificate pending" in out.stdout
     assert "warning: no certificate for spiffe://cluster.local/ns/shop/sa/web-sa yet" in out.stderr
     assert agent.stop() == 0
@@ -371,7 +374,8 @@ def test_enroll_round_trip_latency(agents, tmp_path):
     samples = []
     for i in range(40):
         message = {"op": "enroll", "kind": "netns", "target": f"pod-{i}", "name": f"w{i}", "namespace": "shop",
-                   "service_account": "sa", "labels": {"app": "w"}, "ips": [f"10.250.1.{i + 1}"]}
+                   "service_account": "sa", "labels": {"app": "w"}, "ips": [f"10.250.1.{i + 1}"],
+                   "wait": True}  # targets are names only (capture none, no root)
         started = time.perf_counter()
         reply = client.call(message)
         samples.append((time.perf_counter() - started) * 1000)
@@ -437,9 +441,9 @@ def test_remote_ca_issues_only_identities_placed_on_this_node(agents, tmp_path):
         agent = agents(tmp_path / "state", extra=("--ca-url", url, "--node-credential", str(tmp_path / "cred"),
                                                   "--enroll-cert-wait", "1"))
         agent.wait_ready()
-        placed = cli(agent.state_dir, *enroll_args("web", "pod-web", "10.250.0.2"))
+        placed = cli(agent.state_dir, *enroll_args("web", "pod-web", "10.250.0.2", "--wait"))
         assert "certificate issued" in placed.stdout and placed.stderr == ""  # enroll waited for it
-        unplaced = cli(agent.state_dir, *enroll_args("db", "pod-db", "10.250.0.3"))
+        unplaced = cli(agent.state_dir, *enroll_args("db", "pod-db", "10.250.0.3", "--wait"))
         assert "certificate pending" in unplaced.stdout and "does not place shop/db-sa" in unplaced.stderr
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

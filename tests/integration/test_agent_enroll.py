@@ -1,0 +1,112 @@
+"""Enrolling a target that does not exist is refused (a typo must not persist or mint
+an identity), unless the caller asks to wait for it.
+
+The real agent as a subprocess (tests/integration/test_agent_daemon.py's harness)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import subprocess
+import time
+from pathlib import Path
+
+from tests.integration.test_agent_daemon import agents, call, cli  # noqa: F401  (fixture)
+
+
+def enroll(state: Path, *target: str, name: str = "web", extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return cli(state, "enroll", *target, "--name", name, "--namespace", "shop", "--service-account", f"{name}-sa",
+               *extra, check=False)
+
+
+def assert_nothing_enrolled(agent, state: Path) -> None:
+    assert call(state, {"op": "list"})["workloads"] == []
+    assert json.loads((state / "workloads.json").read_text())["workloads"] == []
+    assert agent.json("/certs")["certificates"] == []  # no identity minted
+
+
+def test_missing_targets_are_refused_unless_waited_for(agents, tmp_path):
+    state = tmp_path / "state"
+    agent = agents(state)  # --capture none: the check does not depend on the capture mode
+    agent.wait_ready()
+
+    typo = enroll(state, "--netns", "no-such-pod-netns")
+    assert typo.returncode == 1 and typo.stdout == "" and "Traceback" not in typo.stderr
+    assert typo.stderr.startswith("nodeagent: network namespace /var/run/netns/no-such-pod-netns does not exist: "
+                                  "shop/web not enrolled, no identity issued. Check the name (`ip netns list`), "
+                                  "or pass --wait"), typo.stderr
+    assert_nothing_enrolled(agent, state)
+
+    not_a_netns = tmp_path / "plain-file"
+    not_a_netns.write_text("")
+    wrong = enroll(state, "--netns", str(not_a_netns))
+    assert wrong.returncode == 1
+    assert f"nodeagent: {not_a_netns} is not a network namespace" in wrong.stderr
+
+    cgroup = f"/nodeagent-test-{secrets.token_hex(3)}.slice/typo.service"
+    missing_cgroup = enroll(state, "--cgroup", cgroup)
+    assert missing_cgroup.returncode == 1
+    assert f"nodeagent: cgroup {cgroup} does not exist (no directory " in missing_cgroup.stderr
+    assert f"{cgroup}): shop/web not enrolled, no identity issued. Check the path" in missing_cgroup.stderr
+    assert_nothing_enrolled(agent, state)
+
+    # The wire protocol (the CNI plugin's call) refuses it the same way.
+    reply = call(state, {"op": "enroll", "kind": "netns", "target": "no-such-pod-netns", "name": "web",
+                         "namespace": "shop"})
+    assert reply["ok"] is False and "does not exist" in reply["error"]
+    assert call(state, {"op": "enroll", "kind": "netns", "target": "x", "name": "web", "namespace": "shop",
+                        "wait": "yes"}) == {"ok": False, "error": "enroll: wait must be true or false, got 'yes'"}
+
+    # A real namespace (this test's own, by /proc path) is enrolled.
+    real = enroll(state, "--netns", f"/proc/{os.getpid()}/ns/net")
+    assert real.returncode == 0 and real.stdout.startswith(f"added: shop/web on netns /proc/{os.getpid()}/ns/net")
+
+    # --wait: enrolled ahead of its namespace (identity issued now; captured when it appears).
+    ahead = enroll(state, "--netns", "pod-to-come", name="db", extra=("--wait",))
+    assert ahead.returncode == 0 and ahead.stdout.startswith("added: shop/db on netns pod-to-come"), ahead.stderr
+    assert sorted(w["name"] for w in call(state, {"op": "list"})["workloads"]) == ["db", "web"]
+    # Re-enrolling it without --wait while the namespace is still missing: refused, and it says
+    # the earlier enrollment stands.
+    again = enroll(state, "--netns", "pod-to-come", name="db")
+    assert again.returncode == 1 and "shop/db stays enrolled from before" in again.stderr
+    assert agent.stop() == 0
+
+
+def test_cgroup_that_does_not_exist_yet_is_named_then_captured_when_it_appears(agents, needs_root, needs_tool,
+                                                                               tmp_path):
+    """--capture nftables, --wait: the pending reason names the workload and the cgroup path
+    (nft alone says "cgroupv2 path fails" under a caret); once the cgroup exists, the
+    agent's retry applies the host capture."""
+    needs_tool("nft")
+    from redirect import cgroup2_mount
+
+    mount = cgroup2_mount().rstrip("/")
+    cgroup = f"/nodeagent-test-{secrets.token_hex(3)}"
+    state = tmp_path / "state"
+    agent = agents(state, capture="nftables")
+    agent.wait_ready()
+    try:
+        out = enroll(state, "--cgroup", cgroup, name="batch", extra=("--wait",))
+        assert out.returncode == 3, out.stdout + out.stderr
+        assert "capture pending" in out.stdout
+        assert (f"shop/batch (cgroup {cgroup}): nftables host capture not applied: cgroup {mount}{cgroup} of "
+                f"shop/batch does not exist") in out.stderr, out.stderr
+        assert "^^^" not in out.stderr  # nft's caret line is dropped once the cause is named
+        os.mkdir(mount + cgroup)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            (w,) = call(state, {"op": "list"})["workloads"]
+            if w["capture"] == "applied":
+                break
+            time.sleep(0.1)
+        assert w["capture"] == "applied", agent.json("/workloads")
+        ruleset = subprocess.run(["nft", "list", "table", "inet", "nodeagent"], capture_output=True, text=True,
+                                 timeout=10, check=True).stdout
+        assert cgroup.lstrip("/") in ruleset
+        assert cli(state, "unenroll", "--cgroup", cgroup).returncode == 0
+        assert agent.stop() == 0
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(mount + cgroup)
+        subprocess.run(["nft", "delete", "table", "inet", "nodeagent"], capture_output=True, timeout=10)

@@ -1,0 +1,385 @@
+"""DestinationRule ``outlierDetection`` variants through a real `nodeagent proxy`
+in front of real upstream servers on loopback (policy/outlier.py is unit-tested;
+here every decision is observed from the outside: which upstream received what).
+
+Each service is its own cluster with its own outlier detector; servers are shared
+between services and a request's service is told by its path prefix (``/SERVICE/n``),
+so hits are counted per service. Load balancing is ROUND_ROBIN (a strict rotation)
+so shares are exact, and the routes have ``retries: {attempts: 0}`` unless the
+test is about Istio's default retries. ``interval`` is 0.1 s: the proxy's sweep
+runs every ``SWEEP_TICK`` (0.25 s) and sweeps whenever the interval is up.
+
+- ``consecutive5xxErrors: 3`` ejects after exactly three 500s;
+- ``consecutiveGatewayErrors: 3`` (5xx off) never ejects on 500s, a 500 resets its
+  count, three 502s / 503s / 504s in a row eject;
+- a connect failure (nothing listens) counts as a 503: three eject, while Istio's
+  default retries hide each failure from the client;
+- ``maxEjectionPercent`` caps a second ejection (25% of 4 hosts: one; absent = 10%,
+  at least one host; 50%: two);
+- ``minHealthPercent`` is Envoy's panic threshold: below it (strictly) the ejected
+  hosts get traffic again, at it or above they stay out;
+- an ejection lasts ``baseEjectionTime x number of ejections`` and ends at the first
+  sweep after that (never before); meanwhile a one-host cluster answers 503 ``UH``.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+
+import pytest
+
+from nodeagent.proxy.runtime import SWEEP_TICK
+from tests.integration.proxy_harness import ProxyProcess
+from tests.integration.upstream import UpstreamServer
+
+NS = "shop"
+BASE_GROW = 0.7  # baseEjectionTime of the "grow" service, seconds
+# How late a readmission may be seen after its ejection time is up: one sweep tick,
+# plus the client's polling gap and a loaded machine's scheduling.
+READMIT_LATE = SWEEP_TICK + 0.35
+
+
+def fqdn(name: str) -> str:
+    return f"{name}.{NS}.svc.cluster.local"
+
+
+class ClosedPort:
+    """An address where nothing listens (connection refused)."""
+
+    def __init__(self, host: str) -> None:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            self.address = s.getsockname()
+
+
+class Scripted(UpstreamServer):
+    """Answers the statuses of ``script`` in order (one per request), then ``status``."""
+
+    def __init__(self, name: str, host: str, script=()) -> None:
+        super().__init__(name, host=host)
+        self.script = list(script)
+
+    async def _respond(self, req, parser, writer) -> bool:
+        req.headers["x-status"] = str(self.script.pop(0) if self.script else self.status)
+        return await super()._respond(req, parser, writer)
+
+
+# --- config -------------------------------------------------------------------------------
+
+def service(name: str, endpoints) -> str:
+    out = [f"""---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: {name}
+  namespace: {NS}
+spec:
+  hosts:
+  - {fqdn(name)}
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+  workloadSelector:
+    labels:
+      app: {name}
+"""]
+    for i, (host, port) in enumerate(endpoints):
+        out.append(f"""---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: {name}-{i}
+  namespace: {NS}
+spec:
+  address: {host}
+  ports:
+    http: {port}
+  labels:
+    app: {name}
+""")
+    return "".join(out)
+
+
+def outlier_rule(name: str, **fields) -> str:
+    """ROUND_ROBIN + outlierDetection with ``fields`` (Istio's camelCase names)."""
+    od = {"interval": "0.1s", "baseEjectionTime": "30s", **fields}
+    lines = "".join(f"      {k}: {v}\n" for k, v in od.items() if v is not None)
+    return f"""---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: {name}
+  namespace: {NS}
+spec:
+  host: {fqdn(name)}
+  trafficPolicy:
+    loadBalancer:
+      simple: ROUND_ROBIN
+    outlierDetection:
+{lines}"""
+
+
+def no_retries(name: str) -> str:
+    return f"""---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: {name}
+  namespace: {NS}
+spec:
+  hosts:
+  - {fqdn(name)}
+  http:
+  - retries:
+      attempts: 0
+    route:
+    - destination:
+        host: {fqdn(name)}
+"""
+
+
+FRONTEND = f"""---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: frontend
+  namespace: {NS}
+spec:
+  address: 127.0.0.1
+  serviceAccount: frontend
+  labels:
+    app: frontend
+"""
+
+GATEWAY_CODES = (502, 503, 504)
+# (service, number of failing hosts of 4, maxEjectionPercent or None, hosts expected ejected)
+CAPS = [("cap25", 25, 1), ("capdefault", None, 1), ("cap50", 50, 2)]
+# (service, failing hosts of 4, minHealthPercent, failing-host hits expected in a 20-request window)
+PANIC = [("panic1at60", 1, 60, 0), ("panic1at80", 1, 80, 5), ("panic2at50", 2, 50, 0), ("panic2at60", 2, 60, 10)]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("proxy-outlier-real")
+    started: list[UpstreamServer] = []
+
+    def up(server):
+        started.append(server.start())
+        return server
+
+    bad = [up(Scripted(f"bad{i}", f"127.0.8.{1 + i}")) for i in range(2)]
+    for b in bad:
+        b.status = 500
+    good = [up(UpstreamServer(f"good{i}", host=f"127.0.8.{11 + i}")) for i in range(4)]
+    gateway = {code: up(Scripted(f"gw{code}", f"127.0.8.{21 + i}",
+                                 script=[500] * 6 + [code, code, 500, code, code, code]))
+               for i, code in enumerate(GATEWAY_CODES)}
+    for code, s in gateway.items():
+        s.status = code
+    dead = ClosedPort("127.0.8.31")
+    addr = lambda servers: [s.address for s in servers]  # noqa: E731
+    cfg = [FRONTEND,
+           service("c5xx", addr([bad[0], good[0]])), outlier_rule("c5xx", consecutive5xxErrors=3,
+                                                                   maxEjectionPercent=100),
+           no_retries("c5xx"),
+           # no VirtualService: Istio's default retries (connect-failure among them)
+           service("refused", [dead.address, good[0].address]),
+           outlier_rule("refused", consecutive5xxErrors=3, maxEjectionPercent=100),
+           service("grow", addr([bad[0]])), no_retries("grow"),
+           outlier_rule("grow", consecutive5xxErrors=1, baseEjectionTime=f"{BASE_GROW}s", maxEjectionPercent=100)]
+    for code, s in gateway.items():
+        name = f"gw{code}"
+        cfg += [service(name, addr([s, good[1]])), no_retries(name),
+                outlier_rule(name, consecutiveGatewayErrors=3, consecutive5xxErrors=0, maxEjectionPercent=100)]
+    for name, pct, _ in CAPS:
+        cfg += [service(name, addr(bad + good[:2])), no_retries(name),
+                outlier_rule(name, consecutive5xxErrors=2, maxEjectionPercent=pct)]
+    for name, nbad, health, _ in PANIC:
+        cfg += [service(name, addr(bad[:nbad] + good[:4 - nbad])), no_retries(name),
+                outlier_rule(name, consecutive5xxErrors=2, maxEjectionPercent=100, minHealthPercent=health)]
+    (d / "config.yaml").write_text("".join(cfg))
+    proxy = ProxyProcess(d, metrics=False, access_log=True).start()
+    try:
+        yield proxy, {"bad": bad, "good": good, "gateway": gateway}
+    finally:
+        proxy.stop()
+        for s in started:
+            s.stop()
+
+
+class Client:
+    """A keep-alive client to the proxy; ``get`` returns (status, x-instance or None, body)."""
+
+    def __init__(self, proxy: ProxyProcess) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+
+    def get(self, service: str, n: int):
+        self.conn.request("GET", f"/{service}/{n}", headers={"Host": fqdn(service)})
+        resp = self.conn.getresponse()
+        body = resp.read()
+        if resp.getheader("connection", "").lower() == "close":
+            self.conn.close()
+        return resp.status, resp.getheader("x-instance"), body
+
+    def run(self, service: str, count: int, start: int = 0) -> list[tuple[int, str | None]]:
+        return [self.get(service, start + i)[:2] for i in range(count)]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.fixture
+def client(env):
+    c = Client(env[0])
+    yield c
+    c.close()
+
+
+def hits(server: UpstreamServer, service: str, since: int = 0) -> int:
+    """Requests of ``service`` that ``server`` received, from request number ``since`` on."""
+    prefix = f"/{service}/"
+    return sum(1 for r in server.requests if r["path"].startswith(prefix) and int(r["path"][len(prefix):]) >= since)
+
+
+# --- consecutive errors -------------------------------------------------------------------
+
+def test_consecutive_5xx_errors_eject_after_exactly_that_many_500s(env, client):
+    bad, good = env[1]["bad"][0], env[1]["good"][0]
+    results = client.run("c5xx", 20)
+    assert hits(bad, "c5xx") == 3, "ejected at the third consecutive 500, not before or after"
+    assert results.count((500, "bad0")) == 3
+    assert results.count((200, "good0")) == 17
+    assert results[-10:] == [(200, "good0")] * 10, results
+
+
+@pytest.mark.parametrize("code", GATEWAY_CODES)
+def test_consecutive_gateway_errors_count_502_503_504_not_500(env, client, code):
+    """Script at the failing host: six 500s (more than the threshold of 3, no ejection),
+    then CODE, CODE, 500 (which resets the gateway count), CODE, CODE, CODE: ejected at
+    that third consecutive CODE, its 12th hit."""
+    server = env[1]["gateway"][code]
+    name = f"gw{code}"
+    first = client.run(name, 14)
+    assert hits(server, name) == 7, "round robin: every other request; 500s do not eject"
+    assert first.count((500, server.name)) == 6 and first.count((code, server.name)) == 1
+    rest = client.run(name, 30, start=14)
+    assert hits(server, name) == 12, f"ejected at the 3rd consecutive {code} after the 500, i.e. hit 12"
+    seen = first + rest
+    assert seen.count((code, server.name)) == 5 and seen.count((500, server.name)) == 7
+    assert rest[-14:] == [(200, "good1")] * 14, rest
+
+
+def test_connect_failures_eject_while_default_retries_hide_them(env, client):
+    """Nothing listens at the first endpoint: each connect failure counts as a 503, so the
+    third ejects it. Istio's default retry policy (connect-failure) retries each failed try
+    on the other endpoint, so the client sees only 200s, and after the ejection no request
+    needs a retry."""
+    good = env[1]["good"][0]
+    results = client.run("refused", 12)
+    assert results == [(200, "good0")] * 12, results
+    mine = [r for r in good.requests if r["path"].startswith("/refused/")]
+    retried = [r["path"] for r in mine if r["headers"].get("x-envoy-attempt-count") == "2"]
+    assert len(mine) == 12
+    assert len(retried) == 3, f"exactly 3 connect failures before the ejection, retried: {retried}"
+    assert all(r["headers"].get("x-envoy-attempt-count") == "1" for r in mine[-6:])
+
+
+# --- maxEjectionPercent -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,pct,ejected", CAPS)
+def test_max_ejection_percent_caps_the_second_ejection(env, client, name, pct, ejected):
+    """4 hosts, 2 of them answering 500, consecutive5xxErrors 2. 25% of 4 allows one
+    ejection; absent means 10%, which still ejects one host (at least one always can);
+    50% ejects both."""
+    bad = env[1]["bad"]
+    client.run(name, 24)
+    totals = sorted(hits(b, name) for b in bad)
+    window = client.run(name, 30, start=24)
+    in_window = sorted(hits(b, name, since=24) for b in bad)
+    if ejected == 1:
+        assert totals[0] == 2, f"the first host ejected at its 2nd error: {totals}"
+        assert in_window == [0, 10], f"the other stays in the rotation of 3 hosts: {in_window}"
+        assert sum(s == 500 for s, _ in window) == 10
+    else:
+        assert totals == [2, 2], totals
+        assert in_window == [0, 0]
+        assert all(s == 200 for s, _ in window), window
+
+
+# --- minHealthPercent (panic threshold) ---------------------------------------------------
+
+@pytest.mark.parametrize("name,nbad,health,expected", PANIC)
+def test_min_health_percent_is_envoys_panic_threshold(env, client, name, nbad, health, expected):
+    """4 hosts, NBAD answering 500 and all of them ejected after 2 errors each. Healthy
+    share 75% (one ejected) or 50% (two): below minHealthPercent, strictly, the cluster
+    panics and balances over every host, ejected or not (exactly 5 of 20 requests per host
+    in the rotation); at or above it the ejected hosts get nothing."""
+    bad = env[1]["bad"][:nbad]
+    client.run(name, 20)  # both failing hosts have failed twice by now (rotation over 4 or 3)
+    assert all(hits(b, name) >= 2 for b in bad), [hits(b, name) for b in bad]
+    window = client.run(name, 20, start=20)
+    in_window = sum(hits(b, name, since=20) for b in bad)
+    assert in_window == expected, f"failing hosts got {in_window} of 20 requests, expected {expected}"
+    assert sum(s == 500 for s, _ in window) == expected
+    if expected:
+        assert all(hits(b, name, since=20) == 5 for b in bad), "panic: a strict rotation over all 4"
+
+
+# --- ejection time ------------------------------------------------------------------------
+
+def test_ejection_time_is_base_times_the_number_of_ejections(env, client):
+    """One host answering 500, consecutive5xxErrors 1, baseEjectionTime BASE_GROW: each hit
+    ejects it. Polled every 10 ms, it is back (the next hit) BASE_GROW x k after its k-th
+    ejection, at the first sweep after that: never earlier, at most one sweep tick (+ slack)
+    later. Meanwhile the one-host cluster has no healthy host: 503 UH, no upstream hit. The
+    multiplier does not decay because the host is hit, and ejected again, within the sweep
+    tick after its readmission."""
+    bad = env[1]["bad"][0]
+    timeline = []  # (sent, received, status, instance)
+    deadline = time.monotonic() + 4 * BASE_GROW * 3 + 5
+    n = 0
+    while sum(1 for t in timeline if t[3]) < 4 and time.monotonic() < deadline:
+        sent = time.monotonic()
+        status, instance, body = client.get("grow", n)
+        received = time.monotonic()
+        n += 1
+        if instance is None:
+            assert (status, body.strip()) == (503, b"no healthy upstream"), (status, body)
+        else:
+            assert (status, instance) == (500, "bad0")
+        timeline.append((sent, received, status, instance))
+        time.sleep(0.01)
+    upstream = [t for t in timeline if t[3]]
+    assert len(upstream) == 4, f"4 hits expected within the deadline, got {len(upstream)}"
+    assert hits(bad, "grow") == 4
+    for k in (1, 2, 3):
+        prev, nxt = upstream[k - 1], upstream[k]
+        # earliest possible readmission: ejected no earlier than the failing request was sent
+        assert nxt[1] - prev[0] >= BASE_GROW * k, f"ejection {k} ended early: {nxt[1] - prev[0]:.3f} s"
+        gap = nxt[0] - prev[1]
+        assert gap <= BASE_GROW * k + READMIT_LATE, f"ejection {k} lasted {gap:.3f} s, expected {BASE_GROW * k} s"
+    # the access log flags every local 503 UH, and only those
+    refused = {f"/grow/{i}" for i, t in enumerate(timeline) if t[3] is None}
+    deadline = time.monotonic() + 3
+    while True:
+        flagged = {r["path"] for r in access_log(env[0])
+                   if r.get("response_flags") == "UH" and str(r.get("path")).startswith("/grow/")}
+        if flagged >= refused or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert flagged == refused and refused, (len(flagged), len(refused))
+
+
+def access_log(proxy) -> list[dict]:
+    out = []
+    for line in list(proxy.stdout):
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out

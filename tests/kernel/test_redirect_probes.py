@@ -1,0 +1,134 @@
+"""Node probe SNAT in real namespaces: ``node_plan`` in the node, ``in_pod_plan`` in the pod.
+
+Topology: node n1 with pods `client` and `server`, node n2. The node plan is
+applied in n1's namespace (the agent's, on a real node), the in-pod plan in
+the server pod. A connection from n1's own socket reaches the application
+with source 169.254.7.127; the same from a pod (forwarded by n1), from the
+proxy's mark, or from another node is captured (lands on 15006).
+"""
+from __future__ import annotations
+
+import os
+import select
+import socket
+
+import pytest
+
+from redirect import capture
+from redirect.netns import connect_marked, open_listener_in_netns, run_command, run_in_netns
+from redirect.plan import NODE_OWNER, OWNER, CaptureConfig, HostWorkload, host_plan, in_pod_plan, node_plan
+from redirect.topology import Topology
+from tests.conftest import require
+
+TIMEOUT = 3.0
+PROBE = "169.254.7.127"
+
+
+@pytest.fixture(scope="module")
+def net():
+    require(os.geteuid() == 0, "needs root (network namespaces, nftables/iptables)")
+    with Topology() as topo:
+        topo.add_node("n1")
+        topo.add_node("n2")
+        topo.add_pod("n1", "client", "10.250.1.2")
+        topo.add_pod("n1", "server", "10.250.1.3")
+        yield topo
+
+
+@pytest.fixture
+def listening(net):
+    """The server pod's application on :8080 and its inbound proxy listener on :15006."""
+    ns = net.netns("server")
+    socks = [open_listener_in_netns(ns, "0.0.0.0", port) for port in (8080, 15006)]
+    for s in socks:
+        s.settimeout(TIMEOUT)
+    yield socks
+    for s in socks:
+        s.close()
+
+
+@pytest.fixture
+def cleaned(net):
+    yield
+    for name in ("n1", "server"):
+        capture.cleanup(net.netns(name))
+
+
+def arrival(app: socket.socket, inbound: socket.socket, conn: socket.socket) -> tuple[str, str]:
+    """('app'|'proxy', the peer address the listener saw) for the connection just made."""
+    ready, _, _ = select.select([app, inbound], [], [], TIMEOUT)
+    assert ready, "the connection arrived nowhere"
+    which = ready[0]
+    accepted, peer = which.accept()
+    accepted.close()
+    conn.close()
+    return ("app" if which is app else "proxy"), peer[0]
+
+
+def connect_from(netns: str, address) -> socket.socket:
+    return run_in_netns(netns, socket.create_connection, address, TIMEOUT)
+
+
+@pytest.mark.parametrize("backend", ["nft", "iptables-nft", "iptables-legacy"])
+def test_node_socket_reaches_the_app_as_the_probe_address(net, listening, cleaned, backend):
+    app, inbound = listening
+    node, server, client = net.nodes["n1"], net.pods["server"], net.pods["client"]
+    capture.apply(in_pod_plan(), server.netns, backend)
+    first = capture.apply(node_plan([server.ip, client.ip]), node.netns, backend)
+    assert first.changed and capture.verify(node_plan([server.ip, client.ip]), node.netns, backend) == ()
+    again = capture.apply(node_plan([client.ip, server.ip]), node.netns, backend)
+    assert not again.changed and again.drift == ()  # same set, any order: nothing rewritten
+
+    # kubelet-style: a socket of the node itself -> SNAT -> uncaptured, source = 169.254.7.127
+    assert arrival(app, inbound, connect_from(node.netns, (server.ip, 8080))) == ("app", PROBE)
+    # a pod on the same node: forwarded by n1, no local socket there -> captured, source kept
+    assert arrival(app, inbound, connect_from(client.netns, (server.ip, 8080))) == ("proxy", client.ip)
+    # the proxy's own socket on the node (mark 0x539) is not a probe -> captured
+    marked = connect_marked((server.ip, 8080), netns=node.netns, timeout=TIMEOUT)
+    kind, peer = arrival(app, inbound, marked)
+    assert kind == "proxy" and peer != PROBE
+    # another node's socket: n1 only forwards it -> captured
+    assert arrival(app, inbound, connect_from(net.nodes["n2"].netns, (server.ip, 8080)))[0] == "proxy"
+
+    # without the node plan the node's probe is captured like anything else
+    assert capture.cleanup(node.netns) == (backend,)
+    assert arrival(app, inbound, connect_from(node.netns, (server.ip, 8080)))[0] == "proxy"
+
+
+def test_probe_snat_off_and_explicit_sources(net, listening, cleaned):
+    app, inbound = listening
+    node, server = net.nodes["n1"], net.pods["server"]
+    # SNAT off: only --probe-sources (here the node's veth address) let the probe through
+    config = CaptureConfig(probe_snat_v4=None, probe_snat_v6=None, node_probe_sources=(node.gateway,))
+    capture.apply(in_pod_plan(config), server.netns)
+    assert arrival(app, inbound, connect_from(node.netns, (server.ip, 8080))) == ("app", node.gateway)
+    # default SNAT + the explicit source, both exempt
+    capture.apply(in_pod_plan(CaptureConfig(node_probe_sources=(node.gateway,))), server.netns)
+    capture.apply(node_plan([server.ip]), node.netns)
+    assert arrival(app, inbound, connect_from(node.netns, (server.ip, 8080))) == ("app", PROBE)
+
+
+def test_node_table_lives_beside_a_host_plan(net, cleaned, cgroup_dir):
+    """The node plan and a host-mode plan in one namespace: each replaced and removed on its own."""
+    node = net.nodes["n1"]
+    mount, cgroup = cgroup_dir
+    host = host_plan([HostWorkload("web", cgroup, 15101)], cgroup2_mount=mount)
+    probes = node_plan(["10.250.1.3"])
+    capture.apply(host, node.netns)
+    capture.apply(probes, node.netns)
+    assert not capture.apply(host, node.netns).changed  # the host plan does not see the node table as drift
+    assert capture.verify(probes, node.netns) == ()
+    for backend in ("iptables-nft", "iptables-legacy"):  # one owner in iptables, the other in nft
+        capture.apply(probes, node.netns, backend)
+        assert capture.verify(probes, node.netns, backend) == ()
+        assert capture.verify(host, node.netns) == ()
+    tables = run_command(node.netns, ["nft", "list", "tables"]).stdout.split()
+    assert f"{NODE_OWNER}" not in tables and f"{OWNER}" in tables  # the node plan moved to legacy iptables
+    capture.apply(probes, node.netns)  # back to nft: the legacy chains are swept
+    saved = run_command(node.netns, ["iptables-legacy-save", "-t", "nat"]).stdout
+    assert "NODEAGENT" not in saved
+    assert capture.cleanup(node.netns, owners=(NODE_OWNER,)) == ("nft",)
+    assert capture.verify(host, node.netns) == ()  # untouched
+    assert capture.cleanup(node.netns) == ("nft",)
+    left = run_command(node.netns, ["nft", "list", "tables"]).stdout
+    assert "nodeagent" not in left  # (iptables-nft's own empty nat tables stay, see docs/capture.md)

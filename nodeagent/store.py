@@ -49,7 +49,8 @@ import yaml
 
 from policy import model as m
 from policy.errors import ConfigError, Diagnostic
-from policy.loader import YAML_LOADER, LoadResult, config_files, load_paths, load_text
+from nodeagent.configfiles import exists, load_paths, os_reason, path_problem, scan_dir
+from policy.loader import YAML_LOADER, LoadResult, load_bytes, load_text
 from policy.snapshot import ConfigSnapshot, build_snapshot
 
 __all__ = [
@@ -279,7 +280,7 @@ class ConfigStore:
         path, explicit = resolve_config_dir(directory)
         self.explicit = explicit
         self.embedded = False
-        if not explicit and allow_embedded and not path.exists():
+        if not explicit and allow_embedded and not exists(path):
             path = EMBEDDED_DIR
             self.embedded = True
         self.directory = path
@@ -306,21 +307,19 @@ class ConfigStore:
     # -- read side -------------------------------------------------------
 
     def signature(self) -> tuple:
-        """(name, mtime_ns, size) of every config file; () when the directory is missing."""
+        """(name, mtime_ns, size) of every config file; () when the directory is missing. An
+        unreadable directory or entry has its problem in the signature, so the poll that sees
+        it reads (and refuses) once, and the one after it is fixed reads again. Never raises."""
         try:
-            files = config_files(self.directory)
+            entries = scan_dir(self.directory)
         except FileNotFoundError:
             return ()
         except NotADirectoryError:
             return (("<not a directory>", 0, 0),)
-        sig = []
-        for f in files:
-            try:
-                st = f.stat()
-            except FileNotFoundError:
-                continue
-            sig.append((f.name, st.st_mtime_ns, st.st_size))
-        return tuple(sig)
+        except OSError as exc:
+            return (("<unreadable>", exc.errno or 0, 0),)
+        return tuple((e.name, e.stat.st_mtime_ns, e.stat.st_size) if e.stat is not None
+                     else (e.name, e.problem, 0) for e in entries)
 
     def _read_consistent(self, block: bool = True) -> tuple[tuple | None, LoadResult]:
         """(signature, result) of the directory read under its shared lock, so a writer's
@@ -334,6 +333,9 @@ class ConfigStore:
         except NotADirectoryError:
             return self.signature(), LoadResult(errors=[Diagnostic(str(self.directory), None,
                                                                    "is not a directory")])
+        except OSError as exc:      # EACCES, ELOOP, ...: refused like an invalid file
+            return self.signature(), LoadResult(errors=[Diagnostic(str(self.directory), None,
+                                                                   f"cannot read: {os_reason(exc)}")])
         try:
             try:
                 _flock(fd, fcntl.LOCK_SH, block, self.directory)
@@ -439,9 +441,20 @@ class ConfigStore:
     def _write_lock(self):
         """The directory's exclusive lock, for a whole read-plan-write (see the module doc).
         A directory created only to be locked is removed again if nothing was written."""
-        created = not self.directory.exists()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd = _open_dir(self.directory)
+        created = not exists(self.directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise StoreError(f"{self.directory}: {path_problem(self.directory) or 'is not a directory'}") from None
+        except OSError as exc:
+            raise StoreError(f"{exc.filename or self.directory}: cannot create the directory: "
+                             f"{os_reason(exc)}") from None
+        try:
+            fd = _open_dir(self.directory)
+        except NotADirectoryError:
+            raise StoreError(f"{self.directory}: is not a directory") from None
+        except OSError as exc:
+            raise StoreError(f"{self.directory}: cannot read: {os_reason(exc)}") from None
         try:
             _flock(fd, fcntl.LOCK_EX, True, self.directory)
             yield
@@ -452,13 +465,36 @@ class ConfigStore:
                     self.directory.rmdir()      # only when still empty
 
     def _current_texts(self) -> dict[str, str]:
-        texts = {}
-        if self.directory.is_dir():
-            for f in config_files(self.directory):
-                try:
-                    texts[f.name] = f.read_text(encoding="utf-8")
-                except (OSError, UnicodeDecodeError) as exc:
-                    raise StoreError(f"cannot read {f}: {exc}") from None
+        """name -> text of every config file. A file or directory that cannot be read, or is
+        not UTF-8, raises ConfigError naming it (a write must see the whole current set)."""
+        texts: dict[str, str] = {}
+        try:
+            entries = scan_dir(self.directory)
+        except (FileNotFoundError, NotADirectoryError):
+            problem = path_problem(self.directory)
+            if problem == "config directory does not exist":
+                return texts        # a write creates it
+            raise ConfigError([Diagnostic(str(self.directory), None, problem or "is not a directory")]) from None
+        except OSError as exc:
+            raise ConfigError([Diagnostic(str(self.directory), None, f"cannot read: {os_reason(exc)}")]) from None
+        errors = [e.diagnostic() for e in entries if e.problem is not None]
+        for e in entries:
+            if e.problem is not None:
+                continue
+            try:
+                with open(e.path, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                continue            # removed under us by hand: it is not part of the set
+            except OSError as exc:
+                errors.append(Diagnostic(str(e.path), None, f"cannot read: {os_reason(exc)}"))
+                continue
+            try:
+                texts[e.name] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                errors.extend(load_bytes(data, str(e.path)).errors)     # names the line
+        if errors:
+            raise ConfigError(errors)
         return texts
 
     def _load_texts(self, texts: dict[str, str]) -> LoadResult:

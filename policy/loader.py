@@ -14,15 +14,13 @@
   objects at all" is an error (the CLI does, as kubectl does);
 - a file with any error contributes no resources.
 
-The only I/O here is reading the files named by the caller.
+Pure: no I/O. Callers hand in the text (``load_text``) or the bytes (``load_bytes``);
+reading files and directories is ``nodeagent.configfiles`` (the edge).
 """
 from __future__ import annotations
 
 import difflib
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -35,10 +33,7 @@ from policy.validate import (
     validate_labels,
 )
 
-__all__ = ["LoadResult", "IgnoredObject", "ObjectRef", "load_text", "load_bytes", "load_file", "load_paths",
-           "config_files", "CONFIG_SUFFIXES", "object_display"]
-
-CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+__all__ = ["LoadResult", "IgnoredObject", "ObjectRef", "load_text", "load_bytes", "object_display"]
 
 _OBJECT_META = {
     "name", "namespace", "labels", "annotations", "uid", "resourceVersion", "generation",
@@ -456,58 +451,3 @@ def load_bytes(data: bytes, file: str, default_namespace: str = "default", known
         line = data[: exc.start].count(b"\n") + 1
         return LoadResult(errors=[Diagnostic(file, line, "not UTF-8 text (is this a YAML file?)")], files=[file])
     return load_text(text, file, default_namespace, known_keys, identities_only)
-
-
-def load_file(path: str | os.PathLike, display: str | None = None, default_namespace: str = "default",
-              known_keys: dict | None = None, identities_only: bool = False) -> LoadResult:
-    shown = display if display is not None else str(path)
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return LoadResult(errors=[Diagnostic(shown, None, "no such file")], files=[shown])
-    except IsADirectoryError:
-        return LoadResult(errors=[Diagnostic(shown, None, "is a directory")], files=[shown])
-    except OSError as exc:
-        return LoadResult(errors=[Diagnostic(shown, None, f"cannot read: {exc.strerror or exc}")], files=[shown])
-    return load_bytes(data, shown, default_namespace, known_keys, identities_only)
-
-
-def config_files(directory: str | os.PathLike) -> list[Path]:
-    """The YAML/JSON files of a directory (not recursive; hidden and temp files skipped), sorted."""
-    d = Path(directory)
-    out = []
-    for p in sorted(d.iterdir(), key=lambda q: q.name):
-        if p.name.startswith(".") or p.name.endswith("~"):
-            continue
-        if p.suffix.lower() in CONFIG_SUFFIXES and p.is_file():
-            out.append(p)
-    return out
-
-
-def load_paths(paths: Iterable[str | os.PathLike], default_namespace: str = "default",
-               recursive: bool = False, known_keys: dict | None = None,
-               identities_only: bool = False) -> LoadResult:
-    """Load files and directories (their *.yaml, *.yml, *.json files), in order, as ONE set:
-    a duplicate object across files is an error. ``known_keys`` carries that set across calls."""
-    res = LoadResult()
-    keys: dict = known_keys if known_keys is not None else {}
-    for p in paths:
-        ps = str(p)
-        path = Path(ps)
-        if path.is_dir():
-            files = _walk(path) if recursive else config_files(path)
-            if not files:
-                res.warnings.append(Diagnostic(ps, None, "directory has no .yaml, .yml or .json files",
-                                               severity="warning"))
-            for f in files:
-                res.extend(load_file(f, str(f), default_namespace, keys, identities_only))
-        else:
-            res.extend(load_file(path, ps, default_namespace, keys, identities_only))
-    return res
-
-
-def _walk(d: Path) -> list[Path]:
-    out = config_files(d)
-    for sub in sorted(q for q in d.iterdir() if q.is_dir() and not q.name.startswith(".")):
-        out.extend(_walk(sub))
-    return out

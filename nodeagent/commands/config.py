@@ -17,15 +17,15 @@ import functools
 import json
 import os
 import sys
-from pathlib import Path
 
 import yaml
 
 from nodeagent.cli import UserError
+from nodeagent.configfiles import load_paths, os_reason, path_problem
 from nodeagent.store import ConfigStore, StoreError, _normalized_raw, resolve_config_dir
 from policy import model as m
 from policy.errors import ConfigError, Diagnostic
-from policy.loader import LoadResult, load_bytes, load_paths
+from policy.loader import LoadResult, load_bytes
 
 # kind -> (plural, short names)
 _KINDS = {
@@ -114,10 +114,13 @@ def _load_inputs(paths: list[str], namespace: str | None, recursive: bool,
     for p in paths:
         if p == "-":
             # bytes, decoded as files are: the locale's text layer must not decide
-            result.extend(load_bytes(sys.stdin.buffer.read(), "<stdin>", ns, keys, identities_only))
-        elif not Path(p).exists():
-            result.errors.append(Diagnostic(p, None, "no such file or directory"))
-        else:
+            try:
+                data = sys.stdin.buffer.read()
+            except OSError as exc:
+                result.errors.append(Diagnostic("<stdin>", None, f"cannot read: {os_reason(exc)}"))
+                continue
+            result.extend(load_bytes(data, "<stdin>", ns, keys, identities_only))
+        else:   # every file-system problem comes back as an error naming the path
             result.extend(load_paths([p], ns, recursive=recursive, known_keys=keys,
                                      identities_only=identities_only))
     if namespace:
@@ -161,7 +164,8 @@ def _run_store(fn, verb: str):
     except StoreError as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:
-        raise UserError(f"cannot write the configuration: {exc}") from None
+        where = exc.filename or "the configuration directory"
+        raise UserError(f"{where}: cannot write: {os_reason(exc)}; nothing more was {verb}") from None
 
 
 # -- commands ---------------------------------------------------------------------
@@ -249,8 +253,12 @@ def _quiet_broken_pipe(fn):
 @_quiet_broken_pipe
 def cmd_get(args) -> int:
     store = _store_for_read(args)
-    if not store.embedded and not store.directory.exists():
-        raise UserError(f"config directory {store.directory} does not exist")
+    if not store.embedded:
+        problem = path_problem(store.directory)
+        if problem == "config directory does not exist":
+            raise UserError(f"config directory {store.directory} does not exist")
+        if problem is not None:
+            raise UserError(f"{store.directory}: {problem}")
     kinds = list(_KINDS) if args.kind.lower() == "all" else [resolve_kind(args.kind)]
     try:
         objects = store.objects()

@@ -15,12 +15,12 @@ import random
 import sys
 
 from nodeagent.cli import UserError
+from nodeagent.configfiles import load_paths
 from policy.authz import (
     RBAC_DENIED_BODY, RBAC_DENIED_STATUS, RBAC_RESPONSE_FLAG, AuthorizationIndex, Connection, InvalidPath,
     Request, evaluate,
 )
 from policy.errors import format_diagnostics
-from policy.loader import load_paths
 from policy.peerauthn import accepts, resolve_mtls
 from policy.principal import DEFAULT_TRUST_DOMAIN, PrincipalError, principal_of
 from policy.routing import Reject, RequestAttrs, plan_request

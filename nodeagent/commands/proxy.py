@@ -13,6 +13,7 @@ import os
 import sys
 
 from nodeagent.cli import UserError
+from nodeagent.configfiles import path_problem
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -72,6 +73,10 @@ def cmd_proxy(args) -> int:
             raise UserError(f"{flag} must be a number of seconds >= 0, got {value}")
     listen = parse_address(args.listen, "--listen")
     metrics = parse_address(args.metrics, "--metrics") if args.metrics else None
+    # the directory itself first: one line naming it and the reason (EACCES, ELOOP, not a directory)
+    problem = path_problem(args.config_dir)
+    if problem is not None:
+        raise UserError(f"{args.config_dir}: {problem}")
     source = open_config(args.config_dir)  # raises UserError naming the file and field
     ref = source.workload(namespace, name)
     identity = WorkloadIdentity(

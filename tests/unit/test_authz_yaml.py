@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from policy.authz import AuthorizationIndex, Connection, Request, compile_policies, evaluate
-from policy.loader import load_paths
+from nodeagent.configfiles import load_paths
 from policy.peerauthn import DISABLE, PERMISSIVE, STRICT, PeerAuthenticationIndex, resolve_mtls
 from policy.snapshot import build_snapshot
 

@@ -8,7 +8,8 @@ import pytest
 
 from policy import model as m
 from policy.errors import ConfigError, Diagnostic
-from policy.loader import config_files, load_file, load_paths, load_text, object_display
+from nodeagent.configfiles import config_files, load_file, load_paths
+from policy.loader import load_text, object_display
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "config"
 
@@ -584,3 +585,43 @@ def test_duration_above_protobuf_maximum_is_a_field_error(value, fragment):
     (e,) = res.errors
     assert e.line == 10 and e.path == "spec.http[0].timeout" and fragment in e.message, str(e)
     assert "315576000000s" in e.message
+
+
+def test_policy_loader_does_no_io():
+    """policy/ is pure: reading files is nodeagent.configfiles (the edge)."""
+    import ast
+    import policy.loader as loader
+    tree = ast.parse(Path(loader.__file__).read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {"os", "pathlib", "io", "shutil", "glob", "nodeagent"}
+    calls = {n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", "")
+             for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    assert not calls & {"open", "read_bytes", "read_text", "iterdir", "is_dir", "is_file", "stat", "scandir"}
+    for name in ("load_file", "load_paths", "config_files"):
+        assert not hasattr(loader, name)
+
+
+def test_directory_entries_that_cannot_be_read_are_errors_naming_them(tmp_path):
+    import os
+    (tmp_path / "a.yaml").write_text(doc("DestinationRule", "  host: a\n", "a"))
+    os.mkfifo(tmp_path / "f.yaml")
+    (tmp_path / "l.yaml").symlink_to(tmp_path / "gone")
+    (tmp_path / "sub.yaml").mkdir()
+    res = load_paths([tmp_path])
+    assert [str(e) for e in res.errors] == [
+        f"{tmp_path}/f.yaml: cannot read: a FIFO, not a regular file",
+        f"{tmp_path}/l.yaml: cannot read: dangling symbolic link to {tmp_path}/gone"]
+    assert [r.name for r in res.resources] == ["a"]     # the readable file still loads ...
+    assert not res.ok                                    # ... but the set is refused
+    assert [p.name for p in config_files(tmp_path)] == ["a.yaml"]
+    assert [str(e) for e in load_paths([tmp_path / "nope"]).errors] == [f"{tmp_path}/nope: no such file or directory"]
+
+
+def test_recursive_walk_survives_a_link_loop(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.yaml").write_text(doc("DestinationRule", "  host: d\n", "d"))
+    (tmp_path / "sub" / "up").symlink_to(tmp_path)          # a loop back to the top
+    (tmp_path / "self").symlink_to(tmp_path / "self")       # ELOOP: not a directory, skipped
+    res = load_paths([tmp_path], recursive=True)
+    assert res.errors == [] and [r.name for r in res.resources] == ["d"]

@@ -9,7 +9,7 @@ import pytest
 
 from policy.cluster import ClusterKey, LbPolicy, cluster_endpoints, cluster_policy
 from policy.lb import LeastRequestPicker, make_picker
-from policy.loader import load_file
+from nodeagent.configfiles import load_file
 from policy.outlier import OutlierDetector
 from policy.routing import RequestAttrs, RoutePlan, plan_request
 from policy.snapshot import WorkloadRef, build_snapshot

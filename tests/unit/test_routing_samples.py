@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 
 from policy.cluster import ClusterKey, HashPolicy, LbPolicy, cluster_policy
-from policy.loader import load_paths, load_text
+from nodeagent.configfiles import load_paths
+from policy.loader import load_text
 from policy.outlier import OutlierPolicy
 from policy.retry import RetryPolicy, DEFAULT_RETRY_POLICY
 from policy.routing import Reject, RequestAttrs, RoutePlan, plan_request

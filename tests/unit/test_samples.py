@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from policy import model as m
-from policy.loader import load_file, load_paths, load_text
+from nodeagent.configfiles import load_file, load_paths
+from policy.loader import load_text
 from policy.snapshot import build_snapshot
 
 REPO = Path(__file__).resolve().parents[2]

@@ -20,6 +20,7 @@ import ctypes
 import fcntl
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from nodeagent.identity import certs as x509certs
 from nodeagent.store import ConfigStore
 from nodeagent.identity.tls import TunnelTls
 from nodeagent.proxy.tunnel import MeshTelemetry
-from nodeagent.telemetry import IstioCollector
+from nodeagent.telemetry import AccessLog, IstioCollector
 from policy.errors import ConfigError
 from policy.snapshot import ConfigSnapshot, build_snapshot
 
@@ -89,6 +90,7 @@ class AgentOptions:
     readiness: tuple[str, int] = ("0.0.0.0", 15021)
     resync_interval: float = 60.0
     cert_wait: float = 2.0  # how long an enroll waits for the workload's certificate
+    access_log: str | None = None  # JSON access log: a file path, "-" for stdout, None for off
 
 
 class AgentSetupError(Exception):
@@ -131,8 +133,9 @@ class Agent:
         for spec in self.registry:
             self.identities.add_workload(self._spiffe(spec))
         self.telemetry = MeshTelemetry()
+        self._access_file = None
         self.plane = DataPlane(self.snapshot, self.telemetry, TunnelTls(self.identities), options.trust_domain,
-                               self._local_identity)
+                               self._local_identity, access_log=self._open_access_log(options.access_log))
         # Kernel capture feeds the proxy's per-workload listeners; `none` has neither.
         self.capture = capture if capture.mode == "none" else DataPlaneCapture(capture, self.plane)
         applied = applied_from_state(extra, self.state_dir)
@@ -195,6 +198,21 @@ class Agent:
                  self.options.node, self.state_dir, self.capture.mode,
                  self.faces[0].host, self.faces[0].port, self.faces[2].host, self.faces[2].port,
                  self.faces[1].host, self.faces[1].port)
+
+    def _open_access_log(self, where: str | None) -> AccessLog | None:
+        """The proxy's JSON access log (one line per request or TCP connection): stdout
+        for ``-``, else appended to the file (created 0640), line by line."""
+        if where is None:
+            return None
+        if where == "-":
+            return AccessLog(sys.stdout)
+        try:
+            fd = os.open(where, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            raise AgentSetupError(f"--access-log {where}: cannot open it for appending: "
+                                  f"{exc.strerror or exc}") from None
+        self._access_file = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
+        return AccessLog(self._access_file)
 
     def snapshot(self) -> ConfigSnapshot:
         """The config snapshot in use: the last good one (empty until one loads)."""
@@ -278,6 +296,9 @@ class Agent:
             backend.close()
         for face in self.faces:
             await face.close()
+        if self._access_file is not None:
+            self._access_file.close()
+            self._access_file = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None

@@ -95,9 +95,11 @@ class _Attached:
 
 class DataPlane:
     def __init__(self, snapshots: Callable[[], object], telemetry, tls: TunnelTls, trust_domain: str,
-                 local_identity: Callable[[str], SpiffeId | None], limits: Limits | None = None) -> None:
+                 local_identity: Callable[[str], SpiffeId | None], limits: Limits | None = None,
+                 access_log=None) -> None:
         self.snapshots = snapshots
         self.telemetry = telemetry
+        self.access_log = access_log  # nodeagent.telemetry.AccessLog, or None (off)
         self.tls = tls
         self.trust_domain = trust_domain
         self.limits = limits or Limits()
@@ -113,7 +115,9 @@ class DataPlane:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.runtime = ProxyRuntime(self.snapshots, self.telemetry, self.limits)
+        # ONE runtime for every workload's listeners, outbound and inbound (the inbound
+        # plane and the tunnel servers use it too): its access log covers all of them.
+        self.runtime = ProxyRuntime(self.snapshots, self.telemetry, self.limits, self.access_log)
         self.runtime.start()
         self.inbound = InboundPlane(self.runtime, trust_domain=self.trust_domain)
         self.inbound.start()

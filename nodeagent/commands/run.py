@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "(default 2; the certificate keeps being requested after that)")
     run.add_argument("--resync-interval", type=float, default=60.0,
                      help="seconds between full capture resyncs (default 60)")
+    run.add_argument("--access-log", nargs="?", const="-", default=None, metavar="PATH|-",
+                     help="write the proxy's JSON access log, one line per request or TCP connection: "
+                          "appended to PATH, or stdout with - or no value (default: off)")
     run.set_defaults(func=cmd_run)
 
     enroll = sub.add_parser("enroll", help="enroll a workload (a netns or a cgroup) with the running agent")
@@ -124,7 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             trust_domain=args.trust_domain, ca_url=args.ca_url, node_credential=args.node_credential,
             admin=parse_listen(args.admin, "--admin"), metrics=parse_listen(args.metrics, "--metrics"),
             readiness=parse_listen(args.readiness, "--readiness"), resync_interval=args.resync_interval,
-            cert_wait=args.enroll_cert_wait,
+            cert_wait=args.enroll_cert_wait, access_log=args.access_log,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None

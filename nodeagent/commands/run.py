@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -16,6 +18,9 @@ from nodeagent.cli import UserError
 
 DEFAULT_STATE_DIR = "/var/lib/nodeagent"
 CAPTURE_MODES = ("auto", "nftables", "iptables", "ebpf", "none")
+# Kubernetes node names are DNS-1123 subdomains (k8s.io/apimachinery IsDNS1123Subdomain:
+# dot-separated lower-case alphanumeric runs with inner '-', 253 characters at most).
+_NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,8 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                          description="Run the node agent. Admin API on --admin (localhost), Prometheus "
                                      "metrics on --metrics, readiness at /healthz/ready on --readiness; "
                                      "enrollment socket <state-dir>/agent.sock.")
-    run.add_argument("--node", default=os.environ.get("NODE_NAME") or os.uname().nodename,
-                     help="this node's name (default: $NODE_NAME, else the host name)")
+    run.add_argument("--node", default=os.environ.get("NODE_NAME") or os.uname().nodename.lower(),
+                     help="this node's name, a DNS-1123 subdomain as Kubernetes node names "
+                          "(default: $NODE_NAME, else the host name in lower case)")
     run.add_argument("--config-dir", type=Path, help="directory of Istio YAML to load and watch")
     _state_dir(run)
     run.add_argument("--capture", choices=CAPTURE_MODES, default="auto",
@@ -34,7 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--node-credential", type=Path,
                      help="directory with this node's key and certificate for --ca-url")
     run.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
-    run.add_argument("--admin", default="127.0.0.1:15000", help="admin API address (default 127.0.0.1:15000)")
+    run.add_argument("--admin", default="127.0.0.1:15000",
+                     help="admin API address, a loopback address (default 127.0.0.1:15000)")
+    run.add_argument("--admin-allow-remote", action="store_true",
+                     help="allow a non-loopback --admin address; the admin API has no authentication and "
+                          "shows the config, the workloads and certificate metadata")
     run.add_argument("--metrics", default="0.0.0.0:15020", help="Prometheus metrics address (default 0.0.0.0:15020)")
     run.add_argument("--readiness", default="0.0.0.0:15021",
                      help="readiness address, path /healthz/ready (default 0.0.0.0:15021)")
@@ -121,6 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nodeagent.agent.registry import StateFileError
     from nodeagent.agent.server import SocketInUse
 
+    check_node_name(args.node)
     try:
         options = AgentOptions(
             node=args.node, state_dir=args.state_dir, config_dir=args.config_dir,
@@ -131,6 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    check_admin_address(options.admin, args.admin_allow_remote)
     if args.config_dir is not None and not args.config_dir.is_dir():
         raise UserError(f"--config-dir {args.config_dir} is not a directory")
     from nodeagent.identity.spiffe import InvalidSpiffeId, check_trust_domain
@@ -164,6 +176,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(str(exc)) from None
     return 0
+
+
+def check_node_name(node: str) -> None:
+    """--node must be a Kubernetes node name: a lower-case DNS-1123 subdomain."""
+    if not node or len(node) > 253 or not _NODE_NAME.match(node):
+        raise UserError(f"--node {node!r} is not a valid node name: use lower-case letters, digits, '-' and '.' "
+                        "(a DNS-1123 subdomain, as Kubernetes node names: each dot-separated part starts and ends "
+                        "with a letter or digit; 253 characters at most), e.g. --node worker-1")
+
+
+def check_admin_address(admin: tuple[str, int], allow_remote: bool) -> None:
+    """The admin API is for this host only (it shows the config, the workloads and
+    certificate metadata, without authentication): a loopback address, unless allowed."""
+    host = admin[0]
+    if allow_remote or ipaddress.ip_address(host).is_loopback:
+        return
+    raise UserError(f"--admin {host}:{admin[1]} is not a loopback address: the admin API has no authentication "
+                    "and shows the config, the workloads and certificate metadata; use 127.0.0.1 (or ::1), "
+                    "or pass --admin-allow-remote to expose it on purpose")
 
 
 def _capture_config(args: argparse.Namespace):

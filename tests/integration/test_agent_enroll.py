@@ -1,5 +1,6 @@
 """Enrolling a target that does not exist is refused (a typo must not persist or mint
-an identity), unless the caller asks to wait for it.
+an identity), unless the caller asks to wait for it; and the flags of `nodeagent run`
+that are refused before anything starts (--admin off loopback, --node).
 
 The real agent as a subprocess (tests/integration/test_agent_daemon.py's harness)."""
 from __future__ import annotations
@@ -8,11 +9,12 @@ import contextlib
 import json
 import os
 import secrets
+import socket
 import subprocess
 import time
 from pathlib import Path
 
-from tests.integration.test_agent_daemon import agents, call, cli  # noqa: F401  (fixture)
+from tests.integration.test_agent_daemon import PY, REPO, agents, call, cli  # noqa: F401  (fixture)
 
 
 def enroll(state: Path, *target: str, name: str = "web", extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -71,6 +73,45 @@ def test_missing_targets_are_refused_unless_waited_for(agents, tmp_path):
     again = enroll(state, "--netns", "pod-to-come", name="db")
     assert again.returncode == 1 and "shop/db stays enrolled from before" in again.stderr
     assert agent.stop() == 0
+
+
+def test_run_refuses_remote_admin_and_bad_node_names(tmp_path):
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([PY, "-m", "nodeagent", "run", "--state-dir", str(tmp_path / "s"), "--capture", "none",
+                               "--config-dir", str(tmp_path), "--metrics", "127.0.0.1:0",
+                               "--readiness", "127.0.0.1:0", *args],
+                              cwd=REPO, capture_output=True, text=True, timeout=30)
+
+    for admin in ("0.0.0.0:15000", "[::]:15000", "10.250.0.1:15000"):
+        proc = run("--node", "node-1", "--admin", admin)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith(f"nodeagent: --admin {admin.replace('[', '').replace(']', '')} is not a "
+                                      "loopback address: the admin API has no authentication"), proc.stderr
+        assert "--admin-allow-remote" in proc.stderr
+    for node in ("Node-1", "node_1", "-node", "node..1", "a" * 254):
+        proc = run(f"--node={node}", "--admin", "127.0.0.1:0")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith(f"nodeagent: --node {node!r} is not a valid node name"), proc.stderr
+    assert not (tmp_path / "s").exists()  # refused before the state dir is touched
+
+
+def test_remote_admin_when_allowed_explicitly(agents, tmp_path):
+    # A valid node name with dots, and --admin-allow-remote with a loopback address: starts as usual.
+    agent = agents(tmp_path / "state", extra=("--node", "worker-1.example.com", "--admin-allow-remote"))
+    agent.wait_ready()
+    assert agent.json("/healthz")["node"] == "worker-1.example.com"
+    assert agent.stop() == 0
+    # With a non-loopback address it goes on to bind it (here a port held by a socket that is
+    # bound but never listens, so nothing is exposed): the bind error, not the loopback refusal.
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        port = held.getsockname()[1]
+        proc = subprocess.run([PY, "-m", "nodeagent", "run", "--state-dir", str(tmp_path / "s"), "--capture", "none",
+                               "--node", "node-1", "--config-dir", str(tmp_path), "--admin-allow-remote",
+                               "--admin", f"0.0.0.0:{port}", "--metrics", "127.0.0.1:0",
+                               "--readiness", "127.0.0.1:0"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"nodeagent: admin cannot listen on 0.0.0.0:{port}: Address already in use" in proc.stderr
 
 
 def test_cgroup_that_does_not_exist_yet_is_named_then_captured_when_it_appears(agents, needs_root, needs_tool,

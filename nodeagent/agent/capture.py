@@ -50,6 +50,8 @@ def select_capture(mode: str, bpf_pin_dir: str | None = None, config=None) -> Ca
     fastest), else nftables, else iptables, with one log line saying why eBPF
     was skipped. An explicit ``ebpf`` also prepares missing kernel headers.
     ``config``: ``redirect.CaptureConfig`` (excluded ports/CIDRs, probe sources).
+    Every mode but ``none`` also keeps the node's probe SNAT (``nodeagent.agent.probes``):
+    TCP from the node's own sockets to enrolled pods reaches them uncaptured.
     """
     import shutil
 
@@ -74,8 +76,8 @@ def select_capture(mode: str, bpf_pin_dir: str | None = None, config=None) -> Ca
             raise CaptureError(f"--capture {mode}: the {tool} command is not installed")
         if not have("nsenter"):
             raise CaptureError(f"--capture {mode}: nsenter is not installed (Debian: util-linux)")
-        from nodeagent.agent.netfilter import NetfilterCapture
-        return NetfilterCapture("nft" if mode == "nftables" else "iptables", config)
+        from nodeagent.agent.probes import netfilter_capture
+        return netfilter_capture("nft" if mode == "nftables" else "iptables", config)
     if mode == "ebpf":
         from nodeagent.agent.ebpf import EbpfBackend
         backend = EbpfBackend(bpf_pin_dir, config=config, prepare_headers=True) if bpf_pin_dir \
@@ -91,6 +93,6 @@ def capture_for_uninstall(mode: str, bpf_pin_dir: str | None = None) -> Capture 
         from nodeagent.agent.ebpf import EbpfBackend
         return EbpfBackend(bpf_pin_dir) if bpf_pin_dir else EbpfBackend()
     if mode in ("nftables", "iptables"):
-        from nodeagent.agent.netfilter import NetfilterCapture
-        return NetfilterCapture("nft" if mode == "nftables" else "iptables")
+        from nodeagent.agent.probes import netfilter_capture
+        return netfilter_capture("nft" if mode == "nftables" else "iptables")
     return None

@@ -10,6 +10,12 @@ per-netns sk_lookup program to the 15006 listener the data plane opened in
 that namespace (found among this process's sockets); the tunnel port 15008
 is accepted directly; SO_ORIGINAL_DST answers as with nftables. On a kernel
 without it (``loader.inbound_problem``) pods are captured outbound only.
+
+Node probes: as with nftables, TCP from the node's own sockets to an enrolled
+pod is SNATed to 169.254.7.127 by the node plan (``nodeagent.agent.probes``,
+nftables in the node's namespace, iptables when nft is missing), and each
+pod's sk_lookup program lets that source through (``in_src``), with any
+``--probe-sources``.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from bpf.netns import netns_cookie
 
 from nodeagent.agent.capture import CaptureError
 from nodeagent.agent.netfilter import HOST_PORT_BASE
+from nodeagent.agent.probes import NodeProbes, node_backend
 from nodeagent.agent.workload import WorkloadSpec, netns_path
 from redirect.plan import OUTBOUND_PORT, CaptureConfig
 
@@ -39,8 +46,13 @@ class EbpfBackend:
         config = config or CaptureConfig()
         # The same settings as the nftables/iptables plans (redirect.CaptureConfig).
         self.excludes = Excludes(config.exclude_outbound_ports, config.exclude_cidrs)
+        # probe sources: the node's probe SNAT addresses and --probe-sources
         self.inbound = InboundConfig(exclude_ports=config.exclude_inbound_ports,
-                                     probe_sources=config.node_probe_sources, tunnel_port=config.tunnel_port)
+                                     probe_sources=config.inbound_exempt_sources, tunnel_port=config.tunnel_port)
+        probe_backend = node_backend() if config.probe_snat else None
+        self.probes = NodeProbes(config, probe_backend) if probe_backend else None
+        self._probe_problem = None if self.probes or not config.probe_snat else \
+            "neither nft nor iptables is installed: probes from the node to pods are captured (no probe SNAT)"
         self.host_port_base = host_port_base
         self._ports: dict[str, int] = {}
         self._cookies: dict[str, int] = {}
@@ -59,10 +71,11 @@ class EbpfBackend:
 
     def problems(self) -> list[str]:
         """Lasting limits of this backend on this host (shown in /healthz)."""
+        out = [self._probe_problem] if self._probe_problem else []
         if self.loader.inbound_problem:
-            return [f"eBPF inbound capture is off, pods are captured outbound only: "
-                    f"{self.loader.inbound_problem.splitlines()[0]}"]
-        return []
+            out.append(f"eBPF inbound capture is off, pods are captured outbound only: "
+                       f"{self.loader.inbound_problem.splitlines()[0]}")
+        return out
 
     def host_port(self, spec: WorkloadSpec) -> int | None:
         return self._ports.get(spec.target)
@@ -76,6 +89,8 @@ class EbpfBackend:
                 if self.loader.inbound_problem is None:
                     # the data plane's 15006 listeners in that netns
                     self.loader.enroll_inbound(path, config=self.inbound)
+                if self.probes is not None:
+                    self.probes.add(spec)
                 return
             if spec.target not in self._ports:
                 used = set(self._ports.values())
@@ -94,6 +109,8 @@ class EbpfBackend:
                 if cookie is not None:
                     self.loader.unenroll_netns(cookie)
                 # else: the namespace is gone and this process never knew its cookie; sweep() removes it
+                if self.probes is not None:
+                    self.probes.discard(spec)
                 return
             self._ports.pop(spec.target, None)
             try:
@@ -133,6 +150,8 @@ class EbpfBackend:
             self.loader.cleanup()
         except (EbpfError, OSError) as exc:
             raise CaptureError(f"bpf cleanup of {self.pin_dir}: {exc}") from None
+        if self.probes is not None:
+            self.probes.uninstall()
 
 
 def auto_backend(pin_dir: str | None = None, config: CaptureConfig | None = None) -> EbpfBackend | None:

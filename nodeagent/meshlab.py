@@ -16,6 +16,11 @@ the addresses rewritten: each WorkloadEntry's ``address`` becomes the IP of
 the pod that plays it, each ServiceEntry's ``addresses`` a virtual service IP
 (``mesh_config``). Every policy is kept as written.
 
+Probes: each pod's default route goes via its node, so it routes replies to
+the agent's probe SNAT address (169.254.7.127) back to the node, as a CNI's
+routed veth does; ``lab.curl(NODE, url)`` is a kubelet-style probe (a socket
+of the node itself) and reaches the application uncaptured.
+
 The pod server is this module too: ``python -m nodeagent.meshlab serve
 --name N --version V --port P [--status 503] [--call URL --call-host HOST]``
 answers every request with one JSON line (its pod name, version, the request
@@ -400,10 +405,19 @@ class MeshLab:
     # -- processes ---------------------------------------------------------
 
     def cli(self, *args: str, timeout: float | None = None, check: bool = True):
+        """``nodeagent ARGS``. ``uninstall --state-dir`` of a node runs in that node's
+        namespace, as on a real node: it also removes the node's own rules (probe SNAT)."""
         import subprocess
 
+        from redirect.netns import netns_command
+
+        argv = [PY, "-m", "nodeagent", *args]
+        if args[:1] == ("uninstall",):
+            node = next((n for n in self.nodes if self.state_dir(n) in args), None)
+            if node is not None:
+                argv = netns_command(self.topo.netns(node), argv)
         try:
-            proc = subprocess.run([PY, "-m", "nodeagent", *args], capture_output=True, text=True,
+            proc = subprocess.run(argv, capture_output=True, text=True,
                                   timeout=timeout or self.timeout, cwd=self.repo)
         except subprocess.TimeoutExpired:
             raise LabError(f"`nodeagent {' '.join(args)}` took longer than {timeout or self.timeout} s") from None

@@ -27,7 +27,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from policy import model as m
 from policy.errors import ConfigError, Diagnostic
-from policy.schema import ISTIO_GROUPS, STRMAP, kinds_in_group
+from policy.schema import ISTIO_GROUPS, NOT_ENFORCED, STRMAP, kinds_in_group
 from policy.validate import (
     INVALID, Ctx, decode, decode_spec, is_dns1123_label, is_dns1123_subdomain, node_type_name,
     validate_labels,
@@ -85,6 +85,8 @@ class LoadResult:
     warnings: list[Diagnostic] = field(default_factory=list)
     ignored: list[IgnoredObject] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    # one Diagnostic per field that loaded but is not enforced (``warnings`` has one per file)
+    unenforced: list[Diagnostic] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -97,6 +99,7 @@ class LoadResult:
         self.warnings.extend(other.warnings)
         self.ignored.extend(other.ignored)
         self.files.extend(other.files)
+        self.unenforced.extend(other.unenforced)
 
     def raise_for_errors(self) -> None:
         if self.errors:
@@ -215,11 +218,29 @@ def load_text(text: str, file: str, default_namespace: str = "default",
         what = "not stored by nodeagent, skipped" if identities_only else \
             "loaded but not enforced by nodeagent (ignored)"
         res.warnings.append(Diagnostic(file, res.ignored[0].source.line, f"{what}: {names}", severity="warning"))
+    if res.unenforced:
+        res.warnings.append(_unenforced_warning(res.unenforced))
     if res.errors:
         res.resources = []
         res.refs = []
         res.errors.sort(key=lambda d: d.line or 0)
     return res
+
+
+def _unenforced_warning(diags: list[Diagnostic]) -> Diagnostic:
+    """ONE warning for a file's unenforced fields: the first in full
+    (``FILE:LINE: warning: Kind ns/name: spec.path: loaded but not enforced by nodeagent``),
+    then the others as ``also spec.path (line N)``, naming the object when it changes."""
+    first = diags[0]
+    if len(diags) == 1:
+        return first
+    more = []
+    obj = first.obj
+    for d in diags[1:]:
+        more.append(f"{d.path} (line {d.line})" if d.obj == obj else f"{d.obj} {d.path} (line {d.line})")
+        obj = d.obj
+    return Diagnostic(first.file, first.line, f"{NOT_ENFORCED}; also {', '.join(more)}", first.obj, first.path,
+                      severity="warning")
 
 
 _LIST_FIELDS = ("apiVersion", "kind", "metadata", "items")
@@ -364,6 +385,8 @@ def _load_object(doc: Node, file: str, where: str, default_namespace: str, keys:
         ctx.lines["spec"] = _line(spec_pair[0])
     spec = decode_spec(kind, spec_node, ctx)
     res.warnings.extend(ctx.warnings)
+    res.unenforced.extend(Diagnostic(file, ln, NOT_ENFORCED, obj_ref, path, severity="warning")
+                          for path, ln in ctx.unenforced)
     key = (kind, namespace, name)
     if key in keys:
         prev = keys[key]

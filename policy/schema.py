@@ -338,6 +338,45 @@ def kinds_in_group(group: str) -> dict[str, tuple[str, ...]]:
     return out
 
 
+# -- fields that load but that nodeagent does not enforce ------------------------------
+#
+# (message, JSON field) -> when the decoded value is not enforced (None: whenever it is set).
+# The loader warns once per file, naming file:line, object and field path. Keep this in step
+# with what nodeagent/proxy and policy/{routing,l4routing,cluster,lb,retry,outlier}.py apply
+# (docs/traffic.md "Not implemented" lists the same fields). A field the proxy applies must
+# not be here: the warning would tell users something false.
+
+NOT_ENFORCED = "loaded but not enforced by nodeagent"
+
+UNENFORCED_FIELDS: dict[tuple[str, str], Callable[[object], bool] | None] = {
+    # VirtualService
+    ("HTTPRoute", "corsPolicy"): None,
+    ("HTTPRoute", "delegate"): None,                     # a matched delegate rule answers 404 NR
+    ("HTTPMatchRequest", "statPrefix"): None,
+    ("HTTPRetry", "backoff"): None,
+    ("HTTPRetry", "retryRemoteLocalities"): lambda v: v is True,
+    ("HTTPRetry", "retryIgnorePreviousHosts"): lambda v: v is False,   # retries always avoid tried hosts
+    ("Delay", "exponentialDelay"): None,
+    ("Abort", "http2Error"): None,
+    # DestinationRule
+    ("LoadBalancerSettings", "localityLbSetting"): lambda v: getattr(v, "enabled", None) is not False,
+    ("LoadBalancerSettings", "warmupDurationSecs"): None,
+    ("TCPSettings", "tcpKeepalive"): None,
+    ("TCPSettings", "maxConnectionDuration"): None,
+    ("HTTPSettings", "h2UpgradePolicy"): lambda v: v == "UPGRADE",
+    ("HTTPSettings", "useClientProtocol"): lambda v: v is True,
+    ("HTTPSettings", "maxConcurrentStreams"): None,
+    ("HTTPSettings", "maxRetries"): None,                # no budget of concurrent retries
+    ("TrafficPolicy", "tunnel"): None,
+    ("TrafficPolicy", "proxyProtocol"): None,
+    ("ClientTLSSettings", "mode"): lambda v: v in ("SIMPLE", "MUTUAL"),   # no TLS origination: plaintext
+    ("ClientTLSSettings", "sni"): None,
+    ("ClientTLSSettings", "subjectAltNames"): lambda v: bool(v),
+    # ServiceEntry
+    ("ServiceEntry", "subjectAltNames"): lambda v: bool(v),
+}
+
+
 def check_schema_consistency() -> list[str]:
     """Every schema field maps onto a dataclass field (used by the unit tests)."""
     problems = []
@@ -353,4 +392,7 @@ def check_schema_consistency() -> list[str]:
                 ty = ty.item if isinstance(ty, ListOf) else ty.value
             if isinstance(ty, Msg) and ty.name not in MESSAGES:
                 problems.append(f"{name}: unknown message {ty.name}")
+    for name, jn in UNENFORCED_FIELDS:
+        if name not in MESSAGES or jn not in MESSAGES[name].fields:
+            problems.append(f"UNENFORCED_FIELDS: {name}.{jn} is not a schema field")
     return problems

@@ -31,7 +31,7 @@ from policy import model as m
 from policy.duration import DurationError, parse_duration
 from policy.errors import Diagnostic
 from policy.schema import (
-    MESSAGES, Enum, ListOf, MapOf, Message, Msg, Scalar, Special, py_name,
+    MESSAGES, UNENFORCED_FIELDS, Enum, ListOf, MapOf, Message, Msg, Scalar, Special, py_name,
 )
 
 __all__ = ["Ctx", "INVALID", "decode", "decode_spec", "node_type_name", "scalar_value",
@@ -104,6 +104,8 @@ class Ctx:
         self.errors: list[Diagnostic] = []
         self.warnings: list[Diagnostic] = []
         self.lines: dict[str, int] = {}
+        # (field path, line) of fields that loaded but nodeagent does not enforce (schema.UNENFORCED_FIELDS)
+        self.unenforced: list[tuple[str, int | None]] = []
 
     def line_of(self, path: str) -> int | None:
         p = path
@@ -333,6 +335,10 @@ def decode_message(node: Node, name: str, path: str, ctx: Ctx) -> Any:
             continue
         present.append(key)
         kwargs[py_name(key, f) if not (name == "SEWorkloadSelector") else "labels"] = v
+        if (name, key) in UNENFORCED_FIELDS:
+            when = UNENFORCED_FIELDS[(name, key)]
+            if when is None or when(v):
+                ctx.unenforced.append((fpath, ctx.lines[fpath]))
     for group in msg.oneofs:
         got = [k for k in group if k in present]
         if len(got) > 1:

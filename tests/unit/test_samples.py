@@ -44,7 +44,24 @@ def test_unenforced_istio_kinds_give_one_warning_per_file(samples_dir):
 
     res = load_file(samples_dir / "more" / "service-entry-examples-with-sidecar-dr-tls-vs.yaml")
     assert [o.kind for o in res.ignored] == ["Sidecar"]
-    assert sum("not enforced" in str(w) for w in res.warnings) == 1
+    assert sum("not enforced by nodeagent (ignored)" in str(w) for w in res.warnings) == 1
+
+
+def test_unenforced_fields_in_the_samples_are_warned_once_per_file(samples_dir):
+    """The samples that use fields nodeagent loads but does not apply still load (no error),
+    with one warning per file naming file:line, object and field."""
+    f = samples_dir / "more" / "virtual-service-cors-policy.yaml"
+    res = load_file(f)
+    assert res.errors == [] and [r.kind for r in res.resources] == ["ServiceEntry", "VirtualService"]
+    assert [str(w) for w in res.warnings] == [
+        f"{f}:32: warning: VirtualService testns/cors: spec.http[0].corsPolicy: loaded but not enforced by nodeagent"]
+    f = samples_dir / "more" / "service-entry-examples-with-sidecar-dr-tls-vs.yaml"
+    (w,) = [str(w) for w in load_file(f).warnings if "(ignored)" not in str(w)]
+    assert w == (f"{f}:83: warning: DestinationRule seexamples/mtls-mongocluster: spec.trafficPolicy.tls.mode: "
+                 "loaded but not enforced by nodeagent; also spec.trafficPolicy.tls.sni (line 89), "
+                 "spec.trafficPolicy.tls.subjectAltNames (line 90)")
+    # and the shipped example uses only what is enforced
+    assert load_paths([Path(__file__).resolve().parents[2] / "examples" / "shop"]).warnings == []
 
 
 def test_sample_values_decoded(samples_dir):

@@ -1,0 +1,201 @@
+"""Fields that load but that nodeagent does not enforce: one warning per file naming
+file:line, object and field; none for the fields the proxy applies."""
+from __future__ import annotations
+
+from nodeagent.store import ConfigStore
+from policy.loader import load_text
+from policy.schema import UNENFORCED_FIELDS, check_schema_consistency
+
+VS_CORS = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: x
+  namespace: prod
+spec:
+  hosts: [x]
+  http:
+  - match:
+    - uri: {prefix: /a}
+    corsPolicy:
+      allowOrigins:
+      - exact: https://example.com
+    route:
+    - destination: {host: x}
+  - retries:
+      attempts: 2
+      retryRemoteLocalities: true
+      backoff: 25ms
+    route:
+    - destination: {host: x}
+"""
+
+DR_TLS = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: ext
+  namespace: prod
+spec:
+  host: api.example.com
+  trafficPolicy:
+    tls:
+      mode: SIMPLE
+"""
+
+
+def warnings(text: str, file: str = "f.yaml") -> list[str]:
+    res = load_text(text, file)
+    assert res.errors == [], "\n".join(map(str, res.errors))
+    return [str(w) for w in res.warnings]
+
+
+def test_one_unenforced_field_is_one_warning_naming_file_line_object_and_field():
+    text = VS_CORS.split("  - retries:")[0]
+    assert warnings(text, "prod.yaml") == [
+        "prod.yaml:11: warning: VirtualService prod/x: spec.http[0].corsPolicy: loaded but not enforced by nodeagent"]
+
+
+def test_several_in_one_file_are_one_warning():
+    text = VS_CORS + "---\n" + DR_TLS
+    assert warnings(text) == [
+        "f.yaml:11: warning: VirtualService prod/x: spec.http[0].corsPolicy: loaded but not enforced by nodeagent; "
+        "also spec.http[1].retries.retryRemoteLocalities (line 18), spec.http[1].retries.backoff (line 19), "
+        "DestinationRule prod/ext spec.trafficPolicy.tls.mode (line 32)"]
+    res = load_text(text, "f.yaml")
+    assert [(d.line, d.obj, d.path) for d in res.unenforced] == [
+        (11, "VirtualService prod/x", "spec.http[0].corsPolicy"),
+        (18, "VirtualService prod/x", "spec.http[1].retries.retryRemoteLocalities"),
+        (19, "VirtualService prod/x", "spec.http[1].retries.backoff"),
+        (32, "DestinationRule prod/ext", "spec.trafficPolicy.tls.mode")]
+    assert len(res.resources) == 2          # a warning, not an error: the objects load
+
+
+def test_deep_paths_subsets_and_port_levels():
+    text = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: r, namespace: shop}
+spec:
+  host: r
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      connectionPool:
+        tcp: {tcpKeepalive: {time: 10s}}
+  trafficPolicy:
+    portLevelSettings:
+    - port: {number: 80}
+      loadBalancer:
+        simple: ROUND_ROBIN
+        localityLbSetting: {enabled: true}
+"""
+    res = load_text(text, "d.yaml")
+    assert [(d.line, d.path) for d in res.unenforced] == [
+        (11, "spec.subsets[0].trafficPolicy.connectionPool.tcp.tcpKeepalive"),
+        (17, "spec.trafficPolicy.portLevelSettings[0].loadBalancer.localityLbSetting")]
+
+
+def test_values_that_match_what_nodeagent_does_are_not_warned():
+    text = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: r, namespace: shop}
+spec:
+  host: r
+  trafficPolicy:
+    tls: {mode: ISTIO_MUTUAL}
+    loadBalancer:
+      simple: LEAST_REQUEST
+      localityLbSetting: {enabled: false}
+    connectionPool:
+      http: {h2UpgradePolicy: DO_NOT_UPGRADE, useClientProtocol: false}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: r, namespace: shop}
+spec:
+  hosts: [r]
+  http:
+  - retries: {attempts: 2, retryRemoteLocalities: false, retryIgnorePreviousHosts: true}
+    route:
+    - destination: {host: r}
+"""
+    assert warnings(text) == []
+
+
+def test_applied_fields_are_not_warned():
+    """Everything here is enforced by the proxy (HTTP/1.1, HTTP/2 and gRPC, TCP and TLS routes)."""
+    text = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: r, namespace: shop}
+spec:
+  hosts: [r]
+  http:
+  - match:
+    - headers: {end-user: {exact: jason}}
+      uri: {prefix: /api}
+      queryParams: {q: {exact: "1"}}
+      withoutHeaders: {x-test: {}}
+      sourceLabels: {app: web}
+    rewrite: {uri: /v2}
+    headers:
+      request: {set: {x-a: b}}
+    timeout: 2s
+    retries: {attempts: 3, perTryTimeout: 1s, retryOn: "5xx,reset"}
+    fault:
+      delay: {fixedDelay: 1s, percentage: {value: 10}}
+      abort: {httpStatus: 503, percentage: {value: 1}}
+    mirror: {host: r-shadow}
+    mirrorPercentage: {value: 5}
+    route:
+    - destination: {host: r, subset: v2}
+      weight: 90
+    - destination: {host: r, subset: v1}
+      weight: 10
+  - directResponse: {status: 404}
+  tcp:
+  - match: [{port: 3306}]
+    route: [{destination: {host: db, port: {number: 3306}}}]
+  tls:
+  - match: [{sniHosts: [r]}]
+    route: [{destination: {host: r}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: r, namespace: shop}
+spec:
+  host: r
+  trafficPolicy:
+    loadBalancer:
+      consistentHash: {httpHeaderName: end-user, minimumRingSize: 1024}
+    connectionPool:
+      tcp: {maxConnections: 10, connectTimeout: 1s, idleTimeout: 1h}
+      http: {http1MaxPendingRequests: 5, http2MaxRequests: 100, maxRequestsPerConnection: 10,
+             idleTimeout: 30s}
+    outlierDetection: {consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s,
+                       maxEjectionPercent: 50}
+    tls: {mode: DISABLE}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+"""
+    assert warnings(text) == []
+
+
+def test_the_table_names_real_schema_fields():
+    assert check_schema_consistency() == []
+    assert ("HTTPRoute", "corsPolicy") in UNENFORCED_FIELDS
+
+
+def test_the_store_reports_it_with_the_other_warnings(tmp_path):
+    (tmp_path / "vs.yaml").write_text(VS_CORS.split("  - retries:")[0])
+    s = ConfigStore(tmp_path)
+    s.load()
+    assert [str(w) for w in s.last_warnings] == [
+        f"{tmp_path}/vs.yaml:11: warning: VirtualService prod/x: spec.http[0].corsPolicy: "
+        "loaded but not enforced by nodeagent"]

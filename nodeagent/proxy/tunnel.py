@@ -69,59 +69,336 @@ _CONNECT_LINE = re.compile(rb"^CONNECT (\S+) HTTP/1\.1$")
 _STATUS_LINE = re.compile(rb"^HTTP/1\.[01] (\d{3})(?: (.*))?$")
 
 
-READ_BUFFER = 65536  # bytes one read of a TLS stream may decrypt into (uvloop reads again when it is full)
+READ_BUFFER = 65536  # bytes one read of a tunnel may take in (ciphertext) or hand on (plaintext)
 _local = threading.local()
 
 
 def read_buffer() -> memoryview:
-    """This thread's read buffer for TLS streams (one per event-loop thread: a read copies out of
-    it before anything else can read into it, and OpenSSL fills it with the GIL released)."""
+    """This thread's read buffer for tunnel streams (one per event-loop thread: what is read
+    into it is copied out before anything else can read into it)."""
     view = getattr(_local, "view", None)
     if view is None:
         view = _local.view = memoryview(bytearray(READ_BUFFER))
     return view
 
 
-class BufferedFeed(asyncio.BufferedProtocol):
-    """Feeds a plain ``asyncio.Protocol`` from a TLS transport through a reused read buffer.
+def _plain_buffer() -> memoryview:
+    """This thread's buffer that decrypted bytes land in before they are copied out."""
+    view = getattr(_local, "plain", None)
+    if view is None:
+        view = _local.plain = memoryview(bytearray(READ_BUFFER))
+    return view
 
-    Why: given a plain protocol, the TLS transports (uvloop's and asyncio's) decrypt each
-    read into a new 256 KiB bytes object, which glibc serves with mmap and shrinks with
-    mremap then munmap (unless the process's allocation history raised glibc's mmap
-    threshold): three system calls and a page fault per read, up to half of an agent's
-    kernel time per request on the mesh bench. Given a buffered protocol they decrypt into
-    the buffer it lends; the bytes handed on are a copy of just the bytes read, taken before
-    the protocol sees them, so one buffer serves every stream of the thread.
+
+class TlsStream(asyncio.BufferedProtocol, asyncio.Transport):
+    """TLS 1.3 over a plain TCP transport, with OpenSSL on memory BIOs: the tunnel's transport.
+
+    It is the TCP transport's (buffered) protocol and the transport of the protocol it
+    serves (``app``): the CONNECT stage, then the engine's protocol (``set_protocol``).
+
+    Why not the event loop's TLS transport: per record, uvloop's goes through its
+    SSL protocol state machine, calls ``ssl.SSLObject``'s Python wrappers (``pending``,
+    ``read``, ``write``) and needed a forwarding protocol to avoid a 256 KiB allocation per
+    read; asyncio's is pure Python. Here a read is one ``MemoryBIO.write`` of what TCP
+    delivered, ``SSL_read`` into a reused per-thread buffer (stopping when both BIO and
+    OpenSSL are empty, so the common case raises no SSLWantReadError) and one copy handed to
+    ``app.data_received``; a write is one ``SSL_write`` and one TCP write of the record(s).
+    Nothing is buffered in plaintext: flow control is the TCP transport's (its
+    ``pause_writing``/``resume_writing`` reach ``app``; ``pause_reading`` stops delivery,
+    even of records already received).
+
+    Semantics kept from asyncio/uvloop: a TCP EOF without close_notify closes the stream
+    (``app.connection_lost(None)``, no ``eof_received``: it is not a clean shutdown);
+    close_notify calls ``app.eof_received()`` then closes; ``close()`` sends close_notify
+    after whatever is queued; no half-close (``can_write_eof()`` is False). The handshake
+    must finish within ``handshake_timeout`` s; ``on_handshake(exc)`` is told how it ended
+    (``exc`` None: ``app.connection_made(self)`` follows at once).
     """
 
-    __slots__ = ("inner", "view", "feed")
+    __slots__ = ("ctx", "server_side", "app", "feed", "tcp", "incoming", "outgoing", "sslobj", "raw",
+                 "handshaking", "timer", "handshake_timeout", "on_handshake", "closing", "paused",
+                 "lost", "drain_handle", "started", "ready", "plain", "bio_in", "ssl_read", "ssl_write", "bio_out",
+                 "tcp_write")
 
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.view = read_buffer()
-        self.feed = inner.data_received  # bound once: this runs for every TLS read
+    def __init__(self, ctx: ssl.SSLContext, app, *, server_side: bool, handshake_timeout: float,
+                 on_handshake: Callable | None = None) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.server_side = server_side
+        self.app = app
+        self.feed = app.data_received
+        self.tcp = None
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.sslobj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side, server_hostname=None)
+        self.raw = self.sslobj._sslobj  # the C object: SSLObject's methods are Python wrappers
+        # Bound once, called per record: OpenSSL's read/write, the BIOs', the TCP transport's write.
+        self.bio_in = self.incoming.write
+        self.bio_out = self.outgoing.read
+        self.ssl_read = self.raw.read
+        self.ssl_write = self.raw.write
+        self.tcp_write = None
+        self.plain = _plain_buffer()
+        self.ready = False  # handshake done, not closing: app data may flow
+        self.started = False  # app.connection_made was called (so connection_lost will be)
+        self.handshaking = True
+        self.timer = None
+        self.handshake_timeout = handshake_timeout
+        self.on_handshake = on_handshake
+        self.closing = False
+        self.paused = False
+        self.lost = False
+        self.drain_handle = None
 
-    def connection_made(self, transport) -> None:
-        self.inner.connection_made(transport)
+    # --- protocol of the TCP transport ----------------------------------
+    def connection_made(self, tcp) -> None:
+        self.tcp = tcp
+        self.tcp_write = tcp.write
+        self.timer = asyncio.get_running_loop().call_later(self.handshake_timeout, self._handshake_timeout)
+        self._handshake()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.view
+        return read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.feed(self.view[:nbytes].tobytes())
+        self.bio_in(read_buffer()[:nbytes])
+        if not self.ready or self.paused:
+            if self.handshaking:
+                self._handshake()
+            return
+        # One record in one TCP read, the common case, inline; anything else in _deliver.
+        plain = self.plain
+        try:
+            n = self.ssl_read(READ_BUFFER, plain)
+        except ssl.SSLWantReadError:
+            return  # a partial record: the rest comes with the next TCP read
+        except ssl.SSLZeroReturnError:
+            self._close_notify()
+            return
+        except ssl.SSLError as exc:
+            self._fatal(exc)
+            return
+        if not n:  # close_notify (OpenSSL's read answers 0 bytes)
+            self._close_notify()
+            return
+        self.feed(plain[:n].tobytes())
+        if self.incoming.pending and self.ready and not self.paused:
+            self._deliver()
 
     def eof_received(self):
-        handler = getattr(self.inner, "eof_received", None)
-        return handler() if handler is not None else None
+        if self.handshaking:
+            self._handshake_failed(ConnectionResetError("connection closed during the TLS handshake"))
+        return False  # not close_notify: the TCP transport closes, connection_lost follows
 
     def connection_lost(self, exc) -> None:
-        self.inner.connection_lost(exc)
+        self.lost = True
+        self.closing = True
+        self.ready = False
+        self._cancel_timers()
+        if self.handshaking:
+            self.handshaking = False
+            if self.on_handshake is not None:
+                self.on_handshake(exc or ConnectionResetError("connection closed during the TLS handshake"))
+        if self.started:
+            self.app.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        self.inner.pause_writing()
+        if not self.handshaking:
+            self.app.pause_writing()
 
     def resume_writing(self) -> None:
-        self.inner.resume_writing()
+        if not self.handshaking:
+            self.app.resume_writing()
+
+    # --- handshake ------------------------------------------------------
+    def _handshake(self) -> None:
+        try:
+            self.sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except (ssl.SSLError, ssl.CertificateError, ValueError) as exc:
+            self._flush()  # the alert, if OpenSSL wrote one
+            self._handshake_failed(exc)
+            return
+        self._flush()
+        self.handshaking = False
+        self.ready = not self.closing
+        self._cancel_timers()
+        if self.on_handshake is not None:
+            self.on_handshake(None)
+        self.started = True
+        self.app.connection_made(self)
+        if self.incoming.pending and not self.closing and not self.paused:
+            self._deliver()  # what arrived with the peer's last handshake flight
+
+    def _handshake_failed(self, exc: BaseException) -> None:
+        if not self.handshaking:
+            return
+        self.handshaking = False
+        self._cancel_timers()
+        self.closing = True
+        self.ready = False
+        if self.on_handshake is not None:
+            self.on_handshake(exc)
+        self.tcp.abort()
+
+    def _handshake_timeout(self) -> None:
+        self.timer = None
+        self._handshake_failed(TimeoutError(f"TLS handshake not done within {self.handshake_timeout:g} s"))
+
+    def _cancel_timers(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.drain_handle is not None:
+            self.drain_handle.cancel()
+            self.drain_handle = None
+
+    # --- data -----------------------------------------------------------
+    def _deliver(self) -> None:
+        """Decrypt what has arrived and hand it to ``app``, until nothing is left, the stream
+        is paused or closing."""
+        raw = self.raw
+        incoming = self.incoming
+        plain = self.plain
+        while True:
+            try:
+                n = raw.read(READ_BUFFER, plain)
+            except ssl.SSLWantReadError:
+                break  # a partial record: the rest comes with the next TCP read
+            except ssl.SSLZeroReturnError:
+                self._close_notify()
+                return
+            except ssl.SSLError as exc:
+                self._fatal(exc)
+                return
+            if not n:  # close_notify (OpenSSL's read answers 0 bytes)
+                self._close_notify()
+                return
+            self.feed(plain[:n].tobytes())
+            if self.closing or self.paused:
+                break
+            if not incoming.pending and not raw.pending():
+                break
+        if self.outgoing.pending and not self.lost:
+            self._flush()  # OpenSSL may answer a record (a key update)
+
+    def _close_notify(self) -> None:
+        handler = getattr(self.app, "eof_received", None)
+        keep = handler() if handler is not None else False
+        if keep:
+            log.debug("tunnel: close_notify received; half-open TLS streams are not supported, closing")
+        self.close()
+
+    def _fatal(self, exc: BaseException) -> None:
+        log.info("tunnel: TLS error, closing the stream: %s", exc)
+        self.closing = True
+        self.ready = False
+        self.tcp.abort()
+
+    def _flush(self) -> None:
+        if self.outgoing.pending:
+            self.tcp.write(self.outgoing.read())
+
+    # --- transport of ``app`` --------------------------------------------
+    def write(self, data) -> None:
+        if not self.ready or not data:
+            return
+        try:
+            n = self.ssl_write(data)
+            if n != len(data):  # a memory BIO takes everything; kept exact all the same
+                view = memoryview(data).cast("B")
+                while n < len(view):
+                    n += self.ssl_write(view[n:])
+        except ssl.SSLError as exc:
+            self._fatal(exc)
+            return
+        self.tcp_write(self.bio_out())
+
+    def writelines(self, list_of_data) -> None:
+        self.write(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("TLS tunnel streams cannot half-close")
+
+    def close(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.ready = False
+        self._cancel_timers()
+        if not self.handshaking and not self.lost:
+            try:
+                self.raw.shutdown()  # writes close_notify into the outgoing BIO
+            except ssl.SSLError:
+                pass
+            self._flush()
+        self.tcp.close()  # after what is queued
+
+    def abort(self) -> None:
+        self.closing = True
+        self.ready = False
+        self._cancel_timers()
+        if self.tcp is not None:
+            self.tcp.abort()
+
+    def is_closing(self) -> bool:
+        return self.closing or self.tcp.is_closing()
+
+    def pause_reading(self) -> None:
+        if not self.paused:
+            self.paused = True
+            if self.drain_handle is not None:
+                self.drain_handle.cancel()
+                self.drain_handle = None
+            self.tcp.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.tcp.resume_reading()
+            if (self.incoming.pending or self.raw.pending()) and self.drain_handle is None and not self.closing:
+                # records received while paused: delivered from the loop, as a read would be
+                self.drain_handle = asyncio.get_running_loop().call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self.drain_handle = None
+        if not self.paused and not self.closing:
+            self._deliver()
+
+    def is_reading(self) -> bool:
+        return not self.paused and self.tcp.is_reading()
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        self.tcp.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self.tcp.get_write_buffer_size()
+
+    def get_write_buffer_limits(self):
+        return self.tcp.get_write_buffer_limits()
+
+    def set_protocol(self, protocol) -> None:
+        self.app = protocol
+        self.feed = protocol.data_received
+
+    def get_protocol(self):
+        return self.app
+
+    def get_extra_info(self, name, default=None):
+        if name == "ssl_object":
+            return self.sslobj
+        if name == "sslcontext":
+            return self.ctx
+        if name == "peercert":
+            return self.sslobj.getpeercert()
+        if name == "cipher":
+            return self.sslobj.cipher()
+        return self.tcp.get_extra_info(name, default) if self.tcp is not None else default
 
 
 class TunnelError(ConnectionError):
@@ -381,17 +658,22 @@ class TunnelConnector:
             raise
         waiter = loop.create_future()
         client = _TunnelClient(self, waiter, protocol_factory, expected, address, port)
+
+        def handshake_done(exc) -> None:
+            if exc is not None and not waiter.done():
+                waiter.set_exception(TunnelError(f"tunnel to {address}: TLS handshake failed: {exc}"))
+
+        stream = TlsStream(ctx, client, server_side=False, handshake_timeout=min(timeout, self.handshake_timeout),
+                           on_handshake=handshake_done)
         try:
-            transport, _ = await loop.create_connection(
-                lambda: client, sock=sock, ssl=ctx, server_hostname="",
-                ssl_handshake_timeout=min(timeout, self.handshake_timeout))
+            await loop.create_connection(lambda: stream, sock=sock)
         except BaseException:
             sock.close()
             raise
         try:
             return await waiter
         except BaseException:
-            transport.abort()
+            stream.abort()
             raise
 
 
@@ -452,8 +734,8 @@ class _TunnelClient(asyncio.Protocol):
             return
         inner = self.factory()
         self.inner = inner
-        # The TLS transport now feeds the engine's protocol, through a reused read buffer.
-        self.transport.set_protocol(BufferedFeed(inner))
+        # The TLS stream now feeds the engine's protocol directly.
+        self.transport.set_protocol(inner)
         inner.connection_made(self.transport)
         self.waiter.set_result((self.transport, inner))
         if rest:
@@ -501,6 +783,7 @@ class TunnelServer:
         self.workload = workload
         self.tls = tls
         self.handshake_timeout = handshake_timeout
+        self._ctx: ssl.SSLContext | None = None
         self.server: asyncio.AbstractServer | None = None
         self.stats = {"accepted": 0, "refused": 0}
         self.last_refusal = ""
@@ -554,9 +837,13 @@ class TunnelServer:
                 raise OSError(exc.errno, f"cannot listen for the tunnel of {self.workload.ref} on "
                                          f"{format_target(host, port)}: {exc.strerror}") from None
         sock.setblocking(False)
-        self.server = await loop.create_server(lambda: _TunnelServerProtocol(self), sock=sock, ssl=ctx,
-                                               backlog=1024, ssl_handshake_timeout=self.handshake_timeout)
+        self._ctx = ctx
+        self.server = await loop.create_server(self._accept, sock=sock, backlog=1024)
         return self
+
+    def _accept(self) -> TlsStream:
+        return TlsStream(self._ctx, _TunnelServerProtocol(self), server_side=True,
+                         handshake_timeout=self.handshake_timeout, on_handshake=_log_handshake_failure)
 
     def close(self) -> None:
         if self.server is not None:
@@ -566,6 +853,11 @@ class TunnelServer:
         self.stats["refused"] += 1
         self.last_refusal = reason
         log.info("tunnel %s <- %s refused: %s", self.workload.ref, format_target(*remote[:2]), reason)
+
+
+def _log_handshake_failure(exc) -> None:
+    if exc is not None:  # as asyncio's TLS transports do: a client that failed the handshake is not news
+        log.debug("tunnel: TLS handshake failed: %s", exc)
 
 
 class _TunnelServerProtocol(asyncio.Protocol):
@@ -653,9 +945,9 @@ class _TunnelServerProtocol(asyncio.Protocol):
         self.server.recent.append((self.peer.principal, self.serial))
         self.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
         inner = self.inner = plane.attach(admission, self.transport)
-        # From now on the TLS transport feeds the stream's protocol (this object would only
-        # forward every event), through a reused read buffer.
-        self.transport.set_protocol(BufferedFeed(inner))
+        # From now on the TLS stream feeds the stream's protocol (this object would only
+        # forward every event).
+        self.transport.set_protocol(inner)
         if rest:
             inner.data_received(rest)
 
@@ -681,5 +973,5 @@ class _TunnelServerProtocol(asyncio.Protocol):
             self.inner.resume_writing()
 
 
-__all__ = ["TUNNEL_PORT", "BufferedFeed", "read_buffer", "MeshDirectory", "MeshTelemetry", "TunnelConnector", "TunnelError", "TunnelServer",
+__all__ = ["TUNNEL_PORT", "TlsStream", "read_buffer", "MeshDirectory", "MeshTelemetry", "TunnelConnector", "TunnelError", "TunnelServer",
            "format_target", "parse_target"]

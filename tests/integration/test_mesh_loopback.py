@@ -1019,8 +1019,9 @@ def test_every_request_is_normalized_and_stripped_on_its_own(ca_dir):
 
 
 def test_the_tunnel_on_uvloop_reuses_and_streams_more_than_a_read_buffer(ca_dir):
-    """The agents run on uvloop, whose TLS transport is not asyncio's: after CONNECT both ends
-    hand the stream to the engine (set_protocol) through a reused read buffer (BufferedFeed)."""
+    """The agents run on uvloop: after CONNECT both ends hand the tunnel's TLS stream
+    (TlsStream, reading through reused per-thread buffers) to the engine (set_protocol);
+    a tunnel is reused and carries more than a read buffer each way."""
     import os
 
     import uvloop

@@ -36,13 +36,15 @@ from nodeagent.agent.workload import WorkloadSpec, netns_path
 log = logging.getLogger("nodeagent.agent.probes")
 
 
-def pod_view(path: str, snat: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def pod_view(path: str, snat: Iterable[str], ips: Iterable[str] = ()) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(global addresses of the namespace at ``path``, the SNAT addresses it has NO route to).
 
     Replies to a probe go to the SNAT address: the pod must route it back to
-    the node (its default route via the node does, as on routed veths).
+    the node (its default route via the node does, as on routed veths). Only
+    the SNAT addresses of the pod's families (``ips``, else those found) are
+    checked.
     """
-    snat = tuple(snat)
+    snat, ips = tuple(snat), tuple(ips)
 
     def look() -> tuple[tuple[str, ...], tuple[str, ...]]:
         from pyroute2 import IPRoute
@@ -51,8 +53,9 @@ def pod_view(path: str, snat: Iterable[str]) -> tuple[tuple[str, ...], tuple[str
         with IPRoute() as ipr:
             addresses = tuple(sorted({a.get_attr("IFA_ADDRESS") for a in ipr.get_addr() if a["scope"] == 0},
                                      key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a))))
+            families = {ipaddress.ip_address(a).version for a in ips or addresses}
             unroutable = []
-            for address in snat:
+            for address in (a for a in snat if ipaddress.ip_address(a).version in families):
                 try:
                     ipr.route("get", dst=address)
                 except NetlinkError:
@@ -88,7 +91,7 @@ class NodeProbes:
         if spec.target not in self._pods or not addresses:
             path = netns_path(spec.target)
             try:
-                found, unroutable = pod_view(path, [a.split("/")[0] for a in self.config.probe_snat])
+                found, unroutable = pod_view(path, [a.split("/")[0] for a in self.config.probe_snat], addresses)
             except (OSError, TimeoutError, ImportError) as exc:
                 raise CaptureError(f"{spec.ref}: cannot read the pod's addresses for probe SNAT: {exc}") from None
             addresses = addresses or found

@@ -132,3 +132,37 @@ def test_node_table_lives_beside_a_host_plan(net, cleaned, cgroup_dir):
     assert capture.cleanup(node.netns) == ("nft",)
     left = run_command(node.netns, ["nft", "list", "tables"]).stdout
     assert "nodeagent" not in left  # (iptables-nft's own empty nat tables stay, see docs/capture.md)
+
+
+def test_agent_node_probes_follow_the_pods(net, cleaned, caplog):
+    """nodeagent.agent.probes.NodeProbes: pod addresses from --ip or read from the pod, one
+    node plan for all, removed with the last pod; a pod with no route back is logged."""
+    from nodeagent.agent.probes import NodeProbes
+    from nodeagent.agent.workload import WorkloadSpec
+
+    node, server, client = net.nodes["n1"], net.pods["server"], net.pods["client"]
+
+    def spec(pod, ips=()):
+        return WorkloadSpec("netns", pod.netns, pod.name, "shop", "default", ips=ips)
+
+    probes = NodeProbes(netns=node.netns)
+    probes.add(spec(server))  # no --ip: the pod's global addresses are read in its namespace
+    probes.add(spec(client, (client.ip,)))
+    assert probes.addresses() == (client.ip, server.ip)
+    assert capture.verify(node_plan([client.ip, server.ip]), node.netns) == ()
+    assert "no route to the probe address" not in caplog.text  # both route it via the node
+
+    probes.discard(spec(server))
+    assert capture.verify(node_plan([client.ip]), node.netns) == ()
+    probes.discard(spec(client))
+    assert "nodeagent" not in run_command(node.netns, ["nft", "list", "tables"]).stdout
+
+    # A pod whose replies cannot reach the node (no default route) is named in the log.
+    net.exec("client", ["ip", "route", "del", "default"])
+    try:
+        probes.add(spec(client, (client.ip,)))
+    finally:
+        net.exec("client", ["ip", "route", "add", "default", "via", client.gateway, "dev", "eth0"])
+    assert f"no route to the probe address {PROBE}" in caplog.text and client.netns in caplog.text
+    probes.uninstall()
+    assert "nodeagent" not in run_command(node.netns, ["nft", "list", "tables"]).stdout

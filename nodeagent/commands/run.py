@@ -17,7 +17,8 @@ from pathlib import Path
 from nodeagent.cli import UserError
 
 DEFAULT_STATE_DIR = "/var/lib/nodeagent"
-CAPTURE_MODES = ("auto", "nftables", "iptables", "ebpf", "none")
+CAPTURE_MODES = ("nftables", "iptables", "ebpf", "auto", "none")
+DEFAULT_CAPTURE = "nftables"  # issue #5: nftables is the default; eBPF is opt-in (--capture ebpf or auto)
 # Kubernetes node names are DNS-1123 subdomains (k8s.io/apimachinery IsDNS1123Subdomain:
 # dot-separated lower-case alphanumeric runs with inner '-', 253 characters at most).
 _NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -33,9 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "(default: $NODE_NAME, else the host name in lower case)")
     run.add_argument("--config-dir", type=Path, help="directory of Istio YAML to load and watch")
     _state_dir(run)
-    run.add_argument("--capture", choices=CAPTURE_MODES, default="auto",
-                     help="how traffic is captured: nftables, iptables, ebpf, auto (pick what the "
-                          "kernel has), none (explicit proxy only: nothing is redirected)")
+    run.add_argument("--capture", choices=CAPTURE_MODES, default=DEFAULT_CAPTURE,
+                     help="how traffic is captured: nftables (the default), iptables, ebpf, auto (eBPF when "
+                          "this host can run it, else nftables, else iptables), none (explicit proxy only: "
+                          "nothing is redirected)")
     run.add_argument("--ca-url", help="URL of `nodeagent ca serve` (default: an embedded CA in the state dir)")
     run.add_argument("--node-credential", type=Path,
                      help="directory with this node's key and certificate for --ca-url")

@@ -68,6 +68,21 @@ def test_access_log_line_per_request(agents, topology, tmp_path):
         "destination_service": "server.shop.svc.cluster.local"}
     assert record["downstream_remote_address"].startswith(f"{client.ip}:")
     assert record["bytes_sent"] > 0 and record["duration"] >= 0 and record["start_time"].endswith("Z")
+    # With the server pod enrolled too, the request is logged at both ends (one runtime serves
+    # every workload): outbound at the client's pod, inbound at the server's.
+    cli(state, "enroll", "--netns", server.netns, "--name", "server", "--namespace", "shop",
+        "--service-account", "server", "--labels", "app=server", "--ip", server.ip)
+    reply = curl(topology, "http://10.250.99.1/reviews/2", host="server.shop.svc.cluster.local")
+    assert reply.startswith("200 hello from server"), reply
+    assert wait_for(lambda: len(log_path.read_text().splitlines()) >= 3, timeout=5)
+    records = [json.loads(x) for x in log_path.read_text().splitlines()[1:]]
+    assert len(records) == 2 and all(r["path"] == "/reviews/2" and r["response_code"] == 200 for r in records)
+    (outbound,) = [r for r in records if r["upstream_cluster"] == "outbound|80||server.shop.svc.cluster.local"]
+    (inbound,) = [r for r in records if r is not outbound]
+    assert outbound["source_workload"] == "client"
+    assert inbound["upstream_host"] == f"{server.ip}:8080"  # the inbound side served the app in its pod
+    assert inbound["downstream_remote_address"].startswith(f"{client.ip}:")
+    cli(state, "unenroll", "--netns", server.netns)
     cli(state, "unenroll", "--netns", client.netns)
     assert agent.stop() == 0
 

@@ -59,6 +59,7 @@ _CONTEXT_CACHE_LIMIT = 4096
 _IDENTITY_HEADERS = frozenset((b"x-forwarded-client-cert",))  # never trusted from a client
 _IDENTITY_HEADER_LEN = len(b"x-forwarded-client-cert")
 _PATH_CACHE_LIMIT = 4096
+_UNSEEN = object()
 # L7 verdicts memoized per (connection attributes, method, target, authority) when no policy of
 # the workload reads request headers: at most this many, for request targets and authorities
 # of at most _VERDICT_KEY_LIMIT bytes together (a long target is evaluated every time).
@@ -520,12 +521,17 @@ class InboundPlane:
             _reset(down.transport)
             down.close()
             return LocalReply(503, "-")
+        path = exchange.path
         try:
-            target_path = self._normalized(exchange.path)
+            target_path = self._paths.get(path, _UNSEEN)  # _normalized's memo, inline: every request
+            if target_path is _UNSEEN:
+                target_path = self._normalized(path)
             if not d.l7:
                 verdict = d.verdict
             elif d.memo is not None:
-                verdict = self._memo_verdict(d, exchange)
+                verdict = self._verdicts.get((d.memo, exchange.method, path, exchange.authority))
+                if verdict is None:
+                    verdict = self._memo_verdict(d, exchange)
             else:
                 verdict = evaluate(d.policies, Request(d.conn, host=exchange.authority.decode("latin-1"),
                                                        method=exchange.method.decode("latin-1"),

@@ -117,7 +117,7 @@ class TlsStream(asyncio.BufferedProtocol, asyncio.Transport):
 
     __slots__ = ("ctx", "server_side", "app", "feed", "tcp", "incoming", "outgoing", "sslobj", "raw",
                  "handshaking", "timer", "handshake_timeout", "on_handshake", "closing", "paused",
-                 "lost", "drain_handle", "started", "ready", "plain", "bio_in", "ssl_read", "ssl_write", "bio_out",
+                 "lost", "drain_handle", "started", "ready", "cipher", "plain", "bio_in", "ssl_read", "ssl_write", "bio_out",
                  "tcp_write")
 
     def __init__(self, ctx: ssl.SSLContext, app, *, server_side: bool, handshake_timeout: float,
@@ -138,6 +138,7 @@ class TlsStream(asyncio.BufferedProtocol, asyncio.Transport):
         self.ssl_read = self.raw.read
         self.ssl_write = self.raw.write
         self.tcp_write = None
+        self.cipher = read_buffer()  # this thread's buffers (streams are created on their loop's thread)
         self.plain = _plain_buffer()
         self.ready = False  # handshake done, not closing: app data may flow
         self.started = False  # app.connection_made was called (so connection_lost will be)
@@ -158,10 +159,10 @@ class TlsStream(asyncio.BufferedProtocol, asyncio.Transport):
         self._handshake()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return read_buffer()
+        return self.cipher
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.bio_in(read_buffer()[:nbytes])
+        self.bio_in(self.cipher[:nbytes])
         if not self.ready or self.paused:
             if self.handshaking:
                 self._handshake()

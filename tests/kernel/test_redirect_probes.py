@@ -166,3 +166,52 @@ def test_agent_node_probes_follow_the_pods(net, cleaned, caplog):
     assert f"no route to the probe address {PROBE}" in caplog.text and client.netns in caplog.text
     probes.uninstall()
     assert "nodeagent" not in run_command(node.netns, ["nft", "list", "tables"]).stdout
+
+
+@pytest.fixture
+def v6_pair(needs_root):
+    """A node and a pod namespace joined by a veth, IPv6 only: node fd00:251::1, pod fd00:251::5
+    (default route via the node, which covers the IPv6 probe address)."""
+    import secrets
+    import subprocess
+
+    names = [f"nap6{secrets.token_hex(3)}-{role}" for role in ("node", "pod")]
+
+    def ip(*args):
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=5)
+
+    try:
+        for name in names:
+            ip("netns", "add", name)
+            ip("-n", name, "link", "set", "lo", "up")
+        node, pod = names
+        ip("-n", node, "link", "add", "vp6", "type", "veth", "peer", "name", "eth0", "netns", pod)
+        ip("-n", node, "addr", "add", "fd00:251::1/64", "dev", "vp6", "nodad")
+        ip("-n", pod, "addr", "add", "fd00:251::5/64", "dev", "eth0", "nodad")
+        ip("-n", node, "link", "set", "vp6", "up")
+        ip("-n", pod, "link", "set", "eth0", "up")
+        ip("-n", pod, "-6", "route", "add", "default", "via", "fd00:251::1", "dev", "eth0")
+        yield node, pod
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=5)
+
+
+@pytest.mark.parametrize("backend", ["nft", "iptables-nft"])
+def test_ipv6_node_socket_reaches_the_app_as_the_v6_probe_address(v6_pair, backend):
+    node, pod = v6_pair
+    socks = [open_listener_in_netns(pod, "::", port) for port in (8080, 15006)]
+    try:
+        for s in socks:
+            s.settimeout(TIMEOUT)
+        app, inbound = socks
+        capture.apply(in_pod_plan(), pod, backend)
+        capture.apply(node_plan(["fd00:251::5"]), node, backend)
+        conn = run_in_netns(node, socket.create_connection, ("fd00:251::5", 8080), TIMEOUT)
+        assert arrival(app, inbound, conn) == ("app", "fd16:9254:7127:1337:ffff:ffff:ffff:ffff")
+        capture.cleanup(node)
+        conn = run_in_netns(node, socket.create_connection, ("fd00:251::5", 8080), TIMEOUT)
+        assert arrival(app, inbound, conn) == ("proxy", "fd00:251::1")
+    finally:
+        for s in socks:
+            s.close()

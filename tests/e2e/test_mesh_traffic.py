@@ -91,11 +91,102 @@ def test_authorization_by_the_callers_identity(shop):
 
 
 def test_strict_mtls_refuses_a_plaintext_client(shop):
-    target = shop.lab.pods["catalog-v2"]
+    """STRICT (namespace shop) is what refuses the outsider: node2's agent accepts the
+    captured plaintext connection and resets it, and logs that refusal for that very
+    connection (the outsider's address and source port); with a PERMISSIVE
+    PeerAuthentication for that pod the same outsider reaches the same pod (plaintext,
+    counted by node2 as connection_security_policy "none"); once that is removed, STRICT
+    refuses again.
+
+    curl's exit code alone cannot tell a reset from other failures: a reset that lands
+    before curl checks its non-blocking connect is reported as 7 ("Couldn't connect", as
+    for a refused or unroutable address), later ones as 56 (or 55). So a small socket
+    client run in the outsider's namespace reports the errno and its source port."""
+    import json
+    import os
+    import sys
+    import time
+
+    lab = shop.lab
+    target, outsider = lab.pods["catalog-v2"], lab.pods["outsider"]
     url = f"http://{target.ip}:{target.port}/newcatalog/direct"
+    reason = f"refused: PeerAuthentication STRICT for shop/catalog-v2 port {target.port}: plaintext refused"
+    plaintext_ok = dict(reporter="destination", destination_workload="catalog-v2", response_code="200",
+                        connection_security_policy="none")
+    probe_code = """if True:
+        import errno, json, socket, sys
+        s = socket.socket()
+        s.settimeout(5)
+        s.bind(("0.0.0.0", 0))
+        out = {"local_port": s.getsockname()[1]}
+        try:
+            s.connect((sys.argv[1], int(sys.argv[2])))
+            s.sendall(b"GET /newcatalog/direct HTTP/1.1\\r\\nHost: catalog\\r\\nConnection: close\\r\\n\\r\\n")
+            data = s.recv(65536)
+            out["outcome"] = "response" if data else "eof"
+            out["first_line"] = data.split(b"\\r\\n")[0].decode("latin-1")
+        except socket.timeout:
+            out["outcome"] = "timeout"
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno, str(exc.errno))
+            out["outcome"] = "reset" if exc.errno in (errno.ECONNRESET, errno.EPIPE) else name
+        print(json.dumps(out))
+    """
+
+    def probe() -> dict:
+        proc = lab.exec("outsider", [sys.executable, "-c", probe_code, target.ip, str(target.port)], timeout=15)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    def refusals(port: int | None = None) -> int:
+        src = f"inbound shop/catalog-v2 <- {outsider.ip}:{port if port is not None else ''}"
+        return sum(1 for line in lab.agent_log("node2").splitlines() if src in line and line.endswith(reason))
+
+    def until(fn, timeout: float = 20.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = fn()
+            if value or time.monotonic() >= deadline:
+                return value
+            time.sleep(0.2)
+
+    def assert_refused_by_strict(r: dict) -> None:
+        assert r["outcome"] == "reset", r  # accepted (captured by node2's agent), then reset
+        assert until(lambda: refusals(r["local_port"]) == 1), \
+            f"no STRICT refusal logged for {outsider.ip}:{r['local_port']}:\n{lab.agent_log('node2')[-2000:]}"
+
     # The outsider (namespace legacy, never enrolled) talks plaintext straight to the pod.
-    [refused] = shop.lab.curl("outsider", url)
-    assert refused.status == 0 and refused.exit_code != 0, refused
+    assert_refused_by_strict(probe())
+    before = refusals()
+    [refused] = lab.curl("outsider", url)
+    assert refused.status == 0 and refused.exit_code in (7, 55, 56), refused
+    assert until(lambda: refusals() == before + 1), "curl's failure was node2's STRICT refusal"
+
+    # Positive control: a workload-level PERMISSIVE for catalog-v2 (overrides the namespace's
+    # STRICT). The same outsider, same address, now reaches the pod through node2's agent.
+    override = os.path.join(lab.config_dir, "zz-permissive-catalog-v2.yaml")
+    counted = lab.count("node2", REQ, **plaintext_ok)
+    try:
+        with open(override + ".tmp", "w") as fh:
+            fh.write("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n"
+                     "  name: catalog-v2-permissive\n  namespace: shop\nspec:\n  selector:\n"
+                     "    matchLabels:\n      app: catalog\n      version: v2\n"
+                     "  mtls:\n    mode: PERMISSIVE\n")
+        os.replace(override + ".tmp", override)
+        admitted = until(lambda: (lambda r: r if r["outcome"] == "response" else None)(probe()))
+        assert admitted and admitted["first_line"] == "HTTP/1.1 200 OK", admitted
+        assert refusals(admitted["local_port"]) == 0
+        [ok] = lab.curl("outsider", url)
+        assert ok.status == 200 and ok.json()["pod"] == "catalog-v2" and ok.json()["path"] == "/newcatalog/direct", ok
+        assert until(lambda: lab.count("node2", REQ, **plaintext_ok) >= counted + 2), \
+            "node2's agent served both plaintext requests (connection_security_policy none)"
+    finally:
+        os.remove(override)
+    # Restored: STRICT refuses the same connection again.
+    again = until(lambda: (lambda r: r if r["outcome"] != "response" else None)(probe()))
+    assert again, "STRICT was not restored"
+    assert_refused_by_strict(again)
+
     # The same pod through the mesh, from an enrolled pod: both agents, mTLS.
     [ok] = shop.curl("client", "catalog", "/newcatalog/direct")
     assert ok.status == 200 and ok.json()["pod"] == "catalog-v2", ok

@@ -184,6 +184,11 @@ def v6_pair(needs_root):
         for name in names:
             ip("netns", "add", name)
             ip("-n", name, "link", "set", "lo", "up")
+            # no DAD: a tentative link-local address would hold the pod's first neighbour
+            # solicitation for the gateway (the route back to the probe address) for ~1 s
+            subprocess.run(["nsenter", f"--net=/run/netns/{name}", "sysctl", "-q", "-w",
+                            "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"],
+                           check=True, capture_output=True, timeout=5)
         node, pod = names
         ip("-n", node, "link", "add", "vp6", "type", "veth", "peer", "name", "eth0", "netns", pod)
         ip("-n", node, "addr", "add", "fd00:251::1/64", "dev", "vp6", "nodad")

@@ -169,7 +169,8 @@ def _with_session(netns: NetnsRef | None, runner: Runner, fn: Callable[[_Session
 
 def _read(session: _Session) -> Snapshot:
     present = nft.parse_tables(session.list("tables") or "")
-    chains = session.list("chains") or "" if nft.iptables_nft_holders(present) else None
+    # without the iptables-nft nat tables there can be no owned chains: skip that listing
+    chains = (session.list("chains") or "") if nft.iptables_nft_holders(present) else None
     rulesets = {}
     for owner in OWNERS:
         tables = {}

@@ -92,7 +92,7 @@ class NodeProbes:
             path = netns_path(spec.target)
             try:
                 found, unroutable = pod_view(path, [a.split("/")[0] for a in self.config.probe_snat], addresses)
-            except (OSError, TimeoutError, ImportError) as exc:
+            except (RedirectError, OSError, TimeoutError, ImportError) as exc:  # NetnsError: the pod is gone
                 raise CaptureError(f"{spec.ref}: cannot read the pod's addresses for probe SNAT: {exc}") from None
             addresses = addresses or found
             for address in unroutable:

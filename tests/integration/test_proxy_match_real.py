@@ -184,6 +184,14 @@ def test_header_exact(front):
     assert chosen(front, "/h/exact") == "default", "a missing header fails the match"
 
 
+def test_a_repeated_header_is_matched_as_its_values_joined_by_commas(front):
+    """Envoy matches a header sent several times on its values joined by "," (as its
+    header map presents it): "alice" then "bob" is "alice,bob"."""
+    assert chosen(front, "/h/exact", [("x-user", "alice"), ("x-user", "bob")]) == "default"
+    assert chosen(front, "/h/prefix", [("x-user", "bob"), ("x-user", "zed")]) == "hdr-prefix"
+    assert chosen(front, "/h/regex", [("x-user", "carl42"), ("x-user", "carl42")]) == "default"
+
+
 def test_header_prefix(front):
     for value in ("bo", "bob", "bobby tables"):
         assert chosen(front, "/h/prefix", [("x-user", value)]) == "hdr-prefix", value

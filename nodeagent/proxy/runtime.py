@@ -28,6 +28,7 @@ from policy.authz import InvalidPath, normalize_path
 
 from nodeagent.proxy.context import ListenerContext, PeerInfo
 from nodeagent.proxy.http import LocalReply
+from nodeagent.proxy.response_hook import ResponseHook, preflight_reply
 from nodeagent.proxy.upstream import ClusterPool, PoolLimits, UNLIMITED
 
 log = logging.getLogger(__name__)
@@ -112,12 +113,20 @@ class ForwardPlan:
     __slots__ = (
         "cluster", "path", "authority", "request_ops", "response_ops", "timeout",
         "per_try_timeout", "retry", "delay", "abort", "mirror", "route_name", "mirror_authority",
-        "retry_floor", "abort_grpc",
+        "retry_floor", "abort_grpc", "response_hook",
     )
 
     def __init__(self) -> None:
         self.retry_floor = 500  # plans built field by field (inbound) retry nothing below 5xx
         self.abort_grpc = None  # a fault abort's grpcStatus name (served by nodeagent.proxy.h2)
+        # response_hook.ResponseHook when the route has a corsPolicy or the cluster generates
+        # hash cookies, else None. ``abort`` is a fault's status, or the LocalReply answering a
+        # CORS preflight after a fault delay.
+        self.response_hook = None
+
+    def backoff_delay(self, attempt: int, rand) -> float:
+        """Seconds to wait before retrying after attempt number ``attempt`` (Envoy's back-off)."""
+        return retry_mod.backoff_delay(self.retry, attempt, rand)
 
     def retry_on_status(self, status: int, attempt: int) -> bool:
         return retry_mod.should_retry(self.retry, attempt, status)
@@ -304,6 +313,11 @@ class ClusterState:
         hk = None
         if policy.lb.hash is not None and exchange is not None:
             hk = lb_mod.hash_key(policy.lb, exchange.header_map(), exchange.path_str(), exchange.down.peer.remote[0])
+            if not hk and policy.lb.hash.cookie_ttl is not None:
+                # httpCookie with a ttl and no cookie: Envoy generates one (set on the response
+                # by response_hook) and hashes on its value
+                peer = exchange.down.peer
+                hk = lb_mod.generated_cookie_value(peer.remote, peer.local)
         cep = self.picker.pick(self.endpoints, hk, self.rand, exclude)
         if cep is None:
             return None
@@ -523,7 +537,20 @@ class ProxyRuntime:
             else:
                 entry.plans[id(dest)] = False
         exchange.dest = plan.cluster.no_endpoint_labels
+        if route.cors is not None:  # never a static route (routing.is_static)
+            return self._cors_preflight(exchange, route.cors, plan)
         return plan
+
+    def _cors_preflight(self, exchange, cors, plan):
+        """A CORS preflight Envoy's CORS filter answers itself (policy.cors.preflight), else
+        ``plan``. Istio puts the fault filter first: an abort wins, a delay comes first."""
+        reply = preflight_reply(cors, exchange, LocalReply)
+        if reply is None or plan.abort is not None:
+            return plan
+        if plan.delay:
+            plan.abort = reply  # answered by the engine once the delay is over
+            return plan
+        return reply
 
     def _normalized(self, raw: bytes):
         """The request target as routed and forwarded (policy.authz.normalize_path, query
@@ -613,6 +640,12 @@ class ProxyRuntime:
             plan.mirror_authority = shadow_authority(result.authority).encode("latin-1")
         else:
             plan.mirror = None
+        cors = result.cors
+        hp = plan.cluster.policy.lb.hash
+        if hp is not None and hp.cookie_ttl is None:
+            hp = None
+        if cors is not None or hp is not None:
+            plan.response_hook = ResponseHook(cors, hp)
         return plan
 
     def cluster(self, key, source_namespace, snapshot, ctx: ListenerContext) -> ClusterState:

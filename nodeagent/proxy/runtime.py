@@ -219,7 +219,7 @@ class ClusterState:
     __slots__ = (
         "key", "source_namespace", "version", "policy", "endpoints", "by_id", "picker",
         "outlier", "pool", "service", "rand", "no_endpoint_labels", "ejected",
-        "connector", "succeeded", "only",
+        "connector", "succeeded", "only", "cookie_hook",
     )
 
     def __init__(self, key, source_namespace, connector, rand) -> None:
@@ -241,6 +241,7 @@ class ClusterState:
         # counters for them are zero, so another success changes nothing there.
         self.succeeded = set()
         self.only = None  # the UpstreamEndpoint of a one-endpoint cluster whose picker keeps no pick state
+        self.cookie_hook = None  # response_hook.ResponseHook when the LB hashes on a cookie with a ttl
 
     def refresh(self, snapshot, now: float) -> None:
         """Re-read policy and endpoints from a new snapshot, keeping live state where it still applies."""
@@ -295,6 +296,8 @@ class ClusterState:
         self.only = (by_id[endpoints[0].id] if len(endpoints) == 1
                      and type(self.picker) is not lb_mod.RoundRobinPicker else None)
         self.no_endpoint_labels = destination_labels(service, None, "http")
+        hp = policy.lb.hash
+        self.cookie_hook = ResponseHook(None, hp) if hp is not None and hp.cookie_ttl is not None else None
         self.policy = policy
         self.version = snapshot.version
 
@@ -538,12 +541,15 @@ class ProxyRuntime:
                 entry.plans[id(dest)] = False
         exchange.dest = plan.cluster.no_endpoint_labels
         if route.cors is not None:  # never a static route (routing.is_static)
-            return self._cors_preflight(exchange, route.cors, plan)
+            return self._cors(exchange, route.cors, plan)
         return plan
 
-    def _cors_preflight(self, exchange, cors, plan):
-        """A CORS preflight Envoy's CORS filter answers itself (policy.cors.preflight), else
-        ``plan``. Istio puts the fault filter first: an abort wins, a delay comes first."""
+    def _cors(self, exchange, cors, plan):
+        """A route with a corsPolicy: its plan gets the response hook, and a CORS preflight
+        Envoy's CORS filter answers itself (policy.cors.preflight) is answered. Istio puts
+        the fault filter first: an abort wins, a delay comes first."""
+        cookie = plan.response_hook
+        plan.response_hook = ResponseHook(cors, cookie.cookie if cookie is not None else None)
         reply = preflight_reply(cors, exchange, LocalReply)
         if reply is None or plan.abort is not None:
             return plan
@@ -640,12 +646,7 @@ class ProxyRuntime:
             plan.mirror_authority = shadow_authority(result.authority).encode("latin-1")
         else:
             plan.mirror = None
-        cors = result.cors
-        hp = plan.cluster.policy.lb.hash
-        if hp is not None and hp.cookie_ttl is None:
-            hp = None
-        if cors is not None or hp is not None:
-            plan.response_hook = ResponseHook(cors, hp)
+        plan.response_hook = plan.cluster.cookie_hook  # a CORS route's hook is set by plan()
         return plan
 
     def cluster(self, key, source_namespace, snapshot, ctx: ListenerContext) -> ClusterState:

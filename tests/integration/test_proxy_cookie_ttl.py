@@ -35,6 +35,10 @@ def proxy(tmp_path_factory):
     config = resource("WorkloadEntry", "frontend", "  address: 127.0.0.1\n  labels:\n    app: frontend\n")
     for name, ttl in (("sticky", "60s"), ("session", "0s"), ("nottl", None)):
         config += service(name, servers) + cookie_rule(name, ttl)
+    # the session service's route also has a corsPolicy: both hooks on one response
+    config += resource("VirtualService", "session", f"  hosts:\n  - {fqdn('session')}\n  http:\n"
+                       "  - corsPolicy:\n      allowOrigins:\n      - exact: https://app.example.com\n"
+                       f"    route:\n    - destination:\n        host: {fqdn('session')}\n")
     (d / "svc.yaml").write_text(config)
     p = ProxyProcess(d, workload=f"{NS}/frontend", metrics=False).start()
     yield p
@@ -43,13 +47,14 @@ def proxy(tmp_path_factory):
         s.stop()
 
 
-def get(conn, host, cookie=None):
-    headers = {"Host": fqdn(host)}
+def get(conn, host, cookie=None, extra=None):
+    headers = {"Host": fqdn(host), **(extra or {})}
     if cookie is not None:
         headers["Cookie"] = cookie
     conn.request("GET", "/app/x", headers=headers)
     r = conn.getresponse()
     r.read()
+    get.last = r
     return r.getheader("x-instance"), r.getheader("set-cookie")
 
 
@@ -145,3 +150,14 @@ def test_http2_stream_gets_the_cookie_and_sticks(proxy):
     assert m and m.group(2) == "; Max-Age=60; Path=/app; HttpOnly"
     for _ in range(5):
         assert curl(f'sticky="{m.group(1)}"') == (instance, None)
+
+
+def test_cookie_and_cors_on_one_response(proxy):
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    instance, set_cookie = get(conn, "session", extra={"Origin": "https://app.example.com"})
+    assert COOKIE_RE.match(set_cookie or "")
+    assert get.last.getheader("access-control-allow-origin") == "https://app.example.com"
+    instance2, set_cookie2 = get(conn, "session", extra={"Origin": "https://other.example.com"})
+    assert set_cookie2 == set_cookie and instance2 == instance
+    assert get.last.getheader("access-control-allow-origin") is None
+    conn.close()

@@ -113,3 +113,52 @@ def test_response_headers(pol, origin, expected):
 def test_unknown_match_kind_is_refused_with_the_field_named():
     with pytest.raises(ValueError, match="allowOrigins"):
         compile_cors(policy(allow_origins=(StringMatch("present", ""),)))
+
+
+def test_routes_compile_their_cors_policy_and_are_never_static():
+    import random
+
+    from policy.loader import load_text
+    from policy.routing import RequestAttrs, is_static, plan_request, route_table
+    from policy.snapshot import build_snapshot
+
+    text = """apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web, namespace: default}
+spec:
+  hosts: [web.default.svc.cluster.local]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  endpoints: [{address: 10.0.0.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: default}
+spec:
+  hosts: [web]
+  http:
+  - match: [{uri: {prefix: /api}}]
+    corsPolicy:
+      allowOrigin: [https://legacy.test]
+      allowMethods: [GET]
+      maxAge: 90s
+      unmatchedPreflights: IGNORE
+    route: [{destination: {host: web}}]
+  - route: [{destination: {host: web}}]
+"""
+    loaded = load_text(text, "cors.yaml")
+    assert loaded.ok, [str(e) for e in loaded.errors]
+    snap = build_snapshot(loaded.resources)
+
+    def plan(path):
+        return plan_request(snap, RequestAttrs("GET", "http", "web.default.svc.cluster.local", path, {}, 80, None),
+                            random.Random(1))
+
+    cfg = plan("/api/x").cors
+    assert cfg is not None and origin_allowed(cfg, "https://legacy.test")
+    assert (cfg.allow_methods, cfg.max_age, cfg.forward_not_matching_preflights) == ("GET", "90", False)
+    assert plan("/other").cors is None
+    table = route_table(snap, snap.services["web.default.svc.cluster.local"], 80, "default")
+    assert not is_static(table[0], table[0].destinations[0])
+    assert is_static(table[1], table[1].destinations[0])

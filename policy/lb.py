@@ -341,3 +341,44 @@ def hash_key(lb: LbPolicy, headers: Mapping[str, str], path: str,
     if kind == "query":
         return query_param(path, hp.name)
     raise ValueError(f"unknown hash policy {kind!r}")
+
+
+def _address(addr) -> str:
+    """Envoy's ``Address::asString`` of an (ip, port) pair: ``ip:port``, ``[ip6]:port``."""
+    ip, port = addr[0], addr[1]
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def generated_cookie_value(remote, local) -> str:
+    """The value Envoy gives a cookie it generates for ``consistentHash.httpCookie`` with
+    a ``ttl`` when the request has none: 16 hex digits of a hash of the downstream
+    connection's remote and local addresses (``(ip, port)`` pairs), so every request
+    of one connection gets the same value (Envoy's router ``addDownstreamSetCookie``;
+    Envoy hashes with xxHash64, here with ``hash64``). The value is also the request's
+    hash key, so the endpoint it picks is the one later requests carrying it reach."""
+    return "%016x" % hash64(_address(remote) + _address(local))
+
+
+def set_cookie_value(name: str, value: str, path: str | None, ttl: float | None) -> str:
+    """The ``Set-Cookie`` header value Envoy sends for a generated hash cookie
+    (``Http::Utility::makeSetCookieValue``): ``name="value"``, ``; Max-Age=N`` (whole
+    seconds) unless the ttl is 0 (a session cookie), ``; Path=p`` when a path is set,
+    and ``; HttpOnly``. Envoy adds no ``Expires``."""
+    out = f'{name}="{value}"'
+    seconds = int(ttl or 0)
+    if seconds:
+        out += f"; Max-Age={seconds}"
+    if path:
+        out += f"; Path={path}"
+    return out + "; HttpOnly"
+
+
+def cookie_to_generate(hp, headers: Mapping[str, str]) -> bool:
+    """Whether a request must get a generated hash cookie: the hash policy is a cookie
+    with a ``ttl`` (0 included: a session cookie) and the request carries no non-empty
+    cookie of that name. Without a ``ttl`` nothing is generated and a request without
+    the cookie is hashed on a random point (Envoy: no hash)."""
+    if hp is None or hp.kind != "cookie" or hp.cookie_ttl is None:
+        return False
+    c = headers.get("cookie")
+    return not (c and _cookie_value(c, hp.name))

@@ -12,7 +12,16 @@ Istio's translation (pilot ``retry.ConvertPolicy``):
 - ``attempts: 0`` -> retries disabled;
 - otherwise the default with ``attempts`` replaced, ``retryOn`` replaced when
   given (bare numbers in it are status codes and imply
-  ``retriable-status-codes``), ``perTryTimeout`` when given.
+  ``retriable-status-codes``), ``perTryTimeout`` when given, ``backoff`` as
+  Envoy's ``retry_back_off.base_interval`` (its ``max_interval`` then defaults
+  to 10 times that).
+
+Between attempts Envoy waits a fully jittered exponential back-off
+(``backoff_delay``): before retry N a uniform random time in
+``[0, (2^N - 1) * base)``, at most ``max``; by default base 25 ms and max 250 ms
+(0-25 ms before the first retry, 0-75 ms before the second, 0-175 ms before the
+third, then up to 250 ms). The route ``timeout`` keeps running during the wait;
+``perTryTimeout`` starts with each try.
 """
 from __future__ import annotations
 
@@ -27,6 +36,9 @@ GRPC_RETRY_ON = {
     "unavailable": 14,
 }
 
+DEFAULT_BACKOFF_BASE = 0.025  # Envoy's default retry back-off base interval (seconds)
+DEFAULT_BACKOFF_MAX = 0.25    # Envoy's default max interval: 10 times the base
+
 _LOCAL_ERRORS = frozenset({"connect-failure", "refused-stream", "reset", "timeout"})
 
 
@@ -39,11 +51,15 @@ class RetryPolicy:
     tried at most ``attempts + 1`` times. ``retry_on`` holds Envoy retry-on
     tokens; ``retriable_status_codes`` the codes that ``retriable-status-codes``
     (and bare codes written in Istio's ``retryOn``) make retriable.
+    ``backoff_base`` / ``backoff_max`` are the back-off's base and max intervals
+    in seconds (``backoff_delay``).
     """
     attempts: int
     per_try_timeout: float | None
     retry_on: frozenset[str]
     retriable_status_codes: frozenset[int]
+    backoff_base: float = DEFAULT_BACKOFF_BASE
+    backoff_max: float = DEFAULT_BACKOFF_MAX
 
 
 DEFAULT_RETRY_POLICY = RetryPolicy(
@@ -89,8 +105,29 @@ def retry_policy_from(retries) -> RetryPolicy | None:
     if retries.retry_on:
         retry_on, codes = parse_retry_on(retries.retry_on)
     per_try = retries.per_try_timeout if retries.per_try_timeout else None
+    base, cap = DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX
+    if retries.backoff:
+        # Istio sets only Envoy's base_interval; Envoy's max_interval is then 10x it
+        base = retries.backoff
+        cap = 10.0 * base
     return RetryPolicy(attempts=retries.attempts, per_try_timeout=per_try,
-                       retry_on=retry_on, retriable_status_codes=codes)
+                       retry_on=retry_on, retriable_status_codes=codes,
+                       backoff_base=base, backoff_max=cap)
+
+
+def backoff_delay(policy: RetryPolicy, retry_no: int, rand) -> float:
+    """Seconds to wait before retry number ``retry_no`` (1 = the first retry, i.e. the
+    second attempt): Envoy's fully jittered exponential back-off, a uniform draw in
+    ``[0, (2^retry_no - 1) * base)`` capped at ``max``. ``rand`` is a
+    ``random.Random`` (only ``random()`` is called, once)."""
+    if retry_no < 1:
+        raise ValueError(f"retry_no counts retries from 1, got {retry_no}")
+    base = policy.backoff_base
+    cap = policy.backoff_max
+    # once the window passes the cap it stops growing (Envoy stops doubling there too)
+    window = base * ((1 << min(retry_no, 62)) - 1)
+    delay = rand.random() * window
+    return delay if delay < cap else cap
 
 
 def should_retry(policy: RetryPolicy | None, attempt_no: int, status: int | None,

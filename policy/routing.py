@@ -37,6 +37,7 @@ from re2 import _re2
 _ANCHOR_BOTH = _re2.RE2.Anchor.ANCHOR_BOTH
 
 from policy.cluster import ClusterKey, memo_put, snapshot_memo
+from policy.cors import CorsConfig, compile_cors
 from policy.lb import query_param
 from policy.retry import RetryPolicy, retry_policy_from
 from policy.snapshot import qualify_host
@@ -207,7 +208,8 @@ class _Route:
 
     __slots__ = ("name", "matches", "destinations", "cum", "total", "timeout", "retry",
                  "rewrite_uri", "regex_rewrite", "rewrite_authority", "delay", "delay_pct", "abort", "abort_grpc", "abort_pct",
-                 "mirrors", "reject", "redirect", "service", "service_port", "virtual_service")
+                 "mirrors", "reject", "redirect", "service", "service_port", "virtual_service",
+                 "cors")
 
 
 class RoutePlan:
@@ -283,6 +285,11 @@ class RoutePlan:
     def retry(self) -> RetryPolicy | None:
         """None = retries disabled."""
         return self._route.retry
+
+    @property
+    def cors(self) -> CorsConfig | None:
+        """The route's compiled ``corsPolicy`` (policy.cors), None without one."""
+        return self._route.cors
 
     def __repr__(self) -> str:
         return (f"RoutePlan(route={self.route_name!r}, cluster={self.cluster}, path={self.path!r}, "
@@ -496,6 +503,7 @@ def _compile_route(snapshot, hr, vs_res, service, port: int, source_ns: str) -> 
     route_resp = _Level(headers.response if headers is not None else None)
     r.timeout = hr.timeout if hr.timeout else None
     r.retry = retry_policy_from(hr.retries)
+    r.cors = compile_cors(hr.cors_policy)
     r.reject = None
     r.redirect = None
     dests = []
@@ -572,6 +580,7 @@ def _default_route(service, port: int) -> _Route:
     r.matches = ()
     r.timeout = None
     r.retry = retry_policy_from(None)
+    r.cors = None
     r.reject = None
     r.redirect = None
     known = service.port(port) is not None
@@ -733,8 +742,9 @@ def is_static(route: _Route, dest: WeightedCluster) -> bool:
     """True when ``finish_plan`` for this route and destination always keeps
     the request's path and authority and rolls nothing (no rewrite, no host
     rewrite, no fault, no mirror): the plan is then the same for every request
-    except for the request's own path and authority."""
-    return (route.rewrite_uri is None and route.regex_rewrite is None and dest.authority is None
+    except for the request's own path and authority. A route with a ``corsPolicy`` is
+    never static: its preflights are answered per request."""
+    return (route.cors is None and route.rewrite_uri is None and route.regex_rewrite is None and dest.authority is None
             and route.rewrite_authority is None and route.delay is None and route.abort_pct is None
             and not route.mirrors)
 

@@ -350,10 +350,8 @@ NOT_ENFORCED = "loaded but not enforced by nodeagent"
 
 UNENFORCED_FIELDS: dict[tuple[str, str], Callable[[object], bool] | None] = {
     # VirtualService
-    ("HTTPRoute", "corsPolicy"): None,
     ("HTTPRoute", "delegate"): None,                     # a matched delegate rule answers 404 NR
     ("HTTPMatchRequest", "statPrefix"): None,
-    ("HTTPRetry", "backoff"): None,
     ("HTTPRetry", "retryRemoteLocalities"): lambda v: v is True,
     ("HTTPRetry", "retryIgnorePreviousHosts"): lambda v: v is False,   # retries always avoid tried hosts
     ("Delay", "exponentialDelay"): None,

@@ -48,6 +48,7 @@ from policy import retry as retry_mod
 from nodeagent import telemetry as telemetry_mod
 from nodeagent.proxy.context import RequestInfo
 from nodeagent.proxy.http import LocalReply, RequestHeaders, apply_header_ops
+from nodeagent.proxy.response_hook import wants_cors_headers
 from nodeagent.proxy.upstream import UNLIMITED
 
 log = logging.getLogger(__name__)
@@ -585,8 +586,10 @@ class H2Stream:
         if grpc_abort is not None and plan.abort is None:
             self.local_reply(LocalReply(200, "FI", b"fault filter abort"), grpc_code=GRPC_CODES.get(grpc_abort, 2))
             return
-        if plan.abort is not None:
-            self.local_reply(LocalReply(plan.abort, "FI", b"fault filter abort"))
+        abort = plan.abort
+        if abort is not None:
+            # a fault's status, or a CORS preflight's answer after a fault delay (runtime)
+            self.local_reply(abort if abort.__class__ is LocalReply else LocalReply(abort, "FI", b"fault filter abort"))
             return
         if plan.mirror is not None and not self.grpc and self.request_done and self.replay is not None:
             self.runtime.mirror(self, plan)
@@ -823,7 +826,7 @@ class H2Stream:
             conn.keep_alive = False
             conn.close()
             self.upstream = None
-            self._attempt()
+            self._back_off()
             return
         out = []
         delimited = False
@@ -927,7 +930,7 @@ class H2Stream:
         code = _int(grpc_status) if grpc_status is not None else None
         if (status >= self.plan.retry_floor or code is not None) and self._retryable(status, code):
             self._drop_upstream(ErrorCodes.CANCEL)
-            self._attempt()
+            self._back_off()
             return
         if grpc_status is not None:
             self.grpc_status = grpc_status.decode("latin-1")
@@ -999,9 +1002,12 @@ class H2Stream:
     def _respond(self, status: int, headers: list, end: bool) -> None:
         self.status = status
         self.response_started = True
-        ops = self.plan.response_ops if self.plan is not None else None
+        plan = self.plan
+        ops = plan.response_ops if plan is not None else None
         if ops is not None:
             headers = [(n.lower(), v) for n, v in apply_header_ops(headers, ops)]  # HTTP/2: lower-case names
+        if plan is not None and plan.response_hook is not None:
+            headers = plan.response_hook.h2(self, headers)  # CORS headers, a generated hash cookie
         down = self.down
         try:
             down.conn.send_headers(self.sid, [(b":status", b"%d" % status)] + headers, end_stream=end)
@@ -1175,8 +1181,19 @@ class H2Stream:
         error = {"per-try-timeout": "timeout"}.get(reason, reason)
         if not retry_mod.should_retry(plan.retry, self.attempt, None, error):
             return False
-        self._attempt()
+        self._back_off()
         return True
+
+    def _back_off(self) -> None:
+        """Envoy's jittered exponential back-off, then the next try; try_timer (free between
+        tries) holds it, so every end of the stream cancels it."""
+        self.try_timer = self.runtime.loop.call_later(
+            retry_mod.backoff_delay(self.plan.retry, self.attempt, self.runtime.rand), self._after_backoff)
+
+    def _after_backoff(self) -> None:
+        self.try_timer = None
+        if not self.finished:
+            self._attempt()
 
     def _arm_try_timer(self, upstream) -> None:
         per_try = self.plan.per_try_timeout
@@ -1243,6 +1260,9 @@ class H2Stream:
         self._drop_upstream(ErrorCodes.CANCEL)
         down = self.down
         extra = [(n.lower(), v) for n, v in reply.headers]
+        plan = self.plan
+        if plan is not None and plan.response_hook is not None and wants_cors_headers(reply):
+            extra += plan.response_hook.local(self)
         if self.grpc:
             code = grpc_code if grpc_code is not None else http_to_grpc(reply.status)
             self.grpc_status = str(code)

@@ -23,6 +23,7 @@ from httptools import (
 )
 
 from nodeagent.proxy.context import RequestInfo
+from nodeagent.proxy.response_hook import wants_cors_headers
 from nodeagent.proxy.upstream import HOP_HEADERS
 
 log = logging.getLogger(__name__)
@@ -549,8 +550,10 @@ class Exchange:
         if self.finished or self.abandoned:
             return
         plan = self.plan
-        if plan.abort is not None:
-            self.local_reply(LocalReply(plan.abort, "FI", b"fault filter abort"))
+        abort = plan.abort
+        if abort is not None:
+            # a fault's status, or a CORS preflight's answer after a fault delay (runtime)
+            self.local_reply(abort if abort.__class__ is LocalReply else LocalReply(abort, "FI", b"fault filter abort"))
             return
         if self.expect_continue and not self.request_done:
             self.down.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -767,6 +770,9 @@ class Exchange:
                 parts += (name, b": ", value, b"\r\n")
         elif upgrade is not None:
             parts += (upgrade[0], b": ", upgrade[1], b"\r\n")
+        hook = self.plan.response_hook
+        if hook is not None:
+            hook.h1(self, parts)  # CORS headers, a generated hash cookie (response_hook)
         if length is not None and not chunked and status != 101:
             parts.append(b"content-length: " + length + b"\r\n")  # the common case
         elif status == 101:
@@ -914,8 +920,16 @@ class Exchange:
             return False
         if self.upgrade:
             return False
-        self._attempt()
+        # Envoy's jittered exponential back-off before the next try; the route timeout keeps
+        # running. try_timer (free between tries) holds it, so every end of the exchange cancels it.
+        self.try_timer = self.runtime.loop.call_later(
+            plan.backoff_delay(self.attempt, self.runtime.rand), self._after_backoff)
         return True
+
+    def _after_backoff(self) -> None:
+        self.try_timer = None
+        if not self.finished and not self.abandoned:
+            self._attempt()
 
     def _try_timeout(self, conn) -> None:
         self.try_timer = None
@@ -1005,6 +1019,10 @@ class Exchange:
         parts = [b"HTTP/1.1 %d %b\r\n" % (reply.status, _REASONS.get(reply.status, b"Unknown"))]
         for name, value in reply.headers:
             parts += (name, b": ", value, b"\r\n")
+        plan = self.plan
+        if plan is not None and plan.response_hook is not None and wants_cors_headers(reply):
+            for name, value in plan.response_hook.local(self):
+                parts += (name, b": ", value, b"\r\n")
         parts.append(b"content-length: %d\r\ncontent-type: text/plain\r\n" % len(body))
         if not self.keep_alive:
             parts.append(b"connection: close\r\n")

@@ -28,6 +28,7 @@ from policy.authz import InvalidPath, normalize_path
 
 from nodeagent.proxy.context import ListenerContext, PeerInfo
 from nodeagent.proxy.http import LocalReply
+from nodeagent.proxy.response_hook import ResponseHook, preflight_reply
 from nodeagent.proxy.upstream import ClusterPool, PoolLimits, UNLIMITED
 
 log = logging.getLogger(__name__)
@@ -112,12 +113,20 @@ class ForwardPlan:
     __slots__ = (
         "cluster", "path", "authority", "request_ops", "response_ops", "timeout",
         "per_try_timeout", "retry", "delay", "abort", "mirror", "route_name", "mirror_authority",
-        "retry_floor", "abort_grpc",
+        "retry_floor", "abort_grpc", "response_hook",
     )
 
     def __init__(self) -> None:
         self.retry_floor = 500  # plans built field by field (inbound) retry nothing below 5xx
         self.abort_grpc = None  # a fault abort's grpcStatus name (served by nodeagent.proxy.h2)
+        # response_hook.ResponseHook when the route has a corsPolicy or the cluster generates
+        # hash cookies, else None. ``abort`` is a fault's status, or the LocalReply answering a
+        # CORS preflight after a fault delay.
+        self.response_hook = None
+
+    def backoff_delay(self, attempt: int, rand) -> float:
+        """Seconds to wait before retrying after attempt number ``attempt`` (Envoy's back-off)."""
+        return retry_mod.backoff_delay(self.retry, attempt, rand)
 
     def retry_on_status(self, status: int, attempt: int) -> bool:
         return retry_mod.should_retry(self.retry, attempt, status)
@@ -210,7 +219,7 @@ class ClusterState:
     __slots__ = (
         "key", "source_namespace", "version", "policy", "endpoints", "by_id", "picker",
         "outlier", "pool", "service", "rand", "no_endpoint_labels", "ejected",
-        "connector", "succeeded", "only",
+        "connector", "succeeded", "only", "cookie_hook",
     )
 
     def __init__(self, key, source_namespace, connector, rand) -> None:
@@ -232,6 +241,7 @@ class ClusterState:
         # counters for them are zero, so another success changes nothing there.
         self.succeeded = set()
         self.only = None  # the UpstreamEndpoint of a one-endpoint cluster whose picker keeps no pick state
+        self.cookie_hook = None  # response_hook.ResponseHook when the LB hashes on a cookie with a ttl
 
     def refresh(self, snapshot, now: float) -> None:
         """Re-read policy and endpoints from a new snapshot, keeping live state where it still applies."""
@@ -286,6 +296,8 @@ class ClusterState:
         self.only = (by_id[endpoints[0].id] if len(endpoints) == 1
                      and type(self.picker) is not lb_mod.RoundRobinPicker else None)
         self.no_endpoint_labels = destination_labels(service, None, "http")
+        hp = policy.lb.hash
+        self.cookie_hook = ResponseHook(None, hp) if hp is not None and hp.cookie_ttl is not None else None
         self.policy = policy
         self.version = snapshot.version
 
@@ -304,6 +316,11 @@ class ClusterState:
         hk = None
         if policy.lb.hash is not None and exchange is not None:
             hk = lb_mod.hash_key(policy.lb, exchange.header_map(), exchange.path_str(), exchange.down.peer.remote[0])
+            if not hk and policy.lb.hash.cookie_ttl is not None:
+                # httpCookie with a ttl and no cookie: Envoy generates one (set on the response
+                # by response_hook) and hashes on its value
+                peer = exchange.down.peer
+                hk = lb_mod.generated_cookie_value(peer.remote, peer.local)
         cep = self.picker.pick(self.endpoints, hk, self.rand, exclude)
         if cep is None:
             return None
@@ -523,7 +540,23 @@ class ProxyRuntime:
             else:
                 entry.plans[id(dest)] = False
         exchange.dest = plan.cluster.no_endpoint_labels
+        if route.cors is not None:  # never a static route (routing.is_static)
+            return self._cors(exchange, route.cors, plan)
         return plan
+
+    def _cors(self, exchange, cors, plan):
+        """A route with a corsPolicy: its plan gets the response hook, and a CORS preflight
+        Envoy's CORS filter answers itself (policy.cors.preflight) is answered. Istio puts
+        the fault filter first: an abort wins, a delay comes first."""
+        cookie = plan.response_hook
+        plan.response_hook = ResponseHook(cors, cookie.cookie if cookie is not None else None)
+        reply = preflight_reply(cors, exchange, LocalReply)
+        if reply is None or plan.abort is not None:
+            return plan
+        if plan.delay:
+            plan.abort = reply  # answered by the engine once the delay is over
+            return plan
+        return reply
 
     def _normalized(self, raw: bytes):
         """The request target as routed and forwarded (policy.authz.normalize_path, query
@@ -613,6 +646,7 @@ class ProxyRuntime:
             plan.mirror_authority = shadow_authority(result.authority).encode("latin-1")
         else:
             plan.mirror = None
+        plan.response_hook = plan.cluster.cookie_hook  # a CORS route's hook is set by plan()
         return plan
 
     def cluster(self, key, source_namespace, snapshot, ctx: ListenerContext) -> ClusterState:

@@ -18,10 +18,9 @@ metadata:
 spec:
   hosts: [x]
   http:
-  - corsPolicy:
-      allowOrigins:
-      - exact: https://example.com
-      allowMethods: [GET]
+  - match:
+    - statPrefix: foo
+      uri: {prefix: /}
     route:
     - destination: {host: x}
 ---
@@ -36,8 +35,8 @@ spec:
     connectionPool:
       http: {maxRetries: 3}
 """
-WANT = ("vs.yaml:9: warning: VirtualService prod/x: spec.http[0].corsPolicy: loaded but not enforced by nodeagent; "
-        "also DestinationRule prod/x spec.trafficPolicy.connectionPool.http.maxRetries (line 25)")
+WANT = ("vs.yaml:10: warning: VirtualService prod/x: spec.http[0].match[0].statPrefix: loaded but not enforced by nodeagent; "
+        "also DestinationRule prod/x spec.trafficPolicy.connectionPool.http.maxRetries (line 24)")
 
 
 def run(*args, cwd):

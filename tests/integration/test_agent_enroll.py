@@ -14,6 +14,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
+from nodeagent.cli import UserError
+from nodeagent.commands.run import check_admin_address, check_node_name
 from tests.integration.test_agent_daemon import PY, REPO, agents, call, cli  # noqa: F401  (fixture)
 
 
@@ -82,16 +86,27 @@ def test_run_refuses_remote_admin_and_bad_node_names(tmp_path):
                                "--readiness", "127.0.0.1:0", *args],
                               cwd=REPO, capture_output=True, text=True, timeout=30)
 
-    for admin in ("0.0.0.0:15000", "[::]:15000", "10.250.0.1:15000"):
-        proc = run("--node", "node-1", "--admin", admin)
-        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-        assert proc.stderr.startswith(f"nodeagent: --admin {admin.replace('[', '').replace(']', '')} is not a "
-                                      "loopback address: the admin API has no authentication"), proc.stderr
-        assert "--admin-allow-remote" in proc.stderr
-    for node in ("Node-1", "node_1", "-node", "node..1", "a" * 254):
-        proc = run(f"--node={node}", "--admin", "127.0.0.1:0")
-        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-        assert proc.stderr.startswith(f"nodeagent: --node {node!r} is not a valid node name"), proc.stderr
+    # The command refuses them (one process each: the wiring) ...
+    proc = run("--node", "node-1", "--admin", "0.0.0.0:15000")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("nodeagent: --admin 0.0.0.0:15000 is not a loopback address: the admin API has "
+                                  "no authentication"), proc.stderr
+    assert "--admin-allow-remote" in proc.stderr
+    proc = run("--node=Node_1", "--admin", "127.0.0.1:0")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("nodeagent: --node 'Node_1' is not a valid node name"), proc.stderr
+    # ... by these rules (in-process: no interpreter start per case).
+    for admin in (("::", 15000), ("10.250.0.1", 15000), ("192.0.2.1", 1)):
+        with pytest.raises(UserError, match="is not a loopback address"):
+            check_admin_address(admin, allow_remote=False)
+        check_admin_address(admin, allow_remote=True)
+    for admin in (("127.0.0.1", 15000), ("127.0.0.2", 1), ("::1", 15000)):
+        check_admin_address(admin, allow_remote=False)
+    for node in ("Node-1", "node_1", "-node", "node-", "node..1", ".node", "a" * 254, ""):
+        with pytest.raises(UserError, match="is not a valid node name"):
+            check_node_name(node)
+    for node in ("node-1", "n", "worker-1.example.com", "ip-10-0-0-1.ec2.internal", "a" * 253):
+        check_node_name(node)
     assert not (tmp_path / "s").exists()  # refused before the state dir is touched
 
 

@@ -354,7 +354,6 @@ UNENFORCED_FIELDS: dict[tuple[str, str], Callable[[object], bool] | None] = {
     ("HTTPMatchRequest", "statPrefix"): None,
     ("HTTPRetry", "retryRemoteLocalities"): lambda v: v is True,
     ("HTTPRetry", "retryIgnorePreviousHosts"): lambda v: v is False,   # retries always avoid tried hosts
-    ("Delay", "exponentialDelay"): None,
     ("Abort", "http2Error"): None,
     # DestinationRule
     ("LoadBalancerSettings", "localityLbSetting"): lambda v: getattr(v, "enabled", None) is not False,

@@ -6,7 +6,7 @@ from nodeagent.store import ConfigStore
 from policy.loader import load_text
 from policy.schema import UNENFORCED_FIELDS, check_schema_consistency
 
-VS_CORS = """\
+VS = """\
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata:
@@ -17,15 +17,13 @@ spec:
   http:
   - match:
     - uri: {prefix: /a}
-    corsPolicy:
-      allowOrigins:
-      - exact: https://example.com
+      statPrefix: a
     route:
     - destination: {host: x}
   - retries:
       attempts: 2
       retryRemoteLocalities: true
-      backoff: 25ms
+      retryIgnorePreviousHosts: false
     route:
     - destination: {host: x}
 """
@@ -51,23 +49,26 @@ def warnings(text: str, file: str = "f.yaml") -> list[str]:
 
 
 def test_one_unenforced_field_is_one_warning_naming_file_line_object_and_field():
-    text = VS_CORS.split("  - retries:")[0]
+    text = VS.split("  - retries:")[0]
     assert warnings(text, "prod.yaml") == [
-        "prod.yaml:11: warning: VirtualService prod/x: spec.http[0].corsPolicy: loaded but not enforced by nodeagent"]
+        "prod.yaml:11: warning: VirtualService prod/x: spec.http[0].match[0].statPrefix: "
+        "loaded but not enforced by nodeagent"]
 
 
 def test_several_in_one_file_are_one_warning():
-    text = VS_CORS + "---\n" + DR_TLS
+    text = VS + "---\n" + DR_TLS
     assert warnings(text) == [
-        "f.yaml:11: warning: VirtualService prod/x: spec.http[0].corsPolicy: loaded but not enforced by nodeagent; "
-        "also spec.http[1].retries.retryRemoteLocalities (line 18), spec.http[1].retries.backoff (line 19), "
-        "DestinationRule prod/ext spec.trafficPolicy.tls.mode (line 32)"]
+        "f.yaml:11: warning: VirtualService prod/x: spec.http[0].match[0].statPrefix: "
+        "loaded but not enforced by nodeagent; "
+        "also spec.http[1].retries.retryRemoteLocalities (line 16), "
+        "spec.http[1].retries.retryIgnorePreviousHosts (line 17), "
+        "DestinationRule prod/ext spec.trafficPolicy.tls.mode (line 30)"]
     res = load_text(text, "f.yaml")
     assert [(d.line, d.obj, d.path) for d in res.unenforced] == [
-        (11, "VirtualService prod/x", "spec.http[0].corsPolicy"),
-        (18, "VirtualService prod/x", "spec.http[1].retries.retryRemoteLocalities"),
-        (19, "VirtualService prod/x", "spec.http[1].retries.backoff"),
-        (32, "DestinationRule prod/ext", "spec.trafficPolicy.tls.mode")]
+        (11, "VirtualService prod/x", "spec.http[0].match[0].statPrefix"),
+        (16, "VirtualService prod/x", "spec.http[1].retries.retryRemoteLocalities"),
+        (17, "VirtualService prod/x", "spec.http[1].retries.retryIgnorePreviousHosts"),
+        (30, "DestinationRule prod/ext", "spec.trafficPolicy.tls.mode")]
     assert len(res.resources) == 2          # a warning, not an error: the objects load
 
 
@@ -144,7 +145,10 @@ spec:
     headers:
       request: {set: {x-a: b}}
     timeout: 2s
-    retries: {attempts: 3, perTryTimeout: 1s, retryOn: "5xx,reset"}
+    retries: {attempts: 3, perTryTimeout: 1s, retryOn: "5xx,reset", backoff: 50ms}
+    corsPolicy:
+      allowOrigins: [{exact: "https://example.com"}]
+      allowMethods: [GET]
     fault:
       delay: {fixedDelay: 1s, percentage: {value: 10}}
       abort: {httpStatus: 503, percentage: {value: 1}}
@@ -170,7 +174,7 @@ spec:
   host: r
   trafficPolicy:
     loadBalancer:
-      consistentHash: {httpHeaderName: end-user, minimumRingSize: 1024}
+      consistentHash: {httpCookie: {name: s, ttl: 60s}}
     connectionPool:
       tcp: {maxConnections: 10, connectTimeout: 1s, idleTimeout: 1h}
       http: {http1MaxPendingRequests: 5, http2MaxRequests: 100, maxRequestsPerConnection: 10,
@@ -189,13 +193,14 @@ spec:
 
 def test_the_table_names_real_schema_fields():
     assert check_schema_consistency() == []
-    assert ("HTTPRoute", "corsPolicy") in UNENFORCED_FIELDS
+    assert ("ClientTLSSettings", "mode") in UNENFORCED_FIELDS
+    assert ("HTTPRoute", "corsPolicy") not in UNENFORCED_FIELDS      # applied by the proxy (policy/cors.py)
 
 
 def test_the_store_reports_it_with_the_other_warnings(tmp_path):
-    (tmp_path / "vs.yaml").write_text(VS_CORS.split("  - retries:")[0])
+    (tmp_path / "vs.yaml").write_text(VS.split("  - retries:")[0])
     s = ConfigStore(tmp_path)
     s.load()
     assert [str(w) for w in s.last_warnings] == [
-        f"{tmp_path}/vs.yaml:11: warning: VirtualService prod/x: spec.http[0].corsPolicy: "
+        f"{tmp_path}/vs.yaml:11: warning: VirtualService prod/x: spec.http[0].match[0].statPrefix: "
         "loaded but not enforced by nodeagent"]

@@ -50,11 +50,16 @@ def test_unenforced_istio_kinds_give_one_warning_per_file(samples_dir):
 def test_unenforced_fields_in_the_samples_are_warned_once_per_file(samples_dir):
     """The samples that use fields nodeagent loads but does not apply still load (no error),
     with one warning per file naming file:line, object and field."""
-    f = samples_dir / "more" / "virtual-service-cors-policy.yaml"
+    f = samples_dir / "bookinfo-networking" / "egress-rule-google-apis.yaml"
     res = load_file(f)
-    assert res.errors == [] and [r.kind for r in res.resources] == ["ServiceEntry", "VirtualService"]
+    assert res.errors == []
     assert [str(w) for w in res.warnings] == [
-        f"{f}:32: warning: VirtualService testns/cors: spec.http[0].corsPolicy: loaded but not enforced by nodeagent"]
+        f"{f}:46: warning: DestinationRule default/originate-tls-for-googleapis: "
+        "spec.trafficPolicy.portLevelSettings[0].tls.mode: loaded but not enforced by nodeagent"]
+    # corsPolicy is applied by the proxy: no warning
+    res = load_file(samples_dir / "more" / "virtual-service-cors-policy.yaml")
+    assert res.errors == [] and [r.kind for r in res.resources] == ["ServiceEntry", "VirtualService"]
+    assert res.warnings == []
     f = samples_dir / "more" / "service-entry-examples-with-sidecar-dr-tls-vs.yaml"
     (w,) = [str(w) for w in load_file(f).warnings if "(ignored)" not in str(w)]
     assert w == (f"{f}:83: warning: DestinationRule seexamples/mtls-mongocluster: spec.trafficPolicy.tls.mode: "

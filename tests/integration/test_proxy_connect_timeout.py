@@ -34,8 +34,11 @@ from tests.integration.upstream import UpstreamServer
 NS = "shop"
 FAST, SLOW, RETRIED, TCP = 0.4, 1.2, 0.4, 0.5  # connectTimeout of each cluster, seconds
 # How late an answer may come after its deadline: the proxy's connect timer plus a
-# loaded 2-core machine's scheduling (the lower bound has no tolerance: never early).
+# loaded 2-core machine's scheduling.
 LATE = 0.6
+# How early: only the event loop's timer granularity (libuv timers are in whole
+# milliseconds against a clock cached per loop iteration; 499.8 ms was seen for 0.5 s).
+EARLY = 0.01
 
 
 def fqdn(name: str) -> str:
@@ -220,13 +223,13 @@ def test_connect_timeout_gives_503_uf_after_the_rules_timeout(env, name, timeout
     status, _, body, elapsed = timed_request(proxy, name, f"/ct-{name}")
     assert status == 503, body
     assert body.startswith(b"upstream connect error or disconnect/reset before headers"), body
-    assert timeout <= elapsed <= timeout + LATE, f"{name}: answered after {elapsed:.3f} s, connectTimeout {timeout} s"
+    assert timeout - EARLY <= elapsed <= timeout + LATE, f"{name}: answered after {elapsed:.3f} s, connectTimeout {timeout} s"
     [rec] = log_lines(proxy, lambda r: r.get("path") == f"/ct-{name}")
     assert rec["response_code"] == 503 and rec["response_flags"] == "UF", rec
     assert rec["attempts"] == 1, rec
     assert rec["upstream_host"] == "%s:%d" % hole.address, rec
     assert rec["upstream_cluster"] == f"outbound|80||{fqdn(name)}", rec
-    assert timeout * 1000 <= rec["duration"] <= (timeout + LATE) * 1000, rec
+    assert (timeout - EARLY) * 1000 <= rec["duration"] <= (timeout + LATE) * 1000, rec
     hole.assert_drops()  # still a blackhole: the answer was the timeout, not a refusal
 
 
@@ -236,7 +239,7 @@ def test_default_retry_policy_retries_a_connect_timeout_twice(env):
     assert status == 503, body
     assert body.startswith(b"upstream connect error or disconnect/reset before headers"), body
     # three tries (the only endpoint is tried again once no other is left), each ending at its timeout
-    assert 3 * RETRIED <= elapsed <= 3 * RETRIED + LATE, f"answered after {elapsed:.3f} s"
+    assert 3 * (RETRIED - EARLY) <= elapsed <= 3 * RETRIED + LATE, f"answered after {elapsed:.3f} s"
     [rec] = log_lines(proxy, lambda r: r.get("path") == "/ct-retried")
     assert rec["response_flags"] == "UF" and rec["attempts"] == 3, rec
 
@@ -258,7 +261,7 @@ def test_a_connect_timeout_is_retried_on_the_other_endpoint(env):
         assert rec["upstream_host"] == "%s:%d" % good.address, rec
         if rec["attempts"] == 2:
             slow += 1
-            assert RETRIED <= elapsed <= RETRIED + LATE, (i, elapsed, rec)
+            assert RETRIED - EARLY <= elapsed <= RETRIED + LATE, (i, elapsed, rec)
         else:
             assert rec["attempts"] == 1 and elapsed < RETRIED, (i, elapsed, rec)
     # ROUND_ROBIN puts some first tries on the blackhole (as in Envoy, the rotation also
@@ -277,10 +280,26 @@ def test_tcp_relay_closes_the_client_after_the_connect_timeout(env):
     finally:
         sock.close()
     assert data == b""
-    assert TCP <= elapsed <= TCP + LATE, f"closed after {elapsed:.3f} s, connectTimeout {TCP} s"
+    assert TCP - EARLY <= elapsed <= TCP + LATE, f"closed after {elapsed:.3f} s, connectTimeout {TCP} s"
     [rec] = log_lines(proxy, lambda r: r.get("protocol") == "TCP" and r.get("upstream_cluster") ==
                       f"outbound|5432||{fqdn('db')}")
     assert rec["response_flags"] == "UF", rec
     assert rec["upstream_host"] == "%s:%d" % hole.address, rec
     assert rec["bytes_sent"] == 0 and rec["bytes_received"] == 5, rec
-    assert TCP * 1000 <= rec["duration"] <= (TCP + LATE) * 1000, rec
+    assert (TCP - EARLY) * 1000 <= rec["duration"] <= (TCP + LATE) * 1000, rec
+
+
+def test_client_leaving_during_the_connect_is_dc_not_uf(env):
+    """The client gives up 0.2 s into a 1.2 s connect: its request ends then, as Envoy's
+    downstream close (code 0, flag DC), logged at once, not when the connect times out."""
+    proxy, hole, _ = env
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    sock.sendall(f"GET /ct-dc HTTP/1.1\r\nHost: {fqdn('slow')}\r\n\r\n".encode())
+    time.sleep(0.2)
+    sock.close()
+    closed = time.monotonic()
+    [rec] = log_lines(proxy, lambda r: r.get("path") == "/ct-dc", timeout=SLOW)
+    assert time.monotonic() - closed < SLOW - 0.2, "logged when the client left, not at the connect timeout"
+    assert rec["response_code"] == 0 and rec["response_flags"] == "DC", rec
+    assert (0.2 - EARLY) * 1000 <= rec["duration"] < SLOW * 1000, rec
+    assert rec["upstream_host"] == "%s:%d" % hole.address, rec

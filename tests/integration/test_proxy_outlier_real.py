@@ -360,7 +360,8 @@ def test_ejection_time_is_base_times_the_number_of_ejections(env, client):
     for k in (1, 2, 3):
         prev, nxt = upstream[k - 1], upstream[k]
         # earliest possible readmission: ejected no earlier than the failing request was sent
-        assert nxt[1] - prev[0] >= BASE_GROW * k, f"ejection {k} ended early: {nxt[1] - prev[0]:.3f} s"
+        # (less the event loop clock's millisecond granularity)
+        assert nxt[1] - prev[0] >= BASE_GROW * k - 0.01, f"ejection {k} ended early: {nxt[1] - prev[0]:.3f} s"
         gap = nxt[0] - prev[1]
         assert gap <= BASE_GROW * k + READMIT_LATE, f"ejection {k} lasted {gap:.3f} s, expected {BASE_GROW * k} s"
     # the access log flags every local 503 UH, and only those

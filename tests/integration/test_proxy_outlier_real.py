@@ -202,10 +202,12 @@ def env(tmp_path_factory):
     for name, nbad, health, _ in PANIC:
         cfg += [service(name, addr(bad[:nbad] + good[:4 - nbad])), no_retries(name),
                 outlier_rule(name, consecutive5xxErrors=2, maxEjectionPercent=100, minHealthPercent=health)]
+    cfg += [service("keep", addr([bad[1], good[2]])), no_retries("keep"),
+            outlier_rule("keep", consecutive5xxErrors=2, maxEjectionPercent=100)]
     (d / "config.yaml").write_text("".join(cfg))
     proxy = ProxyProcess(d, metrics=False, access_log=True).start()
     try:
-        yield proxy, {"bad": bad, "good": good, "gateway": gateway}
+        yield proxy, {"bad": bad, "good": good, "gateway": gateway, "dir": d}
     finally:
         proxy.stop()
         for s in started:
@@ -384,3 +386,18 @@ def access_log(proxy) -> list[dict]:
         except ValueError:
             continue
     return out
+
+
+def test_an_ejection_survives_an_unrelated_configuration_change(env, client):
+    """A new file in the config directory (another service) is a new snapshot; the
+    cluster's outlier state is kept (as Envoy keeps a cluster that did not change)."""
+    bad, good, d = env[1]["bad"][1], env[1]["good"][2], env[1]["dir"]
+    client.run("keep", 12)
+    assert hits(bad, "keep") == 2
+    (d / "unrelated.yaml").write_text(service("unrelated", [good.address]))
+    deadline = time.monotonic() + 10
+    while client.get("unrelated", 0)[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.get("unrelated", 1)[:2] == (200, "good2"), "the new configuration was loaded"
+    after = client.run("keep", 12, start=100)
+    assert after == [(200, "good2")] * 12 and hits(bad, "keep", since=100) == 0, after

@@ -399,3 +399,20 @@ def test_http_request_line_has_every_field(env):
     assert rec["attempts"] == 1, rec
     assert rec["worker"] == proxy.proc.pid, rec  # one worker: the proxy process itself
     assert int(wall) - 1 <= start_time(rec) <= wall + 1, (rec, wall)
+
+
+def test_http_byte_counts_are_body_bytes_without_chunk_framing(env):
+    """Envoy's BYTES_RECEIVED / BYTES_SENT count body bytes: a chunked upload of 300 + 700
+    bytes is 1000 received, a chunked download of 70000 bytes is 70000 sent."""
+    proxy, _ = env
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    try:
+        conn.request("POST", "/bytes/70000?chunked=1", body=iter([b"a" * 300, b"b" * 700]), encode_chunked=True,
+                     headers={"Host": fqdn("web"), "x-request-id": "rid-chunked"})
+        resp = conn.getresponse()
+        payload = resp.read()
+    finally:
+        conn.close()
+    assert resp.status == 200 and resp.getheader("transfer-encoding") == "chunked" and len(payload) == 70000
+    [rec] = wait_records(proxy, lambda r: r.get("request_id") == "rid-chunked")
+    assert rec["bytes_received"] == 1000 and rec["bytes_sent"] == 70000, rec

@@ -123,7 +123,7 @@ spec:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("proxy-match-real")
-    server = UpstreamServer("m0", host="127.0.10.1").start()
+    server = UpstreamServer("m0", host="127.0.11.1").start()
     (d / "config.yaml").write_text(config(server))
     proxies: dict[str, ProxyProcess] = {}
     errors: list[BaseException] = []

@@ -242,7 +242,7 @@ def main(argv=None) -> int:
                         "(a shared machine only ever makes a run slower; default 1)")
     p.add_argument("--profile", metavar="DIR", help="run the agents under cProfile; stats in DIR/node{1,2}.prof")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
-                   help="the agents' event loop (default uvloop; `nodeagent run` uses asyncio's today)")
+                   help="the agents' event loop (default uvloop, as `nodeagent run` and `nodeagent proxy`)")
     args = p.parse_args(argv)
     tool = missing_tool(("wrk", "haproxy"))
     if tool:

@@ -35,8 +35,10 @@ front of it and multiplexing CONNECT streams is the next step; the CONNECT
 request and reply used here are the same messages HBONE sends as HTTP/2
 HEADERS frames, so the policy side does not change.
 
-Limit: asyncio's TLS transport cannot half-close (no TLS close_notify while
-still reading), so an opaque TCP stream whose client shuts down its sending
+Both ends run TLS with ``TlsStream`` (OpenSSL on memory BIOs over the loop's
+plain TCP transport), which feeds the engine's protocols directly. Limit: it
+does not half-close (as asyncio's and uvloop's TLS transports: close_notify
+ends the stream), so an opaque TCP stream whose client shuts down its sending
 side closes the whole tunnel stream.
 """
 from __future__ import annotations

@@ -350,7 +350,7 @@ class TlsStream(asyncio.BufferedProtocol, asyncio.Transport):
             self.tcp.abort()
 
     def is_closing(self) -> bool:
-        return self.closing or self.tcp.is_closing()
+        return self.closing or (self.tcp is not None and self.tcp.is_closing())
 
     def pause_reading(self) -> None:
         if not self.paused:
@@ -374,7 +374,7 @@ class TlsStream(asyncio.BufferedProtocol, asyncio.Transport):
             self._deliver()
 
     def is_reading(self) -> bool:
-        return not self.paused and self.tcp.is_reading()
+        return not self.paused and self.tcp is not None and self.tcp.is_reading()
 
     def set_write_buffer_limits(self, high=None, low=None) -> None:
         self.tcp.set_write_buffer_limits(high, low)

@@ -56,6 +56,12 @@ class App(asyncio.Protocol):
         self.events.append("eof")
         return self.keep_open_on_eof
 
+    def pause_writing(self) -> None:
+        self.events.append("pause_writing")
+
+    def resume_writing(self) -> None:
+        self.events.append("resume_writing")
+
     def connection_lost(self, exc) -> None:
         self.events.append(("lost", exc))
         self.lost.set_result(exc)
@@ -124,6 +130,32 @@ def test_bytes_flow_both_ways_in_order_and_pause_holds_received_records(contexts
             st.resume_reading()
             await until(lambda: len(server.data) == before + 60)
             assert bytes(server.data[before:]) == b"".join(b"%03d" % i for i in range(20))
+        finally:
+            client.transport.abort()
+            listener.close()
+
+    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
+        runner.run(scenario())
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_a_reader_that_stops_pauses_the_writer_and_everything_arrives_after(contexts, loop_name):
+    """Write flow control is the TCP transport's: its pause_writing/resume_writing reach the app."""
+    async def scenario():
+        server, client, _, listener = await pair(*contexts)
+        try:
+            client.transport.pause_reading()
+            server.transport.set_write_buffer_limits(high=65536)
+            payload = os.urandom(8 * 1024 * 1024)
+            for i in range(0, len(payload), 65536):
+                server.transport.write(payload[i:i + 65536])
+            await until(lambda: "pause_writing" in server.events)
+            assert server.transport.get_write_buffer_size() > 65536
+            assert len(client.data) < len(payload)
+            client.transport.resume_reading()
+            await until(lambda: len(client.data) == len(payload), 20)
+            assert bytes(client.data) == payload
+            await until(lambda: "resume_writing" in server.events)
         finally:
             client.transport.abort()
             listener.close()

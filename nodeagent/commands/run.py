@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--exclude-outbound-cidrs", default="", metavar="CIDR,...",
                      help="outbound destinations never captured (excludeOutboundIPRanges)")
     run.add_argument("--probe-sources", default="", metavar="CIDR,...",
-                     help="sources of the node's health probes (kubelet): never captured inbound")
+                     help="extra sources never captured inbound (node probes need no flag: they are SNATed to 169.254.7.127, which every pod exempts)")
     run.add_argument("--bpf-pin-dir", default="/sys/fs/bpf/nodeagent",
                      help="where --capture ebpf pins its maps and links (default /sys/fs/bpf/nodeagent)")
     run.add_argument("--enroll-cert-wait", type=float, default=2.0, metavar="SECONDS",

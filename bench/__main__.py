@@ -118,8 +118,152 @@ def measure(name: str, url: str, pid: int | None, args, host: str | None = None)
     return res
 
 
+class _RecordingTransport:
+    """A transport that keeps what is written (engine bench: no sockets, no kernel)."""
+
+    __slots__ = ("out",)
+
+    def __init__(self) -> None:
+        self.out = []
+
+    def write(self, data) -> None:
+        self.out.append(data)
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 15001)}.get(name, default)
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _RecordingConnector:
+    async def connect(self, protocol_factory, host, port, timeout):
+        protocol = protocol_factory()
+        transport = _RecordingTransport()
+        protocol.connection_made(transport)
+        return transport, protocol
+
+
+ENGINE_REQUEST = b"GET /catalog/items HTTP/1.1\r\nHost: catalog.shop.svc.cluster.local\r\n\r\n"  # what wrk sends
+ENGINE_RESPONSE = (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: text/plain\r\n"
+                   b"cache-control: no-cache\r\n\r\nok")  # what the upstream HAProxy answers
+
+
+def engine_main(argv) -> int:
+    """`python -m bench engine`: the proxy's per-request Python work alone. A real runtime,
+    HttpDownstream, exchanges, pools and telemetry on the bench's configuration, with the
+    sockets replaced by recording transports: each request is fed as wrk sends it and
+    answered as the upstream HAProxy does. Prints CPU µs per request (best of 5 runs) and,
+    with --count, the bytecodes and Python calls per request (sys.settrace). For instruction
+    counts that do not depend on the machine's load, run it under valgrind twice with
+    --requests N and M and divide the difference of the totals by M - N (see docs/proxy.md)."""
+    import asyncio
+
+    from nodeagent.proxy.server import new_event_loop
+
+    p = argparse.ArgumentParser(prog="python -m bench engine", description=engine_main.__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=100000, help="requests per run (default 100000)")
+    p.add_argument("--once", action="store_true", help="one run, nothing printed (for valgrind)")
+    p.add_argument("--count", action="store_true", help="also count bytecodes and Python calls per request")
+    args = p.parse_args(argv)
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return _engine_run(args, loop)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def _engine_run(args, loop) -> int:
+    import asyncio
+    import random
+    import time
+
+    from nodeagent.proxy.context import ListenerContext, WorkloadIdentity
+    from nodeagent.proxy.http import HttpDownstream
+    from nodeagent.proxy.runtime import ProxyRuntime
+    from nodeagent.telemetry import Telemetry
+    from policy.loader import load_text
+    from policy.snapshot import build_snapshot
+
+    loaded = load_text(SHOP_CFG.format(up=8080), "shop.yaml")
+    if not loaded.ok:
+        print("\n".join(map(str, loaded.errors)), file=sys.stderr)
+        return 1
+    snapshot = build_snapshot(loaded.resources)
+    runtime = ProxyRuntime(lambda: snapshot, Telemetry(), rand=random.Random(7))
+    runtime.loop = loop
+    ctx = ListenerContext("explicit", WorkloadIdentity("shop", "frontend", "frontend", {"app": "frontend"}),
+                          connector=_RecordingConnector())
+    downs = []
+    for _ in range(4):
+        down = HttpDownstream(runtime, ctx)
+        transport = _RecordingTransport()
+        down.connection_made(transport)
+        downs.append((down, transport))
+
+    def one(down, transport) -> None:
+        down.data_received(ENGINE_REQUEST)
+        conn = down.active.upstream
+        if conn is None:  # the pool is opening its first connection to this endpoint
+            loop.run_until_complete(asyncio.sleep(0))
+            conn = down.active.upstream
+        conn.transport.out.clear()
+        conn.data_received(ENGINE_RESPONSE)
+        if not transport.out or not transport.out[-1].startswith(b"HTTP/1.1 200 OK\r\n"):
+            raise SystemExit(f"bench engine: unexpected response {transport.out[-1:]!r}")
+        transport.out.clear()
+
+    def run(n: int) -> None:
+        for i in range(n):
+            one(*downs[i & 3])
+
+    run(200)  # every endpoint has a pooled connection, every cache is warm
+    if args.once:
+        run(args.requests)
+        return 0
+    best = min(_timed(run, args.requests, time.process_time) for _ in range(5))
+    print(f"engine: {best:.2f} CPU us/request (best of 5 runs of {args.requests})")
+    if args.count:
+        counts = [0, 0]
+
+        def trace(frame, event, arg):
+            frame.f_trace_opcodes = True
+            if event == "opcode":
+                counts[0] += 1
+            elif event == "call":
+                counts[1] += 1
+            return trace
+        n = min(args.requests, 2000)
+        sys.settrace(trace)
+        try:
+            run(n)
+        finally:
+            sys.settrace(None)
+        print(f"engine: {counts[0] / n:.0f} bytecodes and {counts[1] / n:.1f} Python calls per request")
+    return 0
+
+
+def _timed(run, n: int, clock) -> float:
+    start = clock()
+    run(n)
+    return (clock() - start) / n * 1e6
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["engine"]:  # `python -m bench engine`: the per-request Python work without sockets
+        return engine_main(argv[1:])
     if argv[:1] == ["mesh"]:  # `python -m bench mesh`: the two-node mesh path, bench/mesh.py
         from bench.mesh import main as mesh_main
         return mesh_main(argv[1:])
@@ -134,7 +278,8 @@ def main(argv=None) -> int:
         return loopback_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                 epilog="`python -m bench mesh --help`: client pod -> agent -> mTLS -> agent -> "
-                                       "pod vs an HAProxy chain with an mTLS hop (root)")
+                                       "pod vs an HAProxy chain with an mTLS hop (root); `python -m bench engine "
+                                       "--help`: the proxy's per-request Python work without sockets")
     p.add_argument("--duration", type=int, default=8, help="seconds per measured run (default 8)")
     p.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per target (default 2)")
     p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")

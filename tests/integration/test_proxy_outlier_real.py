@@ -19,13 +19,16 @@ runs every ``SWEEP_TICK`` (0.25 s) and sweeps whenever the interval is up.
 - ``minHealthPercent`` is Envoy's panic threshold: below it (strictly) the ejected
   hosts get traffic again, at it or above they stay out;
 - an ejection lasts ``baseEjectionTime x number of ejections`` and ends at the first
-  sweep after that (never before); meanwhile a one-host cluster answers 503 ``UH``.
+  sweep after that (never before); meanwhile a one-host cluster answers 503 ``UH``;
+- an ejection survives an unrelated configuration change;
+- an opaque TCP relay's connect failures eject too (then ``UH``, no connect attempt).
 """
 from __future__ import annotations
 
 import http.client
 import json
 import socket
+import threading
 import time
 
 import pytest
@@ -66,9 +69,54 @@ class Scripted(UpstreamServer):
         return await super()._respond(req, parser, writer)
 
 
+class Toggle:
+    """A TCP echo server on a fixed address:port that can stop listening (connects are
+    refused) and listen again."""
+
+    def __init__(self, host: str) -> None:
+        self.host, self.port = host, 0
+        self.sock = None
+        self.accepted = 0
+        self.listen()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def listen(self) -> None:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((self.host, self.port))
+        s.listen(16)
+        self.port = s.getsockname()[1]
+        self.sock = s
+        threading.Thread(target=self._serve, args=(s,), daemon=True).start()
+
+    def _serve(self, s) -> None:
+        while True:
+            try:
+                conn, _ = s.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.sendall(conn.recv(100))
+                except OSError:
+                    pass
+
+    def refuse(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
 # --- config -------------------------------------------------------------------------------
 
-def service(name: str, endpoints) -> str:
+def service(name: str, endpoints, port_name: str = "http", protocol: str = "HTTP") -> str:
     out = [f"""---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -82,8 +130,8 @@ spec:
   resolution: STATIC
   ports:
   - number: 80
-    name: http
-    protocol: HTTP
+    name: {port_name}
+    protocol: {protocol}
   workloadSelector:
     labels:
       app: {name}
@@ -98,7 +146,7 @@ metadata:
 spec:
   address: {host}
   ports:
-    http: {port}
+    {port_name}: {port}
   labels:
     app: {name}
 """)
@@ -204,12 +252,17 @@ def env(tmp_path_factory):
                 outlier_rule(name, consecutive5xxErrors=2, maxEjectionPercent=100, minHealthPercent=health)]
     cfg += [service("keep", addr([bad[1], good[2]])), no_retries("keep"),
             outlier_rule("keep", consecutive5xxErrors=2, maxEjectionPercent=100)]
+    toggle = Toggle("127.0.8.41")
+    cfg += [service("tcpdb", [toggle.address], port_name="tcp", protocol="TCP"),
+            outlier_rule("tcpdb", consecutive5xxErrors=3, maxEjectionPercent=100)]
     (d / "config.yaml").write_text("".join(cfg))
-    proxy = ProxyProcess(d, metrics=False, access_log=True).start()
+    proxy = ProxyProcess(d, metrics=False, access_log=True,
+                         extra=("--forward", f"127.0.0.1:0={fqdn('tcpdb')}:80")).start()
     try:
-        yield proxy, {"bad": bad, "good": good, "gateway": gateway, "dir": d}
+        yield proxy, {"bad": bad, "good": good, "gateway": gateway, "dir": d, "toggle": toggle}
     finally:
         proxy.stop()
+        toggle.refuse()
         for s in started:
             s.stop()
 
@@ -401,3 +454,46 @@ def test_an_ejection_survives_an_unrelated_configuration_change(env, client):
     assert client.get("unrelated", 1)[:2] == (200, "good2"), "the new configuration was loaded"
     after = client.run("keep", 12, start=100)
     assert after == [(200, "good2")] * 12 and hits(bad, "keep", since=100) == 0, after
+
+
+def test_tcp_connect_failures_eject_the_endpoint_of_a_relay(env):
+    """An opaque TCP relay (``--forward`` on a TCP port) reports connect failures too:
+    three refused connects in a row eject the only endpoint, so once it listens again
+    the relay does not even try it (UH) until the ejection ends."""
+    proxy, toggle = env[0], env[1]["toggle"]
+    port = proxy.ports[1]
+
+    def echo() -> tuple[bytes, str]:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            me = "%s:%d" % s.getsockname()
+            s.sendall(b"ping")
+            s.settimeout(5)
+            try:
+                got = s.recv(100)
+            except ConnectionResetError:
+                got = b""
+        return got, me
+
+    def flags(me: str) -> str:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            for rec in access_log(proxy):
+                if rec.get("downstream_remote_address") == me:
+                    return rec["response_flags"]
+            time.sleep(0.02)
+        raise AssertionError(f"no access-log line for {me}")
+
+    got, me = echo()
+    assert got == b"ping" and flags(me) == "-", "the relay reaches the endpoint"
+    toggle.refuse()
+    try:
+        for _ in range(3):
+            got, me = echo()
+            assert got == b"" and flags(me) == "UF"
+    finally:
+        toggle.listen()
+    accepted = toggle.accepted
+    for _ in range(2):
+        got, me = echo()
+        assert got == b"" and flags(me) == "UH", "ejected after 3 consecutive connect failures"
+    assert toggle.accepted == accepted

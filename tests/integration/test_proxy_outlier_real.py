@@ -39,6 +39,7 @@ from tests.integration.upstream import UpstreamServer
 
 NS = "shop"
 BASE_GROW = 0.7  # baseEjectionTime of the "grow" service, seconds
+PER_TRY = 0.3    # perTryTimeout of the "pertry" service, seconds
 # How late a readmission may be seen after its ejection time is up: one sweep tick,
 # plus the client's polling gap and a loaded machine's scheduling.
 READMIT_LATE = SWEEP_TICK + 0.35
@@ -252,6 +253,28 @@ def env(tmp_path_factory):
                 outlier_rule(name, consecutive5xxErrors=2, maxEjectionPercent=100, minHealthPercent=health)]
     cfg += [service("keep", addr([bad[1], good[2]])), no_retries("keep"),
             outlier_rule("keep", consecutive5xxErrors=2, maxEjectionPercent=100)]
+    slow = up(UpstreamServer("slow", host="127.0.8.42"))
+    slow.delay = 3.0
+    cfg += [service("pertry", addr([slow, good[3]])),
+            outlier_rule("pertry", consecutive5xxErrors=2, maxEjectionPercent=100),
+            f"""---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: pertry
+  namespace: {NS}
+spec:
+  hosts:
+  - {fqdn("pertry")}
+  http:
+  - retries:
+      attempts: 1
+      perTryTimeout: {PER_TRY}s
+      retryOn: 5xx
+    route:
+    - destination:
+        host: {fqdn("pertry")}
+"""]
     toggle = Toggle("127.0.8.41")
     cfg += [service("tcpdb", [toggle.address], port_name="tcp", protocol="TCP"),
             outlier_rule("tcpdb", consecutive5xxErrors=3, maxEjectionPercent=100)]
@@ -259,7 +282,7 @@ def env(tmp_path_factory):
     proxy = ProxyProcess(d, metrics=False, access_log=True,
                          extra=("--forward", f"127.0.0.1:0={fqdn('tcpdb')}:80")).start()
     try:
-        yield proxy, {"bad": bad, "good": good, "gateway": gateway, "dir": d, "toggle": toggle}
+        yield proxy, {"bad": bad, "good": good, "gateway": gateway, "dir": d, "toggle": toggle, "slow": slow}
     finally:
         proxy.stop()
         toggle.refuse()
@@ -342,6 +365,24 @@ def test_connect_failures_eject_while_default_retries_hide_them(env, client):
     assert len(mine) == 12
     assert len(retried) == 3, f"exactly 3 connect failures before the ejection, retried: {retried}"
     assert all(r["headers"].get("x-envoy-attempt-count") == "1" for r in mine[-6:])
+
+
+def test_per_try_timeouts_count_as_gateway_errors_and_eject(env, client):
+    """A host that never answers in time: each per-try timeout counts as a 504 for outlier
+    detection (and is retried on the other host, so the client gets a 200 after one
+    PER_TRY). Two of them eject it: exactly 2 slow hits, exactly 2 retried requests."""
+    slow = env[1]["slow"]
+    timed = []
+    for i in range(8):
+        started = time.monotonic()
+        timed.append((client.get("pertry", i)[:2], time.monotonic() - started))
+    assert [r for r, _ in timed] == [(200, "good3")] * 8, timed
+    assert hits(slow, "pertry") == 2, "ejected after its 2nd per-try timeout"
+    good = env[1]["good"][3]
+    retried = [int(r["path"].rsplit("/", 1)[1]) for r in good.requests
+               if r["path"].startswith("/pertry/") and r["headers"].get("x-envoy-attempt-count") == "2"]
+    assert len(retried) == 2, retried
+    assert all(timed[i][1] >= PER_TRY - 0.01 for i in retried), (retried, timed)
 
 
 # --- maxEjectionPercent -------------------------------------------------------------------

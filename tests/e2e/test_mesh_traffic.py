@@ -133,14 +133,18 @@ def test_strict_mtls_refuses_a_plaintext_client(shop):
         print(json.dumps(out))
     """
 
+    def log_lines() -> list[str]:
+        return lab.agent_log("node2").splitlines()
+
     def probe() -> dict:
+        since = len(log_lines())
         proc = lab.exec("outsider", [sys.executable, "-c", probe_code, target.ip, str(target.port)], timeout=15)
         assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)
+        return dict(json.loads(proc.stdout), log_since=since)
 
-    def refusals(port: int | None = None) -> int:
+    def refusals(port: int | None = None, since: int = 0) -> int:
         src = f"inbound shop/catalog-v2 <- {outsider.ip}:{port if port is not None else ''}"
-        return sum(1 for line in lab.agent_log("node2").splitlines() if src in line and line.endswith(reason))
+        return sum(1 for line in log_lines()[since:] if src in line and line.endswith(reason))
 
     def until(fn, timeout: float = 20.0):
         deadline = time.monotonic() + timeout
@@ -152,7 +156,7 @@ def test_strict_mtls_refuses_a_plaintext_client(shop):
 
     def assert_refused_by_strict(r: dict) -> None:
         assert r["outcome"] == "reset", r  # accepted (captured by node2's agent), then reset
-        assert until(lambda: refusals(r["local_port"]) == 1), \
+        assert until(lambda: refusals(r["local_port"], r["log_since"]) == 1), \
             f"no STRICT refusal logged for {outsider.ip}:{r['local_port']}:\n{lab.agent_log('node2')[-2000:]}"
 
     # The outsider (namespace legacy, never enrolled) talks plaintext straight to the pod.
@@ -175,7 +179,7 @@ def test_strict_mtls_refuses_a_plaintext_client(shop):
         os.replace(override + ".tmp", override)
         admitted = until(lambda: (lambda r: r if r["outcome"] == "response" else None)(probe()))
         assert admitted and admitted["first_line"] == "HTTP/1.1 200 OK", admitted
-        assert refusals(admitted["local_port"]) == 0
+        assert refusals(admitted["local_port"], admitted["log_since"]) == 0
         [ok] = lab.curl("outsider", url)
         assert ok.status == 200 and ok.json()["pod"] == "catalog-v2" and ok.json()["path"] == "/newcatalog/direct", ok
         assert until(lambda: lab.count("node2", REQ, **plaintext_ok) >= counted + 2), \

@@ -12,7 +12,8 @@ What Envoy/Istio do and what we check from the outside:
 - the connect attempt ends after ``connectTimeout``: 503 with flag ``UF``
   (``upstream connect error or disconnect/reset before headers``), not before
   the timeout and not much after it;
-- the timeout is the DestinationRule's, per cluster (0.4 s and 1.2 s here);
+- the timeout is the DestinationRule's, per cluster (0.4 s and 1.2 s here), and a
+  ``portLevelSettings`` entry for the port replaces the host-level one;
 - Istio's default retry policy retries a connect failure (``connect-failure``,
   which covers a connect timeout) twice: three timeouts in a row, attempts 3;
   with a second, healthy endpoint the retry goes there and the client gets 200;
@@ -180,6 +181,26 @@ def env(tmp_path_factory):
                service("retried", [hole.address]), connect_timeout_rule("retried", RETRIED),
                service("mixed", [hole.address, good.address]),
                connect_timeout_rule("mixed", RETRIED, lb="ROUND_ROBIN"),
+               # host level 3 s, the port-level entry for port 80 replaces it: FAST
+               service("portlevel", [hole.address]), no_retries("portlevel"), f"""---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: portlevel
+  namespace: {NS}
+spec:
+  host: {fqdn("portlevel")}
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        connectTimeout: 3s
+    portLevelSettings:
+    - port:
+        number: 80
+      connectionPool:
+        tcp:
+          connectTimeout: {FAST}s
+""",
                service("db", [hole.address], protocol="TCP", port_name="tcp", number=5432),
                connect_timeout_rule("db", TCP)]
         (d / "config.yaml").write_text("".join(cfg))
@@ -217,7 +238,7 @@ def timed_request(proxy, name: str, path: str):
     return status, headers, body, time.monotonic() - started
 
 
-@pytest.mark.parametrize("name,timeout", [("fast", FAST), ("slow", SLOW)])
+@pytest.mark.parametrize("name,timeout", [("fast", FAST), ("slow", SLOW), ("portlevel", FAST)])
 def test_connect_timeout_gives_503_uf_after_the_rules_timeout(env, name, timeout):
     proxy, hole, _ = env
     status, _, body, elapsed = timed_request(proxy, name, f"/ct-{name}")

@@ -182,6 +182,10 @@ class TcpRelay(asyncio.Protocol):
                 self.transport.close()
                 return
             break
+        if state is not None:
+            # Envoy's tcp_proxy reports a connect success to outlier detection (as a 200 when
+            # local-origin errors are not split): it ends a run of consecutive failures.
+            state.record(self.endpoint, 200, runtime.loop.time())
         self._open_entry(dest)
         if self.closed:
             self.upstream.transport.close()
@@ -191,7 +195,12 @@ class TcpRelay(asyncio.Protocol):
             self.pending = []
             self.transport.resume_reading()
         if self.downstream_eof:
-            self.upstream.transport.write_eof()
+            if self.upstream_eof:
+                # both sides ended while the connect was returning: nothing more can flow
+                self.upstream.transport.close()
+                self.transport.close()
+            else:
+                self.upstream.transport.write_eof()
 
     def _open_entry(self, dest) -> None:
         self.entry = self.runtime.telemetry.tcp_entry(self.ctx, dest, self.flags)

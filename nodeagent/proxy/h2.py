@@ -1219,7 +1219,11 @@ class H2Stream:
         self.timer = None
         if self.finished:
             return
+        waiting = self.upstream is not None and not self.response_started
         self._drop_upstream(ErrorCodes.CANCEL)
+        if waiting:
+            # as Envoy: a request still waiting for its response head counts for outlier detection
+            self.cluster.record(self.endpoint, 504, self.runtime.loop.time())
         if self.response_started:
             self.flags = "UT"
             self._reset_down(ErrorCodes.CANCEL)

@@ -952,6 +952,10 @@ class Exchange:
         if upstream is not None:
             upstream.exchange = None
             upstream.close()
+            if not self.response_started:
+                # Envoy reports a request still waiting for its response head to outlier
+                # detection (LocalOriginTimeout, a 504 when local-origin errors are not split).
+                self.cluster.record(self.endpoint, 504, self.runtime.loop.time())
         elif self.cluster is not None:
             self.cluster.pool.cancel(self)
         if self.response_started:

@@ -312,6 +312,8 @@ class InboundPlane:
             self.clusters.pop(key).pool.close_all()
         for key in [k for k in self._contexts if k[0] is workload]:
             del self._contexts[key]
+        self._verdict_tokens.clear()  # tokens keep their workload alive; rare enough to drop all
+        self._verdicts.clear()
 
     # --- policy --------------------------------------------------------
     def policies(self) -> tuple[object, _Policies]:

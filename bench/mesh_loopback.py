@@ -17,7 +17,14 @@ ratios, and how many tunnels (TLS handshakes) node 2 accepted during the whole r
 
 ``python -m bench.mesh_loopback node ...`` is the node process itself (what the bench
 starts twice); ``--profile DIR`` runs both under cProfile and writes DIR/node1.prof and
-DIR/node2.prof.
+DIR/node2.prof. ``--l7`` adds a DENY on method DELETE for B (as the shop sample's
+catalog-no-delete on ``bench mesh``), so node 2 authorizes every request at L7.
+
+``--callgrind DIR`` counts instructions instead of time (stable on a shared machine): both
+nodes run under valgrind's callgrind with instrumentation off; it is switched on for one wrk
+run of the mesh path (``--duration`` s, 4 connections, after a warm-up) and again for an idle
+period as long; each node's user-space instructions per request = (run - idle) / requests.
+The HAProxy path is not run. Output files stay in DIR (``callgrind_annotate`` reads them).
 """
 from __future__ import annotations
 
@@ -79,6 +86,17 @@ spec:
   action: ALLOW
   rules:
   - from: [{{source: {{principals: ["cluster.local/ns/shop/sa/a"]}}}}]
+"""
+
+L7_CFG = """---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: b-no-delete, namespace: shop}
+spec:
+  selector: {matchLabels: {app: b}}
+  action: DENY
+  rules:
+  - to: [{operation: {methods: [DELETE]}}]
 """
 
 
@@ -214,6 +232,44 @@ def node_stats(pid: int, path: Path) -> dict:
     raise SystemExit(f"bench mesh-loopback: node {pid} wrote no counters to {path}")
 
 
+def _callgrind_total(path: Path) -> int:
+    """The instruction total of one callgrind output file."""
+    total = 0
+    for line in path.read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            total = max(total, int(line.split()[1]))
+    return total
+
+
+def callgrind_measure(url: str, nodes: list[subprocess.Popen], out: Path, args) -> list[float]:
+    """Instructions per request of each node over one wrk run, less an idle period as long."""
+    def control(*opts) -> None:
+        for proc in nodes:
+            subprocess.run(["callgrind_control", *opts, str(proc.pid)], capture_output=True, timeout=60)
+
+    wrk(url, max(args.warmup, 5), 4, B_HOST, who=WHO)
+    control("-i", "on")
+    r = wrk(url, args.duration, 4, B_HOST, who=WHO)
+    control("-i", "off")
+    control("-d", "run")
+    control("-z")
+    control("-i", "on")
+    time.sleep(args.duration)
+    control("-i", "off")
+    control("-d", "idle")
+    per_node = []
+    for i, proc in enumerate(nodes, 1):
+        files = sorted(out.glob(f"node{i}.out*"))
+        run = [f for f in files if f.name.endswith(".1")]
+        idle = [f for f in files if f.name.endswith(".2")]
+        if not run or not idle:
+            raise SystemExit(f"{WHO}: callgrind wrote no dumps for node {i} in {out}")
+        per_node.append((_callgrind_total(run[0]) - _callgrind_total(idle[0])) / max(1, r["requests"]))
+    print(f"callgrind: {r['requests']} requests over 4 connections in {args.duration}s; user-space "
+          f"instructions per request: node 1 (source) {per_node[0]:.0f}, node 2 (destination) {per_node[1]:.0f}")
+    return per_node
+
+
 def measure(name: str, url: str, pids: list[int], args, host: str | None, stats=None) -> dict:
     wrk(url, args.warmup, args.connections, host, who=WHO)
     counters = stats() if stats else None
@@ -241,10 +297,13 @@ def main(argv=None) -> int:
                    help="measure both paths this many times, interleaved, and keep each one's best run "
                         "(a shared machine only ever makes a run slower; default 1)")
     p.add_argument("--profile", metavar="DIR", help="run the agents under cProfile; stats in DIR/node{1,2}.prof")
+    p.add_argument("--callgrind", metavar="DIR",
+                   help="count instructions per request of each agent under valgrind (mesh path only)")
+    p.add_argument("--l7", action="store_true", help="add a DENY on method DELETE for B: L7 authorization")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
                    help="the agents' event loop (default uvloop, as `nodeagent run` and `nodeagent proxy`)")
     args = p.parse_args(argv)
-    tool = missing_tool(("wrk", "haproxy"))
+    tool = missing_tool(("wrk", "haproxy") + (("valgrind", "callgrind_control") if args.callgrind else ()))
     if tool:
         print(f"bench mesh-loopback: {tool} is not installed (make setup installs it)", file=sys.stderr)
         return 1
@@ -268,7 +327,8 @@ def main(argv=None) -> int:
         app_port = free_port(B_ADDR)
         (tmp / "app.cfg").write_text(upstream_cfg(f"{B_ADDR}:{app_port}"))
         (tmp / "config").mkdir()
-        (tmp / "config" / "mesh.yaml").write_text(MESH_CFG.format(a_addr=A_ADDR, b_addr=B_ADDR, app_port=app_port))
+        (tmp / "config" / "mesh.yaml").write_text(MESH_CFG.format(a_addr=A_ADDR, b_addr=B_ADDR, app_port=app_port)
+                                                  + (L7_CFG if args.l7 else ""))
         app = start(["haproxy", "-db", "-f", str(tmp / "app.cfg")], **quiet)
         wait_port(B_ADDR, app_port, app, timeout=20.0, who=WHO)
 
@@ -279,12 +339,26 @@ def main(argv=None) -> int:
             (lambda n: [])
         if args.profile:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
-        node2 = start(node + ["--workload", "shop/b", "--address", B_ADDR, "--tunnel-listen", str(tunnel_port),
-                              "--stats", str(tmp / "node2.json")] + prof("node2"), stdout=subprocess.DEVNULL)
-        wait_port(B_ADDR, tunnel_port, node2, timeout=20.0, who=WHO)
-        node1 = start(node + ["--workload", "shop/a", "--address", A_ADDR, "--listen", str(out_port),
-                              "--tunnel-port", str(tunnel_port)] + prof("node1"), stdout=subprocess.DEVNULL)
-        wait_port(A_ADDR, out_port, node1, timeout=20.0, who=WHO)
+        grind = (lambda n: [])
+        if args.callgrind:
+            cg_dir = Path(args.callgrind).resolve()
+            cg_dir.mkdir(parents=True, exist_ok=True)
+            for old in cg_dir.glob("node[12].out*"):  # an earlier run's dumps would be read as this one's
+                old.unlink()
+            grind = (lambda n: ["valgrind", "--tool=callgrind", "--instr-atstart=no", "-q",
+                                f"--callgrind-out-file={cg_dir / (n + '.out')}"])
+        ready = 120.0 if args.callgrind else 20.0
+        node2 = start(grind("node2") + node + ["--workload", "shop/b", "--address", B_ADDR, "--tunnel-listen",
+                                               str(tunnel_port), "--stats", str(tmp / "node2.json")] + prof("node2"),
+                      stdout=subprocess.DEVNULL)
+        wait_port(B_ADDR, tunnel_port, node2, timeout=ready, who=WHO)
+        node1 = start(grind("node1") + node + ["--workload", "shop/a", "--address", A_ADDR, "--listen", str(out_port),
+                                               "--tunnel-port", str(tunnel_port)] + prof("node1"),
+                      stdout=subprocess.DEVNULL)
+        wait_port(A_ADDR, out_port, node1, timeout=ready, who=WHO)
+        if args.callgrind:
+            callgrind_measure(f"http://{A_ADDR}:{out_port}/items", [node1, node2], cg_dir, args)
+            return 0
 
         h1_port, h2_port = free_port(H1_ADDR), free_port(H2_ADDR)
         (tmp / "ingress.cfg").write_text(ingress_cfg(f"{H2_ADDR}:{h2_port}", f"{B_ADDR}:{app_port}", tmp))

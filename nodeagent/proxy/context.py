@@ -1,10 +1,10 @@
 """The small seams between a listener and the shared proxy engine.
 
-A listener (the explicit proxy today; 15001/15006/15008 inside pod network
-namespaces later) hands every accepted connection a ``ListenerContext``: who
+A listener (the explicit proxy, or 15001/15006/15008 opened by the agent inside
+pod network namespaces) hands every accepted connection a ``ListenerContext``: who
 the workload on this side is, where the connection was meant to go (when the
 listener knows it, e.g. from SO_ORIGINAL_DST), how upstream connections are
-opened (``Connector``: plain TCP now, the mTLS tunnel later) and which
+opened (``Connector``: plain TCP, or the mTLS tunnel) and which
 inbound authorization hook applies (``InboundAuthorizer``: L4 at connect, L7
 per request). The engine only calls these; it never guesses identities.
 """

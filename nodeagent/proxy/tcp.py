@@ -1,7 +1,7 @@
 """Opaque TCP relay, and the per-connection protocol choice for service-bound listeners.
 
-A listener that knows the destination (a ``--forward`` listener today, the
-15001 outbound capture with SO_ORIGINAL_DST later) decides per connection:
+A listener that knows the destination (a ``--forward`` listener, or the agent's
+15001 outbound capture with SO_ORIGINAL_DST) decides per connection:
 
 - the service port is HTTP (port name ``http``/``http-*`` or protocol HTTP):
   HTTP/1.1 engine;

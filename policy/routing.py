@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import bisect
-import ipaddress
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
@@ -799,105 +798,6 @@ def plan_request(snapshot: ConfigSnapshot, req: RequestAttrs,
     return plan_for_service(snapshot, service, req.port, req, rand)
 
 
-# ---------------------------------------------------------------------------
-# TCP routes (VirtualService ``tcp``), per connection
-
-
-class _TcpRoute:
-    __slots__ = ("matches", "destinations", "cum", "total")
-
-
-def _compile_l4_match(m, port: int):
-    """A predicate (source, destination_ip) -> bool, or None when the match can
-    never apply to mesh traffic on ``port``."""
-    if m.gateways and "mesh" not in m.gateways:
-        return None
-    if m.port is not None and m.port != port:
-        return None
-    nets = tuple(ipaddress.ip_network(c, strict=False) for c in m.destination_subnets)
-    want = tuple(m.source_labels.items())
-    sns = m.source_namespace
-
-    def matches(source, destination_ip: str | None) -> bool:
-        if nets:
-            if destination_ip is None:
-                return False
-            try:
-                ip = ipaddress.ip_address(destination_ip)
-            except ValueError:
-                return False
-            if not any(ip.version == n.version and ip in n for n in nets):
-                return False
-        if want or sns is not None:
-            if source is None:
-                return False
-            if sns is not None and source.namespace != sns:
-                return False
-            labels = source.labels
-            if not all(labels.get(k) == v for k, v in want):
-                return False
-        return True
-    return matches
-
-
-def _weighted(snapshot, dests, vs_namespace: str, source_ns: str, port: int) -> list[WeightedCluster]:
-    out = []
-    weighted = len(dests) > 1
-    for rd in dests:
-        weight = (rd.weight or 0) if weighted else 100
-        if weight <= 0:
-            continue
-        key, known = _resolve_destination(snapshot, rd.destination, vs_namespace, source_ns, port)
-        out.append(WeightedCluster(key, weight, EMPTY_HEADER_OPS, EMPTY_HEADER_OPS, known))
-    return out
-
-
-def tcp_route_table(snapshot: ConfigSnapshot, service: Service, service_port: int,
-                    source_namespace: str) -> tuple[_TcpRoute, ...]:
-    """Compiled ``tcp`` routes for a service port as seen from a namespace,
-    ending with Istio's fallback to the service itself."""
-    memo = snapshot_memo(snapshot)
-    key = ("tcp-routes", service.host, source_namespace, service_port)
-    try:
-        return memo[key]
-    except KeyError:
-        pass
-    routes = []
-    vs_res = snapshot.virtual_service_for(service.host, source_namespace)
-    tcp = vs_res.spec.tcp if vs_res is not None else ()
-    catch_all = False
-    for tr in tcp:
-        if tr.match:
-            matches = tuple(m for m in (_compile_l4_match(m, service_port) for m in tr.match)
-                            if m is not None)
-            if not matches:
-                continue
-        else:
-            matches = ()
-        dests = _weighted(snapshot, tr.route, vs_res.namespace, source_namespace, service_port)
-        if not dests:
-            continue
-        r = _TcpRoute()
-        r.matches = matches
-        r.destinations = tuple(dests)
-        r.cum = tuple(_cumulative(dests))
-        r.total = r.cum[-1]
-        routes.append(r)
-        if not matches:
-            catch_all = True
-            break
-    if not catch_all:
-        r = _TcpRoute()
-        r.matches = ()
-        r.destinations = (WeightedCluster(ClusterKey(service.host, None, service_port), 100,
-                                          EMPTY_HEADER_OPS, EMPTY_HEADER_OPS,
-                                          service.port(service_port) is not None),)
-        r.cum = (100,)
-        r.total = 100
-        routes.append(r)
-    return memo_put(memo, key, tuple(routes))
-
-
 def _cumulative(dests) -> list[int]:
     cum = []
     total = 0
@@ -905,22 +805,3 @@ def _cumulative(dests) -> list[int]:
         total += d.weight
         cum.append(total)
     return cum
-
-
-def plan_tcp(snapshot: ConfigSnapshot, service: Service, service_port: int, source: WorkloadRef | None,
-             destination_ip: str | None, rand: random.Random) -> WeightedCluster:
-    """The destination of one TCP connection to ``service:service_port``: the
-    first VirtualService ``tcp`` route whose ``match`` (port, destinationSubnets,
-    sourceLabels, sourceNamespace; none = all) applies, split by weight; with no
-    VirtualService or no matching route, the service itself (Istio's fallback).
-    ``.known`` is False when the picked cluster does not exist (close the
-    connection, response flag "NC")."""
-    ns = source.namespace if source is not None else "default"
-    for route in tcp_route_table(snapshot, service, service_port, ns):
-        # the table ends with a route without matches, so the loop always breaks
-        if not route.matches or any(m(source, destination_ip) for m in route.matches):
-            break
-    dests = route.destinations
-    if len(dests) == 1:
-        return dests[0]
-    return dests[bisect.bisect_right(route.cum, rand.random() * route.total)]

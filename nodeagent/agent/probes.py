@@ -23,6 +23,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import shutil
+import socket
 from typing import Iterable
 
 from redirect import CaptureConfig, cleanup, run_command, run_in_netns
@@ -47,22 +48,51 @@ def pod_view(path: str, snat: Iterable[str], ips: Iterable[str] = ()) -> tuple[t
     snat, ips = tuple(snat), tuple(ips)
 
     def look() -> tuple[tuple[str, ...], tuple[str, ...]]:
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        with IPRoute() as ipr:
-            addresses = tuple(sorted({a.get_attr("IFA_ADDRESS") for a in ipr.get_addr() if a["scope"] == 0},
-                                     key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a))))
-            families = {ipaddress.ip_address(a).version for a in ips or addresses}
-            unroutable = []
-            for address in (a for a in snat if ipaddress.ip_address(a).version in families):
-                try:
-                    ipr.route("get", dst=address)
-                except NetlinkError:
-                    unroutable.append(address)
-            return addresses, tuple(unroutable)
+        addresses = tuple(sorted(_global_addresses(),
+                                 key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a))))
+        families = {ipaddress.ip_address(a).version for a in ips or addresses}
+        unroutable = tuple(a for a in snat if ipaddress.ip_address(a).version in families and not _routable(a))
+        return addresses, unroutable
 
     return run_in_netns(path, look, timeout=5.0)
+
+
+def _global_addresses() -> set[str]:
+    """The calling thread's network namespace's addresses that are not loopback or link-local
+    (read from /proc/thread-self/net, which follows the thread's namespace; no netlink library:
+    pyroute2 alone would add ~20 MiB to the agent)."""
+    found: set[str] = set()
+    try:
+        with open("/proc/thread-self/net/if_inet6") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 4 and parts[3] == "00":  # scope 00: global
+                    found.add(str(ipaddress.IPv6Address(bytes.fromhex(parts[0]))))
+    except FileNotFoundError:
+        pass  # no IPv6 in this kernel or namespace
+    with open("/proc/thread-self/net/fib_trie") as f:
+        last = None
+        for line in f:
+            text = line.strip()
+            if text.startswith("|-- "):
+                last = text[4:]
+            elif last is not None and text.startswith("/32 host LOCAL"):
+                ip = ipaddress.IPv4Address(last)
+                if not ip.is_loopback and not ip.is_link_local:
+                    found.add(last)
+    return found
+
+
+def _routable(address: str) -> bool:
+    """Whether the calling thread's namespace has a route to ``address`` (a UDP connect is a
+    route lookup and sends nothing)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((address, 9))
+        except OSError:
+            return False
+    return True
 
 
 class NodeProbes:

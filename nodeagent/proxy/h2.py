@@ -45,7 +45,6 @@ from h2.settings import SettingCodes
 
 from policy import retry as retry_mod
 
-from nodeagent import telemetry as telemetry_mod
 from nodeagent.proxy.context import RequestInfo
 from nodeagent.proxy.http import LocalReply, RequestHeaders, apply_header_ops
 from nodeagent.proxy.response_hook import wants_cors_headers
@@ -1337,8 +1336,8 @@ class H2Stream:
         telemetry = runtime.telemetry
         if self.grpc:
             dest = _grpc_dest(dest)
-            if self.grpc_status is not None and telemetry.__class__.export is telemetry_mod.Telemetry.export:
-                status = (status, self.grpc_status)  # Telemetry.export gives grpc_response_status
+            if self.grpc_status is not None:
+                status = (status, self.grpc_status)  # export() gives grpc_response_status
         telemetry.record_http(down.ctx, dest, status, self.flags, duration_ms, self.req_bytes, self.resp_bytes)
         if self.endpoint is not None and self.cluster is not None:
             self.cluster.done(self.endpoint)

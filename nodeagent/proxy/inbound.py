@@ -49,12 +49,12 @@ from nodeagent.identity.spiffe import SpiffeId
 from nodeagent.proxy.context import ListenerContext, PeerInfo, PlainConnector, WorkloadIdentity
 from nodeagent.proxy.http import HttpDownstream, LocalReply
 from nodeagent.proxy.runtime import ForwardPlan
-from nodeagent.proxy.tcp import TcpRelay, port_kind
+from nodeagent.proxy.tcp import TcpRelay, port_kind, sniff_http
 from nodeagent.proxy.upstream import ClusterPool, PoolLimits
+from nodeagent.telemetry import AccessLog
 
 log = logging.getLogger(__name__)
 
-_SNIFF_LIMIT = 4096
 _CONTEXT_CACHE_LIMIT = 4096
 _IDENTITY_HEADERS = frozenset((b"x-forwarded-client-cert",))  # never trusted from a client
 _IDENTITY_HEADER_LEN = len(b"x-forwarded-client-cert")
@@ -227,7 +227,11 @@ class InboundPlane:
                  trust_domain_aliases: tuple[str, ...] = ()) -> None:
         self.runtime = runtime
         self.snapshots = runtime.snapshots
-        self.record_exchange = runtime.record_exchange  # per request: no delegating call
+        # per request: no delegating call, unless an access log is written (its inbound lines
+        # are the plane's own: _InboundAccessLog)
+        self.record_exchange = runtime.record_exchange if runtime.access_log is None else self._record_logged
+        self._access_log: _InboundAccessLog | None = None
+        self.local: set[InboundWorkload] = set()  # workloads served here (a peer may be one of them)
         self.trust_domain = trust_domain
         self.aliases = tuple(trust_domain_aliases)
         self.connections: set[InboundConnection] = set()
@@ -262,7 +266,25 @@ class InboundPlane:
 
     @property
     def access_log(self):
-        return self.runtime.access_log
+        """The runtime's access log, writing inbound lines (``_InboundAccessLog``)."""
+        outer = self.runtime.access_log
+        if outer is None:
+            return None
+        mine = self._access_log
+        if mine is None or mine.outer is not outer:
+            mine = self._access_log = _InboundAccessLog(outer)
+        return mine
+
+    def _record_logged(self, exchange) -> None:
+        """``record_exchange`` when an access log is on: the runtime's, with its access log
+        writing this exchange's line as an inbound one (the swap is synchronous, on the loop)."""
+        runtime = self.runtime
+        outer = runtime.access_log
+        runtime.access_log = self.access_log
+        try:
+            runtime.record_exchange(exchange)
+        finally:
+            runtime.access_log = outer
 
     def peer_info(self, ctx, transport) -> PeerInfo:
         return self.runtime.peer_info(ctx, transport)
@@ -304,8 +326,14 @@ class InboundPlane:
         for cluster in self.clusters.values():
             cluster.pool.close_all()
 
+    def serve_workload(self, workload: InboundWorkload) -> None:
+        """A listener of ``workload`` (tunnel or plaintext) is served by this plane: when it
+        calls another local workload, the callee's metrics and access log name it."""
+        self.local.add(workload)
+
     def forget(self, workload: InboundWorkload) -> None:
         """A workload left (or changed): close its live inbound streams, drop its pools and contexts."""
+        self.local.discard(workload)
         for entry in [e for e in self.connections if e.admission.workload is workload]:
             entry.transport.abort()
         for key in [k for k in self.clusters if k[0] is workload]:
@@ -392,6 +420,13 @@ class InboundPlane:
         ns, sa = parts[2], parts[4]
         candidates = [w for w in snapshot.workloads if w.namespace == ns and w.service_account == sa]
         match = next((w for w in candidates if w.address == ip), None)
+        if match is None:
+            # a workload of this node (enrolled, so not in the configuration's workloads)
+            local = next((w for w in self.local if w.namespace == ns and w.service_account == sa
+                          and ip in w.addresses), None)
+            if local is not None:
+                return WorkloadIdentity(namespace=ns, name=local.name, service_account=sa,
+                                        labels=dict(local.labels), principal=principal)
         if match is None and len(candidates) == 1:
             match = candidates[0]
         if match is None:
@@ -615,6 +650,7 @@ class InboundPlane:
 
         ``target_of(sock)``: the original destination (default SO_ORIGINAL_DST).
         """
+        self.serve_workload(workload)
         if target_of is None:
             from redirect import original_dst
 
@@ -638,6 +674,39 @@ def _reset(transport) -> None:
         except OSError:
             pass
     transport.abort()
+
+
+class _InboundAccessLog(AccessLog):
+    """The runtime's access log as the inbound plane writes it (same stream, same fields),
+    named as Envoy/Istio name an inbound line: ``upstream_cluster`` is the inbound cluster
+    ``inbound|PORT||`` (the application's port), and an HTTP line says the verified peer's
+    ``source_principal`` (``source_workload``/``source_namespace`` come from the peer
+    identity too: the listener context's ``source``)."""
+
+    def __init__(self, outer: AccessLog) -> None:
+        super().__init__(outer.stream)
+        self.outer = outer
+        self._cluster = None
+        self._principal = None
+
+    def http(self, exchange, down, src, duration_ms: float) -> None:
+        self._cluster = exchange.cluster
+        self._principal = (src.principal or None) if src is not None else None
+        super().http(exchange, down, src, duration_ms)
+
+    def tcp(self, relay, duration_ms: float) -> None:
+        self._cluster = relay.cluster
+        self._principal = _UNSEEN
+        super().tcp(relay, duration_ms)
+
+    def _write(self, record: dict) -> None:
+        if "upstream_cluster" in record:
+            cluster = self._cluster
+            record["upstream_cluster"] = None if cluster is None else "inbound|%d||" % cluster.key.port
+            if self._principal is not _UNSEEN:
+                record["source_principal"] = self._principal
+            self._cluster = self._principal = None
+        self.outer._write(record)
 
 
 class _StripIdentityHeaders:
@@ -698,7 +767,9 @@ class _Tracked(asyncio.Protocol):
 
 
 class _Sniff(asyncio.Protocol):
-    """HTTP2/GRPC-declared ports: HTTP/1.x if the first line says so, else an opaque relay (L4 checked)."""
+    """HTTP2/GRPC-declared ports: the HTTP engine if the first line is an HTTP/1.x request line
+    or the HTTP/2 preface (then ``nodeagent.proxy.h2``: each stream authorized at L7), else an
+    opaque relay (L4 checked)."""
 
     def __init__(self, plane: InboundPlane, entry: InboundConnection, ctx, peer) -> None:
         self.plane = plane
@@ -712,12 +783,12 @@ class _Sniff(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        from nodeagent.proxy.tcp import _REQUEST_LINE
         self.buffer += data
-        if b"\n" not in self.buffer and len(self.buffer) < _SNIFF_LIMIT:
+        http = sniff_http(self.buffer)
+        if http is None:
             return
         a = self.entry.admission
-        if _REQUEST_LINE.match(self.buffer):
+        if http:
             inner = _InboundHttp(self.plane, self.ctx, self.peer)
             inner.entry = self.entry
             self.entry.inner = inner

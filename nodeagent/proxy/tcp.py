@@ -36,11 +36,31 @@ log = logging.getLogger(__name__)
 
 _REQUEST_LINE = re.compile(rb"^[A-Z]{3,10} \S+ HTTP/1\.[01]\r?\n")
 _SNIFF_LIMIT = 4096
+# The first line of the HTTP/2 connection preface (``PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n``): a
+# client speaking HTTP/2 with prior knowledge (gRPC). ``HttpDownstream`` hands such a
+# connection to ``nodeagent.proxy.h2`` (``take_over``), which checks the rest of the preface.
+_H2_PREFACE_LINE = b"PRI * HTTP/2.0\r\n"
+
 # Reading the ClientHello for ``tls`` routes (Envoy's tls_inspector): at most this long
 # and this many bytes (a hello of up to 64 KiB, with room for the headers of its records),
 # then the connection is routed without SNI (tcp routes / the service / passthrough).
 SNI_PEEK_TIMEOUT = 5.0
 SNI_PEEK_MAX = MAX_CLIENT_HELLO + 16384
+
+
+def sniff_http(buf: bytes):
+    """What the first bytes of a connection to an HTTP2/GRPC port say, checked once per
+    connection: True for an HTTP/1.x request line or the HTTP/2 preface (the HTTP engine
+    serves it), False for anything else (relayed as bytes), None while the bytes so far are
+    a prefix of either and may still become one (wait for more; a preface split over reads).
+    After ``_SNIFF_LIMIT`` bytes without a line, False."""
+    if _REQUEST_LINE.match(buf) or buf.startswith(_H2_PREFACE_LINE):
+        return True
+    if len(buf) < len(_H2_PREFACE_LINE) and _H2_PREFACE_LINE.startswith(buf):
+        return None
+    if b"\n" not in buf and len(buf) < _SNIFF_LIMIT:
+        return None
+    return False
 
 
 def port_kind(port) -> str:
@@ -432,9 +452,10 @@ class DispatchProtocol(asyncio.Protocol):
             return
         self.buffer += data
         buf = self.buffer
-        if b"\n" not in buf and len(buf) < _SNIFF_LIMIT:
+        http = sniff_http(buf)
+        if http is None:
             return
-        if _REQUEST_LINE.match(buf):
+        if http:
             self._become(HttpDownstream(self.runtime, self.ctx, self.peer, self.target), buf)
         else:
             self._become(TcpRelay(self.runtime, self.ctx, self.peer, self.state, initial=buf))

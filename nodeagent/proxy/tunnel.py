@@ -57,7 +57,7 @@ from cryptography import x509
 from nodeagent.identity.errors import IdentityError, NoCertificate, PeerRejected
 from nodeagent.identity.spiffe import SpiffeId
 from nodeagent.identity.tls import TunnelTls
-from nodeagent.telemetry import Telemetry, _NB_D, _NB_S, _complete, source_labels
+from nodeagent.telemetry import Telemetry, _NB_D, _NB_S, _complete, source_labels, status_labels
 
 log = logging.getLogger(__name__)
 
@@ -553,7 +553,7 @@ class MeshTelemetry(Telemetry):
 
     def export(self) -> dict:
         return {
-            "http": {k[0] + k[1] + (str(k[2]), "", k[3], k[4]): _complete(v) for k, v in list(self.http.items())},
+            "http": {k[0] + k[1] + status_labels(k[2]) + (k[3], k[4]): _complete(v) for k, v in list(self.http.items())},
             "tcp": {k[0] + k[1] + (k[2], k[3]): list(v) for k, v in list(self.tcp.items())},
         }
 
@@ -786,6 +786,7 @@ class TunnelServer:
         self.workload = workload
         self.tls = tls
         self.handshake_timeout = handshake_timeout
+        plane.serve_workload(workload)
         self._ctx: ssl.SSLContext | None = None
         self.server: asyncio.AbstractServer | None = None
         self.stats = {"accepted": 0, "refused": 0}

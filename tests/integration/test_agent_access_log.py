@@ -82,6 +82,13 @@ def test_access_log_line_per_request(agents, topology, tmp_path):
     assert outbound["source_workload"] == "client"
     assert inbound["upstream_host"] == f"{server.ip}:8080"  # the inbound side served the app in its pod
     assert inbound["downstream_remote_address"].startswith(f"{client.ip}:")
+    # the inbound line names the caller from its verified certificate (the client pod is a
+    # workload of this node, known to the agent by its enrollment), and the inbound cluster
+    # as Envoy/Istio do
+    assert {k: inbound[k] for k in ("upstream_cluster", "source_workload", "source_namespace",
+                                    "source_principal")} == {
+        "upstream_cluster": "inbound|8080||", "source_workload": "client", "source_namespace": "shop",
+        "source_principal": "cluster.local/ns/shop/sa/client"}
     cli(state, "unenroll", "--netns", server.netns)
     cli(state, "unenroll", "--netns", client.netns)
     assert agent.stop() == 0

@@ -1,5 +1,6 @@
 """HTTP/1.1 engine behaviour through `nodeagent proxy`: streaming, keep-alive,
-pipelining, 100-continue, HEAD, Upgrade, limits, garbage, TCP relay."""
+pipelining, 100-continue, HEAD, Upgrade, limits, garbage, TCP relay, and what the sniffer
+of a grpc port hands to the HTTP engine (HTTP/1.x and the HTTP/2 preface)."""
 from __future__ import annotations
 
 import asyncio
@@ -9,8 +10,13 @@ import socket
 import threading
 import time
 
+import grpc
 import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import DataReceived, ResponseReceived, StreamEnded
 
+from tests.integration.grpc_upstream import GrpcServer
 from tests.integration.proxy_harness import ProxyProcess, metric_value, read_until_closed, service_config
 from tests.integration.upstream import UpstreamServer
 
@@ -305,7 +311,37 @@ def test_tcp_service_is_relayed_as_opaque_bytes(env):
     assert metric_value(text, "istio_tcp_received_bytes_total", **labels) >= len(payload)
 
 
-def test_grpc_port_speaks_http1_when_the_client_does_else_relays(env):
+def _h2_get(port: int, host: str, path: str, split: int) -> tuple:
+    """One HTTP/2 prior-knowledge GET with the h2 library, the connection preface split over
+    two writes after ``split`` bytes: the response's headers and body (None if no answer)."""
+    conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", host), (":path", path)],
+                      end_stream=True)
+    wire = conn.data_to_send()
+    headers, body = None, b""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(wire[:split])
+        time.sleep(0.1)  # the sniffer holds the first bytes until the line is complete
+        sock.sendall(wire[split:])
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            data = sock.recv(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, ResponseReceived):
+                    headers = dict(event.headers)
+                elif isinstance(event, DataReceived):
+                    body += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, StreamEnded):
+                    return headers, body
+            sock.sendall(conn.data_to_send())
+    return headers, body
+
+
+def test_grpc_port_speaks_http1_when_the_client_does_and_http2_on_the_preface(env):
     proxy, _ = env
     port = proxy.ports[2]
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -314,12 +350,19 @@ def test_grpc_port_speaks_http1_when_the_client_does_else_relays(env):
     assert status.startswith(b"HTTP/1.1 200") and headers["x-instance"] == "rpc0"
     assert json.loads(body)["headers"]["host"] == "rpc"
     sock.close()
-    # HTTP/2 prior knowledge is not parsed: the bytes reach the upstream untouched,
-    # and it is the upstream (an HTTP/1.1 server) that refuses them.
+    # HTTP/2 prior knowledge is parsed by the proxy (not relayed to the upstream, which would
+    # answer "HTTP/1.1 400"), even with the preface split over reads; the upstream here is an
+    # HTTP/1.1 server, so the proxy's HTTP/2 connection to it fails: its own 503, in HTTP/2.
+    for split in (3, 9, 15):
+        headers, body = _h2_get(port, "rpc", "/rpc", split)
+        assert headers is not None and headers[":status"] == "503", (split, headers)
+        assert body.startswith(b"upstream connect error")
+    # not the preface after all: relayed as bytes, as before
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    sock.sendall(b"PRIX\r\n\r\n")
     reply = read_until_closed(sock)
     assert reply.startswith(b"HTTP/1.1 400") and b"content-length: 0" in reply
+
 
 
 def test_listener_bound_to_a_service_routes_whatever_the_host_header(env):
@@ -383,3 +426,30 @@ def test_http10_keep_alive_and_close(env):
     status, headers, body = read_response(sock)
     assert json.loads(body)["path"] == "/ten-again" and headers["connection"] == "close"
     sock.close()
+
+
+@pytest.fixture(scope="module")
+def grpc_env(tmp_path_factory):
+    """A grpcio server behind a grpc port, its own proxy (a gRPC server in the test process
+    for this test only: its threads would slow the other tests' clients)."""
+    d = tmp_path_factory.mktemp("proxy-http-grpc")
+    g = GrpcServer("g0", host="127.0.0.33").start()
+    (d / "g.yaml").write_text(service_config("g", [g], protocol="GRPC", port_name="grpc", number=9001))
+    proxy = ProxyProcess(d, extra=("--forward", "127.0.0.1:0=g.shop.svc.cluster.local:9001")).start()
+    yield proxy
+    proxy.stop()
+    g.stop()
+
+
+def test_grpc_client_on_a_forwarded_grpc_port_is_served_at_l7(grpc_env):
+    """The connection to the grpc port (a listener bound to the service, as a captured one)
+    starts with the HTTP/2 preface: the HTTP engine serves every call (grpc metrics, not TCP)."""
+    proxy = grpc_env
+    with grpc.insecure_channel(f"127.0.0.1:{proxy.ports[1]}") as channel:
+        for _ in range(3):
+            assert channel.unary_unary("/test.Echo/Which")(b"", timeout=5) == b"g0"
+    text = proxy.metrics()
+    labels = dict(destination_service="g.shop.svc.cluster.local")
+    assert metric_value(text, "istio_requests_total", request_protocol="grpc", response_code="200",
+                        grpc_response_status="0", **labels) == 3
+    assert metric_value(text, "istio_tcp_connections_opened_total", **labels) == 0

@@ -37,6 +37,7 @@ _ANCHOR_BOTH = _re2.RE2.Anchor.ANCHOR_BOTH
 
 from policy.cluster import ClusterKey, memo_put, snapshot_memo
 from policy.cors import CorsConfig, compile_cors
+from policy.l4routing import resolve_destination as _resolve_destination
 from policy.lb import query_param
 from policy.retry import RetryPolicy, retry_policy_from
 from policy.snapshot import qualify_host
@@ -457,27 +458,6 @@ def _compile_match(mr, port: int) -> _Match | None:
 
 # ---------------------------------------------------------------------------
 # compiling routes
-
-
-def _resolve_destination(snapshot, dest, vs_namespace: str, source_ns: str,
-                         request_port: int) -> tuple[ClusterKey, bool]:
-    """The cluster of a route destination and whether it exists."""
-    host = qualify_host(dest.host, vs_namespace, snapshot.domain_suffix)
-    svc = snapshot.services.get(host)
-    if svc is None:
-        svc = snapshot.resolve_host(dest.host, vs_namespace)
-        if svc is not None:
-            host = svc.host
-    if dest.port is not None:
-        port = dest.port
-    elif svc is not None and len(svc.ports) == 1:
-        port = svc.ports[0].number
-    else:
-        port = request_port
-    known = svc is not None and svc.port(port) is not None
-    if known and dest.subset is not None:
-        known = snapshot.subset_labels(host, dest.subset, source_ns) is not None
-    return ClusterKey(host, dest.subset, port), known
 
 
 def _percent(p: float | None, absent: float) -> float:

@@ -33,6 +33,11 @@ BUFFER_LIMIT = 256 * 1024  # request bytes held while no upstream connection is 
 REPLAY_LIMIT = 64 * 1024  # a request body up to this size is kept for retries and mirrors
 PIPELINE_LIMIT = 32  # queued pipelined requests before the client is paused
 WRITE_HIGH_WATER = 256 * 1024
+# After answering a request we could not parse, the rest of what the client sent is read and
+# dropped for at most this long before the socket is closed (Envoy's delayed_close_timeout):
+# closing with unread input makes the kernel send a reset, which can destroy the answer
+# before the client reads it.
+DELAYED_CLOSE = 1.0
 
 _PAUSE_PIPELINE, _PAUSE_BUFFER, _PAUSE_UPSTREAM = 1, 2, 4
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP reset
@@ -350,7 +355,20 @@ class HttpDownstream(asyncio.Protocol):
                 % (status, _REASONS.get(status, b"Error"), len(body), body)
             )
             self.runtime.telemetry_local_error(self, status)
+            self._delayed_close()
+            return
         self.close()
+
+    def _delayed_close(self) -> None:
+        """Send the answer and a FIN, drop what the client still sends (data_received ignores a
+        closing connection), and close when the client does or after DELAYED_CLOSE."""
+        self.closing = True
+        transport = self.transport
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self.runtime.loop.call_later(DELAYED_CLOSE, transport.close)
 
     def internal_error(self) -> None:
         active = self.active

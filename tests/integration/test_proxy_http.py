@@ -268,6 +268,30 @@ def test_oversized_header_gets_431(env):
     assert read_until_closed(sock).startswith(b"HTTP/1.1 431")
 
 
+def test_an_error_answer_survives_unread_client_bytes(env):
+    # The client is still sending (a 70 KB header, then more) when the proxy answers 431. The
+    # proxy drains and drops the rest before closing (Envoy's delayed close): closing with
+    # unread input would make the kernel reset the connection, destroying the 431 unread.
+    proxy, _ = env
+    for _ in range(3):
+        sock = proxy.raw()
+        errors = []
+
+        def send():
+            try:
+                sock.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}\r\nx-big: {'a' * 70_000}".encode())
+                sock.sendall(b"b" * 2_000_000)
+            except OSError as exc:
+                errors.append(exc)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 431")
+        sender.join(10)
+        assert not sender.is_alive() and errors == []
+        sock.close()
+
+
 def test_slow_request_head_gets_408(env):
     proxy, _ = env
     sock = proxy.raw()

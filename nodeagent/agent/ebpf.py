@@ -122,6 +122,11 @@ class EbpfBackend:
 
     def sweep(self, keep: Iterable[WorkloadSpec]) -> list[str]:
         """Drop map entries of namespaces/cgroups nodeagent no longer holds (gone pods)."""
+        if self.probes is not None:
+            try:
+                self.probes.verify()  # the node's probe SNAT, once per full resync
+            except CaptureError as exc:
+                log.warning("%s", exc)
         keep_netns, keep_cgroups = set(), set()
         for spec in keep:
             try:

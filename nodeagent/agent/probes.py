@@ -105,6 +105,8 @@ class NodeProbes:
         self.runner = runner
         self.netns = netns  # None: the agent's own namespace, i.e. the node's
         self._pods: dict[str, tuple[str, ...]] = {}
+        self._swept = False  # the first apply also removes our rules from the other backends
+        self._dirty = True  # the node's rules may differ from self._pods (never applied, or failed)
 
     @property
     def enabled(self) -> bool:
@@ -131,25 +133,40 @@ class NodeProbes:
         if not addresses:
             log.warning("%s: no IP address (--ip) and none found in %s: probes from the node to it are captured",
                         spec.ref, spec.target)
+        if self._pods.get(spec.target) == addresses and not self._dirty:
+            return  # a full resync re-applying a known pod: nothing changed (verify() repairs drift)
         self._pods[spec.target] = addresses
         self.sync()
 
     def discard(self, spec: WorkloadSpec) -> None:
         if spec.kind != "netns":
             return
-        self._pods.pop(spec.target, None)
+        if self._pods.pop(spec.target, None) is None and not self._dirty:
+            return
         self.sync()
+
+    def verify(self) -> None:
+        """Re-apply the node's rules from what this process holds (repairs drift; once per full
+        resync rather than once per pod)."""
+        if self._pods or self._dirty:
+            self.sync()
 
     def sync(self) -> None:
         """Make the node's table/chains match the pods held (removed when none)."""
+        self._dirty = True
         try:
             usable = self._usable(self.addresses())
             if usable:
-                apply_plan(node_plan(usable, self.config), self.netns, self.backend, runner=self.runner)
+                # Other backends are swept once: the node's namespace may hold iptables-legacy
+                # tables (not ours), and reading them costs two iptables-save runs per enroll.
+                apply_plan(node_plan(usable, self.config), self.netns, self.backend, runner=self.runner,
+                           sweep=not self._swept)
+                self._swept = True
             else:
                 cleanup(self.netns, runner=self.runner, owners=(NODE_OWNER,))
         except (RedirectError, TimeoutError, OSError) as exc:
             raise CaptureError(f"node probe SNAT: {exc}") from None
+        self._dirty = False
 
     def _usable(self, addresses: tuple[str, ...]) -> list[str]:
         families = {ipaddress.ip_network(a).version for a in self.config.probe_snat}
@@ -158,6 +175,7 @@ class NodeProbes:
     def uninstall(self) -> None:
         """Remove the node's probe SNAT whatever this process holds (uninstall, mode switch)."""
         self._pods.clear()
+        self._swept = False
         try:
             cleanup(self.netns, runner=self.runner, owners=(NODE_OWNER,))
         except (RedirectError, TimeoutError, OSError) as exc:
@@ -199,5 +217,10 @@ def netfilter_capture(backend: str, config: CaptureConfig | None = None):
             elif self.probes.addresses():
                 # a host plan's removal may have cleaned the node's namespace: put the SNAT back
                 self.probes.sync()
+
+        def sweep(self, keep):
+            leftovers = super().sweep(keep)
+            self.probes.verify()
+            return leftovers
 
     return ProbingNetfilterCapture(backend, config)

@@ -168,6 +168,27 @@ def test_agent_node_probes_follow_the_pods(net, cleaned, caplog):
     assert "nodeagent" not in run_command(node.netns, ["nft", "list", "tables"]).stdout
 
 
+def test_node_probes_reapply_only_on_change_and_verify_repairs_drift(net, cleaned):
+    """A full resync re-applies every pod: NodeProbes.add of a pod it already holds with the
+    same addresses writes nothing (100 pods would otherwise mean 100 node-table loads per
+    resync); verify(), called once per full resync, repairs drift."""
+    from nodeagent.agent.probes import NodeProbes
+    from nodeagent.agent.workload import WorkloadSpec
+
+    node, client = net.nodes["n1"], net.pods["client"]
+    spec = WorkloadSpec("netns", client.netns, client.name, "shop", "default", ips=(client.ip,))
+    probes = NodeProbes(netns=node.netns)
+    probes.add(spec)
+    assert capture.verify(node_plan([client.ip]), node.netns) == ()
+    run_command(node.netns, ["nft", "delete", "table", "inet", "nodeagent-node"])  # drift
+    probes.add(spec)  # unchanged pod: no write
+    assert "nodeagent-node" not in run_command(node.netns, ["nft", "list", "tables"]).stdout
+    probes.verify()
+    assert capture.verify(node_plan([client.ip]), node.netns) == ()
+    probes.uninstall()
+    assert "nodeagent" not in run_command(node.netns, ["nft", "list", "tables"]).stdout
+
+
 @pytest.fixture
 def v6_pair(needs_root):
     """A node and a pod namespace joined by a veth, IPv6 only: node fd00:251::1, pod fd00:251::5

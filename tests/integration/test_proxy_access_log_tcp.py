@@ -25,10 +25,10 @@ import time
 
 import pytest
 
+from tests.integration.istio_yaml import NS, fqdn
 from tests.integration.proxy_harness import ProxyProcess, read_until_closed
 from tests.integration.upstream import UpstreamServer
 
-NS = "shop"
 REPLY = 2500   # bytes the TCP server answers once it has read REQUEST bytes
 REQUEST = 1000
 GREETING = b"220 server-first greeting\r\n"
@@ -36,10 +36,6 @@ GREETING_DELAY = 0.15
 HOLD = 0.3     # seconds the client keeps the TCP connection open after the exchange
 SLACK = 1.0    # scheduling tolerance for durations, seconds
 EARLY = 0.01   # the proxy's clock is read once per event-loop iteration, in whole ms
-
-
-def fqdn(name: str) -> str:
-    return f"{name}.{NS}.svc.cluster.local"
 
 
 class SizedServer:

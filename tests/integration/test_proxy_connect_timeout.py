@@ -29,10 +29,10 @@ import time
 
 import pytest
 
+from tests.integration.istio_yaml import FRONTEND, NS, fqdn, no_retries, service
 from tests.integration.proxy_harness import ProxyProcess, read_until_closed
 from tests.integration.upstream import UpstreamServer
 
-NS = "shop"
 FAST, SLOW, RETRIED, TCP = 0.4, 1.2, 0.4, 0.5  # connectTimeout of each cluster, seconds
 # How late an answer may come after its deadline: the proxy's connect timer plus a
 # loaded 2-core machine's scheduling.
@@ -41,9 +41,6 @@ LATE = 0.6
 # milliseconds against a clock cached per loop iteration; 499.8 ms was seen for 0.5 s).
 EARLY = 0.01
 
-
-def fqdn(name: str) -> str:
-    return f"{name}.{NS}.svc.cluster.local"
 
 
 class Blackhole:
@@ -80,43 +77,6 @@ class Blackhole:
         self.sock.close()
 
 
-def service(name: str, endpoints, *, protocol: str = "HTTP", port_name: str = "http", number: int = 80) -> str:
-    out = [f"""---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: {name}
-  namespace: {NS}
-spec:
-  hosts:
-  - {fqdn(name)}
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports:
-  - number: {number}
-    name: {port_name}
-    protocol: {protocol}
-  workloadSelector:
-    labels:
-      app: {name}
-"""]
-    for i, (host, port) in enumerate(endpoints):
-        out.append(f"""---
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata:
-  name: {name}-{i}
-  namespace: {NS}
-spec:
-  address: {host}
-  ports:
-    {port_name}: {port}
-  labels:
-    app: {name}
-""")
-    return "".join(out)
-
-
 def connect_timeout_rule(name: str, seconds: float, lb: str = "") -> str:
     lb_yaml = f"    loadBalancer:\n      simple: {lb}\n" if lb else ""
     return f"""---
@@ -131,39 +91,6 @@ spec:
 {lb_yaml}    connectionPool:
       tcp:
         connectTimeout: {seconds}s
-"""
-
-
-def no_retries(name: str) -> str:
-    return f"""---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: {name}
-  namespace: {NS}
-spec:
-  hosts:
-  - {fqdn(name)}
-  http:
-  - retries:
-      attempts: 0
-    route:
-    - destination:
-        host: {fqdn(name)}
-"""
-
-
-FRONTEND = f"""---
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata:
-  name: frontend
-  namespace: {NS}
-spec:
-  address: 127.0.0.1
-  serviceAccount: frontend
-  labels:
-    app: frontend
 """
 
 

@@ -34,19 +34,16 @@ import time
 import pytest
 
 from nodeagent.proxy.runtime import SWEEP_TICK
+from tests.integration.istio_yaml import FRONTEND, NS, fqdn, no_retries, service
 from tests.integration.proxy_harness import ProxyProcess
 from tests.integration.upstream import UpstreamServer
 
-NS = "shop"
 BASE_GROW = 0.7  # baseEjectionTime of the "grow" service, seconds
 PER_TRY = 0.3    # perTryTimeout of the "pertry" service, seconds
 # How late a readmission may be seen after its ejection time is up: one sweep tick,
 # plus the client's polling gap and a loaded machine's scheduling.
 READMIT_LATE = SWEEP_TICK + 0.35
 
-
-def fqdn(name: str) -> str:
-    return f"{name}.{NS}.svc.cluster.local"
 
 
 class ClosedPort:
@@ -117,43 +114,6 @@ class Toggle:
 
 # --- config -------------------------------------------------------------------------------
 
-def service(name: str, endpoints, port_name: str = "http", protocol: str = "HTTP") -> str:
-    out = [f"""---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: {name}
-  namespace: {NS}
-spec:
-  hosts:
-  - {fqdn(name)}
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports:
-  - number: 80
-    name: {port_name}
-    protocol: {protocol}
-  workloadSelector:
-    labels:
-      app: {name}
-"""]
-    for i, (host, port) in enumerate(endpoints):
-        out.append(f"""---
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata:
-  name: {name}-{i}
-  namespace: {NS}
-spec:
-  address: {host}
-  ports:
-    {port_name}: {port}
-  labels:
-    app: {name}
-""")
-    return "".join(out)
-
-
 def outlier_rule(name: str, **fields) -> str:
     """ROUND_ROBIN + outlierDetection with ``fields`` (Istio's camelCase names)."""
     od = {"interval": "0.1s", "baseEjectionTime": "30s", **fields}
@@ -172,38 +132,6 @@ spec:
     outlierDetection:
 {lines}"""
 
-
-def no_retries(name: str) -> str:
-    return f"""---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: {name}
-  namespace: {NS}
-spec:
-  hosts:
-  - {fqdn(name)}
-  http:
-  - retries:
-      attempts: 0
-    route:
-    - destination:
-        host: {fqdn(name)}
-"""
-
-
-FRONTEND = f"""---
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata:
-  name: frontend
-  namespace: {NS}
-spec:
-  address: 127.0.0.1
-  serviceAccount: frontend
-  labels:
-    app: frontend
-"""
 
 GATEWAY_CODES = (502, 503, 504)
 # (service, number of failing hosts of 4, maxEjectionPercent or None, hosts expected ejected)

@@ -56,6 +56,17 @@ _REASONS = {
 }
 
 
+def reset_transport(transport) -> None:
+    """Close ``transport`` with a TCP reset (SO_LINGER 0): what is still buffered is not sent."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
+    transport.abort()
+
+
 class RequestHeaders:
     """Request headers as a read-only lower-case str Mapping, decoded on first use.
 
@@ -385,14 +396,7 @@ class HttpDownstream(asyncio.Protocol):
     def reset(self) -> None:
         """Reset the connection (TCP RST; what is still buffered is not sent)."""
         self.closing = True
-        transport = self.transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            except OSError:
-                pass
-        transport.abort()
+        reset_transport(self.transport)
 
     def check_timers(self, tick: float, limits) -> None:
         """Called by the runtime's sweep every ``tick`` seconds: slow request heads get 408,

@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import struct
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -47,7 +46,7 @@ from policy.peerauthn import PeerAuthenticationIndex, accepts
 
 from nodeagent.identity.spiffe import SpiffeId
 from nodeagent.proxy.context import ListenerContext, PeerInfo, PlainConnector, WorkloadIdentity
-from nodeagent.proxy.http import HttpDownstream, LocalReply
+from nodeagent.proxy.http import HttpDownstream, LocalReply, reset_transport
 from nodeagent.proxy.runtime import ForwardPlan
 from nodeagent.proxy.tcp import TcpRelay, port_kind, sniff_http
 from nodeagent.proxy.upstream import ClusterPool, PoolLimits
@@ -555,7 +554,7 @@ class InboundPlane:
         exchange.dest = d.cluster.no_endpoint_labels
         if d.refusal is not None:  # the policy changed under a live plaintext connection
             log.info("inbound %s: %s", down.ctx.workload.ref, d.refusal)
-            _reset(down.transport)
+            reset_transport(down.transport)
             down.close()
             return LocalReply(503, "-")
         path = exchange.path
@@ -624,7 +623,7 @@ class InboundPlane:
             if refusal is not None:
                 log.info("inbound %s <- %s closed after a policy change: %s", a.workload.ref,
                          a.principal or a.remote[0], refusal)
-                _reset(entry.transport)
+                reset_transport(entry.transport)
                 closed += 1
                 continue
             inner = entry.inner
@@ -660,20 +659,6 @@ class InboundPlane:
                 except OSError:
                     return None
         return lambda: _PlaintextInbound(self, workload, target_of)
-
-
-_RST = struct.pack("ii", 1, 0)
-
-
-def _reset(transport) -> None:
-    """Close with a TCP reset (SO_LINGER 0), as a refused connection should look."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
-        except OSError:
-            pass
-    transport.abort()
 
 
 class _InboundAccessLog(AccessLog):
@@ -824,12 +809,12 @@ class _PlaintextInbound(asyncio.Protocol):
         target = self.target_of(transport.get_extra_info("socket"))
         if target is None:
             log.info("inbound %s <- %s refused: no original destination", self.workload.ref, remote[0])
-            _reset(transport)
+            reset_transport(transport)
             return
         admission = self.plane.admit(self.workload, None, remote, target, mtls=False)
         if not admission.allowed:
             log.info("inbound %s <- %s:%s refused: %s", self.workload.ref, remote[0], remote[1], admission.reason)
-            _reset(transport)
+            reset_transport(transport)
             return
         self.next = self.plane.attach(admission, transport)
         transport.set_protocol(self.next)

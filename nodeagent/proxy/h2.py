@@ -46,7 +46,7 @@ from h2.settings import SettingCodes
 from policy import retry as retry_mod
 
 from nodeagent.proxy.context import RequestInfo
-from nodeagent.proxy.http import LocalReply, RequestHeaders, apply_header_ops
+from nodeagent.proxy.http import Exchange, LocalReply, apply_header_ops
 from nodeagent.proxy.response_hook import wants_cors_headers
 from nodeagent.proxy.upstream import UNLIMITED
 
@@ -521,15 +521,9 @@ class H2Stream:
         self.up_paused = False  # the HTTP/1.1 upstream's reading is paused for backpressure
         self.eof_body = False  # the HTTP/1.1 upstream's body ends when its connection closes
 
-    # --- what routing and the access log read -------------------------
-    def header_map(self) -> RequestHeaders:
-        hmap = self._hmap
-        if hmap is None:
-            hmap = self._hmap = RequestHeaders(self.headers)
-        return hmap
-
-    def path_str(self) -> str:
-        return self.path.decode("latin-1")
+    # --- what routing and the access log read (the same as an HTTP/1.1 exchange's) ---
+    header_map = Exchange.header_map
+    path_str = Exchange.path_str
 
     # --- request side -------------------------------------------------
     def start(self) -> None:

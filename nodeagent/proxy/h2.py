@@ -46,7 +46,7 @@ from h2.settings import SettingCodes
 from policy import retry as retry_mod
 
 from nodeagent.proxy.context import RequestInfo
-from nodeagent.proxy.http import Exchange, LocalReply, apply_header_ops
+from nodeagent.proxy.http import Exchange, LocalReply, apply_header_ops, header_map as _header_map, path_str as _path_str
 from nodeagent.proxy.response_hook import wants_cors_headers
 from nodeagent.proxy.upstream import UNLIMITED
 
@@ -522,8 +522,8 @@ class H2Stream:
         self.eof_body = False  # the HTTP/1.1 upstream's body ends when its connection closes
 
     # --- what routing and the access log read (the same as an HTTP/1.1 exchange's) ---
-    header_map = Exchange.header_map
-    path_str = Exchange.path_str
+    header_map = _header_map
+    path_str = _path_str
 
     # --- request side -------------------------------------------------
     def start(self) -> None:

@@ -144,7 +144,7 @@ def apply_header_ops(headers: list, ops) -> list:
     return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in ops.apply_pairs(pairs)]
 
 
-class HttpDownstream(asyncio.Protocol):
+class HttpDownstream:
     """One downstream connection speaking HTTP/1.1 (or 1.0)."""
 
     __slots__ = (
@@ -422,6 +422,19 @@ class HttpDownstream(asyncio.Protocol):
                 self.close()
 
 
+def header_map(exchange) -> RequestHeaders:
+    """An exchange's (HTTP/1.1 or HTTP/2 stream's) request headers as a lower-case str
+    Mapping, decoded lazily, once."""
+    hmap = exchange._hmap
+    if hmap is None:
+        hmap = exchange._hmap = RequestHeaders(exchange.headers)
+    return hmap
+
+
+def path_str(exchange) -> str:
+    return exchange.path.decode("latin-1")
+
+
 class Exchange:
     """One request/response, from the parsed request head to the last response byte."""
 
@@ -530,10 +543,7 @@ class Exchange:
 
     def header_map(self) -> RequestHeaders:
         """Request headers as a lower-case str Mapping (decoded lazily, once)."""
-        hmap = self._hmap
-        if hmap is None:
-            hmap = self._hmap = RequestHeaders(self.headers)
-        return hmap
+        return header_map(self)
 
     def path_str(self) -> str:
         return self.path.decode("latin-1")

@@ -369,6 +369,9 @@ class ClusterState:
 class ProxyRuntime:
     """Shared by every listener of one worker process."""
 
+    __slots__ = ("snapshots", "telemetry", "limits", "access_log", "rand", "loop", "downstreams", "clusters",
+                 "_sources", "_scopes", "_fast_clusters", "_paths", "_sweeper", "cluster_class")
+
     def __init__(
         self,
         snapshots: Callable[[], object],

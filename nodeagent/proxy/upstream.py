@@ -40,7 +40,7 @@ class _HeadResponseDone(Exception):
     """Raised from on_headers_complete to stop the parser after a HEAD response head."""
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
     """An upstream HTTP/1.1 connection; parser events go to the owning exchange."""
 
     __slots__ = (

@@ -1,0 +1,84 @@
+cdef class RequestHeaders:
+    cdef public object _pairs
+    cdef public object _map
+
+cdef class LocalReply:
+    cdef public object status
+    cdef public object flags
+    cdef public object body
+    cdef public object headers
+
+cdef class HttpDownstream:
+    cdef public object runtime
+    cdef public object ctx
+    cdef public object peer
+    cdef public object transport
+    cdef public object parser
+    cdef public object active
+    cdef public object queue
+    cdef public object parsing
+    cdef public object url
+    cdef public object headers
+    cdef public long head_bytes
+    cdef public long raw_pending
+    cdef public bint reading_head
+    cdef public double head_age
+    cdef public double idle_age
+    cdef public long pauses
+    cdef public bint write_paused
+    cdef public bint closing
+    cdef public object tunnel
+    cdef public long error_status
+    cdef public object target
+    cdef public object routes
+    cdef public long max_header_bytes
+    cdef public long max_headers
+    cdef public long head_room
+    cdef public long chunk_len
+    cdef public long head_fed
+    cdef public bint exact_head
+    cdef public object first_try
+
+cdef class Exchange:
+    cdef public object down
+    cdef public object runtime
+    cdef public object method
+    cdef public object headers
+    cdef public object version
+    cdef public bint keep_alive
+    cdef public bint upgrade
+    cdef public object path
+    cdef public object authority
+    cdef public long body_mode
+    cdef public bint expect_continue
+    cdef public object chunks
+    cdef public long buffered
+    cdef public object replay
+    cdef public long replay_bytes
+    cdef public bint request_done
+    cdef public bint response_done
+    cdef public object upstream
+    cdef public object plan
+    cdef public object endpoint
+    cdef public object tried
+    cdef public long attempt
+    cdef public bint response_started
+    cdef public bint out_chunked
+    cdef public bint close_delimited
+    cdef public long status
+    cdef public object flags
+    cdef public long req_bytes
+    cdef public long resp_bytes
+    cdef public double t0
+    cdef public bint abandoned
+    cdef public object timer
+    cdef public object try_timer
+    cdef public bint finished
+    cdef public bint tunneling
+    cdef public object dest
+    cdef public object upstream_host
+    cdef public object cluster
+    cdef public object _hmap
+    cdef public bint mirrored
+    cdef public object out
+    cdef public bint eof_body

@@ -1,0 +1,28 @@
+cdef class UpstreamConnection:
+    cdef public object pool
+    cdef public object endpoint
+    cdef public object transport
+    cdef public object parser
+    cdef public object exchange
+    cdef public long requests
+    cdef public double idle_since
+    cdef public bint closed
+    cdef public bint raw
+    cdef public bint head_only
+    cdef public long status
+    cdef public object headers
+    cdef public bint keep_alive
+    cdef public object length
+    cdef public object hop
+
+cdef class ClusterPool:
+    cdef public object key
+    cdef public object limits
+    cdef public object connector
+    cdef public object idle
+    cdef public object open
+    cdef public object pending
+    cdef public object loop
+    cdef public object _counted
+    cdef public object retired
+    cdef public object tcp_open

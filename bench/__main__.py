@@ -233,8 +233,13 @@ def _engine_run(args, loop) -> int:
         run(args.requests)
         return 0
     best = min(_timed(run, args.requests, time.process_time) for _ in range(5))
-    print(f"engine: {best:.2f} CPU us/request (best of 5 runs of {args.requests})")
-    if args.count:
+    from nodeagent import accel
+    mode = "compiled" if all(accel.status().values()) else "python"
+    print(f"engine: {best:.2f} CPU us/request (best of 5 runs of {args.requests}; request path {mode})")
+    if args.count and mode == "compiled":
+        print("engine: bytecodes are not counted when the request path runs compiled "
+              "(NODEAGENT_PURE=1 runs it as Python)")
+    elif args.count:
         counts = [0, 0]
 
         def trace(frame, event, arg):

@@ -55,7 +55,7 @@ def digest(cython_version: str | None = None) -> str | None:
     h = hashlib.sha256()
     for name in MODULES:
         files = _sources(name)
-        if not files:
+        if not files or files[0].suffix != ".py":
             return None
         for path in files:
             h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")

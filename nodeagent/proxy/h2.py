@@ -1352,9 +1352,7 @@ def _int(value) -> int | None:
 
 def pool_for(runtime, cluster) -> "H2Pool":
     """The HTTP/2 connection pool of a cluster (one per ClusterState, kept on the runtime)."""
-    pools = runtime.__dict__.get("_h2_pools")
-    if pools is None:
-        pools = runtime.__dict__["_h2_pools"] = {}
+    pools = runtime.h2_pools
     hit = pools.get(id(cluster))
     if hit is not None and hit.cluster is cluster:
         return hit

@@ -251,6 +251,9 @@ class HttpDownstream:
             if self.raw_pending > self.max_header_bytes:
                 self.protocol_error(431)
 
+    def eof_received(self):
+        return None  # asyncio.Protocol's answer: the transport closes itself
+
     def connection_lost(self, exc) -> None:
         self.closing = True
         self.runtime.downstreams.discard(self)

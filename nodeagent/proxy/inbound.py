@@ -226,6 +226,7 @@ class InboundPlane:
                  trust_domain_aliases: tuple[str, ...] = ()) -> None:
         self.runtime = runtime
         self.snapshots = runtime.snapshots
+        self.h2_pools: dict = {}  # HTTP/2 upstream pools of the inbound clusters (nodeagent.proxy.h2.pool_for)
         # per request: no delegating call, unless an access log is written (its inbound lines
         # are the plane's own: _InboundAccessLog)
         self.record_exchange = runtime.record_exchange if runtime.access_log is None else self._record_logged

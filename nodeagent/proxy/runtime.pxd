@@ -76,6 +76,7 @@ cdef class ProxyRuntime:
     cdef public object _paths
     cdef public object _sweeper
     cdef public object cluster_class
+    cdef public object h2_pools
 
 cdef class MirrorExchange:
     cdef public object runtime

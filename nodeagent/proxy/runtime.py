@@ -370,7 +370,7 @@ class ProxyRuntime:
     """Shared by every listener of one worker process."""
 
     __slots__ = ("snapshots", "telemetry", "limits", "access_log", "rand", "loop", "downstreams", "clusters",
-                 "_sources", "_scopes", "_fast_clusters", "_paths", "_sweeper", "cluster_class")
+                 "_sources", "_scopes", "_fast_clusters", "_paths", "_sweeper", "cluster_class", "h2_pools")
 
     def __init__(
         self,
@@ -395,6 +395,7 @@ class ProxyRuntime:
         self._sweeper = None
         # Builds a cluster's ClusterState; nodeagent.proxy.shared's with several workers.
         self.cluster_class = ClusterState
+        self.h2_pools: dict = {}  # id(ClusterState) -> its HTTP/2 upstream pool (nodeagent.proxy.h2.pool_for)
 
     # --- lifecycle ----------------------------------------------------
     def start(self) -> None:

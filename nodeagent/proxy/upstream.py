@@ -105,6 +105,9 @@ class UpstreamConnection:
                 self.close()
                 exchange.upstream_failed(self, "UPE")
 
+    def eof_received(self):
+        return None  # asyncio.Protocol's answer: the transport closes itself
+
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.pool.connection_closed(self)

@@ -1,3 +1,7 @@
+from nodeagent.proxy.runtime cimport ForwardPlan
+
+cdef class Exchange
+
 cdef class RequestHeaders:
     cdef public object _pairs
     cdef public object _map
@@ -14,9 +18,9 @@ cdef class HttpDownstream:
     cdef public object peer
     cdef public object transport
     cdef public object parser
-    cdef public object active
+    cdef public Exchange active
     cdef public object queue
-    cdef public object parsing
+    cdef public Exchange parsing
     cdef public object url
     cdef public object headers
     cdef public long head_bytes
@@ -39,8 +43,12 @@ cdef class HttpDownstream:
     cdef public bint exact_head
     cdef public object first_try
 
+    cpdef pause(self, reason)
+    cpdef resume(self, reason)
+    cpdef exchange_done(self, exchange, keep_alive)
+
 cdef class Exchange:
-    cdef public object down
+    cdef public HttpDownstream down
     cdef public object runtime
     cdef public object method
     cdef public object headers
@@ -58,7 +66,7 @@ cdef class Exchange:
     cdef public bint request_done
     cdef public bint response_done
     cdef public object upstream
-    cdef public object plan
+    cdef public ForwardPlan plan
     cdef public object endpoint
     cdef public object tried
     cdef public long attempt
@@ -82,3 +90,14 @@ cdef class Exchange:
     cdef public bint mirrored
     cdef public object out
     cdef public bint eof_body
+
+    cpdef start(self)
+    cpdef _attempt(self)
+    cpdef request_complete(self)
+    cpdef upstream_ready(self, conn)
+    cpdef upstream_head(self, conn, status, parts, length, hop)
+    cpdef upstream_body(self, body)
+    cpdef flush(self)
+    cpdef upstream_complete(self, conn)
+    cpdef local_reply(self, reply)
+    cpdef _finish(self)

@@ -712,7 +712,7 @@ class Exchange:
             chunks = self.chunks
         if chunks:
             if body_mode == 2:
-                parts.extend(_chunk(c) for c in chunks)
+                parts += [_chunk(c) for c in chunks]
             else:
                 parts.extend(chunks)
         if body_mode == 2 and self.request_done:

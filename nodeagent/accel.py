@@ -26,6 +26,7 @@ from pathlib import Path
 
 MODULES = (
     "nodeagent.proxy.http",
+    "nodeagent.proxy.inbound",
     "nodeagent.proxy.runtime",
     "nodeagent.proxy.upstream",
     "nodeagent.telemetry",

@@ -222,6 +222,10 @@ class InboundPlane:
     shared ``ProxyRuntime`` and answers ``plan`` itself).
     """
 
+    __slots__ = ("runtime", "snapshots", "h2_pools", "record_exchange", "_access_log", "local", "trust_domain",
+                 "aliases", "connections", "clusters", "_policies", "_contexts", "_watch", "_checked_version",
+                 "_paths", "_verdicts_version", "_verdict_tokens", "_verdicts")
+
     def __init__(self, runtime, *, trust_domain: str = "cluster.local",
                  trust_domain_aliases: tuple[str, ...] = ()) -> None:
         self.runtime = runtime

@@ -34,7 +34,8 @@ def build(force: bool = False, log=print) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="nodeagent-accel-") as tmp:
         exts = [Extension(name, [str(ROOT.joinpath(*name.split(".")).with_suffix(".py"))],
-                          extra_compile_args=["-O2", "-Wno-unused-function", "-Wno-unused-variable"])
+                          extra_compile_args=["-O2", "-g0", "-Wno-unused-function", "-Wno-unused-variable"],
+                          extra_link_args=["-s"])
                 for name in MODULES]
         try:
             exts = cythonize(exts, compiler_directives=DIRECTIVES, include_path=[str(ROOT)],

@@ -47,6 +47,29 @@ def boottime_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 
+def _held_by_other_processes() -> set[int]:
+    """Ids of the BPF programs another live process holds a descriptor of: an agent or test
+    running beside this one (a failed start leaves nothing open elsewhere)."""
+    held = set()
+    me = str(os.getpid())
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or pid == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fdinfo")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    for line in f:
+                        if line.startswith("prog_id:"):
+                            held.add(int(line.split()[1]))
+            except (OSError, ValueError):
+                continue
+    return held
+
+
 def ours_attached_since(since_ns: int) -> list[str]:
     """Capture programs attached at the cgroup root that were loaded after ``since_ns``.
 
@@ -58,6 +81,7 @@ def ours_attached_since(since_ns: int) -> list[str]:
         ids = {pid for t in ATTACH_TYPES for pid in bpfsys.prog_query(fd, t)}
     finally:
         os.close(fd)
+    ids -= _held_by_other_processes()
     found = []
     for pid in ids:
         info = bpfsys.prog_name_and_load_time(pid)

@@ -28,6 +28,7 @@ MODULES = (
     "nodeagent.proxy.http",
     "nodeagent.proxy.inbound",
     "nodeagent.proxy.runtime",
+    "nodeagent.proxy.tunnel",
     "nodeagent.proxy.upstream",
     "nodeagent.telemetry",
 )

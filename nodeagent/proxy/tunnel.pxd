@@ -1,3 +1,35 @@
+cdef class _TlsCore:
+    cdef public object ctx
+    cdef public bint server_side
+    cdef public object app
+    cdef public object feed
+    cdef public object tcp
+    cdef public object incoming
+    cdef public object outgoing
+    cdef public object sslobj
+    cdef public object raw
+    cdef public bint handshaking
+    cdef public object timer
+    cdef public object handshake_timeout
+    cdef public object on_handshake
+    cdef public bint closing
+    cdef public bint paused
+    cdef public bint lost
+    cdef public object drain_handle
+    cdef public bint started
+    cdef public bint ready
+    cdef public object cipher
+    cdef public object plain
+    cdef public object bio_in
+    cdef public object ssl_read
+    cdef public object ssl_write
+    cdef public object bio_out
+    cdef public object tcp_write
+
+    cpdef write(self, data)
+    cpdef _deliver(self)
+    cpdef _flush(self)
+
 cdef class TunnelConnector:
     cdef public object tls
     cdef public object source
@@ -10,3 +42,4 @@ cdef class TunnelConnector:
     cdef public object tls_mode
     cdef public object handshake_timeout
     cdef public object _warned
+

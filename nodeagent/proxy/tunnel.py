@@ -92,7 +92,7 @@ def _plain_buffer() -> memoryview:
     return view
 
 
-class TlsStream(asyncio.BufferedProtocol, asyncio.Transport):
+class _TlsCore:
     """TLS 1.3 over a plain TCP transport, with OpenSSL on memory BIOs: the tunnel's transport.
 
     It is the TCP transport's (buffered) protocol and the transport of the protocol it
@@ -124,7 +124,6 @@ class TlsStream(asyncio.BufferedProtocol, asyncio.Transport):
 
     def __init__(self, ctx: ssl.SSLContext, app, *, server_side: bool, handshake_timeout: float,
                  on_handshake: Callable | None = None) -> None:
-        super().__init__()
         self.ctx = ctx
         self.server_side = server_side
         self.app = app
@@ -402,6 +401,14 @@ class TlsStream(asyncio.BufferedProtocol, asyncio.Transport):
         if name == "cipher":
             return self.sslobj.cipher()
         return self.tcp.get_extra_info(name, default) if self.tcp is not None else default
+
+
+class TlsStream(_TlsCore, asyncio.BufferedProtocol):
+    """``_TlsCore`` as the buffered protocol asyncio's own event loops recognise by class
+    (uvloop by its get_buffer method); the core is an extension type when compiled
+    (nodeagent/accel.py), which cannot inherit asyncio's classes itself."""
+
+    __slots__ = ()
 
 
 class TunnelError(ConnectionError):

@@ -67,12 +67,18 @@ def rule_args(rule: Rule, family: Family) -> list[list[str]]:
                     args += ["-i", rule.iif]
                 if rule.oif:
                     args += ["-o", rule.oif]
-                if rule.tcp or rule.dports:
+                if rule.tcp or rule.dports or rule.midstream:
                     args += ["-p", "tcp"]
+                if rule.midstream:
+                    args += ["-m", "tcp", "!", "--tcp-flags", "FIN,SYN,RST,ACK", "SYN"]  # `! --syn`, as saved
+                if rule.socket_mark is not None:
+                    # xt_socket has no mark test: --restore-skmark copies the socket's mark to
+                    # the packet (which then routes by it), and the mark match reads it.
+                    args += ["-m", "socket", "--restore-skmark"]
                 if rule.local_socket:
                     args += ["-m", "owner", "--socket-exists"]
-                if rule.mark is not None:
-                    value, mask = rule.mark
+                if rule.mark is not None or rule.socket_mark is not None:
+                    value, mask = rule.mark if rule.mark is not None else rule.socket_mark
                     args += ["-m", "mark", "--mark", f"{value:#x}/{mask:#x}"]
                 if rule.cgroup is not None:
                     args += ["-m", "cgroup", "--path", rule.cgroup]

@@ -68,8 +68,16 @@ def render_rule(plan: CapturePlan, rule: Rule) -> str:
         parts.append(f'socket cgroupv2 level {rule.cgroup_level} "{nft_cgroup_path(plan, rule.cgroup)}"')
     if rule.dports:
         parts.append(f"tcp dport {_set(rule.dports)}")
-    elif rule.tcp:
+    elif rule.tcp and not rule.midstream:
         parts.append("meta l4proto tcp")
+    if rule.midstream:
+        # As iptables' `! --syn`: every TCP packet but a bare SYN (a SYN opens a connection).
+        parts.append("tcp flags & (fin | syn | rst | ack) != syn")
+    if rule.socket_mark is not None:
+        # `socket wildcard 0`: as xt_socket (iptables), a listener bound to any address
+        # (0.0.0.0 / ::) is not "the socket the packet is for".
+        value, mask = rule.socket_mark
+        parts.append(f"socket wildcard 0 socket mark & {mask:#x} == {value:#x}")
     if rule.local_socket:
         # nft has no "socket exists" match: `meta skuid` only matches a packet that
         # belongs to a full local socket (as xt_owner's --socket-exists); every uid is >= 0.

@@ -215,7 +215,7 @@ class HostWorkload:
         return len(self.cgroup.split("/"))
 
 
-_LATER_FIELDS = ("to_addr", "local_socket")
+_LATER_FIELDS = ("to_addr", "local_socket", "midstream", "socket_mark")
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,11 +242,13 @@ class Rule:
     cgroup: str | None = None  # relative to the cgroup v2 root
     cgroup_level: int | None = None
     local_socket: bool = False  # only packets of a local socket of this namespace (not forwarded ones)
+    midstream: bool = False  # only TCP packets that cannot open a connection (anything but a bare SYN)
+    socket_mark: tuple[int, int] | None = None  # (value, mask): the local socket the packet is for has this mark
 
     @property
     def digest(self) -> str:
         """Short content hash: a changed rule gets a new comment, so drift is visible."""
-        # Fields added later (to_addr, local_socket) count only when set, so the rules
+        # Fields added later (see _LATER_FIELDS) count only when set, so the rules
         # that do not use them keep their digests (no drift on upgrade).
         values = [getattr(self, f.name) for f in fields(self) if f.name not in _LATER_FIELDS]
         extra = {name: getattr(self, name) for name in _LATER_FIELDS if getattr(self, name) not in (None, False)}
@@ -314,8 +316,20 @@ def in_pod_plan(config: CaptureConfig = CaptureConfig()) -> CapturePlan:
 
     Inbound TCP from the probe SNAT addresses (``node_plan``) and from
     ``node_probe_sources`` reaches the application uncaptured.
+
+    ``in-skip-proxy-socket``: nat sees a connection's first packet only, but a
+    flow conntrack lost (``conntrack -F``, a capture switch from eBPF, an entry
+    that expired) is picked up again on whatever packet comes next. When that
+    is the peer's packet to one of the proxy's own marked sockets (the
+    tunnel's client side, its plain upstream connections), the catch-all
+    would redirect it to 15006 and reset the proxy's connection. It is left
+    alone instead, but only when it cannot open a connection (not a bare SYN)
+    and the socket it is for carries the proxy's mark: an application's
+    sockets are unmarked, and a SYN is always captured.
     """
     rules = _exclusion_rules(config, config.inbound_exempt_sources)
+    rules.append(Rule("in-skip-proxy-socket", "prerouting", "return", midstream=True,
+                      socket_mark=(config.proxy_mark, config.mark_mask)))
     rules.append(Rule("out-redirect", "output", "redirect", to_port=config.outbound_port, tcp=True))
     rules.append(Rule("in-redirect", "prerouting", "redirect", to_port=config.inbound_port, tcp=True))
     return CapturePlan("in-pod", _ordered(rules), ipv6=config.ipv6)

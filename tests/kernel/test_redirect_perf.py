@@ -23,3 +23,20 @@ def test_apply_timing_fresh_and_no_op(needs_root, capsys):
     for step, values in samples.items():
         assert len(values) == ROUNDS
         assert statistics.median(values) < BOUND_MS, (step, values)
+
+
+def test_datapath_bench_runs_every_mode_through_real_rules(needs_root, needs_tool, capsys):
+    """`python -m redirect.bench --datapath` in miniature: every mode serves requests without
+    an error; in the REDIRECT mode nothing listens on the service address, so every answer
+    there came through the in-pod plan's redirect to :15001."""
+    needs_tool("wrk")
+    needs_tool("haproxy")
+    results = bench.measure_datapath(rounds=1, seconds=1, connections=4, warmup=0)
+    with capsys.disabled():
+        print(f"\ndata path (1 round x 1 s, 4 connections):\n{bench.datapath_summary(results)}")
+    assert [mode for mode, _ in bench.DATAPATH_MODES] == list(results)
+    for mode, runs in results.items():
+        assert len(runs) == 1, mode
+        assert runs[0]["requests"] > 100, (mode, runs)
+        assert runs[0]["errors"] == 0, (mode, runs)
+        assert runs[0]["cpu_us"] > 0, (mode, runs)

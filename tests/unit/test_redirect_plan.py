@@ -19,7 +19,7 @@ def test_in_pod_plan_skips_before_it_redirects():
     assert _names(plan, "output") == ["out-skip-proxy-mark", "out-skip-loopback", "out-skip-cidrs4", "out-redirect"]
     # the node's probe SNAT addresses (IPv4 and IPv6) are exempt by default, before anything else
     assert _names(plan, "prerouting") == ["in-skip-probes4", "in-skip-probes6", "in-skip-loopback",
-                                          "in-accept-tunnel", "in-redirect"]
+                                          "in-accept-tunnel", "in-skip-proxy-socket", "in-redirect"]
     probes = {r.name: r.saddrs for r in plan.rules_for("prerouting")[:2]}
     assert probes == {"in-skip-probes4": ("169.254.7.127/32",),
                       "in-skip-probes6": ("fd16:9254:7127:1337:ffff:ffff:ffff:ffff/128",)}
@@ -30,6 +30,22 @@ def test_in_pod_plan_skips_before_it_redirects():
     tunnel = plan.rules_for("prerouting")[3]
     assert (tunnel.action, tunnel.dports) == ("return", (15008,))
     assert plan.rules_for("output")[0].mark == (0x539, 0xFFF)
+
+
+def test_in_pod_plan_leaves_midstream_packets_of_the_proxys_sockets_alone():
+    """Only in-pod (where a catch-all redirect exists), right before it, never a bare SYN."""
+    plan = in_pod_plan(CaptureConfig(exclude_inbound_ports=(22,), proxy_mark=0x77, mark_mask=0xFF))
+    rule = plan.rules_for("prerouting")[-2]
+    assert (rule.name, rule.action, rule.midstream, rule.socket_mark) == ("in-skip-proxy-socket", "return", True,
+                                                                          (0x77, 0xFF))
+    assert (rule.saddrs, rule.daddrs, rule.dports, rule.iif, rule.mark) == ((), (), (), None, None)
+    assert "tcp flags & (fin | syn | rst | ack) != syn socket wildcard 0 socket mark & 0xff == 0x77 return" in nft.render(plan)
+    assert ("-p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -m socket --restore-skmark -m mark --mark 0x77/0xff "
+            in iptables.render_restore(plan, "ipv4"))
+    host = host_plan([HostWorkload("web", "web", 15101, inbound_ports=(8080,))])
+    assert "in-skip-proxy-socket" not in [r.name for r in host.rules]
+    # a field added later: rules that do not use it keep their digests (no drift on upgrade)
+    assert plan.rules_for("prerouting")[-1].comment == "nodeagent:in-redirect:8dae5b3d91"
 
 
 def test_cidrs_split_by_family_and_ipv4_only_plan_drops_nothing_silently():

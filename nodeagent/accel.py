@@ -31,11 +31,16 @@ MODULES = (
     "nodeagent.proxy.tunnel",
     "nodeagent.proxy.upstream",
     "nodeagent.telemetry",
+    "policy.routing",
+    "policy.lb",
 )
 # Cython compiler directives: language level 3; annotations are documentation only (types
 # come from the .pxd files), so a `float` parameter keeps Python's semantics.
 DIRECTIVES = {"language_level": 3, "annotation_typing": False, "binding": True, "embedsignature": False}
 
+# policy.routing and policy.lb are pure functions and classes like the rest of policy/; they are
+# compiled too (their .py stays the source) and used compiled wherever nodeagent is imported
+# first, which every nodeagent command and the test suite's conftest do.
 ROOT = Path(__file__).resolve().parent.parent
 _SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # .cpython-311-x86_64-linux-gnu.so
 

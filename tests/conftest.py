@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import nodeagent  # noqa: F401  first: its import puts the compiled request path's finder in place (nodeagent/accel.py)
+
 REPO = Path(__file__).resolve().parent.parent
 # Istio's own sample YAML (Apache-2.0), an exact copy of the workspace's
 # shared/istio-samples kept in the repo so a clone is self-contained.

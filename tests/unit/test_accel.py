@@ -69,10 +69,12 @@ def test_ci_runs_the_request_path_compiled():
 
 
 def test_the_proxy_tests_pass_as_python():
-    """The .py files stay the source of truth: the proxy's HTTP tests pass without the build."""
+    """The .py files stay the source of truth: the proxy's HTTP tests and the routing and LB
+    unit tests pass without the build."""
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "tests/integration/test_proxy_http.py", "tests/integration/test_proxy_bench_engine.py"],
+         "tests/integration/test_proxy_http.py", "tests/integration/test_proxy_bench_engine.py",
+         "tests/unit/test_routing.py", "tests/unit/test_lb.py", "tests/unit/test_routing_weights.py"],
         cwd=REPO, env={**os.environ, "NODEAGENT_PURE": "1"}, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "failed" not in out.stdout

@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
     p.add_argument("--capture", choices=("nftables", "iptables", "ebpf"), default="nftables",
                    help="how the agents capture the pods' traffic (default nftables)")
+    p.add_argument("--latency-duration", type=int, default=4,
+                   help="seconds of the unloaded latency runs (wrk -c1; default 4; 0: skip them)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench mesh: needs root (network namespaces, nftables); run `sudo python -m bench mesh`",
@@ -72,12 +74,22 @@ def main(argv=None) -> int:
           f"{args.warmup}s warm-up; capture {args.capture}; CPU = both proxies of the path; "
           f"load average at the start {load}")
     print(f"{'path':<54}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'errors':>8}")
-    for r in results:
+    for r in results[:2]:
         print(f"{r['name']:<54}{r['rps']:>9.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['cpu_us']:>12.1f}{r['errors']:>8}")
-    for r in results:
+    for r in results[:2]:
         split = ", ".join(f"{u:.1f}+{s:.1f}" for u, s in r["per_proxy"])
         print(f"  {r['name'].split(':')[0]}: user+system us/req per proxy (node1, node2): {split}")
-    mesh, ha = results
+    mesh, ha = results[:2]
+    if len(results) > 2:
+        direct, lmesh, lha = results[2:]
+        print(f"\nunloaded (wrk -t1 -c1, {args.latency_duration}s after 1s warm-up): p50 / p99 ms; added = "
+              f"p50 minus the direct pod-to-pod path's (plainclient -> plainserver, no proxy)")
+        for r in (direct, lmesh, lha):
+            added = "" if r is direct else f"   added p50 {r['p50'] - direct['p50']:.3f} ms"
+            print(f"  {r['name']:<52}{r['p50']:>8.3f}{r['p99']:>8.3f}{added}")
+        am, ah = lmesh["p50"] - direct["p50"], lha["p50"] - direct["p50"]
+        print(f"  added p50: mesh {am:.3f} ms, haproxy chain {ah:.3f} ms "
+              f"({am / ah:.2f}x)" if ah > 0 else f"  added p50: mesh {am:.3f} ms, haproxy chain {ah:.3f} ms")
     print(f"mesh path: {mesh['mtls']:.0f} requests counted by node2's agent with "
           f"connection_security_policy=mutual_tls (wrk completed {mesh['requests'] + mesh['warmup_requests']})")
     print(f"nodeagent/haproxy: {mesh['rps'] / ha['rps']:.2f}x req/s, {mesh['p50'] / ha['p50']:.2f}x p50, "
@@ -86,8 +98,26 @@ def main(argv=None) -> int:
 
 
 def run(lab, args) -> list[dict]:
-    paths = setup(lab, args)
-    return [measure(lab, args, path) for path in paths]
+    paths, direct = setup(lab, args)
+    results = [measure(lab, args, path) for path in paths]
+    if args.latency_duration > 0:
+        results += [unloaded(lab, args, path) for path in (direct, *paths)]
+    return results
+
+
+def unloaded(lab, args, path) -> dict:
+    """p50/p99 of ``path`` with one connection (one request at a time): the latency the path
+    adds when nothing queues, which closed-loop wrk with many connections cannot show (there
+    p50 is the connection count over the throughput)."""
+    name, pod, url, host, _ = path
+
+    def in_pod(argv, timeout):
+        return lab.exec(pod, argv, timeout=timeout, check=True).stdout
+
+    wrk(url, 1, 1, host, who=WHO, run=in_pod)
+    r = wrk(url, args.latency_duration, 1, host, who=WHO, run=in_pod)
+    r["name"] = name
+    return r
 
 
 def setup(lab, args) -> list[tuple]:
@@ -161,7 +191,10 @@ def setup(lab, args) -> list[tuple]:
         ("haproxy: client -> haproxy -> TLS -> haproxy -> pod", "plainclient", ha_url, None,
          [edge.pid, ingress.pid]),
     ]
-    return paths
+    direct_url = f"http://{lab.pods['plainserver'].ip}:{port}/newcatalog/items"
+    check("plainclient", direct_url, None)
+    direct = ("direct: plainclient -> plainserver (no proxy)", "plainclient", direct_url, None, [])
+    return paths, direct
 
 
 def measure(lab, args, path) -> dict:

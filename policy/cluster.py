@@ -102,6 +102,34 @@ class ClusterPolicy:
     sni: str | None
     subject_alt_names: tuple[str, ...]
     destination_rule: str | None   # "namespace/name" of the DestinationRule used
+    # TLS origination (tls.mode SIMPLE or MUTUAL): what the proxy needs to open TLS to the
+    # endpoint; None for DISABLE and ISTIO_MUTUAL.
+    origination: "TlsOrigination | None" = None
+
+
+@dataclass(frozen=True, slots=True)
+class TlsOrigination:
+    """A DestinationRule's ``tls`` with mode SIMPLE or MUTUAL, as the proxy applies it
+    (Istio's upstream TLS context). File paths are read by the proxy, as a sidecar reads
+    them; ``credential_name`` (a Kubernetes Secret) cannot be read here."""
+    mode: str                           # "SIMPLE" | "MUTUAL"
+    ca_certificates: str | None         # None: the system trust store
+    client_certificate: str | None
+    private_key: str | None
+    credential_name: str | None
+    sni: str | None                     # tls.sni, else the destination host (Istio)
+    subject_alt_names: tuple[str, ...]  # empty: the server certificate must match ``sni``
+    insecure_skip_verify: bool
+    # Where the settings came from, for messages: "DestinationRule ns/name", "file:line", the
+    # field path of the tls section ("spec.subsets[0].trafficPolicy.tls").
+    ref: str = ""
+    source: str = ""
+    field: str = ""
+
+    def settings(self) -> tuple:
+        """What the TLS context depends on (not where it was written)."""
+        return (self.mode, self.ca_certificates, self.client_certificate, self.private_key,
+                self.credential_name, self.sni, self.subject_alt_names, self.insecure_skip_verify)
 
 
 class ClusterEndpoint:
@@ -132,28 +160,47 @@ def _port_settings(tp, port: int):
     return None
 
 
+def _port_index(tp, port: int) -> int:
+    for i, p in enumerate(tp.port_level_settings):
+        if p.port == port:
+            return i
+    return -1
+
+
 def effective_traffic_policy(dr_spec, subset_name: str | None, port: int):
     """(load_balancer, connection_pool, outlier_detection, tls) after Istio's merge."""
+    return _merge(dr_spec, subset_name, port)[:4]
+
+
+def _merge(dr_spec, subset_name: str | None, port: int):
+    """``effective_traffic_policy`` and, last, the field path the tls section came from."""
     lb = cp = od = tls = None
+    tls_path = ""
     tp = dr_spec.traffic_policy
     if tp is not None:
         lb, cp, od, tls = tp.load_balancer, tp.connection_pool, tp.outlier_detection, tp.tls
-        pl = _port_settings(tp, port)
-        if pl is not None:
+        tls_path = "spec.trafficPolicy.tls"
+        i = _port_index(tp, port)
+        if i >= 0:
+            pl = tp.port_level_settings[i]
             lb, cp, od, tls = pl.load_balancer, pl.connection_pool, pl.outlier_detection, pl.tls
+            tls_path = f"spec.trafficPolicy.portLevelSettings[{i}].tls"
     if subset_name is not None:
-        for s in dr_spec.subsets:
+        for n, s in enumerate(dr_spec.subsets):
             if s.name == subset_name and s.traffic_policy is not None:
                 stp = s.traffic_policy
                 lb = stp.load_balancer or lb
                 cp = stp.connection_pool or cp
                 od = stp.outlier_detection or od
-                tls = stp.tls or tls
-                pl = _port_settings(stp, port)
-                if pl is not None:
+                if stp.tls is not None:
+                    tls, tls_path = stp.tls, f"spec.subsets[{n}].trafficPolicy.tls"
+                i = _port_index(stp, port)
+                if i >= 0:
+                    pl = stp.port_level_settings[i]
                     lb, cp, od, tls = pl.load_balancer, pl.connection_pool, pl.outlier_detection, pl.tls
+                    tls_path = f"spec.subsets[{n}].trafficPolicy.portLevelSettings[{i}].tls"
                 break
-    return lb, cp, od, tls
+    return lb, cp, od, tls, tls_path
 
 
 def lb_policy_from(settings) -> LbPolicy:
@@ -198,8 +245,9 @@ def cluster_policy(snapshot: ConfigSnapshot, key: ClusterKey,
         pass
     dr = snapshot.destination_rule_for(key.host, ns)
     lb = cp = od = tls = None
+    tls_path = ""
     if dr is not None:
-        lb, cp, od, tls = effective_traffic_policy(dr.spec, key.subset, key.port)
+        lb, cp, od, tls, tls_path = _merge(dr.spec, key.subset, key.port)
     tcp = cp.tcp if cp is not None else None
     http = cp.http if cp is not None else None
     svc = snapshot.services.get(key.host)
@@ -211,6 +259,18 @@ def cluster_policy(snapshot: ConfigSnapshot, key: ClusterKey,
         sni, sans = None, ()
     if not sans and svc is not None:
         sans = svc.subject_alt_names
+    origination = None
+    if tls is not None and tls_mode in ("SIMPLE", "MUTUAL"):
+        # Istio sends the destination host as SNI when tls.sni is unset (SIMPLE/MUTUAL);
+        # a wildcard host names no server.
+        host_sni = key.host if not key.host.startswith("*") else None
+        origination = TlsOrigination(
+            mode=tls_mode, ca_certificates=tls.ca_certificates or None,
+            client_certificate=tls.client_certificate or None, private_key=tls.private_key or None,
+            credential_name=tls.credential_name or None, sni=tls.sni or host_sni,
+            subject_alt_names=tuple(tls.subject_alt_names), insecure_skip_verify=bool(tls.insecure_skip_verify),
+            ref=f"DestinationRule {dr.namespace}/{dr.name}",
+            source=f"{dr.source.file}:{dr.source.line}" if dr.source is not None else "", field=tls_path)
     idle = (http.idle_timeout if http is not None and http.idle_timeout else None) \
         or (tcp.idle_timeout if tcp is not None and tcp.idle_timeout else None) or DEFAULT_IDLE_TIMEOUT
     policy = ClusterPolicy(
@@ -231,6 +291,7 @@ def cluster_policy(snapshot: ConfigSnapshot, key: ClusterKey,
         sni=sni,
         subject_alt_names=tuple(sans),
         destination_rule=f"{dr.namespace}/{dr.name}" if dr is not None else None,
+        origination=origination,
     )
     return memo_put(memo, mkey, policy)
 

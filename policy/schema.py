@@ -366,9 +366,9 @@ UNENFORCED_FIELDS: dict[tuple[str, str], Callable[[object], bool] | None] = {
     ("HTTPSettings", "maxRetries"): None,                # no budget of concurrent retries
     ("TrafficPolicy", "tunnel"): None,
     ("TrafficPolicy", "proxyProtocol"): None,
-    ("ClientTLSSettings", "mode"): lambda v: v in ("SIMPLE", "MUTUAL"),   # no TLS origination: plaintext
-    ("ClientTLSSettings", "sni"): None,
-    ("ClientTLSSettings", "subjectAltNames"): lambda v: bool(v),
+    # ClientTLSSettings: SIMPLE/MUTUAL are originated (nodeagent/proxy/origination.py);
+    # policy/validate.py warns about credentialName, caCrl, and sni/subjectAltNames under
+    # ISTIO_MUTUAL (the mesh tunnel checks the identity the workload directory gives).
     # ServiceEntry
     ("ServiceEntry", "subjectAltNames"): lambda v: bool(v),
 }

@@ -1063,6 +1063,18 @@ def _c_client_tls(t: m.ClientTLSSettings, path: str, ctx: Ctx) -> None:
             ctx.err(f"{path}.privateKey", "required for mode MUTUAL (or set credentialName)")
     if t.mode in ("MUTUAL", "SIMPLE") and t.credential_name and (t.client_certificate or t.private_key or t.ca_certificates):
         ctx.err(f"{path}.credentialName", "cannot be combined with clientCertificate, privateKey or caCertificates")
+    if t.mode in ("MUTUAL", "SIMPLE") and t.credential_name:
+        ctx.warn(f"{path}.credentialName", f"Kubernetes Secret {t.credential_name!r} cannot be read by nodeagent: "
+                 "connections to this destination fail (503 UF), as Istio's do when the secret is missing; "
+                 "use caCertificates, clientCertificate and privateKey files instead")
+    if t.ca_crl and t.mode in ("MUTUAL", "SIMPLE"):
+        ctx.warn(f"{path}.caCrl", "loaded but not enforced by nodeagent (no certificate revocation check)")
+    if t.mode in ("ISTIO_MUTUAL", "DISABLE", None):
+        for attr, jn in (("sni", "sni"), ("subject_alt_names", "subjectAltNames")):
+            if getattr(t, attr):
+                ctx.warn(f"{path}.{jn}", f"ignored with mode {t.mode or 'DISABLE'}"
+                         + (" (the mesh tunnel checks the identity the workload directory gives)"
+                            if t.mode == "ISTIO_MUTUAL" else ""))
     if t.mode == "ISTIO_MUTUAL":
         for attr, jn in (("client_certificate", "clientCertificate"), ("private_key", "privateKey"),
                          ("ca_certificates", "caCertificates"), ("credential_name", "credentialName"),

@@ -26,6 +26,7 @@ from policy import retry as retry_mod
 from policy import routing
 from policy.authz import InvalidPath, normalize_path
 
+from nodeagent.proxy import origination
 from nodeagent.proxy.context import ListenerContext, PeerInfo
 from nodeagent.proxy.http import LocalReply
 from nodeagent.proxy.response_hook import ResponseHook, preflight_reply
@@ -270,12 +271,13 @@ class ClusterState:
             idle_timeout=policy.idle_timeout,
         )
         # Seam for the mTLS tunnel (nodeagent.proxy.tunnel.TunnelConnector): a connector may bind
-        # itself to the cluster's TLS mode, and name the destination principal it will verify.
-        bind = getattr(self.connector, "for_cluster", None)
-        if bind is not None and (self.policy is None or policy.tls_mode != self.policy.tls_mode):
-            if self.policy is not None:
-                self.pool.close_all()  # idle connections were opened under the previous TLS mode
-            self.pool.connector = bind(policy)
+        # itself to the cluster's TLS mode, and name the destination principal it will verify;
+        # tls.mode SIMPLE/MUTUAL wraps it in TLS origination (nodeagent.proxy.origination).
+        pool = self.pool
+        if policy.origination is not None or self.policy is None or policy.tls_mode != self.policy.tls_mode \
+                or self.policy.origination is not None:
+            pool.connector = origination.bind_connector(self.connector, pool.connector, self.policy, policy,
+                                                        service, pool)
         principal_of = getattr(self.pool.connector, "destination_principal", None)
         old = self.by_id
         by_id = {}

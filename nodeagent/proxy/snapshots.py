@@ -9,10 +9,13 @@ is logged and the previous snapshot keeps serving).
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from nodeagent.cli import UserError
 from nodeagent.store import ConfigStore
 from policy.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class ConfigSource:
@@ -40,4 +43,7 @@ def open_config(directory: str, poll_interval: float = 0.5) -> ConfigSource:
         store.load()
     except ConfigError as exc:
         raise UserError(f"configuration in {directory} rejected:\n" + "\n".join(str(e) for e in exc.errors))
+    # The load warnings (file:line, object, field), as a reload logs them (store.reload).
+    for w in store.last_warnings:
+        log.warning("%s", w)
     return ConfigSource(store)

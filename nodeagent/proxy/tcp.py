@@ -219,8 +219,11 @@ class TcpRelay(asyncio.Protocol):
                 # both sides ended while the connect was returning: nothing more can flow
                 self.upstream.transport.close()
                 self.transport.close()
-            else:
+            elif self.upstream.transport.can_write_eof():
                 self.upstream.transport.write_eof()
+            else:
+                # a TLS stream (tunnel, TLS origination) cannot half-close: close after the data
+                self.upstream.transport.close()
 
     def _open_entry(self, dest) -> None:
         self.entry = self.runtime.telemetry.tcp_entry(self.ctx, dest, self.flags)

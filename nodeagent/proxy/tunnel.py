@@ -4,7 +4,8 @@ Source side (``TunnelConnector``, a ``Connector``): for an endpoint that is in
 the mesh (``MeshDirectory`` knows its SPIFFE identity: an enrolled workload,
 or a WorkloadEntry / ServiceEntry endpoint with a ``serviceAccount``) and
 whose cluster TLS mode is ISTIO_MUTUAL (the default for in-mesh services;
-DestinationRule ``tls.mode: DISABLE`` sends plaintext), the connector
+DestinationRule ``tls.mode: DISABLE`` sends plaintext; ``SIMPLE``/``MUTUAL``
+originate TLS to the application itself, ``nodeagent.proxy.origination``), the connector
 
 1. opens TCP to ``<endpoint ip>:15008`` (marked 0x539, from inside the source
    pod's network namespace when it has one),
@@ -123,7 +124,7 @@ class _TlsCore:
                  "tcp_write")
 
     def __init__(self, ctx: ssl.SSLContext, app, *, server_side: bool, handshake_timeout: float,
-                 on_handshake: Callable | None = None) -> None:
+                 on_handshake: Callable | None = None, server_hostname: str | None = None) -> None:
         self.ctx = ctx
         self.server_side = server_side
         self.app = app
@@ -131,7 +132,8 @@ class _TlsCore:
         self.tcp = None
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        self.sslobj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side, server_hostname=None)
+        self.sslobj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                    server_hostname=server_hostname)
         self.raw = self.sslobj._sslobj  # the C object: SSLObject's methods are Python wrappers
         # Bound once, called per record: OpenSSL's read/write, the BIOs', the TCP transport's write.
         self.bio_in = self.incoming.write
@@ -616,10 +618,8 @@ class TunnelConnector:
         """The identity the tunnel must find at ``address``; None = plaintext."""
         mode = self.tls_mode
         if mode is not None and mode != "ISTIO_MUTUAL":
-            if mode != "DISABLE" and not self._warned:
-                self._warned = True
-                log.warning("tunnel: DestinationRule tls.mode %s (TLS origination to the application) is not "
-                            "supported; connections from %s go out in plaintext", mode, self.source)
+            # DISABLE: plaintext; SIMPLE/MUTUAL: TLS originated to the application itself
+            # (nodeagent.proxy.origination wraps this connector), not the mesh tunnel.
             return None
         return self.directory.identity_at(address)
 

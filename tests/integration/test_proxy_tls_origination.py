@@ -394,3 +394,89 @@ def test_disable_stays_plaintext(env):
 def test_no_plaintext_warning_any_more(env):
     assert not any("plaintext" in l and "tls.mode" in l for l in env["proxy"].stderr)
     assert not any("not enforced" in l and ".tls." in l for l in env["proxy"].stderr)
+
+
+def _wait_version(proxy, version: int) -> None:
+    assert wait_for(lambda: any(f"configuration version {version} loaded" in l for l in proxy.stderr), 10), \
+        "".join(proxy.stderr[-20:])
+
+
+def test_reload_changing_the_ca_file_and_a_bad_file_keeps_the_last_good(tmp_path):
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    ca, other = TestCA(certs, "a"), TestCA(certs, "b")
+    server = TlsUpstream("reload", *ca.issue("reload", dns=["reload.ext.test"])).start()
+    cafile = tmp_path / "ca-in-use.pem"
+    cafile.write_bytes(other.cert_file.read_bytes())  # the wrong CA first
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    base = FRONTEND + ext_service("reload", [server.address]) + vs("reload")
+
+    def write(ca_path, comment: str) -> None:
+        (conf / "config.yaml").write_text(
+            base + dr("reload", f"  trafficPolicy:\n    tls:\n      mode: SIMPLE\n      caCertificates: {ca_path}\n")
+            + f"# {comment}\n")
+
+    write(cafile, "1")
+    proxy = ProxyProcess(conf, metrics=False).start()
+    try:
+        assert get(proxy, "reload.ext.test")[0] == 503
+        # the file now holds the right CA: the config reload (a changed comment) rebuilds the context
+        cafile.write_bytes(ca.cert_file.read_bytes())
+        write(cafile, "2")
+        _wait_version(proxy, 2)
+        assert get(proxy, "reload.ext.test") == (200, b"reload")
+        # a broken CA file: a warning naming the field and file; the last good context keeps serving
+        cafile.write_text("garbage\n")
+        write(cafile, "3")
+        _wait_version(proxy, 3)
+        assert get(proxy, "reload.ext.test") == (200, b"reload")
+        assert wait_for(lambda: any("caCertificates" in l and str(cafile) in l and "last good" in l
+                                    for l in proxy.stderr))
+        # a DestinationRule naming a missing file: the same
+        write(tmp_path / "nope.pem", "4")
+        _wait_version(proxy, 4)
+        assert get(proxy, "reload.ext.test") == (200, b"reload")
+        assert wait_for(lambda: any("nope.pem" in l and "cannot read" in l for l in proxy.stderr))
+        assert not any("Traceback" in l for l in proxy.stderr)
+    finally:
+        proxy.stop()
+        server.stop()
+    assert server.plaintext == []
+
+
+SAMPLE = "/work/shared/istio-samples/bookinfo-networking/egress-rule-google-apis.yaml"
+
+
+def test_istio_egress_tls_origination_sample(tmp_path, monkeypatch):
+    """The Istio sample (port 80 rewritten to 443 by the VirtualService, the DestinationRule's
+    portLevelSettings originate TLS on 443, no caCertificates: the system trust store), with
+    the ServiceEntry's DNS resolution replaced by a loopback endpoint and the trust store
+    pointed at the test CA (SSL_CERT_FILE, honoured by OpenSSL)."""
+    text = open(SAMPLE).read()
+    assert "mode: SIMPLE" in text and "resolution: DNS" in text
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    ca = TestCA(certs, "public")
+    server = TlsUpstream("googleapis", *ca.issue("googleapis", dns=["www.googleapis.com"])).start()
+    text = text.replace("  resolution: DNS\n", f"""  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+    ports:
+      https: {server.port}
+""")
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "sample.yaml").write_text(text)
+    (conf / "frontend.yaml").write_text(FRONTEND)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca.cert_file))
+    proxy = ProxyProcess(conf, metrics=False, workload="default/sleep").start()
+    try:
+        assert get(proxy, "www.googleapis.com", "/books/v1/volumes") == (200, b"googleapis")
+        assert not any("warning" in l.lower() for l in proxy.stderr), proxy.stderr
+    finally:
+        proxy.stop()
+        server.stop()
+    assert server.snis == ["www.googleapis.com"]
+    assert server.requests[0].startswith(b"GET /books/v1/volumes HTTP/1.1")
+    assert server.plaintext == []

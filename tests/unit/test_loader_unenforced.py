@@ -37,8 +37,9 @@ metadata:
 spec:
   host: api.example.com
   trafficPolicy:
-    tls:
-      mode: SIMPLE
+    connectionPool:
+      tcp:
+        tcpKeepalive: {time: 10s}
 """
 
 
@@ -62,13 +63,13 @@ def test_several_in_one_file_are_one_warning():
         "loaded but not enforced by nodeagent; "
         "also spec.http[1].retries.retryRemoteLocalities (line 16), "
         "spec.http[1].retries.retryIgnorePreviousHosts (line 17), "
-        "DestinationRule prod/ext spec.trafficPolicy.tls.mode (line 30)"]
+        "DestinationRule prod/ext spec.trafficPolicy.connectionPool.tcp.tcpKeepalive (line 31)"]
     res = load_text(text, "f.yaml")
     assert [(d.line, d.obj, d.path) for d in res.unenforced] == [
         (11, "VirtualService prod/x", "spec.http[0].match[0].statPrefix"),
         (16, "VirtualService prod/x", "spec.http[1].retries.retryRemoteLocalities"),
         (17, "VirtualService prod/x", "spec.http[1].retries.retryIgnorePreviousHosts"),
-        (30, "DestinationRule prod/ext", "spec.trafficPolicy.tls.mode")]
+        (31, "DestinationRule prod/ext", "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive")]
     assert len(res.resources) == 2          # a warning, not an error: the objects load
 
 
@@ -193,7 +194,8 @@ spec:
 
 def test_the_table_names_real_schema_fields():
     assert check_schema_consistency() == []
-    assert ("ClientTLSSettings", "mode") in UNENFORCED_FIELDS
+    assert ("TCPSettings", "tcpKeepalive") in UNENFORCED_FIELDS
+    assert ("ClientTLSSettings", "mode") not in UNENFORCED_FIELDS   # SIMPLE/MUTUAL are originated
     assert ("HTTPRoute", "corsPolicy") not in UNENFORCED_FIELDS      # applied by the proxy (policy/cors.py)
 
 
@@ -204,3 +206,45 @@ def test_the_store_reports_it_with_the_other_warnings(tmp_path):
     assert [str(w) for w in s.last_warnings] == [
         f"{tmp_path}/vs.yaml:11: warning: VirtualService prod/x: spec.http[0].match[0].statPrefix: "
         "loaded but not enforced by nodeagent"]
+
+
+def test_tls_origination_fields_are_enforced_and_credential_name_warns():
+    text = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ext, namespace: prod}
+spec:
+  host: api.example.com
+  trafficPolicy:
+    tls:
+      mode: SIMPLE
+      sni: api.example.com
+      subjectAltNames: [api.example.com]
+      caCertificates: /etc/ca.pem
+      insecureSkipVerify: false
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      tls:
+        mode: SIMPLE
+        credentialName: api-secret
+"""
+    assert warnings(text) == [
+        "f.yaml:19: warning: DestinationRule prod/ext: spec.subsets[0].trafficPolicy.tls.credentialName: "
+        "Kubernetes Secret 'api-secret' cannot be read by nodeagent: connections to this destination fail "
+        "(503 UF), as Istio's do when the secret is missing; use caCertificates, clientCertificate and "
+        "privateKey files instead"]
+
+
+def test_sni_and_sans_under_istio_mutual_are_ignored_with_a_warning():
+    text = DR_TLS.replace("""    connectionPool:
+      tcp:
+        tcpKeepalive: {time: 10s}
+""", """    tls:
+      mode: ISTIO_MUTUAL
+      sni: a.example.com
+""")
+    assert warnings(text) == [
+        "f.yaml:11: warning: DestinationRule prod/ext: spec.trafficPolicy.tls.sni: ignored with mode "
+        "ISTIO_MUTUAL (the mesh tunnel checks the identity the workload directory gives)"]

@@ -53,18 +53,15 @@ def test_unenforced_fields_in_the_samples_are_warned_once_per_file(samples_dir):
     f = samples_dir / "bookinfo-networking" / "egress-rule-google-apis.yaml"
     res = load_file(f)
     assert res.errors == []
-    assert [str(w) for w in res.warnings] == [
-        f"{f}:46: warning: DestinationRule default/originate-tls-for-googleapis: "
-        "spec.trafficPolicy.portLevelSettings[0].tls.mode: loaded but not enforced by nodeagent"]
+    # tls.mode SIMPLE is originated by the proxy (nodeagent/proxy/origination.py): no warning
+    assert res.warnings == []
     # corsPolicy is applied by the proxy: no warning
     res = load_file(samples_dir / "more" / "virtual-service-cors-policy.yaml")
     assert res.errors == [] and [r.kind for r in res.resources] == ["ServiceEntry", "VirtualService"]
     assert res.warnings == []
     f = samples_dir / "more" / "service-entry-examples-with-sidecar-dr-tls-vs.yaml"
-    (w,) = [str(w) for w in load_file(f).warnings if "(ignored)" not in str(w)]
-    assert w == (f"{f}:83: warning: DestinationRule seexamples/mtls-mongocluster: spec.trafficPolicy.tls.mode: "
-                 "loaded but not enforced by nodeagent; also spec.trafficPolicy.tls.sni (line 89), "
-                 "spec.trafficPolicy.tls.subjectAltNames (line 90)")
+    # MUTUAL with files, sni and subjectAltNames: all enforced (TLS origination), no warning
+    assert [str(w) for w in load_file(f).warnings if "(ignored)" not in str(w)] == []
     # and the shipped example uses only what is enforced
     assert load_paths([Path(__file__).resolve().parents[2] / "examples" / "shop"]).warnings == []
 

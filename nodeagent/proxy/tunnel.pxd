@@ -41,5 +41,4 @@ cdef class TunnelConnector:
     cdef public object tunnel_port
     cdef public object tls_mode
     cdef public object handshake_timeout
-    cdef public object _warned
 

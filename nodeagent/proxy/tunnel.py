@@ -588,7 +588,7 @@ class TunnelConnector:
     """
 
     __slots__ = ("tls", "source", "directory", "plain", "mark", "netns", "source_address",
-                 "tunnel_port", "tls_mode", "handshake_timeout", "_warned")
+                 "tunnel_port", "tls_mode", "handshake_timeout")
 
     def __init__(self, tls: TunnelTls, source: SpiffeId, directory: MeshDirectory, plain, *,
                  mark: int | None = None, netns: str | None = None, source_address: str | None = None,
@@ -605,7 +605,6 @@ class TunnelConnector:
         self.tunnel_port = tunnel_port
         self.tls_mode = tls_mode
         self.handshake_timeout = handshake_timeout
-        self._warned = False
 
     def for_cluster(self, policy) -> "TunnelConnector":
         """The same connector, bound to one cluster's TLS mode (ClusterPolicy.tls_mode)."""

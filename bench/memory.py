@@ -117,12 +117,16 @@ def main(argv=None) -> int:
             print(mappings(agent.pid))
         client = AgentClient(tmp / "state" / "agent.sock")
         took = []
+        phases = []  # the agent's own (registry, capture, certificate wait) ms per enroll
         for i, name in enumerate(names):
             started = time.perf_counter()
             reply = client.call({"op": "enroll", "kind": "netns", "target": name, "name": f"w{i}",
                                  "namespace": "bench", "service_account": f"sa{i}", "labels": {"app": f"w{i}"},
                                  "ips": [f"10.250.{200 + i // 250}.{i % 250 + 1}"]})
             took.append((time.perf_counter() - started) * 1000)
+            if reply.get("ok"):
+                reg, cap = reply["registry_ms"], reply["capture_ms"]
+                phases.append((reg, cap, reply["elapsed_ms"] - reg - cap))
             if not reply.get("ok"):
                 print(f"bench memory: enroll {name}: {reply}", file=sys.stderr)
                 return 1
@@ -132,6 +136,10 @@ def main(argv=None) -> int:
         if args.breakdown:
             print(mappings(agent.pid))
         print(f"enroll round trip: p50 {took[len(took) // 2]:.1f} ms, p95 {took[int(len(took) * 0.95) - 1]:.1f} ms")
+        for k, what in enumerate(("registry (persisted)", "capture (netns listeners, rules)",
+                                  "certificate wait")):
+            col = sorted(p[k] for p in phases)
+            print(f"  in the agent, {what}: p50 {col[len(col) // 2]:.1f} ms, p95 {col[int(len(col) * 0.95) - 1]:.1f} ms")
         late = sorted(str(path.relative_to(pycache)) for path in set(pycache.rglob("*.pyc")) - compiled_before)
         if late:
             print(f"compiled during the run (add them to WARM_UP): {', '.join(late)}")

@@ -173,7 +173,8 @@ def engine_main(argv) -> int:
     p = argparse.ArgumentParser(prog="python -m bench engine", description=engine_main.__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=100000, help="requests per run (default 100000)")
     p.add_argument("--once", action="store_true", help="one run, nothing printed (for valgrind)")
-    p.add_argument("--count", action="store_true", help="also count bytecodes and Python calls per request")
+    p.add_argument("--count", action="store_true", help="also count bytecodes and Python calls per request (only when the request path runs as "
+                        "Python: NODEAGENT_PURE=1)")
     args = p.parse_args(argv)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)

@@ -12,7 +12,10 @@ Both servers are the same HAProxy answering ``200 ok`` itself (not Python-bound)
 each: every nodeagent and HAProxy runs one process, ``nbthread 1``. Reported: req/s, p50/p99
 (wrk --latency), and CPU microseconds per request of the two proxies of each path together
 (utime+stime deltas from /proc/PID/stat over the measured run / requests completed), and the
-ratios in one run. Setup runs the real agents and CA service; nothing leaves the machine.
+ratios in one run. Then, unless ``--latency-duration 0``, the unloaded latency: wrk -c1 on the
+direct pod-to-pod path (no proxy), the mesh and the chain, and the p50 each path adds over
+direct (under closed-loop wrk with 16 connections p50 is only connections / throughput).
+Setup runs the real agents and CA service; nothing leaves the machine.
 """
 from __future__ import annotations
 
@@ -120,9 +123,9 @@ def unloaded(lab, args, path) -> dict:
     return r
 
 
-def setup(lab, args) -> list[tuple]:
+def setup(lab, args) -> tuple[list[tuple], tuple]:
     """Build the lab, start both paths' processes, check them; returns one
-    (name, pod, url, host, pids) per path (mesh first)."""
+    (name, pod, url, host, pids) per path (mesh first), and the direct pod-to-pod path."""
     from nodeagent import meshlab
 
     docs = meshlab.load_documents()

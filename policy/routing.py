@@ -40,7 +40,6 @@ from policy.cors import CorsConfig, compile_cors
 from policy.l4routing import resolve_destination as _resolve_destination
 from policy.lb import query_param
 from policy.retry import RetryPolicy, retry_policy_from
-from policy.snapshot import qualify_host
 
 if TYPE_CHECKING:
     from policy.snapshot import ConfigSnapshot, Service, WorkloadRef

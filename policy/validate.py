@@ -964,6 +964,26 @@ def _c_destination_rule(dr: m.DestinationRule, path: str, ctx: Ctx) -> None:
     _export_to(ctx, f"{path}.exportTo", dr.export_to)
     if dr.workload_selector is not None:
         validate_labels(dr.workload_selector.match_labels, f"{path}.workloadSelector.matchLabels", ctx, selector=True)
+    if dr.host.startswith("*"):
+        for tls_path, t in _tls_settings(dr, path):
+            if (t.mode in ("SIMPLE", "MUTUAL") and not t.sni and not t.subject_alt_names
+                    and not t.insecure_skip_verify):
+                ctx.warn(tls_path, f"host {dr.host!r} is a wildcard: TLS origination has no server name to send "
+                         "or verify, so connections fail (503 UF); set sni or subjectAltNames")
+
+
+def _tls_settings(dr: m.DestinationRule, path: str):
+    """(path, ClientTLSSettings) of every tls block of ``dr``: host level, its ports, the subsets'."""
+    levels = [(f"{path}.trafficPolicy", dr.traffic_policy)]
+    levels += [(f"{path}.subsets[{i}].trafficPolicy", s.traffic_policy) for i, s in enumerate(dr.subsets)]
+    for where, tp in levels:
+        if tp is None:
+            continue
+        if tp.tls is not None:
+            yield f"{where}.tls", tp.tls
+        for j, port in enumerate(tp.port_level_settings):
+            if port.tls is not None:
+                yield f"{where}.portLevelSettings[{j}].tls", port.tls
 
 
 def _c_subset(s: m.Subset, path: str, ctx: Ctx) -> None:

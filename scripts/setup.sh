@@ -40,7 +40,8 @@ if [ ! -f "$stamp" ]; then
 fi
 
 # The request path compiled with Cython (nodeagent/accel.py); a no-op when build/accel matches
-# the sources. Without it the proxy runs the same code as Python, ~25% slower.
+# the sources. Without it the proxy runs the same code as Python (the in-process request path
+# takes ~40% more CPU: docs/proxy.md).
 "$VENV/bin/python" -m nodeagent.accelbuild --quiet || echo "setup: the proxy will run uncompiled (see above)" >&2
 
 # Kernel headers for bcc (eBPF capture): the running kernel's, or Debian's header packages

@@ -11,7 +11,8 @@ A netns workload (a pod) gets, opened INSIDE its namespace from this process
   namespace, mark 0x539, the SOURCE workload's certificate) when the endpoint
   is in the mesh (``MeshDirectory``: an enrolled workload here, or a
   WorkloadEntry/ServiceEntry endpoint with a service account), plaintext
-  otherwise or under DestinationRule ``tls.mode: DISABLE``;
+  otherwise or under DestinationRule ``tls.mode: DISABLE``, TLS originated to
+  the application under ``SIMPLE``/``MUTUAL`` (nodeagent.proxy.origination);
 - 15006 inbound plaintext and 15008 inbound mTLS tunnel: ``InboundPlane``
   decides PeerAuthentication (STRICT refuses plaintext) and
   AuthorizationPolicy (L4 at connect, L7 per request), then serves the

@@ -345,9 +345,16 @@ class _OriginClient:
 def _originating(origin, base, current, service, key) -> OriginatingConnector:
     cluster = str(key)
     alpn = _alpn_for(service, key.port)
+    error = None
     if origin.credential_name:
         error = (f"{_where(origin, 'credentialName')}: Kubernetes Secret {origin.credential_name!r} cannot be "
                  "read by nodeagent; connections fail as Istio's do when the secret is missing")
+    elif not origin.insecure_skip_verify and not origin.sni and not origin.subject_alt_names:
+        # a wildcard host and neither sni nor subjectAltNames: no name to verify the server
+        # against, and a chain check alone would accept any certificate the CA ever issued
+        error = (f"{_where(origin, 'sni')}: the destination host {key.host!r} is a wildcard and neither sni nor "
+                 "subjectAltNames is set: no server name to verify; connections fail")
+    if error is not None:
         if (type(current) is OriginatingConnector and current.inner is base and current.contexts is None
                 and current.error == error):
             return current

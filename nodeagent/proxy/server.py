@@ -17,7 +17,6 @@ import pickle
 import signal
 import socket
 import struct
-import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Callable

@@ -1,6 +1,5 @@
 cdef class _TlsCore:
     cdef public object ctx
-    cdef public bint server_side
     cdef public object app
     cdef public object feed
     cdef public object tcp

@@ -118,7 +118,7 @@ class _TlsCore:
     (``exc`` None: ``app.connection_made(self)`` follows at once).
     """
 
-    __slots__ = ("ctx", "server_side", "app", "feed", "tcp", "incoming", "outgoing", "sslobj", "raw",
+    __slots__ = ("ctx", "app", "feed", "tcp", "incoming", "outgoing", "sslobj", "raw",
                  "handshaking", "timer", "handshake_timeout", "on_handshake", "closing", "paused",
                  "lost", "drain_handle", "started", "ready", "cipher", "plain", "bio_in", "ssl_read", "ssl_write", "bio_out",
                  "tcp_write")
@@ -126,7 +126,6 @@ class _TlsCore:
     def __init__(self, ctx: ssl.SSLContext, app, *, server_side: bool, handshake_timeout: float,
                  on_handshake: Callable | None = None, server_hostname: str | None = None) -> None:
         self.ctx = ctx
-        self.server_side = server_side
         self.app = app
         self.feed = app.data_received
         self.tcp = None

@@ -141,3 +141,61 @@ def test_insecure_skip_verify_context_verifies_nothing(snap):
     t = dataclasses.replace(o(snap, None, 80), insecure_skip_verify=True, ca_certificates="/does/not/matter")
     ctx = origination.build_context(t, ("h2",))
     assert ctx.verify_mode == ssl.CERT_NONE and not ctx.check_hostname
+
+
+WILDCARD = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: wiki, namespace: shop}
+spec:
+  hosts: ["*.wikipedia.org"]
+  location: MESH_EXTERNAL
+  resolution: NONE
+  ports:
+  - {number: 443, name: https, protocol: HTTPS}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: wiki, namespace: shop}
+spec:
+  host: "*.wikipedia.org"
+  trafficPolicy:
+    tls: {mode: SIMPLE}
+  subsets:
+  - name: named
+    labels: {v: "1"}
+    trafficPolicy:
+      tls: {mode: SIMPLE, sni: en.wikipedia.org}
+"""
+
+
+def test_a_wildcard_host_without_sni_or_sans_is_warned_and_fails_closed():
+    """No server name to check: a chain check alone would accept any certificate the CA
+    issued, so the connection fails (503 UF) rather than going out unverified."""
+    import asyncio
+
+    loaded = load_text(WILDCARD, "wiki.yaml")
+    assert loaded.ok, loaded.errors
+    warned = [str(w) for w in loaded.warnings if "wildcard" in str(w)]
+    assert len(warned) == 1 and "spec.trafficPolicy.tls" in warned[0] and "wiki.yaml:" in warned[0]
+    snapshot = build_snapshot(loaded.resources)
+    origin = cluster_policy(snapshot, ClusterKey("*.wikipedia.org", None, 443), "shop").origination
+    assert origin is not None and origin.sni is None
+
+    class Base:
+        calls = 0
+
+        async def connect(self, *args):
+            Base.calls += 1
+            raise AssertionError("no TCP connection may be opened")
+
+    key = ClusterKey("*.wikipedia.org", None, 443)
+    conn = origination._originating(origin, Base(), None, None, key)
+    assert conn.error and "wildcard" in conn.error and "sni" in conn.error
+    with pytest.raises(OSError):
+        asyncio.run(conn.connect(lambda: None, "198.51.100.7", 443, 1.0))
+    assert Base.calls == 0
+    # with an sni (the subset), the name is checked and nothing is refused up front
+    named = cluster_policy(snapshot, ClusterKey("*.wikipedia.org", "named", 443), "shop").origination
+    assert named.sni == "en.wikipedia.org"
+    assert origination._originating(named, Base(), None, None, ClusterKey("*.wikipedia.org", "named", 443)).error is None

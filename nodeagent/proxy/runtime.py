@@ -304,7 +304,9 @@ class ClusterState:
         self.no_endpoint_labels = destination_labels(service, None, "http")
         hp = policy.lb.hash
         self.cookie_hook = ResponseHook(None, hp) if hp is not None and hp.cookie_ttl is not None else None
-        self.max_retries = policy.max_retries or UNLIMITED
+        # Istio's default 2^32-1 is "no limit" (UNLIMITED here: the shared check is skipped)
+        limit = policy.max_retries
+        self.max_retries = limit if 0 < limit < cluster_mod.UNLIMITED else UNLIMITED
         self.policy = policy
         self.version = snapshot.version
 

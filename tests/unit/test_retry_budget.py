@@ -3,8 +3,11 @@ ClusterState counts the retries outstanding in one worker; with several workers
 SharedClusterState counts them in the shared cells of every worker."""
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
+
+import pytest
 
 from policy.cluster import ClusterKey
 from nodeagent.proxy.context import PlainConnector
@@ -13,6 +16,16 @@ from nodeagent.proxy.shared import PoolCounters, WorkerLink
 from nodeagent.proxy.upstream import UNLIMITED
 
 KEY = ClusterKey("x.shop.svc.cluster.local", None, 80)
+
+
+@pytest.fixture(autouse=True)
+def event_loop_set():
+    """ClusterPool takes the current event loop when it is made (nothing runs on it here)."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield loop
+    asyncio.set_event_loop(None)
+    loop.close()
 
 
 def test_cluster_state_counts_outstanding_retries_against_max_retries():

@@ -363,7 +363,6 @@ UNENFORCED_FIELDS: dict[tuple[str, str], Callable[[object], bool] | None] = {
     ("HTTPSettings", "h2UpgradePolicy"): lambda v: v == "UPGRADE",
     ("HTTPSettings", "useClientProtocol"): lambda v: v is True,
     ("HTTPSettings", "maxConcurrentStreams"): None,
-    ("HTTPSettings", "maxRetries"): None,                # no budget of concurrent retries
     ("TrafficPolicy", "tunnel"): None,
     ("TrafficPolicy", "proxyProtocol"): None,
     # ClientTLSSettings: SIMPLE/MUTUAL are originated (nodeagent/proxy/origination.py);

@@ -448,7 +448,7 @@ class H2Stream:
         "upstream", "up_sid", "h1", "status", "grpc_status", "flags", "req_bytes", "resp_bytes", "t0",
         "timer", "try_timer", "dest", "upstream_host", "_hmap", "out", "out_q", "out_end", "out_trailers",
         "unacked_up", "unacked_down", "idle_age", "body_mode", "version",
-        "held", "up_paused", "eof_body",
+        "held", "up_paused", "eof_body", "retry_slot",
     )
 
     def __init__(self, down: H2Downstream, sid: int, raw_headers) -> None:
@@ -518,6 +518,9 @@ class H2Stream:
         self.unacked_down = 0  # client request bytes not yet acknowledged
         self.idle_age = 0.0
         self.held = []  # request body for an HTTP/2 upstream beyond its window: (bytes, fc length)
+        # The cluster's retry circuit breaker (maxRetries), as Exchange.retry_slot: 1 while this
+        # stream holds an outstanding retry, 2 when one was refused (its local reply adds UO).
+        self.retry_slot = 0
         self.up_paused = False  # the HTTP/1.1 upstream's reading is paused for backpressure
         self.eof_body = False  # the HTTP/1.1 upstream's body ends when its connection closes
 
@@ -719,6 +722,8 @@ class H2Stream:
     def upstream_connect_failed(self, endpoint) -> None:
         if self.finished:
             return
+        if self.retry_slot == 1:
+            self._retry_end()
         self.cluster.record(self.endpoint, 0, self.runtime.loop.time())
         if self._retry("connect-failure"):
             return
@@ -794,6 +799,8 @@ class H2Stream:
             return
         self._cancel_try_timer()
         self.upstream = None
+        if self.retry_slot == 1:
+            self._retry_end()
         if self.eof_body and flag == "UC" and self.response_started:
             self._end_down(None)  # an HTTP/1.0-style body delimited by the connection closing: its end
             return
@@ -813,6 +820,8 @@ class H2Stream:
                 pairs += [(name, value) for _, name, value in hop]
             headers = pairs
         self._cancel_try_timer()
+        if self.retry_slot == 1:
+            self._retry_end()  # this retry's attempt is over: its response head is in
         self.cluster.record(self.endpoint, status, self.runtime.loop.time())
         if status >= self.plan.retry_floor and self._retryable(status, None):
             conn.exchange = None
@@ -909,6 +918,8 @@ class H2Stream:
         if self.finished:
             return
         self._cancel_try_timer()
+        if self.retry_slot == 1:
+            self._retry_end()  # this retry's attempt is over: its response head is in
         grpc_status = None
         out = []
         for name, value in headers:
@@ -972,6 +983,8 @@ class H2Stream:
             return
         self._cancel_try_timer()
         self.upstream = None
+        if self.retry_slot == 1:
+            self._retry_end()
         self.cluster.record(self.endpoint, 0, self.runtime.loop.time())
         self._upstream_gone(flag, "refused-stream" if refused else "reset")
 
@@ -1163,7 +1176,15 @@ class H2Stream:
         plan = self.plan
         if plan.retry is None or self.response_started or not self.request_done or self.replay is None:
             return False
-        return retry_mod.should_retry(plan.retry, self.attempt, status, None, grpc_code)
+        if not retry_mod.should_retry(plan.retry, self.attempt, status, None, grpc_code):
+            return False
+        if self.cluster.retry_begin():
+            self.retry_slot = 1
+            return True
+        # Envoy's retry overflow (maxRetries retries outstanding to the cluster): the response
+        # goes to the client as it is, flagged UO (upstream_rq_retry_overflow).
+        self.flags = "UO" if self.flags == "-" else self.flags + ",UO"
+        return False
 
     def _retry(self, reason: str) -> bool:
         plan = self.plan
@@ -1174,6 +1195,10 @@ class H2Stream:
         error = {"per-try-timeout": "timeout"}.get(reason, reason)
         if not retry_mod.should_retry(plan.retry, self.attempt, None, error):
             return False
+        if not self.cluster.retry_begin():
+            self.retry_slot = 2  # retry overflow: the local reply carries UO after its own flag
+            return False
+        self.retry_slot = 1
         self._back_off()
         return True
 
@@ -1187,6 +1212,10 @@ class H2Stream:
         self.try_timer = None
         if not self.finished:
             self._attempt()
+
+    def _retry_end(self) -> None:
+        self.retry_slot = 0
+        self.cluster.retry_end()
 
     def _arm_try_timer(self, upstream) -> None:
         per_try = self.plan.per_try_timeout
@@ -1203,6 +1232,8 @@ class H2Stream:
         if self.finished or self.response_started or self.upstream is not upstream:
             return
         self._drop_upstream(ErrorCodes.CANCEL)
+        if self.retry_slot == 1:
+            self._retry_end()
         self.cluster.record(self.endpoint, 504, self.runtime.loop.time())
         if self._retry("per-try-timeout"):
             return
@@ -1253,6 +1284,9 @@ class H2Stream:
         self.status = reply.status
         if reply.flags != "-":
             self.flags = reply.flags if self.flags == "-" else self.flags + "," + reply.flags
+        if self.retry_slot == 2:
+            self.flags += ",UO"  # the failure was not retried: retry overflow (Envoy: "UF,UO")
+            self.retry_slot = 0
         self._cancel_try_timer()
         self._drop_upstream(ErrorCodes.CANCEL)
         down = self.down
@@ -1306,6 +1340,8 @@ class H2Stream:
             self.timer.cancel()
             self.timer = None
         self._cancel_try_timer()
+        if self.retry_slot == 1:
+            self._retry_end()  # the stream ended with a retry outstanding (timeout, client reset...)
         if self.unacked_down:
             self.down._ack(self.sid, self.unacked_down)
             self.unacked_down = 0

@@ -90,6 +90,7 @@ cdef class Exchange:
     cdef public bint mirrored
     cdef public object out
     cdef public bint eof_body
+    cdef public long retry_slot
 
     cpdef start(self)
     cpdef _attempt(self)

@@ -448,6 +448,7 @@ class Exchange:
         "tried", "attempt", "response_started", "out_chunked", "close_delimited",
         "status", "flags", "req_bytes", "resp_bytes", "t0", "abandoned", "timer", "try_timer",
         "finished", "tunneling", "dest", "upstream_host", "cluster", "_hmap", "mirrored", "out", "eof_body",
+        "retry_slot",
     )
 
     def __init__(self, down: HttpDownstream, method, url, headers, version, keep_alive, upgrade) -> None:
@@ -492,6 +493,10 @@ class Exchange:
         # list once the head is in (a list from then on), () before and after
         self.out = ()
         self.eof_body = False  # the upstream response body ends when its connection closes
+        # The cluster's retry circuit breaker (maxRetries): 1 while this exchange holds one of
+        # its outstanding retries (from the decision to the end of that retry's attempt), 2 when
+        # a retry was refused for it (the local reply then also carries UO), else 0.
+        self.retry_slot = 0
         authority = b""
         keep = []
         connection = False  # a Connection or Proxy-Connection header
@@ -736,6 +741,8 @@ class Exchange:
     def upstream_connect_failed(self, endpoint) -> None:
         if self.finished or self.abandoned:
             return
+        if self.retry_slot == 1:
+            self._retry_end()
         self.cluster.record(self.endpoint, 0, self.runtime.loop.time())
         if self._retry("connect-failure", 0):
             return
@@ -747,6 +754,8 @@ class Exchange:
             return
         self._cancel_try_timer()
         self.upstream = None
+        if self.retry_slot == 1:
+            self._retry_end()
         if self.response_started and self.eof_body and flag == "UC":
             # An HTTP/1.0-style body delimited by the connection closing: this IS its end.
             if self.out_chunked:
@@ -775,6 +784,8 @@ class Exchange:
         (see UpstreamConnection.on_header)."""
         if self.try_timer is not None:
             self._cancel_try_timer()
+        if self.retry_slot == 1:
+            self._retry_end()  # this retry's attempt is over: its response head is in
         self.cluster.record(self.endpoint, status, self.runtime.loop.time())
         if status >= self.plan.retry_floor and not self.upgrade and self._retryable_status(status):
             conn.exchange = None
@@ -943,7 +954,15 @@ class Exchange:
             return False
         if not self.request_done or self.replay is None:
             return False
-        return plan.retry_on_status(status, self.attempt)
+        if not plan.retry_on_status(status, self.attempt):
+            return False
+        if self.cluster.retry_begin():
+            self.retry_slot = 1
+            return True
+        # Envoy's retry overflow (maxRetries retries outstanding to the cluster): the response
+        # goes to the client as it is, flagged UO (upstream_rq_retry_overflow).
+        self.flags = "UO" if self.flags == "-" else self.flags + ",UO"
+        return False
 
     def _retry(self, reason: str, status: int) -> bool:
         plan = self.plan
@@ -955,6 +974,11 @@ class Exchange:
             return False
         if self.upgrade:
             return False
+        if reason != "status":
+            if not self.cluster.retry_begin():
+                self.retry_slot = 2  # retry overflow: the local reply carries UO after its own flag
+                return False
+            self.retry_slot = 1
         # Envoy's jittered exponential back-off before the next try; the route timeout keeps
         # running. try_timer (free between tries) holds it, so every end of the exchange cancels it.
         self.try_timer = self.runtime.loop.call_later(
@@ -966,6 +990,10 @@ class Exchange:
         if not self.finished and not self.abandoned:
             self._attempt()
 
+    def _retry_end(self) -> None:
+        self.retry_slot = 0
+        self.cluster.retry_end()
+
     def _try_timeout(self, conn) -> None:
         self.try_timer = None
         if self.finished or self.response_started or self.upstream is not conn:
@@ -973,6 +1001,8 @@ class Exchange:
         conn.exchange = None
         conn.close()
         self.upstream = None
+        if self.retry_slot == 1:
+            self._retry_end()
         self.cluster.record(self.endpoint, 504, self.runtime.loop.time())
         if self._retry("per-try-timeout", 0):
             return
@@ -1043,6 +1073,9 @@ class Exchange:
         self.status = reply.status
         if reply.flags != "-":
             self.flags = reply.flags if self.flags == "-" else self.flags + "," + reply.flags
+        if self.retry_slot == 2:
+            self.flags += ",UO"  # the failure was not retried: retry overflow (Envoy: "UF,UO")
+            self.retry_slot = 0
         upstream = self.upstream
         if upstream is not None:
             self.upstream = None
@@ -1092,6 +1125,8 @@ class Exchange:
             self.timer = None
         if self.try_timer is not None:
             self._cancel_try_timer()
+        if self.retry_slot == 1:
+            self._retry_end()  # the exchange ended with a retry outstanding (timeout, client gone...)
         self.runtime.record_exchange(self)
         if self.request_done:
             down = self.down

@@ -60,6 +60,8 @@ cdef class ClusterState:
     cdef public object succeeded
     cdef public object only
     cdef public object cookie_hook
+    cdef public object retries
+    cdef public object max_retries
 
 cdef class ProxyRuntime:
     cdef public object snapshots

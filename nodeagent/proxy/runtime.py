@@ -220,7 +220,7 @@ class ClusterState:
     __slots__ = (
         "key", "source_namespace", "version", "policy", "endpoints", "by_id", "picker",
         "outlier", "pool", "service", "rand", "no_endpoint_labels", "ejected",
-        "connector", "succeeded", "only", "cookie_hook",
+        "connector", "succeeded", "only", "cookie_hook", "retries", "max_retries",
     )
 
     def __init__(self, key, source_namespace, connector, rand) -> None:
@@ -243,6 +243,10 @@ class ClusterState:
         self.succeeded = set()
         self.only = None  # the UpstreamEndpoint of a one-endpoint cluster whose picker keeps no pick state
         self.cookie_hook = None  # response_hook.ResponseHook when the LB hashes on a cookie with a ttl
+        # DestinationRule connectionPool.http.maxRetries (Envoy's retry circuit breaker): retries
+        # outstanding to the cluster now (decided, their attempt not finished yet), and the limit.
+        self.retries = 0
+        self.max_retries = UNLIMITED
 
     def refresh(self, snapshot, now: float) -> None:
         """Re-read policy and endpoints from a new snapshot, keeping live state where it still applies."""
@@ -300,6 +304,9 @@ class ClusterState:
         self.no_endpoint_labels = destination_labels(service, None, "http")
         hp = policy.lb.hash
         self.cookie_hook = ResponseHook(None, hp) if hp is not None and hp.cookie_ttl is not None else None
+        # Istio's default 2^32-1 is "no limit" (UNLIMITED here: the shared check is skipped)
+        limit = policy.max_retries
+        self.max_retries = limit if 0 < limit < cluster_mod.UNLIMITED else UNLIMITED
         self.policy = policy
         self.version = snapshot.version
 
@@ -331,6 +338,21 @@ class ClusterState:
 
     def done(self, endpoint: UpstreamEndpoint) -> None:
         self.picker.request_finished(endpoint.id)
+
+    def retry_begin(self) -> bool:
+        """A retry was decided: True when the cluster's retry circuit breaker (maxRetries) lets
+        it go (it is then outstanding until ``retry_end``); False when maxRetries retries are
+        already outstanding (Envoy's retry overflow: the request is not retried)."""
+        if self.retries >= self.max_retries:
+            return False
+        self.retries += 1
+        return True
+
+    def retry_end(self) -> None:
+        """The attempt of a retry ``retry_begin`` let go is over (its response head came, it
+        failed, or the exchange ended)."""
+        if self.retries > 0:
+            self.retries -= 1
 
     def labels_for(self, endpoint) -> tuple:
         return self.no_endpoint_labels if endpoint is None else endpoint.labels

@@ -15,9 +15,9 @@ again (see docs/proxy.md, "Workers share outlier detection and pool limits"):
   worker excluding it before its response leaves. Healthy traffic never talks to
   the parent.
 - connection-pool limits: an anonymous shared mmap (``PoolCounters``) with one row
-  per cluster (by name hash) and one cell pair per worker (open connections,
-  pending requests). Each worker writes only its own cells; a limit is checked
-  against the sum of the row (N reads, no lock). Like Envoy's, the check and the
+  per cluster (by name hash) and three cells per worker (open connections,
+  pending requests, outstanding retries). Each worker writes only its own cells; a
+  limit is checked against the sum of the row (N reads, no lock). Like Envoy's, the check and the
   increment are not one atomic step. A worker with no connection of its own to
   the cluster may always open one (Envoy's per-thread pool rule, which keeps a
   pending request from waiting on another worker's connection it can never use).
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 ROWS = 4096  # clusters hash into this many counter rows (a collision shares a row)
 REPORT_TIMEOUT = 1.0  # seconds a worker waits for the parent's answer to an error report
 _LEN = struct.Struct("!I")
+CELLS = 3  # per worker and row: open connections, pending requests, outstanding retries
 
 
 def cluster_id(key, source_namespace) -> str:
@@ -73,14 +74,15 @@ def _frames(buf: bytearray) -> list:
 
 
 class PoolCounters:
-    """Shared int64 cells: ROWS rows x workers x (open connections, pending requests).
+    """Shared int64 cells: ROWS rows x workers x (open connections, pending requests,
+    outstanding retries).
 
     Created by the parent before it forks (an anonymous MAP_SHARED mapping is
     shared with the children)."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self.map = mmap.mmap(-1, ROWS * workers * 2 * 8)
+        self.map = mmap.mmap(-1, ROWS * workers * CELLS * 8)
         self.cells = memoryview(self.map).cast("q")
 
     def row(self, cid: str) -> int:
@@ -90,9 +92,10 @@ class PoolCounters:
         """A worker is gone: its cells no longer count."""
         cells = self.cells
         for row in range(ROWS):
-            i = (row * self.workers + worker) * 2
+            i = (row * self.workers + worker) * CELLS
             cells[i] = 0
             cells[i + 1] = 0
+            cells[i + 2] = 0
 
 
 class SharedPool(ClusterPool):
@@ -103,9 +106,9 @@ class SharedPool(ClusterPool):
     def __init__(self, key, limits: PoolLimits, connector, counters: PoolCounters, row: int, worker: int) -> None:
         super().__init__(key, limits, connector)
         self.cells = counters.cells
-        self.width = 2 * counters.workers
+        self.width = CELLS * counters.workers
         self.base = row * self.width
-        self.mine = self.base + 2 * worker
+        self.mine = self.base + CELLS * worker
 
     def _publish(self) -> None:
         cells = self.cells
@@ -120,14 +123,14 @@ class SharedPool(ClusterPool):
         if limit >= UNLIMITED:
             return True
         base = self.base
-        return sum(self.cells[base:base + self.width:2]) < limit
+        return sum(self.cells[base:base + self.width:CELLS]) < limit
 
     def _may_queue(self) -> bool:
         limit = self.limits.max_pending
         if limit >= UNLIMITED:
             return True
         base = self.base + 1
-        return sum(self.cells[base:base + self.width:2]) < limit
+        return sum(self.cells[base:base + self.width:CELLS]) < limit
 
     def acquire(self, exchange, endpoint: tuple[str, int]) -> str | None:
         idle = self.idle.get(endpoint)
@@ -202,6 +205,25 @@ class SharedClusterState(ClusterState):
     def refresh(self, snapshot, now: float) -> None:
         super().refresh(snapshot, now)
         self.link.configure(self)
+
+    def retry_begin(self) -> bool:
+        """ClusterState.retry_begin against the retries outstanding in every worker (the
+        row's third cells), as Envoy's one retry circuit breaker per cluster."""
+        pool = self.pool
+        limit = self.max_retries
+        if limit < UNLIMITED:
+            base = pool.base + 2
+            if sum(pool.cells[base:base + pool.width:CELLS]) >= limit:
+                return False
+        self.retries += 1
+        pool.cells[pool.mine + 2] = self.retries
+        return True
+
+    def retry_end(self) -> None:
+        if self.retries > 0:
+            self.retries -= 1
+            pool = self.pool
+            pool.cells[pool.mine + 2] = self.retries
 
     def record(self, endpoint, status: int, now: float) -> None:
         if self.outlier is None or endpoint is None:

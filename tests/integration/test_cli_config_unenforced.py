@@ -33,10 +33,10 @@ spec:
   host: x
   trafficPolicy:
     connectionPool:
-      http: {maxRetries: 3}
+      http: {maxConcurrentStreams: 3}
 """
 WANT = ("vs.yaml:10: warning: VirtualService prod/x: spec.http[0].match[0].statPrefix: loaded but not enforced by nodeagent; "
-        "also DestinationRule prod/x spec.trafficPolicy.connectionPool.http.maxRetries (line 24)")
+        "also DestinationRule prod/x spec.trafficPolicy.connectionPool.http.maxConcurrentStreams (line 24)")
 
 
 def run(*args, cwd):

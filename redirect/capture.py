@@ -314,6 +314,8 @@ def update_elements(plan: CapturePlan, netns: NetnsRef | None, *, add: Sequence[
                     delete: Sequence[str] = (), runner: Runner = run_command) -> bool:
     """Add and delete single addresses in the plan's nft named sets (``Rule.daddr_set``),
     in ONE transaction, without reading or reloading the table (nft backend only).
+    Only the plan's table and set names count, not the members it lists: a caller
+    may pass the plan it last applied in full.
 
     For a table that ``apply`` installed: the rest of it is not read, so other drift
     is repaired by the next ``apply``/``verify`` (a full resync). The whole batch

@@ -119,7 +119,9 @@ class NodeProbes:
         self._dirty = True  # the node's rules may differ from self._pods (never applied, or failed)
         # The usable addresses the node's table held after this process's last successful
         # write, or None (no table, or unknown): then the next change applies the full plan.
-        self._installed: frozenset[str] | None = None
+        self._installed: set[str] | None = None
+        self._plan = None  # the node plan last applied in full: its table and set names, for element updates
+        self._families = {ipaddress.ip_network(a).version for a in self.config.probe_snat}
         self._views: dict[str, PodVisit] = {}  # pod_view read during another visit to the pod (visit())
 
     @property
@@ -167,18 +169,20 @@ class NodeProbes:
         if not addresses:
             log.warning("%s: no IP address (--ip) and none found in %s: probes from the node to it are captured",
                         spec.ref, spec.target)
-        if self._pods.get(spec.target) == addresses and not self._dirty:
+        previous = self._pods.get(spec.target)
+        if previous == addresses and not self._dirty:
             return  # a full resync re-applying a known pod: nothing changed (verify() repairs drift)
         self._pods[spec.target] = addresses
-        self._update()
+        self._update(spec.target, previous or (), addresses)
 
     def discard(self, spec: WorkloadSpec) -> None:
         if spec.kind != "netns":
             return
         self._views.pop(spec.target, None)
-        if self._pods.pop(spec.target, None) is None and not self._dirty:
+        previous = self._pods.pop(spec.target, None)
+        if previous is None and not self._dirty:
             return
-        self._update()
+        self._update(spec.target, previous or (), ())
 
     def verify(self) -> None:
         """Read the node's rules and repair any drift (the full read-compare-load; once per
@@ -186,18 +190,25 @@ class NodeProbes:
         if self._pods or self._dirty:
             self.sync()
 
-    def _update(self) -> None:
-        """The node's rules after a change of ``self._pods``: single set elements when the
-        table is known to hold the rest (nft), else the full plan."""
-        usable = self._usable(self.addresses())
-        if self.backend != "nft" or self._dirty or self._installed is None or not usable:
+    def _update(self, target: str, before: tuple[str, ...], after: tuple[str, ...]) -> None:
+        """The node's rules after pod ``target``'s addresses went from ``before`` to ``after``:
+        single set elements when the table is known to hold every other pod's (nft; O(1)
+        in the number of pods), else the full plan."""
+        installed = self._installed
+        if self.backend != "nft" or self._dirty or installed is None or self._plan is None:
             self.sync()
             return
-        want = frozenset(usable)
-        add, delete = sorted(want - self._installed), sorted(self._installed - want)
+        after_usable = self._usable(after)
+        add = [a for a in after_usable if a not in installed]
+        delete = [a for a in self._usable(before) if a not in after_usable and a in installed
+                  and not any(a in addrs for other, addrs in self._pods.items() if other != target)]
+        if len(installed) + len(add) - len(delete) <= 0:
+            self.sync()  # no pod address left: the table goes
+            return
         self._dirty = True
         try:
-            update_elements(node_plan(usable, self.config), self.netns, add=add, delete=delete, runner=self.runner)
+            # the last full plan names the table and the sets; their members are not used
+            update_elements(self._plan, self.netns, add=add, delete=delete, runner=self.runner)
         except (RedirectError, TimeoutError, OSError) as exc:
             # the table, a set or an element to delete is gone (drift), or the write failed:
             # the full read-compare-load repairs whatever differs
@@ -205,38 +216,38 @@ class NodeProbes:
                      "table", exc)
             self.sync()
             return
-        self._installed = want
+        installed.difference_update(delete)
+        installed.update(add)
         self._dirty = False
 
     def sync(self) -> None:
         """Make the node's table/chains match the pods held (removed when none)."""
         self._dirty = True
-        self._installed = None
+        self._installed = self._plan = None
         try:
             usable = self._usable(self.addresses())
             if usable:
                 # Other backends are swept once: the node's namespace may hold iptables-legacy
                 # tables (not ours), and reading them costs two iptables-save runs per enroll.
-                apply_plan(node_plan(usable, self.config), self.netns, self.backend, runner=self.runner,
-                           sweep=not self._swept)
+                plan = node_plan(usable, self.config)
+                apply_plan(plan, self.netns, self.backend, runner=self.runner, sweep=not self._swept)
                 self._swept = True
-                self._installed = frozenset(usable)
+                self._installed, self._plan = set(usable), plan
             else:
                 cleanup(self.netns, runner=self.runner, owners=(NODE_OWNER,))
         except (RedirectError, TimeoutError, OSError) as exc:
             raise CaptureError(f"node probe SNAT: {exc}") from None
         self._dirty = False
 
-    def _usable(self, addresses: tuple[str, ...]) -> list[str]:
-        families = {ipaddress.ip_network(a).version for a in self.config.probe_snat}
-        return [a for a in addresses if ipaddress.ip_address(a).version in families]
+    def _usable(self, addresses: Iterable[str]) -> list[str]:
+        return [a for a in addresses if ipaddress.ip_address(a).version in self._families]
 
     def uninstall(self) -> None:
         """Remove the node's probe SNAT whatever this process holds (uninstall, mode switch)."""
         self._pods.clear()
         self._views.clear()
         self._swept = False
-        self._installed = None
+        self._installed = self._plan = None
         self._dirty = True
         try:
             cleanup(self.netns, runner=self.runner, owners=(NODE_OWNER,))

@@ -401,6 +401,10 @@ def node_plan(pod_addresses: Sequence[str], config: CaptureConfig = CaptureConfi
     only new connections are rewritten; replies are un-NATed by conntrack,
     which needs the pod to route the SNAT address back to the node (its
     default route via the node does).
+
+    The SNAT rules name their addresses as a set (``daddr_set``, see
+    ``node_set``): nft keeps them in a named set, so one pod is one element
+    (``capture.update_elements``); iptables renders one rule per address.
     """
     if isinstance(pod_addresses, (str, bytes)):
         raise CaptureError(f"node plan: pod addresses must be a list, got {pod_addresses!r}")

@@ -379,3 +379,32 @@ def test_node_probes_on_iptables_follow_the_pods_and_repair(net, listening, clea
     for tool in ("iptables-nft-save", "ip6tables-nft-save", "iptables-legacy-save", "ip6tables-legacy-save"):
         assert "NODEAGENT" not in run_command(node.netns, [tool]).stdout, tool
     assert "nodeagent" not in run_command(node.netns, ["nft", "list", "tables"]).stdout
+
+
+def test_node_probes_use_the_pod_view_read_in_another_visit(net, cleaned, monkeypatch):
+    """NodeProbes.visit: pod_view read by a caller already inside the pod's namespace (the
+    listeners' visit) is used by add() instead of a visit of its own; an unused or stale
+    one is dropped by close()."""
+    from nodeagent.agent import probes as probes_mod
+    from nodeagent.agent.probes import NodeProbes
+    from nodeagent.agent.workload import WorkloadSpec
+
+    node, server = net.nodes["n1"], net.pods["server"]
+    spec = WorkloadSpec("netns", server.netns, server.name, "shop", "default")  # no --ip: read in the pod
+    probes = NodeProbes(netns=node.netns)
+    look = probes.visit(spec)
+    run_in_netns(server.netns, look)
+    visits = []
+    real = probes_mod.pod_view
+    monkeypatch.setattr(probes_mod, "pod_view", lambda *a, **kw: visits.append(a) or real(*a, **kw))
+    probes.add(spec)
+    look.close()
+    assert visits == [] and probes.addresses() == (server.ip,)
+    assert capture.verify(node_plan([server.ip]), node.netns) == ()
+
+    # not run (the listeners were open already), or not used: add() reads the pod itself
+    probes.discard(spec)
+    probes.visit(spec).close()
+    probes.add(spec)
+    assert len(visits) == 1 and probes.addresses() == (server.ip,)
+    probes.uninstall()

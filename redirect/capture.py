@@ -310,6 +310,26 @@ def apply(plan: CapturePlan, netns: NetnsRef | None, backend: str = "nft", *,
     return ApplyResult(chosen, bool(drift_list) or bool(removed), tuple(drift_list), removed)
 
 
+def update_elements(plan: CapturePlan, netns: NetnsRef | None, *, add: Sequence[str] = (),
+                    delete: Sequence[str] = (), runner: Runner = run_command) -> bool:
+    """Add and delete single addresses in the plan's nft named sets (``Rule.daddr_set``),
+    in ONE transaction, without reading or reloading the table (nft backend only).
+    Only the plan's table and set names count, not the members it lists: a caller
+    may pass the plan it last applied in full.
+
+    For a table that ``apply`` installed: the rest of it is not read, so other drift
+    is repaired by the next ``apply``/``verify`` (a full resync). The whole batch
+    fails, changing nothing, when the table or a set is gone or an address to
+    delete is not in its set: the caller then re-applies the full plan. Adding an
+    address the set holds already is not an error. False when there was nothing to do.
+    """
+    text = nft.render_elements(plan, add, delete)
+    if not text:
+        return False
+    _with_session(netns, runner, lambda session: session.load(text))
+    return True
+
+
 def cleanup(netns: NetnsRef | None, backends: Sequence[Backend] = BACKENDS, *,
             runner: Runner = run_command, owners: Sequence[str] = OWNERS) -> tuple[Backend, ...]:
     """Remove everything nodeagent added in ``netns`` (and nothing else).

@@ -50,10 +50,13 @@ def rule_args(rule: Rule, family: Family) -> list[list[str]]:
     """Arguments (after ``-A CHAIN``) for one plan rule; several when it expands.
 
     iptables takes one address per rule and 15 ports per multiport match, so a
-    rule with address or port sets becomes several rules with the same comment.
+    rule with address or port sets becomes several rules with the same comment
+    (``daddr_set`` too: nft's named set is one rule per address here).
     """
     if rule.family not in (None, family):
         return []
+    if rule.daddr_set is not None and not rule.daddrs:
+        return []  # an empty set matches nothing: no rule (one without -d would match everything)
     out = []
     for saddr in rule.saddrs or (None,):
         for daddr in rule.daddrs or (None,):

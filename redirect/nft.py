@@ -11,13 +11,19 @@ Every rule carries the comment ``nodeagent:<name>:<digest>``; ``parse_state``
 reads ``nft -j list table`` output back into the same shape ``desired_state``
 builds from the plan, so drift (a rule deleted, added, reordered or changed by
 nodeagent's own newer plan) is a plain comparison.
+
+A rule with ``daddr_set`` (the node plan's probe SNAT) matches ``@set``, a
+named set of the table holding its addresses: ``render_elements`` adds or
+deletes single addresses in one small transaction, without reloading the
+table; the set's members are part of the drift comparison.
 """
 from __future__ import annotations
 
 import json
 import posixpath
-from dataclasses import dataclass
-from typing import Mapping
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 from .plan import NODE_OWNER, OWNER, CaptureError, CapturePlan, Hook, Rule
 
@@ -50,6 +56,35 @@ def _set(items: tuple) -> str:
     return str(items[0]) if len(items) == 1 else "{ " + ", ".join(str(i) for i in items) + " }"
 
 
+SET_TYPES: Mapping[str, str] = {"ipv4": "ipv4_addr", "ipv6": "ipv6_addr"}
+
+
+def _element(cidr: str) -> str:
+    """A named set's member: the address of a host CIDR (the sets hold addresses, not ranges)."""
+    address, _, length = str(cidr).partition("/")
+    host = "128" if ":" in address else "32"
+    if length not in ("", host):
+        raise CaptureError(f"nft set member {cidr!r} is a range; named sets hold single addresses")
+    return address
+
+
+def named_sets(plan: CapturePlan) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The plan's named sets: name -> (nft type, members in order)."""
+    out: dict[str, tuple[str, tuple[str, ...]]] = {}
+    families = plan.families
+    for rule in plan.rules:
+        if rule.daddr_set is None or rule.family not in families:
+            continue
+        if rule.family is None:
+            raise CaptureError(f"rule {rule.name}: a set of addresses needs the rule's family")
+        members = tuple(_element(a) for a in rule.daddrs)
+        seen = out.get(rule.daddr_set)
+        if seen is not None and seen != (SET_TYPES[rule.family], members):
+            raise CaptureError(f"rules disagree on the members of set {rule.daddr_set}")
+        out[rule.daddr_set] = (SET_TYPES[rule.family], members)
+    return out
+
+
 def render_rule(plan: CapturePlan, rule: Rule) -> str:
     parts: list[str] = []
     if rule.mark is not None:
@@ -62,7 +97,9 @@ def render_rule(plan: CapturePlan, rule: Rule) -> str:
     proto = "ip" if rule.family == "ipv4" else "ip6"
     if rule.saddrs:
         parts.append(f"{proto} saddr {_set(rule.saddrs)}")
-    if rule.daddrs:
+    if rule.daddr_set is not None:
+        parts.append(f"{proto} daddr @{rule.daddr_set}")
+    elif rule.daddrs:
         parts.append(f"{proto} daddr {_set(rule.daddrs)}")
     if rule.cgroup is not None:
         parts.append(f'socket cgroupv2 level {rule.cgroup_level} "{nft_cgroup_path(plan, rule.cgroup)}"')
@@ -112,6 +149,12 @@ def render(plan: CapturePlan) -> str:
     families = plan.families
     lines = _drop_tables((plan.owner,))
     lines.append(f"table {fam} {plan.owner} {{")
+    for name, (kind, members) in named_sets(plan).items():
+        lines.append(f"\tset {name} {{")
+        lines.append(f"\t\ttype {kind}")
+        if members:  # `elements = { }` is a syntax error
+            lines.append(f"\t\telements = {{ {', '.join(members)} }}")
+        lines.append("\t}")
     for hook in plan.hooks:
         lines.append(f"\tchain {hook} {{")
         lines.append(f"\t\t{_chain_header(hook)}")
@@ -121,6 +164,27 @@ def render(plan: CapturePlan) -> str:
         lines.append("\t}")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def render_elements(plan: CapturePlan, add: Sequence[str] = (), delete: Sequence[str] = ()) -> str:
+    """`nft -f` text adding and deleting single addresses in the plan's named sets, ONE
+    transaction. Each address goes to the set of its family; deleting an address the
+    set does not hold, or touching a table or set that does not exist, fails the whole
+    batch (the caller then re-applies the full plan)."""
+    by_family = {rule.family: rule.daddr_set for rule in plan.rules
+                 if rule.daddr_set is not None and rule.family in plan.families}
+    lines = []
+    for verb, addresses in (("delete", delete), ("add", add)):
+        grouped: dict[str, list[str]] = {}
+        for address in addresses:
+            family = "ipv6" if ":" in str(address) else "ipv4"
+            name = by_family.get(family)
+            if name is None:
+                raise CaptureError(f"plan {plan.owner} has no set for {family} address {address}")
+            grouped.setdefault(name, []).append(_element(address))
+        for name, members in grouped.items():
+            lines.append(f"{verb} element {table_family(plan)} {plan.owner} {name} {{ {', '.join(members)} }}")
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def render_cleanup(owners: tuple[str, ...] = (OWNER,)) -> str:
@@ -138,10 +202,17 @@ class ChainState:
 
 
 @dataclass(frozen=True, slots=True)
+class SetState:
+    type: str | None
+    elements: frozenset[str]  # members as nft prints them; anything but a plain address as its JSON text
+
+
+@dataclass(frozen=True, slots=True)
 class TableState:
     family: str
     chains: Mapping[str, ChainState]
     owner: str = OWNER
+    sets: Mapping[str, SetState] = field(default_factory=dict)
 
 
 def desired_state(plan: CapturePlan) -> TableState:
@@ -150,7 +221,18 @@ def desired_state(plan: CapturePlan) -> TableState:
     for hook in plan.hooks:
         rules = tuple(r.comment for r in plan.rules_for(hook) if r.family is None or r.family in families)
         chains[hook] = ChainState("nat", hook, PRIORITIES[hook], "accept", rules)
-    return TableState(table_family(plan), chains, plan.owner)
+    sets = {name: SetState(kind, frozenset(_canonical(m) for m in members))
+            for name, (kind, members) in named_sets(plan).items()}
+    return TableState(table_family(plan), chains, plan.owner, sets)
+
+
+def _canonical(member: object) -> str:
+    if isinstance(member, str):
+        try:
+            return str(ipaddress.ip_address(member))
+        except ValueError:
+            return member
+    return json.dumps(member, sort_keys=True)  # a range, a concatenation...: never one of ours
 
 
 def _items(listing: str, what: str) -> list:
@@ -167,6 +249,7 @@ def _table_state(items: list, family: str, owner: str = OWNER) -> TableState | N
     """The ``owner``'s table of ``family`` among listing ``items`` (None if absent)."""
     chains: dict[str, dict] = {}
     rules: dict[str, list[str]] = {}
+    sets: dict[str, SetState] = {}
     found = False
     for item in items:
         kind, obj = next(iter(item.items())) if isinstance(item, dict) and item else (None, None)
@@ -177,6 +260,11 @@ def _table_state(items: list, family: str, owner: str = OWNER) -> TableState | N
         elif kind == "chain" and obj.get("table") == owner:
             chains[obj["name"]] = obj
             rules.setdefault(obj["name"], [])
+        elif kind == "set" and obj.get("table") == owner:
+            members = obj.get("elem", [])
+            sets[str(obj.get("name"))] = SetState(
+                obj.get("type") if isinstance(obj.get("type"), str) else json.dumps(obj.get("type")),
+                frozenset(_canonical(m) for m in (members if isinstance(members, list) else [members])))
         elif kind == "rule" and obj.get("table") == owner:
             comment = obj.get("comment")
             if not (isinstance(comment, str) and comment.startswith(OWNER + ":")):
@@ -188,7 +276,7 @@ def _table_state(items: list, family: str, owner: str = OWNER) -> TableState | N
         name: ChainState(c.get("type"), c.get("hook"), c.get("prio"), c.get("policy"), tuple(rules.get(name, ())))
         for name, c in chains.items()
     }
-    return TableState(family, states, owner)
+    return TableState(family, states, owner, sets)
 
 
 def parse_state(listing: str, family: str, owner: str = OWNER) -> TableState | None:
@@ -264,4 +352,19 @@ def diff(desired: TableState, actual: TableState | None) -> tuple[str, ...]:
     for name in actual.chains:
         if name not in desired.chains:
             out.append(f"unexpected chain {name}")
+    for name, want_set in desired.sets.items():
+        have_set = actual.sets.get(name)
+        if have_set is None:
+            out.append(f"set {name} is missing")
+            continue
+        if have_set.type != want_set.type:
+            out.append(f"set {name} is type {have_set.type}, want {want_set.type}")
+        missing = sorted(want_set.elements - have_set.elements)
+        extra = sorted(have_set.elements - want_set.elements)
+        if missing or extra:
+            detail = ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else [])
+            out.append(f"set {name}: elements differ ({'; '.join(detail)})")
+    for name in actual.sets:
+        if name not in desired.sets:
+            out.append(f"unexpected set {name}")
     return tuple(out)

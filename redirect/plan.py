@@ -215,7 +215,7 @@ class HostWorkload:
         return len(self.cgroup.split("/"))
 
 
-_LATER_FIELDS = ("to_addr", "local_socket", "midstream", "socket_mark")
+_LATER_FIELDS = ("to_addr", "local_socket", "midstream", "socket_mark", "daddr_set")
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,13 +244,20 @@ class Rule:
     local_socket: bool = False  # only packets of a local socket of this namespace (not forwarded ones)
     midstream: bool = False  # only TCP packets that cannot open a connection (anything but a bare SYN)
     socket_mark: tuple[int, int] | None = None  # (value, mask): the local socket the packet is for has this mark
+    # nft: ``daddrs`` live in a named set of the table (``@daddr_set``), which single
+    # elements can be added to and deleted from without reloading the table.
+    # iptables has no sets: one rule per address, as without it.
+    daddr_set: str | None = None
 
     @property
     def digest(self) -> str:
         """Short content hash: a changed rule gets a new comment, so drift is visible."""
         # Fields added later (see _LATER_FIELDS) count only when set, so the rules
-        # that do not use them keep their digests (no drift on upgrade).
-        values = [getattr(self, f.name) for f in fields(self) if f.name not in _LATER_FIELDS]
+        # that do not use them keep their digests (no drift on upgrade). The members
+        # of a named set are the set's, not the rule's: adding one element leaves the
+        # rule (and its comment) as it is.
+        values = [() if f.name == "daddrs" and self.daddr_set else getattr(self, f.name)
+                  for f in fields(self) if f.name not in _LATER_FIELDS]
         extra = {name: getattr(self, name) for name in _LATER_FIELDS if getattr(self, name) not in (None, False)}
         text = repr(tuple(values)) + (repr(sorted(extra.items())) if extra else "")
         return hashlib.sha256(text.encode()).hexdigest()[:10]
@@ -394,6 +401,10 @@ def node_plan(pod_addresses: Sequence[str], config: CaptureConfig = CaptureConfi
     only new connections are rewritten; replies are un-NATed by conntrack,
     which needs the pod to route the SNAT address back to the node (its
     default route via the node does).
+
+    The SNAT rules name their addresses as a set (``daddr_set``, see
+    ``node_set``): nft keeps them in a named set, so one pod is one element
+    (``capture.update_elements``); iptables renders one rule per address.
     """
     if isinstance(pod_addresses, (str, bytes)):
         raise CaptureError(f"node plan: pod addresses must be a list, got {pod_addresses!r}")
@@ -408,16 +419,24 @@ def node_plan(pod_addresses: Sequence[str], config: CaptureConfig = CaptureConfi
     if not addresses:
         raise CaptureError("node plan: no pod addresses given; enrol a pod with its IP first")
     snat = {"ipv4": config.probe_snat_v4, "ipv6": config.probe_snat_v6 if config.ipv6 else None}
-    rules = [Rule("post-skip-proxy-mark", "postrouting", "return", mark=(config.proxy_mark, config.mark_mask))]
-    for fam, tag in (("ipv4", "4"), ("ipv6", "6")):
-        daddrs = tuple(a for a in addresses if _family_of(a) == fam)
-        if daddrs and snat[fam]:
-            rules.append(Rule(f"post-probe-snat{tag}", "postrouting", "snat", to_addr=snat[fam], family=fam,
-                              daddrs=daddrs, tcp=True, local_socket=True))
-    if len(rules) == 1:
+    if not any(snat[_family_of(a)] for a in addresses):
         raise CaptureError(f"node plan: probe SNAT is off for the families of {addresses} "
                            "(probe_snat_v4/probe_snat_v6 unset, or ipv6 off)")
+    rules = [Rule("post-skip-proxy-mark", "postrouting", "return", mark=(config.proxy_mark, config.mark_mask))]
+    for fam, tag in (("ipv4", "4"), ("ipv6", "6")):
+        # A rule for every family with a SNAT address, even with no pod of that family
+        # yet (nft: an empty set matches nothing; iptables: no rule), so a pod's
+        # address is one element added to or deleted from the set (``node_set``).
+        if snat[fam]:
+            daddrs = tuple(a for a in addresses if _family_of(a) == fam)
+            rules.append(Rule(f"post-probe-snat{tag}", "postrouting", "snat", to_addr=snat[fam], family=fam,
+                              daddrs=daddrs, tcp=True, local_socket=True, daddr_set=node_set(fam)))
     return CapturePlan("node", _ordered(rules, NODE_HOOKS), ipv6=config.ipv6, owner=NODE_OWNER, hooks=NODE_HOOKS)
+
+
+def node_set(family: Family) -> str:
+    """The nft set of the node plan holding the enrolled pods' addresses of ``family``."""
+    return "probe_pods4" if family == "ipv4" else "probe_pods6"
 
 
 def _ordered(rules: list[Rule], hooks: tuple[Hook, ...] = HOOKS) -> tuple[Rule, ...]:

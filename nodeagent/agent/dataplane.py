@@ -133,9 +133,11 @@ class DataPlane:
 
     # -- listeners (called from the reconciler's worker thread) ----------------
 
-    def attach(self, spec: WorkloadSpec) -> None:
+    def attach(self, spec: WorkloadSpec, also: Callable[[], None] | None = None) -> None:
         """Open the workload's listeners; idempotent. A changed spec (labels, service
-        account, IPs) reopens them: identity and policy are bound to the listener."""
+        account, IPs) reopens them: identity and policy are bound to the listener.
+        ``also`` (a pod only; it must not raise) is called inside the pod's namespace
+        in the same visit, after the listeners are open; not when they were open already."""
         current = self.attached.get(spec.key)
         if current is not None:
             if current.spec == spec:
@@ -145,7 +147,7 @@ class DataPlane:
         if spec.kind == "netns":
             netns = netns_path(spec.target)
             sockets = _listen_in_netns(netns, [(OUTBOUND_PORT, "outbound"), (INBOUND_PORT, "plaintext"),
-                                               (TUNNEL_PORT, "tunnel")])
+                                               (TUNNEL_PORT, "tunnel")], also)
         else:
             port = self.host_port_of(spec)
             if port is None:
@@ -283,12 +285,20 @@ class DataPlaneCapture:
             self.plane.detach(spec)
             raise CaptureError(f"{spec.ref}: network namespace {path} does not exist (pod gone?); "
                                f"unenroll it, or it is captured again when it reappears")
-        self._attach(spec)
-        self.inner.apply(spec)
-
-    def _attach(self, spec: WorkloadSpec) -> None:
+        # What the backend reads inside the pod (the node probes' pod_view) is read in the
+        # listeners' visit: one setns worker thread per enroll instead of two.
+        visit = getattr(self.inner, "pod_visit", None)
+        look = visit(spec) if visit is not None else None
         try:
-            self.plane.attach(spec)
+            self._attach(spec, look)
+            self.inner.apply(spec)
+        finally:
+            if look is not None:
+                look.close()
+
+    def _attach(self, spec: WorkloadSpec, also: Callable[[], None] | None = None) -> None:
+        try:
+            self.plane.attach(spec, also)
         except CaptureError:
             raise
         except Exception as exc:  # OSError, TimeoutError, an identity this node does not serve
@@ -302,9 +312,11 @@ class DataPlaneCapture:
         return self.inner.sweep(keep)
 
 
-def _listen_in_netns(netns: str, ports: list[tuple[int, str]]) -> list[tuple[str, socket.socket]]:
+def _listen_in_netns(netns: str, ports: list[tuple[int, str]],
+                     also: Callable[[], None] | None = None) -> list[tuple[str, socket.socket]]:
     """(kind, socket) for IPv4 and (when the namespace has it) IPv6 listeners on each
-    port inside ``netns``, all opened in one visit to the namespace."""
+    port inside ``netns``, all opened in one visit to the namespace; then ``also()``
+    there too (it must not raise)."""
 
     def make() -> list[tuple[str, socket.socket]]:
         made: list[tuple[str, socket.socket]] = []
@@ -318,6 +330,8 @@ def _listen_in_netns(netns: str, ports: list[tuple[int, str]]) -> list[tuple[str
             for _, sock in made:
                 sock.close()
             raise
+        if also is not None:
+            also()
         return made
 
     try:

@@ -12,11 +12,19 @@ capture lets that source through (nftables/iptables ``in-skip-probes``, eBPF
 socket and is never rewritten; nor are the proxy's own sockets (mark 0x539).
 
 ``NodeProbes`` tracks the enrolled pods' addresses (``--ip``, else the
-global addresses found in the pod's namespace) and re-applies the node plan
-when they change (a no-op when nothing differs); with no pod left it removes
-the node's table/chains. ``uninstall`` removes them whatever this process
-knows. The node plan has its own table (``nodeagent-node``) and chains
+global addresses found in the pod's namespace). The first change, and any
+after a failed write, applies the whole node plan (read, compare, one atomic
+load; other backends swept); after that, with nftables, a pod's addresses are
+single elements added to or deleted from the table's named sets (one small
+transaction, no read: O(1) per enroll instead of reloading every pod's
+address). ``verify()``, once per full resync, reads and compares the whole
+table and repairs any drift. With no pod left it removes the node's
+table/chains. ``uninstall`` removes them whatever this process knows. The
+node plan has its own table (``nodeagent-node``) and chains
 (``NODEAGENT_NODE-POSTROUTING``), so it never touches a host-mode plan.
+
+The iptables backend re-applies the whole plan on every change (iptables has
+no sets, and one rule per address is compared in order; see docs/capture.md).
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ from typing import Iterable
 from redirect import CaptureConfig, cleanup, run_command, run_in_netns
 from redirect import CaptureError as RedirectError
 from redirect import apply as apply_plan
+from redirect.capture import update_elements
 from redirect.plan import NODE_OWNER, node_plan
 
 from nodeagent.agent.capture import CaptureError
@@ -45,16 +54,17 @@ def pod_view(path: str, snat: Iterable[str], ips: Iterable[str] = ()) -> tuple[t
     the SNAT addresses of the pod's families (``ips``, else those found) are
     checked.
     """
+    return run_in_netns(path, pod_view_here, snat, ips, timeout=5.0)
+
+
+def pod_view_here(snat: Iterable[str], ips: Iterable[str] = ()) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``pod_view`` of the CALLING THREAD's network namespace (for a caller already inside the pod's)."""
     snat, ips = tuple(snat), tuple(ips)
-
-    def look() -> tuple[tuple[str, ...], tuple[str, ...]]:
-        addresses = tuple(sorted(_global_addresses(),
-                                 key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a))))
-        families = {ipaddress.ip_address(a).version for a in ips or addresses}
-        unroutable = tuple(a for a in snat if ipaddress.ip_address(a).version in families and not _routable(a))
-        return addresses, unroutable
-
-    return run_in_netns(path, look, timeout=5.0)
+    addresses = tuple(sorted(_global_addresses(),
+                             key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a))))
+    families = {ipaddress.ip_address(a).version for a in ips or addresses}
+    unroutable = tuple(a for a in snat if ipaddress.ip_address(a).version in families and not _routable(a))
+    return addresses, unroutable
 
 
 def _global_addresses() -> set[str]:
@@ -107,6 +117,12 @@ class NodeProbes:
         self._pods: dict[str, tuple[str, ...]] = {}
         self._swept = False  # the first apply also removes our rules from the other backends
         self._dirty = True  # the node's rules may differ from self._pods (never applied, or failed)
+        # The usable addresses the node's table held after this process's last successful
+        # write, or None (no table, or unknown): then the next change applies the full plan.
+        self._installed: set[str] | None = None
+        self._plan = None  # the node plan last applied in full: its table and set names, for element updates
+        self._families = {ipaddress.ip_network(a).version for a in self.config.probe_snat}
+        self._views: dict[str, PodVisit] = {}  # pod_view read during another visit to the pod (visit())
 
     @property
     def enabled(self) -> bool:
@@ -115,17 +131,37 @@ class NodeProbes:
     def addresses(self) -> tuple[str, ...]:
         return tuple(sorted({a for addrs in self._pods.values() for a in addrs}))
 
+    def visit(self, spec: WorkloadSpec) -> "PodVisit | None":
+        """For a caller about to enter the pod's namespace anyway (the listeners): a
+        ``PodVisit`` to call there, which reads what ``add`` needs (``pod_view``) and so
+        saves ``add`` a visit of its own; the caller closes it once ``add`` has run.
+        None when ``add`` needs nothing from the pod."""
+        if spec.kind != "netns" or not self.enabled or (spec.target in self._pods and spec.ips):
+            return None
+        look = PodVisit(self, spec, [a.split("/")[0] for a in self.config.probe_snat])
+        self._views[spec.target] = look
+        return look
+
     def add(self, spec: WorkloadSpec) -> None:
-        """Take in a netns workload's addresses and re-apply the node plan (idempotent)."""
+        """Take in a netns workload's addresses and update the node plan (idempotent)."""
         if spec.kind != "netns" or not self.enabled:
             return
         addresses = tuple(spec.ips)
+        seen = self._views.pop(spec.target, None)
         if spec.target not in self._pods or not addresses:
-            path = netns_path(spec.target)
-            try:
-                found, unroutable = pod_view(path, [a.split("/")[0] for a in self.config.probe_snat], addresses)
-            except (RedirectError, OSError, TimeoutError, ImportError) as exc:  # NetnsError: the pod is gone
-                raise CaptureError(f"{spec.ref}: cannot read the pod's addresses for probe SNAT: {exc}") from None
+            if seen is not None and seen.ran and seen.spec == spec:
+                view, error = seen.view, seen.error
+            else:
+                try:
+                    view, error = pod_view(netns_path(spec.target),
+                                           [a.split("/")[0] for a in self.config.probe_snat], addresses), None
+                except Exception as exc:  # noqa: BLE001 -- narrowed below
+                    view, error = None, exc
+            if error is not None:
+                if isinstance(error, (RedirectError, OSError, TimeoutError, ImportError)):  # NetnsError: pod gone
+                    raise CaptureError(f"{spec.ref}: cannot read the pod's addresses for probe SNAT: {error}") from None
+                raise error
+            found, unroutable = view
             addresses = addresses or found
             for address in unroutable:
                 log.warning("%s: the pod has no route to the probe address %s: probes from the node reach it but "
@@ -133,53 +169,116 @@ class NodeProbes:
         if not addresses:
             log.warning("%s: no IP address (--ip) and none found in %s: probes from the node to it are captured",
                         spec.ref, spec.target)
-        if self._pods.get(spec.target) == addresses and not self._dirty:
+        previous = self._pods.get(spec.target)
+        if previous == addresses and not self._dirty:
             return  # a full resync re-applying a known pod: nothing changed (verify() repairs drift)
         self._pods[spec.target] = addresses
-        self.sync()
+        self._update(spec.target, previous or (), addresses)
 
     def discard(self, spec: WorkloadSpec) -> None:
         if spec.kind != "netns":
             return
-        if self._pods.pop(spec.target, None) is None and not self._dirty:
+        self._views.pop(spec.target, None)
+        previous = self._pods.pop(spec.target, None)
+        if previous is None and not self._dirty:
             return
-        self.sync()
+        self._update(spec.target, previous or (), ())
 
     def verify(self) -> None:
-        """Re-apply the node's rules from what this process holds (repairs drift; once per full
-        resync rather than once per pod)."""
+        """Read the node's rules and repair any drift (the full read-compare-load; once per
+        full resync rather than once per pod)."""
         if self._pods or self._dirty:
             self.sync()
+
+    def _update(self, target: str, before: tuple[str, ...], after: tuple[str, ...]) -> None:
+        """The node's rules after pod ``target``'s addresses went from ``before`` to ``after``:
+        single set elements when the table is known to hold every other pod's (nft; O(1)
+        in the number of pods), else the full plan."""
+        installed = self._installed
+        if self.backend != "nft" or self._dirty or installed is None or self._plan is None:
+            self.sync()
+            return
+        after_usable = self._usable(after)
+        add = [a for a in after_usable if a not in installed]
+        delete = [a for a in self._usable(before) if a not in after_usable and a in installed
+                  and not any(a in addrs for other, addrs in self._pods.items() if other != target)]
+        if len(installed) + len(add) - len(delete) <= 0:
+            self.sync()  # no pod address left: the table goes
+            return
+        self._dirty = True
+        try:
+            # the last full plan names the table and the sets; their members are not used
+            update_elements(self._plan, self.netns, add=add, delete=delete, runner=self.runner)
+        except (RedirectError, TimeoutError, OSError) as exc:
+            # the table, a set or an element to delete is gone (drift), or the write failed:
+            # the full read-compare-load repairs whatever differs
+            log.info("node probe SNAT: updating the pod addresses in place failed (%s); re-applying the node "
+                     "table", exc)
+            self.sync()
+            return
+        installed.difference_update(delete)
+        installed.update(add)
+        self._dirty = False
 
     def sync(self) -> None:
         """Make the node's table/chains match the pods held (removed when none)."""
         self._dirty = True
+        self._installed = self._plan = None
         try:
             usable = self._usable(self.addresses())
             if usable:
                 # Other backends are swept once: the node's namespace may hold iptables-legacy
                 # tables (not ours), and reading them costs two iptables-save runs per enroll.
-                apply_plan(node_plan(usable, self.config), self.netns, self.backend, runner=self.runner,
-                           sweep=not self._swept)
+                plan = node_plan(usable, self.config)
+                apply_plan(plan, self.netns, self.backend, runner=self.runner, sweep=not self._swept)
                 self._swept = True
+                self._installed, self._plan = set(usable), plan
             else:
                 cleanup(self.netns, runner=self.runner, owners=(NODE_OWNER,))
         except (RedirectError, TimeoutError, OSError) as exc:
             raise CaptureError(f"node probe SNAT: {exc}") from None
         self._dirty = False
 
-    def _usable(self, addresses: tuple[str, ...]) -> list[str]:
-        families = {ipaddress.ip_network(a).version for a in self.config.probe_snat}
-        return [a for a in addresses if ipaddress.ip_address(a).version in families]
+    def _usable(self, addresses: Iterable[str]) -> list[str]:
+        return [a for a in addresses if ipaddress.ip_address(a).version in self._families]
 
     def uninstall(self) -> None:
         """Remove the node's probe SNAT whatever this process holds (uninstall, mode switch)."""
         self._pods.clear()
+        self._views.clear()
         self._swept = False
+        self._installed = self._plan = None
+        self._dirty = True
         try:
             cleanup(self.netns, runner=self.runner, owners=(NODE_OWNER,))
         except (RedirectError, TimeoutError, OSError) as exc:
             raise CaptureError(f"node probe SNAT cleanup: {exc}") from None
+        self._dirty = False
+
+
+class PodVisit:
+    """``pod_view`` read by whoever is inside the pod's namespace (see ``NodeProbes.visit``)."""
+
+    __slots__ = ("probes", "spec", "snat", "ran", "view", "error")
+
+    def __init__(self, probes: NodeProbes, spec: WorkloadSpec, snat: list[str]) -> None:
+        self.probes, self.spec, self.snat = probes, spec, snat
+        self.ran = False
+        self.view: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+        self.error: BaseException | None = None
+
+    def __call__(self) -> None:
+        """Run in the pod's namespace. Never raises: an error is raised by ``NodeProbes.add``."""
+        try:
+            self.view = pod_view_here(self.snat, self.spec.ips)
+        except Exception as exc:  # noqa: BLE001 -- add() turns it into the CaptureError that explains it
+            self.error = exc
+        self.ran = True
+
+    def close(self) -> None:
+        """Drop the result if ``add`` did not use it (a later add reads the pod afresh)."""
+        if self.probes._views.get(self.spec.target) is self:
+            del self.probes._views[self.spec.target]
 
 
 def node_backend() -> str | None:
@@ -204,6 +303,10 @@ def netfilter_capture(backend: str, config: CaptureConfig | None = None):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.probes = NodeProbes(self.config, self.backend, runner=self.runner)
+
+        def pod_visit(self, spec: WorkloadSpec):
+            """What to do inside the pod's namespace during the listeners' visit (``NodeProbes.visit``)."""
+            return self.probes.visit(spec)
 
         def apply(self, spec: WorkloadSpec) -> None:
             super().apply(spec)

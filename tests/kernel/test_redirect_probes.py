@@ -241,3 +241,170 @@ def test_ipv6_node_socket_reaches_the_app_as_the_v6_probe_address(v6_pair, backe
     finally:
         for s in socks:
             s.close()
+
+
+def _node_table(ns) -> dict:
+    """{"sets": {name: set(elements)}, "rules": {comment: handle}, "set_handles": {name: handle}}
+    of the node's nodeagent-node table (nft)."""
+    import json
+
+    listing = json.loads(run_command(ns, ["nft", "-j", "list", "table", "inet", NODE_OWNER]).stdout)
+    out: dict = {"sets": {}, "rules": {}, "set_handles": {}}
+    for item in listing["nftables"]:
+        if "set" in item:
+            out["sets"][item["set"]["name"]] = set(item["set"].get("elem", []))
+            out["set_handles"][item["set"]["name"]] = item["set"]["handle"]
+        elif "rule" in item:
+            out["rules"][item["rule"]["comment"]] = item["rule"]["handle"]
+    return out
+
+
+def test_node_probes_add_and_remove_one_pod_as_one_element(net, listening, cleaned, monkeypatch):
+    """nft: the first pod applies the whole node table; every later pod is one element
+    added to (or deleted from) its family's set, the rest of the table untouched (same
+    rule and set handles: nothing reloaded), and the SNAT works for the pod added that way."""
+    from nodeagent.agent import probes as probes_mod
+    from nodeagent.agent.probes import NodeProbes
+    from nodeagent.agent.workload import WorkloadSpec
+
+    app, inbound = listening
+    node, server, client = net.nodes["n1"], net.pods["server"], net.pods["client"]
+    full = []
+    real_apply = probes_mod.apply_plan
+    monkeypatch.setattr(probes_mod, "apply_plan", lambda *a, **kw: full.append(a[0]) or real_apply(*a, **kw))
+    capture.apply(in_pod_plan(), server.netns)
+
+    def spec(pod):
+        return WorkloadSpec("netns", pod.netns, pod.name, "shop", "default", ips=(pod.ip,))
+
+    probes = NodeProbes(netns=node.netns)
+    probes.add(spec(client))
+    assert len(full) == 1
+    before = _node_table(node.netns)
+    assert before["sets"] == {"probe_pods4": {client.ip}, "probe_pods6": set()}
+
+    probes.add(spec(server))
+    assert len(full) == 1  # no full apply: one element
+    after = _node_table(node.netns)
+    assert after["sets"] == {"probe_pods4": {client.ip, server.ip}, "probe_pods6": set()}
+    assert (after["rules"], after["set_handles"]) == (before["rules"], before["set_handles"])
+    assert capture.verify(node_plan([client.ip, server.ip]), node.netns) == ()
+    # the pod added as an element is SNATed: the node's probe reaches the app as the probe address
+    assert arrival(app, inbound, connect_from(node.netns, (server.ip, 8080))) == ("app", PROBE)
+
+    probes.add(spec(server))  # applying twice changes nothing
+    assert _node_table(node.netns) == after and len(full) == 1
+
+    probes.discard(spec(client))
+    assert len(full) == 1
+    gone = _node_table(node.netns)
+    assert gone["sets"] == {"probe_pods4": {server.ip}, "probe_pods6": set()}
+    assert (gone["rules"], gone["set_handles"]) == (before["rules"], before["set_handles"])
+    assert capture.verify(node_plan([server.ip]), node.netns) == ()
+
+    probes.discard(spec(server))  # the last pod: the table goes
+    assert NODE_OWNER not in run_command(node.netns, ["nft", "list", "tables"]).stdout
+
+
+def test_node_probes_drift_is_repaired(net, cleaned):
+    """An element or the table deleted by hand: verify() (every full resync) repairs the
+    first; an element update that cannot apply (its table or element is gone) falls back
+    to the full read-compare-load."""
+    from nodeagent.agent.probes import NodeProbes
+    from nodeagent.agent.workload import WorkloadSpec
+
+    node, server, client = net.nodes["n1"], net.pods["server"], net.pods["client"]
+
+    def spec(pod):
+        return WorkloadSpec("netns", pod.netns, pod.name, "shop", "default", ips=(pod.ip,))
+
+    both = node_plan([client.ip, server.ip])
+    probes = NodeProbes(netns=node.netns)
+    probes.add(spec(client))
+    probes.add(spec(server))
+    run_command(node.netns, ["nft", "delete", "element", "inet", NODE_OWNER, "probe_pods4", f"{{ {server.ip} }}"])
+    assert capture.verify(both, node.netns) == (f"set probe_pods4: elements differ (missing ['{server.ip}'])",)
+    probes.verify()
+    assert capture.verify(both, node.netns) == ()
+
+    # an element deleted by hand, then its pod removed: the delete fails, the full apply repairs
+    run_command(node.netns, ["nft", "delete", "element", "inet", NODE_OWNER, "probe_pods4", f"{{ {server.ip} }}"])
+    probes.discard(spec(server))
+    assert capture.verify(node_plan([client.ip]), node.netns) == ()
+    # the table deleted by hand, then a pod added: the element add fails, the full apply repairs
+    run_command(node.netns, ["nft", "delete", "table", "inet", NODE_OWNER])
+    probes.add(spec(server))
+    assert capture.verify(both, node.netns) == ()
+    # a foreign element in our set is drift too
+    run_command(node.netns, ["nft", "add", "element", "inet", NODE_OWNER, "probe_pods4", "{ 10.250.9.9 }"])
+    assert capture.verify(both, node.netns) == ("set probe_pods4: elements differ (unexpected ['10.250.9.9'])",)
+    probes.verify()
+    assert capture.verify(both, node.netns) == ()
+    probes.uninstall()
+    assert "nodeagent" not in run_command(node.netns, ["nft", "list", "tables"]).stdout
+
+
+@pytest.mark.parametrize("backend", ["iptables-nft", "iptables-legacy"])
+def test_node_probes_on_iptables_follow_the_pods_and_repair(net, listening, cleaned, backend):
+    """iptables has no sets: every change re-applies the node chain (one rule per pod
+    address, compared in order); verify() repairs a flushed chain; uninstall leaves nothing."""
+    from nodeagent.agent.probes import NodeProbes
+    from nodeagent.agent.workload import WorkloadSpec
+
+    app, inbound = listening
+    node, server, client = net.nodes["n1"], net.pods["server"], net.pods["client"]
+    capture.apply(in_pod_plan(), server.netns, backend)
+
+    def spec(pod):
+        return WorkloadSpec("netns", pod.netns, pod.name, "shop", "default", ips=(pod.ip,))
+
+    probes = NodeProbes(backend=backend, netns=node.netns)
+    probes.add(spec(client))
+    probes.add(spec(server))
+    both = node_plan([client.ip, server.ip])
+    assert capture.verify(both, node.netns, backend) == ()
+    assert arrival(app, inbound, connect_from(node.netns, (server.ip, 8080))) == ("app", PROBE)
+    probes.add(spec(server))
+    assert not capture.apply(both, node.netns, backend).changed  # applying twice changes nothing
+
+    save = "iptables-legacy" if backend == "iptables-legacy" else "iptables-nft"
+    run_command(node.netns, [save, "-t", "nat", "-F", "NODEAGENT_NODE-POSTROUTING"])  # drift
+    assert capture.verify(both, node.netns, backend) != ()
+    probes.verify()
+    assert capture.verify(both, node.netns, backend) == ()
+
+    probes.discard(spec(client))
+    assert capture.verify(node_plan([server.ip]), node.netns, backend) == ()
+    probes.uninstall()
+    for tool in ("iptables-nft-save", "ip6tables-nft-save", "iptables-legacy-save", "ip6tables-legacy-save"):
+        assert "NODEAGENT" not in run_command(node.netns, [tool]).stdout, tool
+    assert "nodeagent" not in run_command(node.netns, ["nft", "list", "tables"]).stdout
+
+
+def test_node_probes_use_the_pod_view_read_in_another_visit(net, cleaned, monkeypatch):
+    """NodeProbes.visit: pod_view read by a caller already inside the pod's namespace (the
+    listeners' visit) is used by add() instead of a visit of its own; an unused or stale
+    one is dropped by close()."""
+    from nodeagent.agent import probes as probes_mod
+    from nodeagent.agent.probes import NodeProbes
+    from nodeagent.agent.workload import WorkloadSpec
+
+    node, server = net.nodes["n1"], net.pods["server"]
+    spec = WorkloadSpec("netns", server.netns, server.name, "shop", "default")  # no --ip: read in the pod
+    probes = NodeProbes(netns=node.netns)
+    look = probes.visit(spec)
+    run_in_netns(server.netns, look)
+    visits = []
+    real = probes_mod.pod_view
+    monkeypatch.setattr(probes_mod, "pod_view", lambda *a, **kw: visits.append(a) or real(*a, **kw))
+    probes.add(spec)
+    look.close()
+    assert visits == [] and probes.addresses() == (server.ip,)
+    assert capture.verify(node_plan([server.ip]), node.netns) == ()
+
+    # not run (the listeners were open already), or not used: add() reads the pod itself
+    probes.discard(spec)
+    probes.visit(spec).close()
+    probes.add(spec)
+    assert len(visits) == 1 and probes.addresses() == (server.ip,)
+    probes.uninstall()

@@ -92,3 +92,52 @@ def test_new_rule_fields_leave_older_digests_alone():
     rules = {r.name: r.comment for r in in_pod_plan().rules}
     assert rules["in-redirect"] == "nodeagent:in-redirect:8dae5b3d91"
     assert rules["out-skip-proxy-mark"] == "nodeagent:out-skip-proxy-mark:987fede70e"
+
+
+def test_node_plan_sets_hold_the_addresses_and_the_rules_do_not_change_with_them():
+    one, two = node_plan(["10.250.1.5"]), node_plan(["10.250.1.5", "10.250.1.6", "fd00:250::5"])
+    assert [r.comment for r in one.rules] == [r.comment for r in two.rules]  # members are the set's
+    assert nft.named_sets(two) == {"probe_pods4": ("ipv4_addr", ("10.250.1.5", "10.250.1.6")),
+                                   "probe_pods6": ("ipv6_addr", ("fd00:250::5",))}
+    # a family with no pod yet: an empty set in nft (matches nothing), no rule at all in ip6tables
+    assert nft.named_sets(one)["probe_pods6"] == ("ipv6_addr", ())
+    assert "set probe_pods6 {\n\t\ttype ipv6_addr\n\t}" in nft.render(one)
+    (only,) = iptables.desired_state(one, "ipv6").chains["NODEAGENT_NODE-POSTROUTING"]
+    assert "post-skip-proxy-mark" in only  # not an SNAT rule without -d (it would match everything)
+
+
+def test_element_updates_are_one_batch_per_set():
+    plan = node_plan(["10.250.1.5"])
+    assert nft.render_elements(plan, add=["10.250.1.7", "fd00:250::7"], delete=["10.250.1.5", "10.250.1.6"]) == (
+        "delete element inet nodeagent-node probe_pods4 { 10.250.1.5, 10.250.1.6 }\n"
+        "add element inet nodeagent-node probe_pods4 { 10.250.1.7 }\n"
+        "add element inet nodeagent-node probe_pods6 { fd00:250::7 }\n")
+    assert nft.render_elements(plan) == ""
+    v4 = node_plan(["10.250.1.5"], CaptureConfig(ipv6=False))
+    assert nft.render_elements(v4, add=["10.250.1.7"]) == "add element ip nodeagent-node probe_pods4 { 10.250.1.7 }\n"
+    with pytest.raises(CaptureError, match="no set for ipv6 address fd00:250::7"):
+        nft.render_elements(v4, add=["fd00:250::7"])
+
+
+def test_set_members_are_part_of_the_drift_check():
+    plan = node_plan(["10.250.1.5", "10.250.1.6"], CaptureConfig(ipv6=False))
+    want = nft.desired_state(plan)
+
+    def listing(elements, name="probe_pods4", kind="ipv4_addr"):
+        items = [{"table": {"family": "ip", "name": NODE_OWNER}},
+                 {"set": {"family": "ip", "table": NODE_OWNER, "name": name, "type": kind, "elem": elements}},
+                 {"chain": {"family": "ip", "table": NODE_OWNER, "name": "postrouting", "type": "nat",
+                            "hook": "postrouting", "prio": 100, "policy": "accept"}}]
+        items += [{"rule": {"family": "ip", "table": NODE_OWNER, "chain": "postrouting", "comment": r.comment}}
+                  for r in plan.rules]
+        import json
+        return nft.parse_state(json.dumps({"nftables": items}), "ip", NODE_OWNER)
+
+    assert nft.diff(want, listing(["10.250.1.6", "10.250.1.5"])) == ()
+    assert nft.diff(want, listing(["10.250.1.5", "10.250.1.9"])) == (
+        "set probe_pods4: elements differ (missing ['10.250.1.6']; unexpected ['10.250.1.9'])",)
+    assert nft.diff(want, listing(["10.250.1.5", {"prefix": {"addr": "10.250.1.0", "len": 24}}]))[0].startswith(
+        "set probe_pods4: elements differ (missing ['10.250.1.6']; unexpected ['{")
+    assert nft.diff(want, listing([], name="other")) == ("set probe_pods4 is missing", "unexpected set other")
+    assert nft.diff(want, listing(["10.250.1.5", "10.250.1.6"], kind="ipv6_addr")) == (
+        "set probe_pods4 is type ipv6_addr, want ipv4_addr",)

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         print("bench memory: needs root (network namespaces, capture rules)", file=sys.stderr)
         return 1
     sys.path.insert(0, str(REPO))
-    from nodeagent.agent.server import AgentClient
+    from nodeagent.agent.server import AgentClient, AgentNotRunning
 
     tmp = Path(tempfile.mkdtemp(prefix="nodeagent-bench-memory-"))
     tag = secrets.token_hex(2)
@@ -120,15 +120,20 @@ def main(argv=None) -> int:
         phases = []  # the agent's own (registry, capture, certificate wait) ms per enroll
         for i, name in enumerate(names):
             started = time.perf_counter()
-            reply = client.call({"op": "enroll", "kind": "netns", "target": name, "name": f"w{i}",
-                                 "namespace": "bench", "service_account": f"sa{i}", "labels": {"app": f"w{i}"},
-                                 "ips": [f"10.250.{200 + i // 250}.{i % 250 + 1}"]})
+            try:
+                reply = client.call({"op": "enroll", "kind": "netns", "target": name, "name": f"w{i}",
+                                     "namespace": "bench", "service_account": f"sa{i}", "labels": {"app": f"w{i}"},
+                                     "ips": [f"10.250.{200 + i // 250}.{i % 250 + 1}"]})
+            except (OSError, AgentNotRunning) as exc:  # the agent died or closed the socket
+                reply = {"ok": False, "error": str(exc)}
             took.append((time.perf_counter() - started) * 1000)
             if reply.get("ok"):
                 reg, cap = reply["registry_ms"], reply["capture_ms"]
                 phases.append((reg, cap, reply["elapsed_ms"] - reg - cap))
             if not reply.get("ok"):
                 print(f"bench memory: enroll {name}: {reply}", file=sys.stderr)
+                tail = (tmp / "agent.log").read_text(errors="replace").splitlines()[-15:]
+                print("the agent's last log lines:\n  " + "\n  ".join(tail), file=sys.stderr)
                 return 1
         time.sleep(2)   # certificates issued, listeners up, arenas settled
         took.sort()

@@ -160,7 +160,7 @@ class _CliSession:
 
 def _with_session(netns: NetnsRef | None, runner: Runner, fn: Callable[[_Session], T]) -> T:
     """Call ``fn`` with a session in ``netns``: libnftables in-process when possible."""
-    if runner is run_command and libnft.available():
+    if runner is run_command and libnft.available() and libnft.low_descriptor_free():
         if netns is not None:
             check_netns(netns)
         return libnft.run(netns, lambda s: fn(_LibSession(s)), timeout=TIMEOUT)

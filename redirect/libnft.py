@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import queue
 import socket
 import threading
@@ -53,6 +54,12 @@ NETLINK_NETFILTER = 12
 FREE_DELAY = 0.05
 FREE_MAX_WAIT = 1.0
 FREE_MAX_PENDING = 64
+# libnftables waits for netlink replies with select() (nftables' mnl.c), and glibc aborts the
+# whole process ("bit out of range 0 - FD_SETSIZE on fd_set") when that descriptor is >= 1024.
+# A context takes the lowest free descriptor when it is made: with fewer than FD_HEADROOM free
+# below FD_SETSIZE, callers use the nft command instead (its own process, low descriptors).
+FD_SETSIZE = 1024
+FD_HEADROOM = 64
 
 
 class NftLibError(CaptureError):
@@ -89,6 +96,16 @@ def _load() -> ctypes.CDLL | None:
         return lib
 
 
+def low_descriptor_free() -> bool:
+    """True when a context made now gets a descriptor libnftables can select() on (see FD_SETSIZE)."""
+    try:
+        fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return fd < FD_SETSIZE - FD_HEADROOM
+
+
 def available() -> bool:
     """True when libnftables can be used; logs once (as a warning) why not."""
     global _warned
@@ -110,9 +127,14 @@ class Session:
         # libnftables exit()s the whole process when it cannot open its netlink
         # socket (e.g. out of file descriptors): find out first, as an exception.
         try:
-            socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER).close()
+            probe = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         except OSError as exc:
             raise NftLibError(f"cannot open a netfilter netlink socket{where}: {exc.strerror or exc}") from None
+        fd = probe.fileno()
+        probe.close()
+        if fd >= FD_SETSIZE - FD_HEADROOM:
+            raise NftLibError(f"libnftables cannot be used with {fd} descriptors open (it select()s on its socket, "
+                              f"which aborts the process at {FD_SETSIZE}); use the nft command")
         with _call_lock:
             ctx = lib.nft_ctx_new(NFT_CTX_DEFAULT)
             if not ctx:

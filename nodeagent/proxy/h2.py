@@ -46,7 +46,9 @@ from h2.settings import SettingCodes
 from policy import retry as retry_mod
 
 from nodeagent.proxy.context import RequestInfo
-from nodeagent.proxy.http import Exchange, LocalReply, apply_header_ops, header_map as _header_map, path_str as _path_str
+from nodeagent.proxy.http import (
+    Exchange, LocalReply, apply_header_ops, header_map as _header_map, path_str as _path_str, take_retry_slot,
+)
 from nodeagent.proxy.response_hook import wants_cors_headers
 from nodeagent.proxy.upstream import UNLIMITED
 
@@ -1178,13 +1180,7 @@ class H2Stream:
             return False
         if not retry_mod.should_retry(plan.retry, self.attempt, status, None, grpc_code):
             return False
-        if self.cluster.retry_begin():
-            self.retry_slot = 1
-            return True
-        # Envoy's retry overflow (maxRetries retries outstanding to the cluster): the response
-        # goes to the client as it is, flagged UO (upstream_rq_retry_overflow).
-        self.flags = "UO" if self.flags == "-" else self.flags + ",UO"
-        return False
+        return take_retry_slot(self)
 
     def _retry(self, reason: str) -> bool:
         plan = self.plan

@@ -425,6 +425,18 @@ class HttpDownstream:
                 self.close()
 
 
+def take_retry_slot(exchange) -> bool:
+    """A retry the cluster's retry circuit breaker (connectionPool.http.maxRetries) allows:
+    True, counted as outstanding (``exchange.retry_slot``) until its attempt ends. Else
+    Envoy's retry overflow: the answer goes to the client as it is, flagged UO
+    (upstream_rq_retry_overflow). HTTP/1.1 exchanges and HTTP/2 streams alike."""
+    if exchange.cluster.retry_begin():
+        exchange.retry_slot = 1
+        return True
+    exchange.flags = "UO" if exchange.flags == "-" else exchange.flags + ",UO"
+    return False
+
+
 def header_map(exchange) -> RequestHeaders:
     """An exchange's (HTTP/1.1 or HTTP/2 stream's) request headers as a lower-case str
     Mapping, decoded lazily, once."""
@@ -956,13 +968,7 @@ class Exchange:
             return False
         if not plan.retry_on_status(status, self.attempt):
             return False
-        if self.cluster.retry_begin():
-            self.retry_slot = 1
-            return True
-        # Envoy's retry overflow (maxRetries retries outstanding to the cluster): the response
-        # goes to the client as it is, flagged UO (upstream_rq_retry_overflow).
-        self.flags = "UO" if self.flags == "-" else self.flags + ",UO"
-        return False
+        return take_retry_slot(self)
 
     def _retry(self, reason: str, status: int) -> bool:
         plan = self.plan

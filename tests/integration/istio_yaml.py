@@ -1,5 +1,5 @@
 """Istio YAML for integration tests through the real proxy: a service made of a
-ServiceEntry plus one WorkloadEntry per endpoint, a VirtualService without retries,
+ServiceEntry plus one WorkloadEntry per endpoint, a VirtualService without retries (or any VirtualService and DestinationRule),
 and the calling workload (``--workload shop/frontend``)."""
 from __future__ import annotations
 
@@ -49,7 +49,9 @@ spec:
     return "".join(out)
 
 
-def no_retries(name: str) -> str:
+def virtual_service(name: str, host: str, http: str) -> str:
+    """A VirtualService ``name`` for ``host`` whose ``http:`` list is the YAML text ``http``
+    (indented as under ``spec.http``)."""
     return f"""---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -58,14 +60,31 @@ metadata:
   namespace: {NS}
 spec:
   hosts:
-  - {fqdn(name)}
+  - {host}
   http:
-  - retries:
+{http}"""
+
+
+def destination_rule(name: str, host: str, body: str) -> str:
+    """A DestinationRule ``name`` for ``host``; ``body`` is the YAML of the rest of its spec."""
+    return f"""---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: {name}
+  namespace: {NS}
+spec:
+  host: {host}
+{body}"""
+
+
+def no_retries(name: str) -> str:
+    return virtual_service(name, fqdn(name), f"""  - retries:
       attempts: 0
     route:
     - destination:
         host: {fqdn(name)}
-"""
+""")
 
 
 FRONTEND = f"""---

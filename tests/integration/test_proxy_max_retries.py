@@ -17,7 +17,7 @@ import json
 import threading
 import time
 
-from tests.integration.istio_yaml import FRONTEND, NS, fqdn, service
+from tests.integration.istio_yaml import FRONTEND, destination_rule, fqdn, service, virtual_service
 from tests.integration.proxy_harness import ProxyProcess
 from tests.integration.test_proxy_grpc import _h2_get
 from tests.integration.upstream import UpstreamServer
@@ -64,35 +64,16 @@ class BurstUpstream(UpstreamServer):
 
 def route(name: str, subset: str = "") -> str:
     dest = f"        host: {fqdn(name)}\n" + (f"        subset: {subset}\n" if subset else "")
-    return f"""---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: {name}
-  namespace: {NS}
-spec:
-  hosts:
-  - {fqdn(name)}
-  http:
-  - retries:
+    return virtual_service(name, fqdn(name), f"""  - retries:
       attempts: 1
       retryOn: "503"
     route:
     - destination:
-{dest}"""
+{dest}""")
 
 
 def rule(name: str, host_level: str, subsets: str = "") -> str:
-    return f"""---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: {name}
-  namespace: {NS}
-spec:
-  host: {fqdn(name)}
-  trafficPolicy:
-{host_level}{subsets}"""
+    return destination_rule(name, fqdn(name), f"  trafficPolicy:\n{host_level}{subsets}")
 
 
 def pool(max_retries: int, indent: str = "    ") -> str:

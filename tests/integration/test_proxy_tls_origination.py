@@ -24,7 +24,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from tests.integration.istio_yaml import FRONTEND, NS
+from tests.integration.istio_yaml import FRONTEND, NS, destination_rule, virtual_service
 from tests.integration.proxy_harness import ProxyProcess
 from tests.integration.tls_upstream import TestCA, TlsUpstream
 from tests.integration.upstream import UpstreamServer
@@ -64,34 +64,16 @@ spec:
 def vs(name: str, *, subset: str | None = None, retries: str = "    retries:\n      attempts: 0\n",
        port: int = 80) -> str:
     sub = f"\n        subset: {subset}" if subset else ""
-    return f"""---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: {name}
-  namespace: {NS}
-spec:
-  hosts:
-  - {name}.ext.test
-  http:
-  - route:
+    return virtual_service(name, f"{name}.ext.test", f"""  - route:
     - destination:
         host: {name}.ext.test
         port:
           number: {port}{sub}
-{retries}"""
+{retries}""")
 
 
 def dr(name: str, body: str) -> str:
-    return f"""---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: {name}
-  namespace: {NS}
-spec:
-  host: {name}.ext.test
-{body}"""
+    return destination_rule(name, f"{name}.ext.test", body)
 
 
 def get(proxy, host: str, path: str = "/", timeout: float = 10.0) -> tuple[int, bytes]:

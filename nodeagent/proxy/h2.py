@@ -47,7 +47,8 @@ from policy import retry as retry_mod
 
 from nodeagent.proxy.context import RequestInfo
 from nodeagent.proxy.http import (
-    Exchange, LocalReply, apply_header_ops, header_map as _header_map, path_str as _path_str, take_retry_slot,
+    Exchange, LocalReply, apply_header_ops, header_map as _header_map, path_str as _path_str, pick_endpoint,
+    retire_endpoint, take_retry_slot,
 )
 from nodeagent.proxy.response_hook import wants_cors_headers
 from nodeagent.proxy.upstream import UNLIMITED
@@ -595,16 +596,7 @@ class H2Stream:
 
     def _attempt(self) -> None:
         cluster = self.plan.cluster
-        tried = self.tried
-        previous = self.endpoint
-        if previous is not None:
-            self.cluster.done(previous)
-            self.endpoint = None
-            if tried is None:
-                tried = self.tried = [previous]
-            else:
-                tried.append(previous)
-        self.cluster = cluster
+        tried = retire_endpoint(self, cluster)
         h2 = _cluster_speaks_h2(cluster)
         if not h2:
             # The inbound plane's application cluster has no service port: the stream's
@@ -617,17 +609,9 @@ class H2Stream:
                 503, "-", b"gRPC needs HTTP/2 to the destination, but its service port is declared as HTTP/1.1 "
                           b"(name the port grpc* or http2*, or set protocol GRPC/HTTP2)"))
             return
-        endpoint = cluster.pick(self, tried)
-        if endpoint is None and tried:
-            endpoint = cluster.pick(self, None)
+        endpoint = pick_endpoint(self, cluster, tried)
         if endpoint is None:
-            self.dest = cluster.labels_for(None)
-            self.local_reply(LocalReply(503, "UH", b"no healthy upstream"))
             return
-        self.endpoint = endpoint
-        self.dest = endpoint.labels
-        self.upstream_host = endpoint.host
-        self.attempt += 1
         self.h1 = not h2
         if h2:
             overflow = pool_for(self.runtime, cluster).acquire(self, endpoint.addr)

@@ -2,6 +2,9 @@ from nodeagent.proxy.runtime cimport ForwardPlan
 
 cdef class Exchange
 
+cpdef retire_endpoint(exchange, cluster)
+cpdef pick_endpoint(exchange, cluster, tried)
+
 cdef class RequestHeaders:
     cdef public object _pairs
     cdef public object _map

@@ -425,6 +425,40 @@ class HttpDownstream:
                 self.close()
 
 
+def retire_endpoint(exchange, cluster):
+    """The start of a (re)try, for HTTP/1.1 exchanges and HTTP/2 streams: the previous
+    attempt's endpoint is released (LB bookkeeping) and remembered in ``exchange.tried``;
+    ``cluster`` becomes the exchange's. Returns the endpoints tried so far (None: none)."""
+    tried = exchange.tried
+    previous = exchange.endpoint
+    if previous is not None:
+        exchange.cluster.done(previous)
+        exchange.endpoint = None
+        if tried is None:
+            tried = exchange.tried = [previous]
+        else:
+            tried.append(previous)
+    exchange.cluster = cluster
+    return tried
+
+
+def pick_endpoint(exchange, cluster, tried):
+    """The endpoint of this attempt: one not ``tried`` when there is one, else any; None after
+    answering 503 UH when the cluster has no healthy endpoint. Counts the attempt."""
+    endpoint = cluster.pick(exchange, tried)
+    if endpoint is None and tried:
+        endpoint = cluster.pick(exchange, None)
+    if endpoint is None:
+        exchange.dest = cluster.labels_for(None)
+        exchange.local_reply(LocalReply(503, "UH", b"no healthy upstream"))
+        return None
+    exchange.endpoint = endpoint
+    exchange.dest = endpoint.labels
+    exchange.upstream_host = endpoint.host
+    exchange.attempt += 1
+    return endpoint
+
+
 def take_retry_slot(exchange) -> bool:
     """A retry the cluster's retry circuit breaker (connectionPool.http.maxRetries) allows:
     True, counted as outstanding (``exchange.retry_slot``) until its attempt ends. Else
@@ -621,27 +655,9 @@ class Exchange:
 
     def _attempt(self) -> None:
         cluster = self.plan.cluster
-        tried = self.tried  # the endpoints of the previous attempts
-        previous = self.endpoint
-        if previous is not None:
-            self.cluster.done(previous)
-            self.endpoint = None
-            if tried is None:
-                tried = self.tried = [previous]
-            else:
-                tried.append(previous)
-        self.cluster = cluster
-        endpoint = cluster.pick(self, tried)
-        if endpoint is None and tried:
-            endpoint = cluster.pick(self, None)
+        endpoint = pick_endpoint(self, cluster, retire_endpoint(self, cluster))
         if endpoint is None:
-            self.dest = cluster.labels_for(None)
-            self.local_reply(LocalReply(503, "UH", b"no healthy upstream"))
             return
-        self.endpoint = endpoint
-        self.dest = endpoint.labels
-        self.upstream_host = endpoint.host
-        self.attempt += 1
         overflow = cluster.pool.acquire(self, endpoint.addr)
         if overflow is not None:
             self.local_reply(LocalReply(503, "UO", b"upstream connect error or disconnect/reset before headers. reset reason: overflow"))

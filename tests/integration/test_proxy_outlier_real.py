@@ -28,7 +28,6 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import threading
 import time
 
 import pytest
@@ -36,6 +35,7 @@ import pytest
 from nodeagent.proxy.runtime import SWEEP_TICK
 from tests.integration.istio_yaml import FRONTEND, NS, fqdn, no_retries, service
 from tests.integration.proxy_harness import ProxyProcess
+from tests.integration.toggle_echo import Toggle
 from tests.integration.upstream import UpstreamServer
 
 BASE_GROW = 0.7  # baseEjectionTime of the "grow" service, seconds
@@ -65,51 +65,6 @@ class Scripted(UpstreamServer):
     async def _respond(self, req, parser, writer) -> bool:
         req.headers["x-status"] = str(self.script.pop(0) if self.script else self.status)
         return await super()._respond(req, parser, writer)
-
-
-class Toggle:
-    """A TCP echo server on a fixed address:port that can stop listening (connects are
-    refused) and listen again."""
-
-    def __init__(self, host: str) -> None:
-        self.host, self.port = host, 0
-        self.sock = None
-        self.accepted = 0
-        self.listen()
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-    def listen(self) -> None:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((self.host, self.port))
-        s.listen(16)
-        self.port = s.getsockname()[1]
-        self.sock = s
-        threading.Thread(target=self._serve, args=(s,), daemon=True).start()
-
-    def _serve(self, s) -> None:
-        while True:
-            try:
-                conn, _ = s.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            with conn:
-                conn.settimeout(5)
-                try:
-                    conn.sendall(conn.recv(100))
-                except OSError:
-                    pass
-
-    def refuse(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
 
 
 # --- config -------------------------------------------------------------------------------

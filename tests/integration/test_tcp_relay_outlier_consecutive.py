@@ -11,52 +11,11 @@ consecutive counters, so it never ejects that endpoint.
 from __future__ import annotations
 
 import socket
-import threading
 
 from tests.integration.proxy_harness import ProxyProcess
+from tests.integration.toggle_echo import Toggle
 
 HOST = "127.0.9.60"
-
-
-class Toggle:
-    """A TCP echo listener on a fixed port that can be closed (connects refused) and reopened."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self.sock = None
-        self.accepted = 0
-        self.open()
-
-    def open(self) -> None:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((HOST, self.port))
-        s.listen(8)
-        self.port = s.getsockname()[1]
-        self.sock = s
-        threading.Thread(target=self._serve, args=(s,), daemon=True).start()
-
-    def _serve(self, s) -> None:
-        while True:
-            try:
-                conn, _ = s.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            with conn:
-                conn.settimeout(5)
-                try:
-                    data = conn.recv(100)
-                    conn.sendall(data)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
 
 
 def echo_through(port: int) -> bytes:
@@ -73,7 +32,7 @@ def echo_through(port: int) -> bytes:
 
 
 def test_a_tcp_endpoint_failing_every_other_connect_is_not_ejected(tmp_path):
-    server = Toggle()
+    server = Toggle(HOST)
     (tmp_path / "c.yaml").write_text(f"""apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {{name: db, namespace: shop}}
@@ -98,9 +57,9 @@ spec:
         outcomes = []
         for i in range(8):  # refused, served, refused, served, ... never 2 failures in a row
             if i % 2 == 0:
-                server.close()
+                server.refuse()
                 outcomes.append(("refused", echo_through(proxy.ports[1])))
-                server.open()
+                server.listen()
             else:
                 outcomes.append(("served", echo_through(proxy.ports[1])))
         served = [got for kind, got in outcomes if kind == "served"]
@@ -108,4 +67,4 @@ spec:
                                          + "".join(proxy.stdout) + "".join(proxy.stderr))
     finally:
         proxy.stop()
-        server.close()
+        server.refuse()

@@ -22,7 +22,7 @@ from nodeagent.identity.ca import CADirectory
 from nodeagent.telemetry import AccessLog
 from tests.integration.grpc_upstream import GrpcServer
 from tests.integration.test_mesh_loopback import (
-    A, A_ADDR, B, B_ADDR, C, NS, Mesh, metrics,
+    ALLOW_ONLY_A, A, A_ADDR, B, B_ADDR, C, NS, Mesh, metrics,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -31,22 +31,7 @@ G_HOST = f"g.{NS}.svc.cluster.local"
 
 
 def grpc_service(port: int, allow_only_a: bool) -> str:
-    policy = f"""---
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: g-allow-a
-  namespace: {NS}
-spec:
-  selector:
-    matchLabels:
-      app: b
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principals: ["cluster.local/ns/shop/sa/a"]
-""" if allow_only_a else ""
+    policy = ALLOW_ONLY_A if allow_only_a else ""
     return f"""---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry

@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from tests.integration.istio_yaml import NS, fqdn
+from tests.integration.istio_yaml import NS, fqdn, service
 from tests.integration.proxy_harness import ProxyProcess, read_until_closed
 from tests.integration.upstream import UpstreamServer
 
@@ -101,38 +101,7 @@ class ClosedPort:
 
 
 def tcp_service(name: str, address, number: int) -> str:
-    host, port = address
-    return f"""---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: {name}
-  namespace: {NS}
-spec:
-  hosts:
-  - {fqdn(name)}
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports:
-  - number: {number}
-    name: tcp
-    protocol: TCP
-  workloadSelector:
-    labels:
-      app: {name}
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata:
-  name: {name}-0
-  namespace: {NS}
-spec:
-  address: {host}
-  ports:
-    tcp: {port}
-  labels:
-    app: {name}
-"""
+    return service(name, [address], protocol="TCP", port_name="tcp", number=number)
 
 
 def http_config(server: UpstreamServer) -> str:

@@ -1,4 +1,5 @@
 from nodeagent.proxy.runtime cimport ForwardPlan
+from nodeagent.proxy.upstream cimport wire_write
 
 cdef class Exchange
 
@@ -45,6 +46,7 @@ cdef class HttpDownstream:
     cdef public long head_fed
     cdef public bint exact_head
     cdef public object first_try
+    cdef public long fd
 
     cpdef pause(self, reason)
     cpdef resume(self, reason)

@@ -24,7 +24,7 @@ from httptools import (
 
 from nodeagent.proxy.context import RequestInfo
 from nodeagent.proxy.response_hook import wants_cors_headers
-from nodeagent.proxy.upstream import HOP_HEADERS
+from nodeagent.proxy.upstream import HOP_HEADERS, direct_fd, wire_write
 
 log = logging.getLogger(__name__)
 _monotonic = time.monotonic
@@ -152,7 +152,7 @@ class HttpDownstream:
         "url", "headers", "head_bytes", "raw_pending", "reading_head", "head_age",
         "idle_age", "pauses", "write_paused", "closing", "tunnel", "error_status", "target",
         "routes", "max_header_bytes", "max_headers", "head_room", "chunk_len", "head_fed", "exact_head",
-        "first_try",
+        "first_try", "fd",
     )
 
     def __init__(self, runtime, ctx, peer=None, target=None) -> None:
@@ -161,6 +161,7 @@ class HttpDownstream:
         self.peer = peer
         self.target = target  # (service host, port) when the listener knows the destination service
         self.transport = None
+        self.fd = -1  # direct_fd(transport): where wire_write may send directly
         self.parser = HttpRequestParser(self)
         self.active = None
         self.queue = []
@@ -198,6 +199,7 @@ class HttpDownstream:
     # asyncio.Protocol
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.fd = direct_fd(transport)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER)
         if self.peer is None:
             self.peer = self.runtime.peer_info(self.ctx, transport)
@@ -364,7 +366,7 @@ class HttpDownstream:
             return
         if self.active is None:
             body = _REASONS.get(status, b"error").lower()
-            self.transport.write(
+            wire_write(self.transport, self.fd,
                 b"HTTP/1.1 %d %b\r\ncontent-length: %d\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n%b"
                 % (status, _REASONS.get(status, b"Error"), len(body), body)
             )
@@ -759,7 +761,7 @@ class Exchange:
         conn.exchange = self
         conn.head_only = self.method == b"HEAD"
         conn.requests += 1
-        conn.transport.write(b"".join(parts))
+        wire_write(conn.transport, conn.fd, b"".join(parts))
         if self.down.write_paused:
             conn.transport.pause_reading()
         per_try = plan.per_try_timeout
@@ -888,7 +890,7 @@ class Exchange:
             down = self.down
             down.idle_age = 0.0  # upstream progress
             if not down.closing:
-                down.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                wire_write(down.transport, down.fd, out[0] if len(out) == 1 else b"".join(out))
 
     def upstream_complete(self, conn) -> None:
         if self.finished:
@@ -900,7 +902,7 @@ class Exchange:
         if out:
             self.out = ()
             if not down.closing:
-                down.transport.write(b"".join(out))
+                wire_write(down.transport, down.fd, b"".join(out))
         self.upstream = None
         if down.write_paused:
             conn.transport.resume_reading()
@@ -1128,8 +1130,9 @@ class Exchange:
             self.resp_bytes = len(body)
         self.response_started = True
         self.response_done = True
-        if not self.down.closing:
-            self.down.transport.write(b"".join(parts))
+        down = self.down
+        if not down.closing:
+            wire_write(down.transport, down.fd, b"".join(parts))
         self._finish()
 
     def _finish_abort(self) -> None:

@@ -1,3 +1,5 @@
+from nodeagent.proxy.upstream cimport wire_write
+
 cdef class _TlsCore:
     cdef public object ctx
     cdef public object app
@@ -24,6 +26,7 @@ cdef class _TlsCore:
     cdef public object ssl_write
     cdef public object bio_out
     cdef public object tcp_write
+    cdef public long fd
 
     cpdef write(self, data)
     cpdef _deliver(self)

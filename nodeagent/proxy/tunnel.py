@@ -58,6 +58,7 @@ from cryptography import x509
 from nodeagent.identity.errors import IdentityError, NoCertificate, PeerRejected
 from nodeagent.identity.spiffe import SpiffeId
 from nodeagent.identity.tls import TunnelTls
+from nodeagent.proxy.upstream import direct_fd, wire_write
 from nodeagent.telemetry import Telemetry, _NB_D, _NB_S, _complete, source_labels, status_labels
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class _TlsCore:
     __slots__ = ("ctx", "app", "feed", "tcp", "incoming", "outgoing", "sslobj", "raw",
                  "handshaking", "timer", "handshake_timeout", "on_handshake", "closing", "paused",
                  "lost", "drain_handle", "started", "ready", "cipher", "plain", "bio_in", "ssl_read", "ssl_write", "bio_out",
-                 "tcp_write")
+                 "tcp_write", "fd")
 
     def __init__(self, ctx: ssl.SSLContext, app, *, server_side: bool, handshake_timeout: float,
                  on_handshake: Callable | None = None, server_hostname: str | None = None) -> None:
@@ -140,6 +141,7 @@ class _TlsCore:
         self.ssl_read = self.raw.read
         self.ssl_write = self.raw.write
         self.tcp_write = None
+        self.fd = -1  # direct_fd(tcp): where wire_write may send the records directly
         self.cipher = read_buffer()  # this thread's buffers (streams are created on their loop's thread)
         self.plain = _plain_buffer()
         self.ready = False  # handshake done, not closing: app data may flow
@@ -157,6 +159,7 @@ class _TlsCore:
     def connection_made(self, tcp) -> None:
         self.tcp = tcp
         self.tcp_write = tcp.write
+        self.fd = direct_fd(tcp)
         self.timer = asyncio.get_running_loop().call_later(self.handshake_timeout, self._handshake_timeout)
         self._handshake()
 
@@ -317,7 +320,7 @@ class _TlsCore:
         except ssl.SSLError as exc:
             self._fatal(exc)
             return
-        self.tcp_write(self.bio_out())
+        wire_write(self.tcp, self.fd, self.bio_out())
 
     def writelines(self, list_of_data) -> None:
         self.write(b"".join(list_of_data))

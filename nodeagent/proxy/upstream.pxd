@@ -1,3 +1,10 @@
+cdef extern from "sys/socket.h" nogil:
+    ssize_t c_send "send"(int fd, const char *buf, size_t n, int flags)
+    int MSG_NOSIGNAL
+
+cpdef wire_write(transport, long fd, data)
+cdef Py_ssize_t _send(long fd, bytes data)
+
 cdef class UpstreamConnection:
     cdef public object pool
     cdef public object endpoint
@@ -14,6 +21,7 @@ cdef class UpstreamConnection:
     cdef public bint keep_alive
     cdef public object length
     cdef public object hop
+    cdef public long fd
 
 cdef class ClusterPool:
     cdef public object key

@@ -10,12 +10,61 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import deque
 from dataclasses import dataclass
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 log = logging.getLogger(__name__)
+
+try:
+    from uvloop.loop import TCPTransport as _UV_TCP
+except ImportError:  # no uvloop: every write goes through the transport
+    _UV_TCP = None
+
+# Writes straight to the socket (wire_write): only when this module runs compiled (its
+# __file__ is then the extension module, not the .py), on uvloop's plain TCP transports.
+# NODEAGENT_DIRECT_WRITES=0 turns it off.
+DIRECT_WRITES = (not __file__.endswith(".py") and _UV_TCP is not None
+                 and os.environ.get("NODEAGENT_DIRECT_WRITES", "1") != "0")
+
+
+def direct_fd(transport):
+    """The file descriptor wire_write may send on directly for ``transport``, else -1.
+
+    Only uvloop's plain TCP transport qualifies: a TLS transport's socket must never be
+    written to directly (the bytes would bypass the encryption), and neither must any
+    transport type whose buffering this module does not know."""
+    if not DIRECT_WRITES or type(transport) is not _UV_TCP:
+        return -1
+    sock = transport.get_extra_info("socket")
+    return -1 if sock is None else sock.fileno()
+
+
+def wire_write(transport, fd, data):
+    """transport.write(data), done as one send(2) when that is the same thing.
+
+    uvloop's own write does the same syscall after some bookkeeping, but through
+    write(2), whose VFS layer costs more than send(2) on a socket. The send goes straight
+    to the socket only when the transport has nothing buffered (so the order of the bytes
+    is kept) and is not closing (so its descriptor is still this connection's; uvloop
+    closes the descriptor only after the transport is marked closing). Whatever the
+    kernel does not take at once (EAGAIN, a short send) and every error is handed to the
+    transport, which buffers it, or reports the error through connection_lost exactly as
+    if it had made the call itself."""
+    if fd >= 0 and type(data) is bytes and not transport.get_write_buffer_size() and not transport.is_closing():
+        sent = _send(fd, data)
+        if sent == len(data):
+            return
+        if sent > 0:
+            data = data[sent:]
+    transport.write(data)
+
+
+def _send(fd, data):
+    """send(2) with MSG_NOSIGNAL (compiled only: DIRECT_WRITES keeps Python from calling it)."""
+    return c_send(fd, data, len(data), MSG_NOSIGNAL)  # noqa: F821 (declared in upstream.pxd)
 
 UNLIMITED = 1 << 32
 
@@ -45,13 +94,14 @@ class UpstreamConnection:
 
     __slots__ = (
         "pool", "endpoint", "transport", "parser", "exchange", "requests", "idle_since",
-        "closed", "raw", "head_only", "status", "headers", "keep_alive", "length", "hop",
+        "closed", "raw", "head_only", "status", "headers", "keep_alive", "length", "hop", "fd",
     )
 
     def __init__(self, pool: "ClusterPool", endpoint: tuple[str, int]) -> None:
         self.pool = pool
         self.endpoint = endpoint
         self.transport = None
+        self.fd = -1
         self.parser = HttpResponseParser(self)
         self.exchange = None
         self.requests = 0
@@ -72,6 +122,7 @@ class UpstreamConnection:
     # asyncio.Protocol
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.fd = direct_fd(transport)
         transport.set_write_buffer_limits(262144)
 
     def data_received(self, data: bytes) -> None:
@@ -173,7 +224,7 @@ class UpstreamConnection:
         self.exchange = exchange
         self.head_only = head_only
         self.requests += 1
-        self.transport.write(data)
+        wire_write(self.transport, self.fd, data)
 
     def close(self) -> None:
         if not self.closed:

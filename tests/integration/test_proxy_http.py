@@ -18,7 +18,7 @@ from h2.events import DataReceived, ResponseReceived, StreamEnded
 
 from tests.integration.grpc_upstream import GrpcServer
 from tests.integration.proxy_harness import ProxyProcess, metric_value, read_until_closed, service_config
-from tests.integration.upstream import UpstreamServer
+from tests.integration.upstream import UpstreamServer, pattern_block
 
 HOST = "echo.shop.svc.cluster.local"
 
@@ -246,6 +246,32 @@ def test_chunked_download_of_50mb_streams_without_buffering(env):
     assert total == 52428800
     assert mid - base < 20_000, f"proxy RSS grew by {mid - base} KiB with a stalled reader"
     sock.close()
+
+
+def test_a_download_to_a_stalled_reader_arrives_whole_and_in_order(env):
+    """The proxy writes straight to the client's socket while its transport holds nothing
+    (upstream.wire_write) and through the transport once the kernel stops taking bytes: a
+    reader that stalls, then reads, must still get every block once and in order."""
+    proxy, _ = env
+    total = 256 * 65536 + 123  # 16 MiB: more than the kernel buffers between proxy and client
+    for chunked in ("0", "1"):
+        sock = proxy.raw(timeout=30)
+        sock.sendall(f"GET /bytes/{total}?pattern=1&chunked={chunked} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        time.sleep(0.3)  # stalled: the proxy's sends come back short, then EAGAIN
+        status, headers, body = read_response(sock)
+        assert status.startswith(b"HTTP/1.1 200"), status
+        expected = b"".join(pattern_block(i) for i in range(total // 65536 + 1))[:total]
+        assert len(body) == total
+        assert hashlib.sha256(body).hexdigest() == hashlib.sha256(expected).hexdigest(), "blocks lost or reordered"
+        # the same connection then serves the next request (its transport drained)
+        status, _, body = proxy_request_on(sock, "/after")
+        assert status.startswith(b"HTTP/1.1 200") and json.loads(body)["path"] == "/after"
+        sock.close()
+
+
+def proxy_request_on(sock: socket.socket, path: str) -> tuple:
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    return read_response(sock)
 
 
 def test_content_length_upload_and_chunked_response(env):

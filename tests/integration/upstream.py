@@ -4,7 +4,8 @@ Every response carries ``x-instance: NAME``. Behaviour per request:
 
 - default: a JSON echo ``{"instance","method","path","headers","body_len","body"}``
   (the request body is counted and hashed as it streams, kept only when small);
-- ``/bytes/N``: N bytes streamed (``?chunked=1`` for chunked encoding);
+- ``/bytes/N``: N bytes streamed (``?chunked=1`` for chunked encoding; ``?pattern=1``: 64 KiB
+  block i is ``pattern_block(i)`` instead of ``x``s);
 - request header ``x-delay: SECONDS`` waits first; ``x-status: CODE`` answers that code;
 - ``server.status`` / ``server.delay`` set the same for every request (e.g. a failing instance);
 - ``Upgrade: websocket``: 101, then every byte is echoed back;
@@ -19,6 +20,11 @@ import threading
 from urllib.parse import parse_qs, urlsplit
 
 import httptools
+
+
+def pattern_block(i: int) -> bytes:
+    """The i-th 64 KiB block of a ``/bytes/N?pattern=1`` body: its number, repeated."""
+    return i.to_bytes(8, "big") * 8192
 
 
 class _Request:
@@ -186,9 +192,12 @@ class UpstreamServer:
             else:
                 head.append(b"content-length: %d\r\n\r\n" % total)
             writer.write(b"".join(head))
+            patterned = parse_qs(parts.query).get("pattern") == ["1"]
             block = b"x" * 65536
             sent = 0
             while sent < total:
+                if patterned:  # block i is its own number, so a reordered or lost block shows
+                    block = pattern_block(sent // 65536)
                 piece = block[: min(65536, total - sent)]
                 writer.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
                 sent += len(piece)

@@ -120,6 +120,7 @@ class TlsOrigination:
     sni: str | None                     # tls.sni, else the destination host (Istio)
     subject_alt_names: tuple[str, ...]  # empty: the server certificate must match ``sni``
     insecure_skip_verify: bool
+    ca_crl: str | None = None           # PEM CRL(s) checked for every CA of the server's chain
     # Where the settings came from, for messages: "DestinationRule ns/name", "file:line", the
     # field path of the tls section ("spec.subsets[0].trafficPolicy.tls").
     ref: str = ""
@@ -129,7 +130,7 @@ class TlsOrigination:
     def settings(self) -> tuple:
         """What the TLS context depends on (not where it was written)."""
         return (self.mode, self.ca_certificates, self.client_certificate, self.private_key,
-                self.credential_name, self.sni, self.subject_alt_names, self.insecure_skip_verify)
+                self.credential_name, self.sni, self.subject_alt_names, self.insecure_skip_verify, self.ca_crl)
 
 
 class ClusterEndpoint:
@@ -269,6 +270,7 @@ def cluster_policy(snapshot: ConfigSnapshot, key: ClusterKey,
             client_certificate=tls.client_certificate or None, private_key=tls.private_key or None,
             credential_name=tls.credential_name or None, sni=tls.sni or host_sni,
             subject_alt_names=tuple(tls.subject_alt_names), insecure_skip_verify=bool(tls.insecure_skip_verify),
+            ca_crl=tls.ca_crl or None,
             ref=f"DestinationRule {dr.namespace}/{dr.name}",
             source=f"{dr.source.file}:{dr.source.line}" if dr.source is not None else "", field=tls_path)
     idle = (http.idle_timeout if http is not None and http.idle_timeout else None) \

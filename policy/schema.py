@@ -366,7 +366,7 @@ UNENFORCED_FIELDS: dict[tuple[str, str], Callable[[object], bool] | None] = {
     ("TrafficPolicy", "tunnel"): None,
     ("TrafficPolicy", "proxyProtocol"): None,
     # ClientTLSSettings: SIMPLE/MUTUAL are originated (nodeagent/proxy/origination.py);
-    # policy/validate.py warns about credentialName, caCrl, and sni/subjectAltNames under
+    # policy/validate.py warns about credentialName, caCrl with insecureSkipVerify, and sni/subjectAltNames under
     # ISTIO_MUTUAL (the mesh tunnel checks the identity the workload directory gives).
     # ServiceEntry
     ("ServiceEntry", "subjectAltNames"): lambda v: bool(v),

@@ -1087,8 +1087,8 @@ def _c_client_tls(t: m.ClientTLSSettings, path: str, ctx: Ctx) -> None:
         ctx.warn(f"{path}.credentialName", f"Kubernetes Secret {t.credential_name!r} cannot be read by nodeagent: "
                  "connections to this destination fail (503 UF), as Istio's do when the secret is missing; "
                  "use caCertificates, clientCertificate and privateKey files instead")
-    if t.ca_crl and t.mode in ("MUTUAL", "SIMPLE"):
-        ctx.warn(f"{path}.caCrl", "loaded but not enforced by nodeagent (no certificate revocation check)")
+    if t.ca_crl and t.mode in ("MUTUAL", "SIMPLE") and t.insecure_skip_verify:
+        ctx.warn(f"{path}.caCrl", "ignored: insecureSkipVerify is true, the server certificate is not verified")
     if t.mode in ("ISTIO_MUTUAL", "DISABLE", None):
         for attr, jn in (("sni", "sni"), ("subject_alt_names", "subjectAltNames")):
             if getattr(t, attr):

@@ -142,7 +142,7 @@ def env(tmp_path_factory):
     certs.mkdir()
     ca, other_ca, client_ca = TestCA(certs, "good"), TestCA(certs, "other"), TestCA(certs, "clients")
     names = ["simple", "sni", "sans", "sanbad", "hostbad", "unknownca", "insecure", "mutual", "mutualmissing",
-             "subset", "portlevel", "tcp", "outlier", "retried", "cred", "grpc"]
+             "subset", "portlevel", "tcp", "outlier", "retried", "cred", "grpc", "revoked", "crlok", "crlother"]
     files = {n: ca.issue(n, dns=[f"{n}.ext.test", "alias.ext.test"]) for n in names}
     wrong_name = ca.issue("elsewhere", dns=["elsewhere.example"])
     rogue = other_ca.issue("rogue", dns=["outlier.ext.test", "retried.ext.test", "unknownca.ext.test",
@@ -164,6 +164,10 @@ def env(tmp_path_factory):
     up["retried-good"] = TlsUpstream("retried-good", *files["retried"]).start()
     up["retried-bad"] = TlsUpstream("retried-bad", *rogue).start()
     up["cred"] = TlsUpstream("cred", *files["cred"]).start()
+    for n in ("revoked", "crlok", "crlother"):
+        up[n] = TlsUpstream(n, *files[n]).start()
+    crl = ca.crl([files["revoked"][0]])  # the good CA revokes the "revoked" server's certificate
+    other_crl = other_ca.crl(name="crl-of-another-ca")  # nothing revoked, but not the chain's CA
     plain = UpstreamServer("plain").start()
     grpc_up = TlsGrpc("grpc-tls", *files["grpc"])
     cafile = ca.cert_file
@@ -213,6 +217,10 @@ def env(tmp_path_factory):
             dr("retried", "  trafficPolicy:\n    loadBalancer:\n      simple: ROUND_ROBIN\n" + simple_tls)]
     cfg += [ext_service("cred", [up["cred"].address]), vs("cred"),
             dr("cred", "  trafficPolicy:\n    tls:\n      mode: SIMPLE\n      credentialName: cred-secret\n")]
+    for n, crl_file in (("revoked", crl), ("crlok", crl), ("crlother", other_crl)):
+        cfg += [ext_service(n, [up[n].address]), vs(n),
+                dr(n, f"  trafficPolicy:\n    tls:\n      mode: SIMPLE\n      caCertificates: {cafile}\n"
+                      f"      caCrl: {crl_file}\n")]
     cfg += [ext_service("plain", [plain.address]), vs("plain"), dr("plain", "  trafficPolicy:\n    tls:\n      mode: DISABLE\n")]
     cfg += [ext_service("grpc", [("127.0.0.1", grpc_up.port)], port=8080, port_name="grpc", protocol="GRPC"),
             dr("grpc", "  trafficPolicy:\n" + simple_tls)]
@@ -366,6 +374,25 @@ def test_credential_name_fails_closed_with_a_load_warning(env):
     assert get(proxy, "cred.ext.test")[0] == 503
     assert server.tls_connections == 0 and server.plaintext == [] and server.handshake_errors == []
     assert flags_for(proxy, "cred.ext.test", 1) == ["UF"]
+
+
+def test_ca_crl_refuses_a_revoked_server_certificate(env):
+    """caCrl: the server whose certificate the CA revoked is refused (503 UF, nothing sent to
+    it); a server of the same CA that is not on the list is served."""
+    status, _ = get(env["proxy"], "revoked.ext.test")
+    assert status == 503
+    assert flags_for(env["proxy"], "revoked.ext.test", 1) == ["UF"]
+    assert_refused_without_plaintext(env["up"]["revoked"])
+    assert get(env["proxy"], "crlok.ext.test") == (200, b"crlok")
+
+
+def test_ca_crl_without_a_list_from_the_server_certificates_issuer_refuses_it(env):
+    """Envoy's semantics: once a CRL is configured, a CA of the chain without one fails
+    verification, revoked or not (here the only list comes from another CA; that the whole
+    chain is checked, not the leaf alone, is the context's flags: the unit tests)."""
+    status, _ = get(env["proxy"], "crlother.ext.test")
+    assert status == 503
+    assert_refused_without_plaintext(env["up"]["crlother"])
 
 
 def test_disable_stays_plaintext(env):

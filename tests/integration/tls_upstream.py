@@ -63,6 +63,21 @@ class TestCA:
         return cert_file, key_file
 
 
+    def crl(self, revoked=(), name: str = "") -> Path:
+        """A PEM CRL signed by this CA revoking the leaves in the certificate files ``revoked``."""
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject)
+                   .last_update(now - datetime.timedelta(hours=1)).next_update(now + datetime.timedelta(days=1)))
+        for path in revoked:
+            leaf = x509.load_pem_x509_certificate(Path(path).read_bytes())
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(leaf.serial_number)
+                .revocation_date(now - datetime.timedelta(minutes=1)).build())
+        out = self.dir / f"{self.name}-{name or 'crl'}.pem"
+        out.write_bytes(builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        return out
+
+
 class TlsUpstream:
     """A TLS server: HTTP/1.1 (answers ``200`` with its name, keep-alive) or an echo server.
 

@@ -237,6 +237,32 @@ spec:
         "privateKey files instead"]
 
 
+def test_ca_crl_is_enforced_and_only_warned_when_nothing_is_verified():
+    text = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ext, namespace: prod}
+spec:
+  host: api.example.com
+  trafficPolicy:
+    tls:
+      mode: SIMPLE
+      caCertificates: /etc/ca.pem
+      caCrl: /etc/crl.pem
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      tls:
+        mode: SIMPLE
+        insecureSkipVerify: true
+        caCrl: /etc/crl.pem
+"""
+    assert warnings(text) == [
+        "f.yaml:18: warning: DestinationRule prod/ext: spec.subsets[0].trafficPolicy.tls.caCrl: "
+        "ignored: insecureSkipVerify is true, the server certificate is not verified"]
+
+
 def test_sni_and_sans_under_istio_mutual_are_ignored_with_a_warning():
     text = DR_TLS.replace("""    connectionPool:
       tcp:

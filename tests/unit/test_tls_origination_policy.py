@@ -199,3 +199,41 @@ def test_a_wildcard_host_without_sni_or_sans_is_warned_and_fails_closed():
     named = cluster_policy(snapshot, ClusterKey("*.wikipedia.org", "named", 443), "shop").origination
     assert named.sni == "en.wikipedia.org"
     assert origination._originating(named, Base(), None, None, ClusterKey("*.wikipedia.org", "named", 443)).error is None
+
+
+def test_ca_crl_is_part_of_the_settings_and_checked_for_the_whole_chain(tmp_path, snap):
+    import dataclasses
+    ca = TestCA(tmp_path, "crlunit")
+    leaf, _ = ca.issue("leaf", dns=["api.example.com"])
+    crl = ca.crl([leaf])
+    t = dataclasses.replace(o(snap, None, 80), ca_certificates=str(ca.cert_file), ca_crl=str(crl))
+    assert t.settings() != dataclasses.replace(t, ca_crl=None).settings()  # another context, not a shared one
+    ctx = origination.build_context(t)
+    assert ctx.verify_flags & ssl.VERIFY_CRL_CHECK_CHAIN == ssl.VERIFY_CRL_CHECK_CHAIN
+    assert ctx.cert_store_stats()["crl"] == 1
+    plain = origination.build_context(dataclasses.replace(t, ca_crl=None))
+    assert plain.verify_flags & ssl.VERIFY_CRL_CHECK_LEAF == 0
+    # insecureSkipVerify verifies nothing: the list is not even read
+    skip = dataclasses.replace(t, insecure_skip_verify=True, ca_crl=str(tmp_path / "missing-crl.pem"))
+    assert origination.build_context(skip).verify_mode == ssl.CERT_NONE
+
+
+def test_an_unreadable_or_wrong_ca_crl_file_names_the_field_and_file(tmp_path, snap):
+    import dataclasses
+    ca = TestCA(tmp_path, "crlbad")
+    t = dataclasses.replace(o(snap, None, 80), ca_certificates=str(ca.cert_file),
+                            ca_crl=str(tmp_path / "missing-crl.pem"))
+    with pytest.raises(origination.ConfigFileError) as info:
+        origination.contexts_for(t)
+    assert str(info.value).startswith("api.yaml:15: DestinationRule shop/api: spec.trafficPolicy.tls.caCrl: "
+                                      "cannot read")
+    # a CA certificate is not a revocation list
+    t = dataclasses.replace(t, ca_crl=str(ca.cert_file))
+    with pytest.raises(origination.ConfigFileError) as info:
+        origination.contexts_for(t)
+    assert f"tls.caCrl: {ca.cert_file} holds no PEM certificate revocation list" in str(info.value)
+    (tmp_path / "broken-crl.pem").write_text("-----BEGIN X509 CRL-----\nnot base64 at all\n-----END X509 CRL-----\n")
+    t = dataclasses.replace(t, ca_crl=str(tmp_path / "broken-crl.pem"))
+    with pytest.raises(origination.ConfigFileError) as info:
+        origination.contexts_for(t)
+    assert "broken-crl.pem is not a usable PEM certificate revocation list" in str(info.value)

@@ -234,6 +234,7 @@ class AccessLog:
             "authority": exchange.authority.decode("latin-1"),
             "upstream_host": exchange.upstream_host or None,
             "upstream_cluster": _cluster_name(exchange.cluster),
+            "upstream_transport_failure_reason": exchange.failure_reason,
             "route_name": exchange.plan.route_name if exchange.plan is not None else None,
             "downstream_remote_address": "%s:%s" % down.peer.remote[:2],
             "source_workload": src.name if src is not None else None,
@@ -264,6 +265,7 @@ class AccessLog:
             "duration": round(duration_ms, 3),
             "upstream_host": relay.upstream_host or None,
             "upstream_cluster": _cluster_name(relay.cluster),
+            "upstream_transport_failure_reason": relay.failure_reason,
             "downstream_remote_address": "%s:%s" % relay.peer.remote[:2],
         })
 

@@ -47,11 +47,11 @@ from policy import retry as retry_mod
 
 from nodeagent.proxy.context import RequestInfo
 from nodeagent.proxy.http import (
-    Exchange, LocalReply, apply_header_ops, header_map as _header_map, path_str as _path_str, pick_endpoint,
-    retire_endpoint, take_retry_slot,
+    Exchange, LocalReply, apply_header_ops, connect_failure_body, header_map as _header_map, path_str as _path_str,
+    pick_endpoint, retire_endpoint, take_retry_slot,
 )
 from nodeagent.proxy.response_hook import wants_cors_headers
-from nodeagent.proxy.upstream import UNLIMITED
+from nodeagent.proxy.upstream import UNLIMITED, transport_failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -451,7 +451,7 @@ class H2Stream:
         "upstream", "up_sid", "h1", "status", "grpc_status", "flags", "req_bytes", "resp_bytes", "t0",
         "timer", "try_timer", "dest", "upstream_host", "_hmap", "out", "out_q", "out_end", "out_trailers",
         "unacked_up", "unacked_down", "idle_age", "body_mode", "version",
-        "held", "up_paused", "eof_body", "retry_slot",
+        "held", "up_paused", "eof_body", "retry_slot", "failure_reason",
     )
 
     def __init__(self, down: H2Downstream, sid: int, raw_headers) -> None:
@@ -524,6 +524,7 @@ class H2Stream:
         # The cluster's retry circuit breaker (maxRetries), as Exchange.retry_slot: 1 while this
         # stream holds an outstanding retry, 2 when one was refused (its local reply adds UO).
         self.retry_slot = 0
+        self.failure_reason = None  # as Exchange.failure_reason
         self.up_paused = False  # the HTTP/1.1 upstream's reading is paused for backpressure
         self.eof_body = False  # the HTTP/1.1 upstream's body ends when its connection closes
 
@@ -705,16 +706,16 @@ class H2Stream:
         self.down.flush()
 
     # --- upstream side: common ------------------------------------------
-    def upstream_connect_failed(self, endpoint) -> None:
+    def upstream_connect_failed(self, endpoint, reason=None) -> None:
         if self.finished:
             return
+        self.failure_reason = reason
         if self.retry_slot == 1:
             self._retry_end()
         self.cluster.record(self.endpoint, 0, self.runtime.loop.time())
         if self._retry("connect-failure"):
             return
-        self.local_reply(LocalReply(503, "UF", b"upstream connect error or disconnect/reset before headers. "
-                                               b"reset reason: connection failure"))
+        self.local_reply(LocalReply(503, "UF", connect_failure_body(reason)))
 
     def _ready_common(self) -> list:
         """The request headers as forwarded (route ops applied), without pseudo-headers."""
@@ -1471,7 +1472,7 @@ class H2Pool:
             await self.cluster.pool.connector.connect(lambda: up, host, port, timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             log.debug("HTTP/2 connect to %s:%d failed: %s", host, port, exc)
-            up.connect_failed()
+            up.connect_failed(transport_failure_reason(exc))
         except asyncio.CancelledError:
             up.connect_failed()
             raise
@@ -1585,7 +1586,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                 self.pool.pending.appendleft((stream, self.endpoint))
         self.flush()
 
-    def connect_failed(self) -> None:
+    def connect_failed(self, reason=None) -> None:
         if self.closed:
             return
         self.closed = True
@@ -1593,7 +1594,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.pool.active -= len(waiting)
         self.pool.removed(self)
         for stream in waiting:
-            stream.upstream_connect_failed(self.endpoint)
+            stream.upstream_connect_failed(self.endpoint, reason)
 
     def data_received(self, data: bytes) -> None:
         _BATCH[0] += 1

@@ -96,6 +96,7 @@ cdef class Exchange:
     cdef public object out
     cdef public bint eof_body
     cdef public long retry_slot
+    cdef public object failure_reason
 
     cpdef start(self)
     cpdef _attempt(self)

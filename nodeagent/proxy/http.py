@@ -473,6 +473,15 @@ def take_retry_slot(exchange) -> bool:
     return False
 
 
+def connect_failure_body(reason) -> bytes:
+    """Envoy's local reply body for a connect failure, with the transport's reason when it
+    gave one (a TLS handshake or verification failure of TLS origination)."""
+    body = b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+    if reason:
+        body += b", transport failure reason: " + reason.encode("utf-8", "replace")
+    return body
+
+
 def header_map(exchange) -> RequestHeaders:
     """An exchange's (HTTP/1.1 or HTTP/2 stream's) request headers as a lower-case str
     Mapping, decoded lazily, once."""
@@ -496,7 +505,7 @@ class Exchange:
         "tried", "attempt", "response_started", "out_chunked", "close_delimited",
         "status", "flags", "req_bytes", "resp_bytes", "t0", "abandoned", "timer", "try_timer",
         "finished", "tunneling", "dest", "upstream_host", "cluster", "_hmap", "mirrored", "out", "eof_body",
-        "retry_slot",
+        "retry_slot", "failure_reason",
     )
 
     def __init__(self, down: HttpDownstream, method, url, headers, version, keep_alive, upgrade) -> None:
@@ -545,6 +554,7 @@ class Exchange:
         # its outstanding retries (from the decision to the end of that retry's attempt), 2 when
         # a retry was refused for it (the local reply then also carries UO), else 0.
         self.retry_slot = 0
+        self.failure_reason = None  # the last upstream transport failure (upstream_connect_failed)
         authority = b""
         keep = []
         connection = False  # a Connection or Proxy-Connection header
@@ -768,15 +778,18 @@ class Exchange:
         if per_try:
             self.try_timer = self.runtime.loop.call_later(per_try, self._try_timeout, conn)
 
-    def upstream_connect_failed(self, endpoint) -> None:
+    def upstream_connect_failed(self, endpoint, reason=None) -> None:
+        """The pool could not connect to ``endpoint``; ``reason``: the transport's own failure
+        (TLS origination), Envoy's upstream_transport_failure_reason, else None."""
         if self.finished or self.abandoned:
             return
+        self.failure_reason = reason
         if self.retry_slot == 1:
             self._retry_end()
         self.cluster.record(self.endpoint, 0, self.runtime.loop.time())
         if self._retry("connect-failure", 0):
             return
-        self.local_reply(LocalReply(503, "UF", b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"))
+        self.local_reply(LocalReply(503, "UF", connect_failure_body(reason)))
 
     def upstream_failed(self, conn, flag: str) -> None:
         """The upstream connection reset or spoke garbage."""

@@ -44,6 +44,7 @@ import ssl
 import time
 
 from nodeagent.proxy.tunnel import TlsStream
+from nodeagent.proxy.upstream import TransportFailure
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ LOG_INTERVAL = 60.0  # seconds between two logged failures of one cluster
 _CONTEXT_LIMIT = 256  # distinct (settings, alpn) kept; beyond that the cache starts afresh
 
 
-class OriginationError(ConnectionError):
+class OriginationError(TransportFailure):
     """TLS origination failed (handshake, verification, or no usable settings): a connect failure."""
 
 

@@ -758,7 +758,7 @@ class MirrorExchange:
         self.upstream = conn
         conn.send(self, self.data, False)
 
-    def upstream_connect_failed(self, endpoint) -> None:
+    def upstream_connect_failed(self, endpoint, reason=None) -> None:
         self.state.record(self.endpoint, 0, self.runtime.loop.time())
         self._done()
 

@@ -31,6 +31,7 @@ from policy.cluster import ClusterKey
 from policy.sni import MAX_CLIENT_HELLO, NEED_MORE, ClientHelloReader
 
 from nodeagent.proxy.http import HttpDownstream
+from nodeagent.proxy.upstream import transport_failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class TcpRelay(asyncio.Protocol):
         self.sent = 0
         self.flags = "-"
         self.upstream_host = ""
+        self.failure_reason = None  # the last upstream transport failure (TLS origination), for the access log
         self.endpoint = None
         self.entry = None
         self.t0 = time.monotonic()
@@ -189,7 +191,8 @@ class TcpRelay(asyncio.Protocol):
                 connector = state.pool.connector if state is not None else self.ctx.connector
                 _, self.upstream = await connector.connect(
                     lambda: _UpstreamSide(self), addr[0], addr[1], timeout)
-            except (OSError, asyncio.TimeoutError):
+            except (OSError, asyncio.TimeoutError) as exc:
+                self.failure_reason = transport_failure_reason(exc)
                 if state is not None:
                     state.record(self.endpoint, 0, runtime.loop.time())
                     state.done(self.endpoint)

@@ -85,6 +85,16 @@ class PoolLimits:
     idle_timeout: float = 3600.0  # Istio's default for upstream HTTP connections
 
 
+class TransportFailure(ConnectionError):
+    """A connect failure of the transport's own layer (TLS origination: handshake, verification):
+    its message is Envoy's upstream_transport_failure_reason (the 503 body, the access log)."""
+
+
+def transport_failure_reason(exc):
+    """What ``exc`` says as an upstream transport failure reason, else None."""
+    return str(exc) if isinstance(exc, TransportFailure) else None
+
+
 class _HeadResponseDone(Exception):
     """Raised from on_headers_complete to stop the parser after a HEAD response head."""
 
@@ -294,7 +304,7 @@ class ClusterPool:
         except (OSError, asyncio.TimeoutError) as exc:
             self.open -= 1
             log.debug("connect to %s:%d failed: %s", endpoint[0], endpoint[1], exc)
-            exchange.upstream_connect_failed(endpoint)
+            exchange.upstream_connect_failed(endpoint, transport_failure_reason(exc))
             self._serve_pending()
             return
         self._counted.add(id(conn))

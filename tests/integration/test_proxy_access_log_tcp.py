@@ -229,9 +229,10 @@ def start_time(rec: dict) -> float:
 
 
 TCP_FIELDS = {"start_time", "protocol", "response_flags", "bytes_received", "bytes_sent", "duration",
-              "upstream_host", "upstream_cluster", "downstream_remote_address"}
+              "upstream_host", "upstream_cluster", "upstream_transport_failure_reason", "downstream_remote_address"}
 HTTP_FIELDS = {"start_time", "method", "path", "protocol", "response_code", "response_flags", "bytes_received",
-               "bytes_sent", "duration", "authority", "upstream_host", "upstream_cluster", "route_name",
+               "bytes_sent", "duration", "authority", "upstream_host", "upstream_cluster",
+               "upstream_transport_failure_reason", "route_name",
                "downstream_remote_address", "source_workload", "source_namespace", "destination_service",
                "user_agent", "request_id", "attempts", "worker"}
 

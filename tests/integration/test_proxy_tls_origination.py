@@ -159,6 +159,7 @@ def env(tmp_path_factory):
     up["subset-v1"] = TlsUpstream("subset-v1", *files["subset"]).start()
     up["subset-v2"] = TlsUpstream("subset-v2", *rogue).start()
     up["tcp"] = TlsUpstream("tcp", *files["tcp"], echo=True).start()
+    up["tcpbad"] = TlsUpstream("tcpbad", *rogue, echo=True).start()
     up["outlier-good"] = TlsUpstream("outlier-good", *files["outlier"]).start()
     up["outlier-bad"] = TlsUpstream("outlier-bad", *rogue).start()
     up["retried-good"] = TlsUpstream("retried-good", *files["retried"]).start()
@@ -170,6 +171,7 @@ def env(tmp_path_factory):
     other_crl = other_ca.crl(name="crl-of-another-ca")  # nothing revoked, but not the chain's CA
     plain = UpstreamServer("plain").start()
     grpc_up = TlsGrpc("grpc-tls", *files["grpc"])
+    grpc_bad = TlsGrpc("grpc-bad", *rogue)  # a certificate the configured CA did not sign
     cafile = ca.cert_file
     simple_tls = f"    tls:\n      mode: SIMPLE\n      caCertificates: {cafile}\n"
     cfg = [FRONTEND]
@@ -208,6 +210,11 @@ def env(tmp_path_factory):
                             f"        caCertificates: {cafile}\n")]
     cfg += [ext_service("tcp", [up["tcp"].address], port=5432, port_name="tcp", protocol="TCP"),
             dr("tcp", "  trafficPolicy:\n" + simple_tls)]
+    cfg += [ext_service("tcpbad", [up["tcpbad"].address], port=5432, port_name="tcp", protocol="TCP"),
+            dr("tcpbad", "  trafficPolicy:\n" + simple_tls)]
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections to it are refused
+    cfg += [ext_service("refused", [closed.getsockname()]), vs("refused"), dr("refused", "  trafficPolicy:\n" + simple_tls)]
     cfg += [ext_service("outlier", [up["outlier-bad"].address, up["outlier-good"].address]), vs("outlier"),
             dr("outlier", "  trafficPolicy:\n    loadBalancer:\n      simple: ROUND_ROBIN\n"
                           "    outlierDetection:\n      consecutive5xxErrors: 2\n      interval: 10s\n"
@@ -224,9 +231,12 @@ def env(tmp_path_factory):
     cfg += [ext_service("plain", [plain.address]), vs("plain"), dr("plain", "  trafficPolicy:\n    tls:\n      mode: DISABLE\n")]
     cfg += [ext_service("grpc", [("127.0.0.1", grpc_up.port)], port=8080, port_name="grpc", protocol="GRPC"),
             dr("grpc", "  trafficPolicy:\n" + simple_tls)]
+    cfg += [ext_service("grpcbad", [("127.0.0.1", grpc_bad.port)], port=8080, port_name="grpc", protocol="GRPC"),
+            dr("grpcbad", "  trafficPolicy:\n" + simple_tls)]
     (d / "config.yaml").write_text("".join(cfg))
     proxy = ProxyProcess(d, metrics=False, access_log=True,
-                         extra=("--forward", "127.0.0.1:0=tcp.ext.test:5432")).start()
+                         extra=("--forward", "127.0.0.1:0=tcp.ext.test:5432",
+                                "--forward", "127.0.0.1:0=tcpbad.ext.test:5432")).start()
     try:
         yield {"proxy": proxy, "up": up, "plain": plain, "grpc": grpc_up, "dir": d}
     finally:
@@ -235,6 +245,8 @@ def env(tmp_path_factory):
             s.stop()
         plain.stop()
         grpc_up.stop()
+        grpc_bad.stop()
+        closed.close()
 
 
 def assert_refused_without_plaintext(server: TlsUpstream) -> None:
@@ -393,6 +405,71 @@ def test_ca_crl_without_a_list_from_the_server_certificates_issuer_refuses_it(en
     status, _ = get(env["proxy"], "crlother.ext.test")
     assert status == 503
     assert_refused_without_plaintext(env["up"]["crlother"])
+
+
+def access_line(proxy, authority: str | None = None, protocol: str | None = None) -> dict:
+    """The latest access-log line for ``authority`` (HTTP) or ``protocol`` (TCP), once there."""
+    def lines():
+        return [l for l in access_lines(proxy)
+                if (authority is None or l.get("authority") == authority)
+                and (protocol is None or l.get("protocol") == protocol)]
+    assert wait_for(lambda: lines()), f"no access-log line for {authority or protocol}"
+    return lines()[-1]
+
+
+def test_a_tls_failure_reason_is_in_the_503_body_and_the_access_log(env):
+    """Envoy's upstream_transport_failure_reason: why TLS origination failed, in the local
+    reply (after "transport failure reason:") and in the access log's field of that name."""
+    status, body = get(env["proxy"], "revoked.ext.test", "/why")
+    assert status == 503
+    assert body.startswith(b"upstream connect error or disconnect/reset before headers. reset reason: "
+                           b"connection failure, transport failure reason: certificate verify failed: ")
+    assert b"revoked" in body, body
+    line = access_line(env["proxy"], "revoked.ext.test")
+    assert line["response_flags"] == "UF"
+    assert line["upstream_transport_failure_reason"] == body.split(b"transport failure reason: ", 1)[1].decode().rstrip("\n")
+
+
+def test_an_http2_upstream_tls_failure_reason_is_logged(env):
+    proxy = env["proxy"]
+    with grpc.insecure_channel(f"127.0.0.1:{proxy.port}",
+                               options=[("grpc.default_authority", "grpcbad.ext.test:8080"),
+                                        ("grpc.enable_retries", 0)]) as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            ch.unary_unary("/test.Echo/Which")(b"x", timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    line = access_line(proxy, "grpcbad.ext.test:8080")
+    assert line["response_flags"] == "UF"
+    assert line["upstream_transport_failure_reason"].startswith("certificate verify failed")
+
+
+def test_a_refused_connection_has_no_transport_failure_reason(env):
+    status, body = get(env["proxy"], "refused.ext.test")
+    assert (status, body.rstrip(b"\n")) == (503, b"upstream connect error or disconnect/reset before headers. "
+                                                b"reset reason: connection failure")
+    line = access_line(env["proxy"], "refused.ext.test")
+    assert line["response_flags"] == "UF" and line["upstream_transport_failure_reason"] is None
+
+
+def test_a_tcp_relay_logs_its_tls_failure_reason(env):
+    proxy, server = env["proxy"], env["up"]["tcpbad"]
+    before = len([l for l in access_lines(proxy) if l.get("protocol") == "TCP"])
+    with socket.create_connection(("127.0.0.1", proxy.ports[2]), timeout=5) as s:
+        s.sendall(b"never sent in plaintext")
+        s.settimeout(5)
+        try:
+            assert s.recv(100) == b""  # closed without an answer
+        except ConnectionResetError:
+            pass
+    assert_refused_without_plaintext(server)
+
+    def failed_lines():
+        return [l for l in access_lines(proxy) if l.get("protocol") == "TCP"
+                and l.get("upstream_transport_failure_reason")]
+    assert wait_for(lambda: failed_lines()), f"no TCP line with a failure reason after {before}"
+    line = failed_lines()[-1]
+    assert line["response_flags"] == "UF"
+    assert line["upstream_transport_failure_reason"].startswith("certificate verify failed")
 
 
 def test_disable_stays_plaintext(env):

@@ -41,7 +41,8 @@ if [ ! -f "$stamp" ]; then
     # A venv set up from an older lock holds PyPI's cryptography (and cffi, pycparser for it),
     # which would shadow Debian's.
     for stale in cryptography cffi pycparser; do
-        if "$VENV/bin/pip" show "$stale" 2>/dev/null | grep -q "^Location: $(cd "$VENV" && pwd)/"; then
+        location=$("$VENV/bin/pip" show "$stale" 2>/dev/null | sed -n 's/^Location: //p' || true)
+        if [[ "$location" == "$(cd "$VENV" && pwd)/"* ]]; then
             "$VENV/bin/pip" uninstall -q -y --disable-pip-version-check "$stale"
         fi
     done

@@ -27,6 +27,11 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return _build(COMMAND_MODULES)[0]
+
+
+def _build(modules: list[str]) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The parser with the commands of ``modules``, and its subparsers action."""
     parser = argparse.ArgumentParser(
         prog="nodeagent",
         description="Sidecarless service mesh node agent (Istio configuration, one proxy per node).",
@@ -34,14 +39,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
+    for name in modules:
         importlib.import_module(name).register(sub)
-    return parser
+    return parser, sub
+
+
+def _parser_for(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser for ``argv``: when its command is named like the module that defines it
+    (``nodeagent run`` -> nodeagent.commands.run), a parser with that module's commands only,
+    else all of them. The command's own parser is the same either way; the agent daemon then
+    neither imports the other command modules nor keeps their parsers (docs/operations.md,
+    "Memory")."""
+    i = 0
+    while i < len(argv) and argv[i] in ("-v", "--verbose"):
+        i += 1
+    if i < len(argv) and not argv[i].startswith("-"):
+        module = f"nodeagent.commands.{argv[i]}"
+        if module in COMMAND_MODULES:
+            parser, sub = _build([module])
+            if argv[i] in sub.choices:
+                return parser
+    return build_parser()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parser_for(sys.argv[1:] if argv is None else list(argv)).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -19,7 +19,6 @@ reading files and directories is ``nodeagent.configfiles`` (the edge).
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 
 import yaml
@@ -277,6 +276,7 @@ def _load_object(doc: Node, file: str, where: str, default_namespace: str, keys:
         errors = list(dup_errors)
         for k, (knode, _v) in fields.items():
             if k not in _LIST_FIELDS:
+                import difflib  # only for a suggestion (0.13 MiB the agent need not keep)
                 close = difflib.get_close_matches(k, _LIST_FIELDS, n=1)
                 hint = f' (did you mean "{close[0]}"?)' if close else ""
                 errors.append(Diagnostic(file, _line(knode), f'unknown field "{k}"{hint}', "List", k))

@@ -30,11 +30,6 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
-import re2
-from re2 import _re2
-
-_ANCHOR_BOTH = _re2.RE2.Anchor.ANCHOR_BOTH
-
 from policy.cluster import ClusterKey, memo_put, snapshot_memo
 from policy.cors import CorsConfig, compile_cors
 from policy.l4routing import resolve_destination as _resolve_destination
@@ -303,7 +298,10 @@ class RoutePlan:
 def re2_fullmatch(pattern: str):
     """A predicate str -> bool: RE2 full match (Envoy's safe_regex). Uses the
     pybind layer of google-re2 directly: ~5x faster than ``re2.fullmatch``,
-    which builds a match object per call."""
+    which builds a match object per call. re2 (the module and libstdc++, ~2.3 MiB) is
+    loaded by the first regex configured, not by every agent."""
+    from re2 import _re2
+    anchor = _re2.RE2.Anchor.ANCHOR_BOTH
     opts = _re2.RE2.Options()
     opts.never_capture = True
     opts.log_errors = False
@@ -314,7 +312,7 @@ def re2_fullmatch(pattern: str):
 
     def fullmatch(s: str) -> bool:
         b = s.encode()
-        return match(_ANCHOR_BOTH, b, 0, len(b))[0][0] >= 0
+        return match(anchor, b, 0, len(b))[0][0] >= 0
     return fullmatch
 
 
@@ -522,6 +520,7 @@ def _compile_route(snapshot, hr, vs_res, service, port: int, source_ns: str) -> 
     r.rewrite_uri = rw.uri if rw is not None and rw.uri is not None else None
     r.regex_rewrite = None
     if rw is not None and rw.uri_regex_rewrite is not None:
+        import re2  # loaded by the first regex configured (re2_fullmatch)
         pat = re2.compile(rw.uri_regex_rewrite.match)
         repl = rw.uri_regex_rewrite.rewrite
         r.regex_rewrite = (pat, repl)

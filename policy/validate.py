@@ -17,13 +17,11 @@ Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import http
 import ipaddress
 import re
 from typing import Any, Callable
 
-import re2
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
@@ -309,6 +307,7 @@ def _merged(node: MappingNode, depth: int = 0) -> list[tuple[Node, Node]]:
 
 
 def _unknown(ctx: Ctx, path: str, key: str, known, line: int) -> None:
+    import difflib  # only for a suggestion (0.13 MiB the agent need not keep)
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = f' (did you mean "{close[0]}"?)' if close else ""
     ctx.err(f"{path}.{key}" if path else key, f'unknown field "{key}"{hint}', line)
@@ -485,16 +484,20 @@ def is_dns1123_subdomain(s: str) -> bool:
     return 0 < len(s) <= 253 and all(is_dns1123_label(p) for p in s.split("."))
 
 
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False   # no C++ log lines on stderr
+_RE2_OPTIONS = []  # re2.Options, made with the first regex (re2 is loaded only when one is configured)
 
 
 def regex_error(pattern: str) -> str | None:
     """None when ``pattern`` compiles as RE2 (Istio's regex dialect), else the reason."""
     if len(pattern) > 1024:
         return f"regex is too large, max length allowed is 1024 (got {len(pattern)})"
+    import re2
+    if not _RE2_OPTIONS:
+        options = re2.Options()
+        options.log_errors = False  # no C++ log lines on stderr
+        _RE2_OPTIONS.append(options)
     try:
-        re2.compile(pattern, _RE2_OPTIONS)
+        re2.compile(pattern, _RE2_OPTIONS[0])
     except Exception as exc:  # re2.error and friends
         arg = exc.args[0] if exc.args else exc.__class__.__name__
         if isinstance(arg, bytes):

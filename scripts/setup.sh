@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 DEB_PKGS=(python3 python3-venv python3-bpfcc bpfcc-tools iproute2 nftables iptables
-          conntrack haproxy wrk curl procps psmisc openssl gcc libc6-dev python3-dev)
+          conntrack haproxy wrk curl procps psmisc openssl gcc libc6-dev python3-dev
+          python3-cryptography)
 
 missing=()
 for p in "${DEB_PKGS[@]}"; do
@@ -25,7 +26,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # Debian's python3, so that bcc (python3-bpfcc, in /usr/lib/python3/dist-packages)
-# is importable from the venv through --system-site-packages.
+# and cryptography (python3-cryptography) are importable from the venv through
+# --system-site-packages. cryptography is Debian's on purpose (docs/operations.md, "Memory"):
+# it uses the system OpenSSL that `ssl` maps already, where PyPI's wheel maps a second,
+# statically linked one (~6 MiB Rss per agent), and Debian's security updates patch it.
 stamp="$VENV/.deps-$(sha256sum requirements.lock | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
     if [ ! -x "$VENV/bin/python" ]; then
@@ -34,10 +38,29 @@ if [ ! -f "$stamp" ]; then
     fi
     echo "setup: installing pinned Python dependencies"
     "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.lock
+    # A venv set up from an older lock holds PyPI's cryptography (and cffi, pycparser for it),
+    # which would shadow Debian's.
+    for stale in cryptography cffi pycparser; do
+        location=$("$VENV/bin/pip" show "$stale" 2>/dev/null | sed -n 's/^Location: //p' || true)
+        if [[ "$location" == "$(cd "$VENV" && pwd)/"* ]]; then
+            "$VENV/bin/pip" uninstall -q -y --disable-pip-version-check "$stale"
+        fi
+    done
     "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
     rm -f "$VENV"/.deps-*
     touch "$stamp"
 fi
+
+# Nothing may bring PyPI's cryptography back into the venv (a package requiring a newer release
+# than Debian's would): the agent would map two OpenSSL copies again.
+"$VENV/bin/python" - <<'EOF'
+import sys
+import cryptography
+if not cryptography.__file__.startswith("/usr/lib/python3/dist-packages/"):
+    sys.exit(f"setup: cryptography {cryptography.__version__} is imported from {cryptography.__file__}, "
+             "not Debian's python3-cryptography; find what installed it (pip show cryptography: "
+             "Required-by) and remove it from the venv (docs/operations.md, \"Memory\")")
+EOF
 
 # The request path compiled with Cython (nodeagent/accel.py); a no-op when build/accel matches
 # the sources. Without it the proxy runs the same code as Python (the in-process request path

@@ -9,12 +9,13 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .spiffe import InvalidSpiffeId, SpiffeId
@@ -52,9 +53,30 @@ def certs_to_pem(certs) -> bytes:
     return b"".join(cert_to_pem(c) for c in certs)
 
 
+# The agent runs on Debian's python3-cryptography (38.0.4, linked to the system OpenSSL that
+# `ssl` already maps: ~6 MiB less Rss than PyPI's wheel, see docs/operations.md "Memory") and
+# on newer releases alike. Three newer APIs have a fallback below, used only where the
+# installed release lacks them: load_pem_x509_certificates (42), not_valid_*_utc (42) and
+# verify_directly_issued_by (40).
+_PEM_CERT = re.compile(rb"-----BEGIN (?:X509 )?CERTIFICATE-----\r?\n.*?-----END (?:X509 )?CERTIFICATE-----",
+                       re.DOTALL)
+
+
+def _load_pem_certificates(pem: bytes) -> list[x509.Certificate]:
+    """x509.load_pem_x509_certificates for releases without it: every CERTIFICATE block, in
+    order; ValueError when there is none or one does not parse."""
+    blocks = _PEM_CERT.findall(pem)
+    if not blocks:
+        raise ValueError("Unable to load PEM file. No certificates found")
+    return [x509.load_pem_x509_certificate(block) for block in blocks]
+
+
+_load_pem_x509_certificates = getattr(x509, "load_pem_x509_certificates", _load_pem_certificates)
+
+
 def load_certs(pem: bytes) -> tuple[x509.Certificate, ...]:
     try:
-        certs = tuple(x509.load_pem_x509_certificates(pem))
+        certs = tuple(_load_pem_x509_certificates(pem))
     except ValueError as exc:
         raise CertificateError(f"not a PEM certificate list: {exc}") from None
     return certs
@@ -84,12 +106,29 @@ def _time(seconds: float) -> _dt.datetime:
     return _dt.datetime.fromtimestamp(int(seconds), tz=_dt.timezone.utc)
 
 
+_HAS_UTC = hasattr(x509.Certificate, "not_valid_before_utc")
+
+
+def not_before_utc(cert: x509.Certificate) -> _dt.datetime:
+    """Start of validity, an aware UTC datetime."""
+    if _HAS_UTC:
+        return cert.not_valid_before_utc
+    return cert.not_valid_before.replace(tzinfo=_dt.timezone.utc)
+
+
+def not_after_utc(cert: x509.Certificate) -> _dt.datetime:
+    """End of validity, an aware UTC datetime."""
+    if _HAS_UTC:
+        return cert.not_valid_after_utc
+    return cert.not_valid_after.replace(tzinfo=_dt.timezone.utc)
+
+
 def not_before(cert: x509.Certificate) -> float:
-    return cert.not_valid_before_utc.timestamp()
+    return not_before_utc(cert).timestamp()
 
 
 def not_after(cert: x509.Certificate) -> float:
-    return cert.not_valid_after_utc.timestamp()
+    return not_after_utc(cert).timestamp()
 
 
 def uri_sans(cert: x509.Certificate | x509.CertificateSigningRequest) -> list[str]:
@@ -207,10 +246,33 @@ def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     if cert.issuer != issuer.subject:
         return False
     try:
-        cert.verify_directly_issued_by(issuer)
+        if _HAS_VERIFY_ISSUED:
+            cert.verify_directly_issued_by(issuer)
+        else:
+            _verify_signature(cert, issuer.public_key())
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
+
+
+_HAS_VERIFY_ISSUED = hasattr(x509.Certificate, "verify_directly_issued_by")
+
+
+def _verify_signature(cert: x509.Certificate, key) -> None:
+    """The signature check of Certificate.verify_directly_issued_by, for releases without it:
+    InvalidSignature when ``key`` did not sign ``cert``, TypeError for a key type it does not
+    handle (as cryptography's own)."""
+    algorithm = cert.signature_hash_algorithm
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm))
+    elif isinstance(key, rsa.RSAPublicKey):
+        # PKCS#1 v1.5 only: a release without verify_directly_issued_by cannot tell the
+        # RSA-PSS parameters of a certificate, so a PSS-signed one is refused (InvalidSignature).
+        key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), algorithm)
+    elif isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        key.verify(cert.signature, cert.tbs_certificate_bytes)
+    else:
+        raise TypeError(f"unsupported issuer key type {type(key).__name__}")
 
 
 def public_keys_equal(a, b) -> bool:

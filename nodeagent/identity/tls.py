@@ -106,10 +106,10 @@ def verify_peer_certificate(der: bytes | None, *, trust_domain: str, revocations
         raise PeerRejected(f"peer {identity} is not a workload identity")
     if now < certs.not_before(cert):
         raise PeerRejected(f"peer certificate for {identity} is not valid before "
-                           f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC")
+                           f"{certs.not_before_utc(cert):%Y-%m-%d %H:%M:%S} UTC")
     if now >= certs.not_after(cert):
         raise PeerRejected(f"peer certificate for {identity} expired at "
-                           f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
+                           f"{certs.not_after_utc(cert):%Y-%m-%d %H:%M:%S} UTC")
     reason = revocations.revoked_reason(cert)
     if reason:
         raise PeerRejected(f"peer {identity}: {reason}")

@@ -807,35 +807,24 @@ class TunnelServer:
             return None
         return self.server.sockets[0].getsockname()[:2]
 
-    def _server_context(self) -> ssl.SSLContext:
-        """TunnelTls's reloading context; before the workload's first certificate is issued
-        (a workload just enrolled), a front context that takes the current one at each
-        handshake, so the listener can open now and serve as soon as the certificate exists."""
-        identity = self.workload.identity
+    def _server_context(self) -> ssl.SSLContext | None:
+        """TunnelTls's reloading context (the identity's own, shared, taking the current
+        certificate at each handshake); None before the workload's first certificate is issued
+        (a workload just enrolled): the listener opens all the same, and each connection it
+        accepts until then looks again (_accept), so it serves as soon as the certificate
+        exists. No context is made per listener for the wait: an empty one costs ~18 KiB of
+        OpenSSL memory, per pod, for as long as the listener lives."""
         try:
-            return self.tls.server_context(identity)
+            return self.tls.server_context(self.workload.identity)
         except NoCertificate:
-            pass
-        self.tls.scoped(identity)  # still refuses an identity this node does not serve
-        front = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        front.minimum_version = front.maximum_version = ssl.TLSVersion.TLSv1_3
-        front.verify_mode = ssl.CERT_REQUIRED  # kept by the connection; trust store and cert come from the switch
-
-        def switch(ssl_object, server_name, _ctx):
-            try:
-                ssl_object.context = self.tls.server_context(identity)
-            except IdentityError as exc:
-                log.warning("tunnel %s: refusing a handshake: %s", self.workload.ref, exc)
-                return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
             return None
-
-        front.sni_callback = switch
-        return front
 
     async def start(self, sock: socket.socket | None = None, host: str | None = None,
                     port: int = TUNNEL_PORT) -> "TunnelServer":
         loop = asyncio.get_running_loop()
         ctx = self._server_context()
+        if ctx is None:
+            self.tls.scoped(self.workload.identity)  # still refuses an identity this node does not serve
         if sock is None:
             if host is None:
                 raise ValueError("TunnelServer.start needs a listening socket or a host address")
@@ -854,7 +843,17 @@ class TunnelServer:
         return self
 
     def _accept(self) -> TlsStream:
-        return TlsStream(self._ctx, _TunnelServerProtocol(self), server_side=True,
+        ctx = self._ctx
+        if ctx is None:  # no certificate when the listener opened: is there one now?
+            try:
+                ctx = self._ctx = self._server_context()
+                why = f"no certificate issued yet for {self.workload.identity}"
+            except IdentityError as exc:
+                why = str(exc)
+            if ctx is None:
+                log.warning("tunnel %s: refusing a handshake: %s", self.workload.ref, why)
+                ctx = _refusing_context()
+        return TlsStream(ctx, _TunnelServerProtocol(self), server_side=True,
                          handshake_timeout=self.handshake_timeout, on_handshake=_log_handshake_failure)
 
     def close(self) -> None:
@@ -865,6 +864,20 @@ class TunnelServer:
         self.stats["refused"] += 1
         self.last_refusal = reason
         log.info("tunnel %s <- %s refused: %s", self.workload.ref, format_target(*remote[:2]), reason)
+
+
+_REFUSING: list = []
+
+
+def _refusing_context() -> ssl.SSLContext:
+    """One server context, for the process, that fails every handshake at the ClientHello: a
+    listener whose workload has no certificate yet answers its connections with it."""
+    if not _REFUSING:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+        ctx.sni_callback = lambda ssl_object, server_name, _ctx: ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+        _REFUSING.append(ctx)
+    return _REFUSING[0]
 
 
 def _log_handshake_failure(exc) -> None:

@@ -243,11 +243,13 @@ def test_a_listener_opens_before_its_first_certificate_and_serves_once_issued(ca
             server = await mesh.node2.tunnel(mesh.node2.workload("late", "127.0.30.1"), "127.0.30.1")
             ctx = build_context(False, adhoc(ca_dir, A), mesh.node2.manager.trust_bundle)
             assert await tunnel_attempt(server.address, ctx, "127.0.30.1:1") == b""
+            assert server._ctx is None  # no context of its own while it waits (memory per pod)
             await mesh.node2.manager.refresh()  # the certificate arrives
             answer = await tunnel_attempt(server.address, ctx, "127.0.30.1:1")
             assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
             assert server.recent[-1][0] == A.principal
-            # The front context still verifies clients against the trust bundle.
+            assert server._ctx is mesh.node2.tls.server_context(late)  # the identity's shared context
+            # The listener's context still verifies clients against the trust bundle.
             stranger_ca = CADirectory.init(tmp_path / "stranger", now=time.time() - DAY)
             stranger = adhoc(stranger_ca, A)
             both = TrustBundle((*stranger_ca.trust_bundle(time.time()).roots,

@@ -220,3 +220,31 @@ def test_open_or_init_is_idempotent_and_checks_trust_domain(tmp_path):
     assert CADirectory.open_or_init(tmp_path / "state" / "ca").roots()[0].certificate == root
     with pytest.raises(CAError, match="trust domain is 'cluster.local' but 'x.org'"):
         CADirectory.open_or_init(tmp_path / "state" / "ca", trust_domain="x.org")
+
+
+def test_the_root_key_is_parsed_once_and_again_when_its_file_changes(ca_dir, key, monkeypatch):
+    """Parsing a PEM key is the slow part of signing with OpenSSL 3.0: the CA keeps the parsed
+    key while its file is the same, and reads it again when the file is replaced."""
+    loads = []
+    real = certs.load_key
+    monkeypatch.setattr(certs, "load_key", lambda pem: loads.append(pem) or real(pem))
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+           .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    local = LocalCA(ca_dir, clock=lambda: NOW)
+    first = local.sign_csr(csr, WEB)
+    second = local.sign_csr(csr, WEB)
+    assert len(loads) == 1
+    root = ca_dir.roots()[0]
+    assert certs.issued_by(first.certificate, root.certificate) and certs.issued_by(second.certificate, root.certificate)
+    # The same root key written again (a restore, a re-encryption...): a new file, read again.
+    key_file = ca_dir.path / "roots" / f"{root.name}.key"
+    data = key_file.read_bytes()
+    key_file.unlink()
+    key_file.write_bytes(data)
+    os.utime(key_file, ns=(NOW_NS := int(NOW * 1e9) + 1, NOW_NS))
+    local.sign_csr(csr, WEB)
+    assert len(loads) == 2
+    # A key file that is gone is an error naming it, not the cached key.
+    key_file.unlink()
+    with pytest.raises(CAError, match="cannot load the root key"):
+        local.sign_csr(csr, WEB)

@@ -8,28 +8,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+from tests.integration.istio_yaml import fqdn, service, virtual_service
+
 ROOT = Path(__file__).resolve().parents[2]
 
-CONFIG = """\
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: catalog, namespace: shop}
-spec:
-  hosts: [catalog.shop.svc.cluster.local]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{number: 80, name: http, protocol: HTTP}]
-  endpoints: [{address: 127.0.0.9}]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: catalog, namespace: shop}
-spec:
-  hosts: [catalog.shop.svc.cluster.local]
-  http:
-  - match: [{uri: {%s: /new}}]
-    route: [{destination: {host: catalog.shop.svc.cluster.local}}]
-"""
+# a service and a VirtualService whose match is a prefix, or a regex (the %s)
+CONFIG = service("catalog", [("127.0.0.9", 8080)]) + virtual_service(
+    "catalog", fqdn("catalog"), "  - match: [{uri: {%s: /new}}]\n    route: [{destination: {host: %s}}]\n"
+    % ("%s", fqdn("catalog")))
 
 
 def loaded_after(config: str) -> set:

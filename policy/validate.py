@@ -17,6 +17,7 @@ Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import http
 import ipaddress
 import re
@@ -484,7 +485,14 @@ def is_dns1123_subdomain(s: str) -> bool:
     return 0 < len(s) <= 253 and all(is_dns1123_label(p) for p in s.split("."))
 
 
-_RE2_OPTIONS = []  # re2.Options, made with the first regex (re2 is loaded only when one is configured)
+@functools.cache
+def _re2_options():
+    """re2's options for validation, made with the first regex checked: re2 is loaded only
+    when the configuration has one."""
+    import re2
+    options = re2.Options()
+    options.log_errors = False  # no C++ log lines on stderr
+    return options
 
 
 def regex_error(pattern: str) -> str | None:
@@ -492,12 +500,8 @@ def regex_error(pattern: str) -> str | None:
     if len(pattern) > 1024:
         return f"regex is too large, max length allowed is 1024 (got {len(pattern)})"
     import re2
-    if not _RE2_OPTIONS:
-        options = re2.Options()
-        options.log_errors = False  # no C++ log lines on stderr
-        _RE2_OPTIONS.append(options)
     try:
-        re2.compile(pattern, _RE2_OPTIONS[0])
+        re2.compile(pattern, _re2_options())
     except Exception as exc:  # re2.error and friends
         arg = exc.args[0] if exc.args else exc.__class__.__name__
         if isinstance(arg, bytes):

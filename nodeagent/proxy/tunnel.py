@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import re
 import socket
@@ -866,18 +867,14 @@ class TunnelServer:
         log.info("tunnel %s <- %s refused: %s", self.workload.ref, format_target(*remote[:2]), reason)
 
 
-_REFUSING: list = []
-
-
+@functools.cache
 def _refusing_context() -> ssl.SSLContext:
     """One server context, for the process, that fails every handshake at the ClientHello: a
     listener whose workload has no certificate yet answers its connections with it."""
-    if not _REFUSING:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-        ctx.sni_callback = lambda ssl_object, server_name, _ctx: ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
-        _REFUSING.append(ctx)
-    return _REFUSING[0]
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.sni_callback = lambda ssl_object, server_name, _ctx: ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+    return ctx
 
 
 def _log_handshake_failure(exc) -> None:

@@ -238,28 +238,18 @@ spec:
 
 
 def test_ca_crl_is_enforced_and_only_warned_when_nothing_is_verified():
-    text = """\
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: ext, namespace: prod}
-spec:
-  host: api.example.com
-  trafficPolicy:
-    tls:
-      mode: SIMPLE
-      caCertificates: /etc/ca.pem
-      caCrl: /etc/crl.pem
+    text = DR_TLS.replace("""    connectionPool:
+      tcp:
+        tcpKeepalive: {time: 10s}
+""", """    tls: {mode: SIMPLE, caCertificates: /etc/ca.pem, caCrl: /etc/crl.pem}
   subsets:
   - name: v1
     labels: {version: v1}
     trafficPolicy:
-      tls:
-        mode: SIMPLE
-        insecureSkipVerify: true
-        caCrl: /etc/crl.pem
-"""
+      tls: {mode: SIMPLE, insecureSkipVerify: true, caCrl: /etc/crl.pem}
+""")
     assert warnings(text) == [
-        "f.yaml:18: warning: DestinationRule prod/ext: spec.subsets[0].trafficPolicy.tls.caCrl: "
+        "f.yaml:14: warning: DestinationRule prod/ext: spec.subsets[0].trafficPolicy.tls.caCrl: "
         "ignored: insecureSkipVerify is true, the server certificate is not verified"]
 
 

@@ -67,12 +67,18 @@ def mappings(pid: int, top: int = 16) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--pods", type=int, default=100, help="pods to enroll (default 100)")
+    p.add_argument("--service-accounts", type=int, default=0, metavar="N",
+                   help="spread the pods over N service accounts (default: one per pod); each distinct "
+                        "account has its own identity: key, certificate, TLS contexts")
     p.add_argument("--capture", choices=("nftables", "iptables", "ebpf", "none"), default="nftables")
     p.add_argument("--breakdown", action="store_true", help="also print Rss per mapping (heap, anon, each .so)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench memory: needs root (network namespaces, capture rules)", file=sys.stderr)
         return 1
+    if args.service_accounts < 0:
+        p.error("--service-accounts must be 0 (one per pod) or more")
+    accounts = args.service_accounts or args.pods
     sys.path.insert(0, str(REPO))
     from nodeagent.agent.server import AgentClient, AgentNotRunning
 
@@ -122,7 +128,7 @@ def main(argv=None) -> int:
             started = time.perf_counter()
             try:
                 reply = client.call({"op": "enroll", "kind": "netns", "target": name, "name": f"w{i}",
-                                     "namespace": "bench", "service_account": f"sa{i}", "labels": {"app": f"w{i}"},
+                                     "namespace": "bench", "service_account": f"sa{i % accounts}", "labels": {"app": f"w{i}"},
                                      "ips": [f"10.250.{200 + i // 250}.{i % 250 + 1}"]})
             except (OSError, AgentNotRunning) as exc:  # the agent died or closed the socket
                 reply = {"ok": False, "error": str(exc)}
@@ -137,7 +143,8 @@ def main(argv=None) -> int:
                 return 1
         time.sleep(2)   # certificates issued, listeners up, arenas settled
         took.sort()
-        print(f"{args.pods} pods ({args.capture}): {memory(agent.pid)}")
+        print(f"{args.pods} pods ({args.capture}, {min(accounts, args.pods)} service accounts): "
+              f"{memory(agent.pid)}")
         if args.breakdown:
             print(mappings(agent.pid))
         print(f"enroll round trip: p50 {took[len(took) // 2]:.1f} ms, p95 {took[int(len(took) * 0.95) - 1]:.1f} ms")

@@ -137,6 +137,11 @@ class TunnelTls:
         self._cache[(server, identity)] = (version, ctx)
         return ctx
 
+    def contexts(self) -> list[tuple[str, SpiffeId]]:
+        """("server" | "client", identity) of every context held now. A listener's server
+        context is made at its first connection, an outbound one at the first tunnel."""
+        return [("server" if server else "client", identity) for server, identity in self._cache]
+
     def forget(self, identity: SpiffeId) -> None:
         """Drop the cached contexts of ``identity`` (call once the manager no longer serves
         it: its workloads are unenrolled). Each holds the key, the chain and a trust store

@@ -810,11 +810,8 @@ class TunnelServer:
 
     def _server_context(self) -> ssl.SSLContext | None:
         """TunnelTls's reloading context (the identity's own, shared, taking the current
-        certificate at each handshake); None before the workload's first certificate is issued
-        (a workload just enrolled): the listener opens all the same, and each connection it
-        accepts until then looks again (_accept), so it serves as soon as the certificate
-        exists. No context is made per listener for the wait: an empty one costs ~18 KiB of
-        OpenSSL memory, per pod, for as long as the listener lives."""
+        certificate at each handshake); None while the workload has no certificate (a workload
+        just enrolled)."""
         try:
             return self.tls.server_context(self.workload.identity)
         except NoCertificate:
@@ -822,10 +819,12 @@ class TunnelServer:
 
     async def start(self, sock: socket.socket | None = None, host: str | None = None,
                     port: int = TUNNEL_PORT) -> "TunnelServer":
+        """Listen. The TLS context is made at the first connection (_accept), not here: an
+        identity's server context holds its key, chain and trust store in OpenSSL (~28 KiB,
+        docs/operations.md "Memory"), which a pod that never receives mesh traffic does not
+        need. An identity this node does not serve is refused here all the same."""
         loop = asyncio.get_running_loop()
-        ctx = self._server_context()
-        if ctx is None:
-            self.tls.scoped(self.workload.identity)  # still refuses an identity this node does not serve
+        self.tls.scoped(self.workload.identity)  # ForeignIdentityError: not served by this node
         if sock is None:
             if host is None:
                 raise ValueError("TunnelServer.start needs a listening socket or a host address")
@@ -839,13 +838,12 @@ class TunnelServer:
                 raise OSError(exc.errno, f"cannot listen for the tunnel of {self.workload.ref} on "
                                          f"{format_target(host, port)}: {exc.strerror}") from None
         sock.setblocking(False)
-        self._ctx = ctx
         self.server = await loop.create_server(self._accept, sock=sock, backlog=1024)
         return self
 
     def _accept(self) -> TlsStream:
         ctx = self._ctx
-        if ctx is None:  # no certificate when the listener opened: is there one now?
+        if ctx is None:  # the first connection, or no certificate until now
             try:
                 ctx = self._ctx = self._server_context()
                 why = f"no certificate issued yet for {self.workload.identity}"

@@ -6,6 +6,7 @@ certificates on purpose.
 """
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import hashlib
 import ipaddress
@@ -51,6 +52,17 @@ def cert_to_pem(cert: x509.Certificate) -> bytes:
 
 def certs_to_pem(certs) -> bytes:
     return b"".join(cert_to_pem(c) for c in certs)
+
+
+def cert_to_der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def der_to_pem(der: bytes) -> bytes:
+    """The PEM of a DER certificate, as ``cert_to_pem`` writes it (64-column base64)."""
+    body = base64.b64encode(der)
+    lines = b"\n".join(body[i:i + 64] for i in range(0, len(body), 64))
+    return b"-----BEGIN CERTIFICATE-----\n" + lines + b"\n-----END CERTIFICATE-----\n"
 
 
 # The agent runs on Debian's python3-cryptography (38.0.4, linked to the system OpenSSL that

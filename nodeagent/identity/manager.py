@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from cryptography import x509
@@ -52,26 +52,51 @@ class Health:
         return self.status if self.ok else f"Degraded: {self.reason}"
 
 
-@dataclass(frozen=True, slots=True)
 class WorkloadCertificate:
-    """A workload's certificate, its chain and its private key (never printed)."""
+    """A workload's certificate, its chain and its private key (never printed). Immutable.
 
-    identity: SpiffeId
-    certificate: x509.Certificate
-    chain: tuple[x509.Certificate, ...]
-    key_pem: bytes = field(repr=False)
+    Kept as DER, with the serial and validity read once: a parsed ``x509.Certificate``
+    holds its parsed structure in cryptography's Rust heap and, once its extensions are read,
+    a Python object for each of them (~4 KiB per certificate; the chain's root was another
+    such object per identity). ``certificate`` and ``chain`` parse on each use (admin views,
+    the signing-root check), which no connection does: handshakes read ``chain_pem`` when an
+    identity's context is made and ``not_after``/``serial`` at each connection."""
+
+    __slots__ = ("identity", "serial", "not_before", "not_after", "der", "chain_der", "key_pem")
+
+    def __init__(self, identity: SpiffeId, certificate: x509.Certificate,
+                 chain: tuple[x509.Certificate, ...], key_pem: bytes) -> None:
+        set_ = object.__setattr__
+        set_(self, "identity", identity)
+        set_(self, "serial", certificate.serial_number)
+        set_(self, "not_before", certs.not_before(certificate))
+        set_(self, "not_after", certs.not_after(certificate))
+        set_(self, "der", certs.cert_to_der(certificate))
+        set_(self, "chain_der", tuple(certs.cert_to_der(c) for c in chain))
+        set_(self, "key_pem", key_pem)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"WorkloadCertificate is immutable (cannot set {name})")
+
+    def __eq__(self, other):
+        if not isinstance(other, WorkloadCertificate):
+            return NotImplemented
+        return (self.identity, self.der, self.chain_der, self.key_pem) == \
+            (other.identity, other.der, other.chain_der, other.key_pem)
+
+    def __hash__(self):
+        return hash((self.identity, self.der))
+
+    def __repr__(self) -> str:
+        return f"WorkloadCertificate(identity={self.identity!r}, serial={certs.serial_hex(self.serial)})"
 
     @property
-    def serial(self) -> int:
-        return self.certificate.serial_number
+    def certificate(self) -> x509.Certificate:
+        return x509.load_der_x509_certificate(self.der)
 
     @property
-    def not_before(self) -> float:
-        return certs.not_before(self.certificate)
-
-    @property
-    def not_after(self) -> float:
-        return certs.not_after(self.certificate)
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        return tuple(x509.load_der_x509_certificate(der) for der in self.chain_der)
 
     @property
     def renew_at(self) -> float:
@@ -79,7 +104,7 @@ class WorkloadCertificate:
 
     @property
     def chain_pem(self) -> bytes:
-        return certs.certs_to_pem((self.certificate, *self.chain))
+        return b"".join(certs.der_to_pem(der) for der in (self.der, *self.chain_der))
 
 
 @dataclass(slots=True)
@@ -89,6 +114,9 @@ class _Slot:
     next_attempt: float = 0.0
     failures: int = 0
     last_error: str | None = None
+    # (revocation list, signing root) that ``current`` was last checked against and passed:
+    # the check (a parse and an ECDSA verification) is done again only when one changed.
+    checked: tuple | None = None
 
 
 def backoff(failures: int, initial: float = RETRY_INITIAL, cap: float = RETRY_MAX) -> float:
@@ -237,9 +265,14 @@ class CertificateManager:
             # signing root (listed first). The CA activates a new root only after agents
             # had time to fetch the bundle (`rotate-root --activate-after`), so peers
             # already trust the new leaf.
-            if revocations.revoked_reason(cur.certificate) or not certs.issued_by(cur.certificate,
-                                                                                   bundle.roots[0]):
+            against = (revocations, bundle.roots[0])
+            if slot.checked == against:
+                continue
+            certificate = cur.certificate
+            if revocations.revoked_reason(certificate) or not certs.issued_by(certificate, bundle.roots[0]):
                 slot.next_attempt = now
+            else:
+                slot.checked = against
 
     async def _renew(self, slot: _Slot, now: float) -> bool:
         key = certs.generate_key()
@@ -257,6 +290,7 @@ class CertificateManager:
             return False
         slot.current = WorkloadCertificate(slot.identity, issued.certificate, issued.chain,
                                            certs.key_to_pem(key))
+        slot.checked = None
         slot.failures = 0
         slot.last_error = None
         slot.next_attempt = max(slot.current.renew_at, now + 1.0)

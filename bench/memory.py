@@ -118,6 +118,7 @@ def main(argv=None) -> int:
                           file=sys.stderr)
                     return 1
                 time.sleep(0.05)
+        time.sleep(2)   # as after the pods: start-up's last work done, its free memory returned
         print(f"agent ready, 0 pods:     {memory(agent.pid)}")
         if args.breakdown:
             print(mappings(agent.pid))

@@ -77,6 +77,32 @@ def pin_malloc_thresholds() -> bool:
     return bool(mallopt(M_TRIM_THRESHOLD, MALLOC_THRESHOLD)) and bool(mallopt(M_MMAP_THRESHOLD, MALLOC_THRESHOLD))
 
 
+def _libc_malloc_trim():
+    """glibc's malloc_trim(3), or None (another C library)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+MALLOC_TRIM = _libc_malloc_trim()
+TRIM_AFTER = 1.0  # seconds without an enroll/unenroll before the C heaps are trimmed
+
+
+def trim_malloc() -> bool:
+    """Give the C heaps' free pages back to the kernel: glibc's malloc_trim(0) returns every
+    whole free page of every arena (madvise), not only the top of each heap as the trim
+    threshold does. Why: an enroll's transient work (the registry's JSON, libnftables' rule
+    building, certificate issuance) runs in the executor's threads, each with its own arena;
+    what they free stays resident in the middle of their heaps. Measured with 100 pods
+    (docs/operations.md "Memory"): ~2.5 MiB of Rss, in 0.4 ms. False where there is no
+    malloc_trim (not glibc) or nothing was returned."""
+    return MALLOC_TRIM is not None and bool(MALLOC_TRIM(0))
+
+
 @dataclass(frozen=True, slots=True)
 class AgentOptions:
     node: str
@@ -150,6 +176,8 @@ class Agent:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._trim_timer: asyncio.TimerHandle | None = None
+        self.trims = 0  # malloc trims done (admin/tests)
         self._announced = False
         self.started_at = time.time()
         self.socket_path = self.state_dir / SOCKET_NAME
@@ -191,6 +219,7 @@ class Agent:
         self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconcile"))
         self._tasks.append(asyncio.create_task(self.identities.run(self._stop), name="identities"))
         self._tasks.append(asyncio.create_task(self._await_identities(), name="identities-ready"))
+        self._trim_later()
         interval = sdnotify.watchdog_interval()
         if interval is not None:
             self._tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
@@ -281,8 +310,26 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
 
+    def _trim_later(self) -> None:
+        """Trim the C heaps (trim_malloc) once TRIM_AFTER seconds pass without another call: after
+        start-up, and after a burst of enrollments rather than after each of them. The trim runs
+        in an executor thread, not on the event loop the proxy uses."""
+        if MALLOC_TRIM is None or self._stop.is_set():
+            return
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
+        self._trim_timer = asyncio.get_running_loop().call_later(TRIM_AFTER, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_timer = None
+        self.trims += 1
+        asyncio.get_running_loop().run_in_executor(None, trim_malloc)
+
     async def close(self) -> None:
         sdnotify.notify("STOPPING=1")
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
+            self._trim_timer = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -364,6 +411,7 @@ class Agent:
                 status = await loop.run_in_executor(None, self._reconcile, self.reconciler.sync_one, spec.key)
             captured = time.perf_counter()
         self._update_gauges()
+        self._trim_later()
         self._wake.set()  # a failure scheduled a retry: let the loop pick the new wake time
         # The certificate is being issued meanwhile (the manager woke on add_workload):
         # wait for it, bounded, so the pod's first connection already has its identity.
@@ -406,6 +454,7 @@ class Agent:
             self._track_identities(change)
             status = await loop.run_in_executor(None, self._reconcile, self.reconciler.sync_one, (kind, target))
         self._update_gauges()
+        self._trim_later()
         log.info("unenroll %s %s: %s", kind, target, change.outcome.value)
         reply = protocol.ok(result=change.outcome.value)
         if status.error:

@@ -32,6 +32,7 @@ Nothing here decides policy or routing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -84,14 +85,29 @@ class NetnsConnector:
         return await loop.create_connection(protocol_factory, sock=sock)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Attached:
+    """One attached workload's listeners. What the admin API shows of them (listeners_view)
+    is read from the sockets when asked, not kept as text per pod."""
     spec: WorkloadSpec
     outbound: ListenerContext
     inbound: InboundWorkload | None
-    servers: list = field(default_factory=list)  # asyncio servers and TunnelServers
+    servers: list = field(default_factory=list)  # asyncio servers: outbound, then (a pod) plaintext inbound
     tunnels: list[TunnelServer] = field(default_factory=list)
-    addresses: list[str] = field(default_factory=list)
+
+    def addresses(self, host_inbound: list) -> list[str]:
+        out = []
+        for server in self.servers:
+            sock = server.sockets[0] if server.sockets else None
+            port = _port(sock)
+            kind = "plaintext" if self.spec.kind == "netns" and port == INBOUND_PORT else "outbound"
+            out.append(f"{_addr(sock)} ({kind})")
+        out += [f"{_addr(tunnel.server.sockets[0] if tunnel.server and tunnel.server.sockets else None)} (tunnel)"
+                for tunnel in self.tunnels]
+        if self.spec.kind == "cgroup" and self.inbound is not None:
+            out += [f"{_addr(server.sockets[0])} (host inbound for port {p})"
+                    for p in self.spec.ports for server in host_inbound]
+        return out
 
 
 class DataPlane:
@@ -197,17 +213,20 @@ class DataPlane:
         return _Attached(spec, outbound, inbound)
 
     async def _serve(self, entry: _Attached, sockets: list[tuple[str, socket.socket]]) -> None:
+        # One protocol factory per kind, shared by the IPv4 and IPv6 listeners.
+        outbound = functools.partial(DispatchProtocol, self.runtime, entry.outbound)
+        plaintext = None
         for kind, sock in sockets:
-            entry.addresses.append(f"{_addr(sock)} ({kind})")
             if kind == "tunnel":
                 tunnel = await TunnelServer(self.inbound, entry.inbound, self.tls).start(sock=sock)
                 entry.tunnels.append(tunnel)
                 continue
             if kind == "plaintext":
-                factory = self.inbound.plaintext_factory(entry.inbound, _original_dst_or_none)
+                if plaintext is None:
+                    plaintext = self.inbound.plaintext_factory(entry.inbound, _original_dst_or_none)
+                factory = plaintext
             else:
-                ctx = entry.outbound
-                factory = lambda ctx=ctx: DispatchProtocol(self.runtime, ctx)  # noqa: E731
+                factory = outbound
             entry.servers.append(await self.loop.create_server(factory, sock=sock, backlog=1024))
         if entry.spec.kind == "cgroup" and entry.inbound is not None:
             # The shared host inbound listener is opened and closed on the loop thread
@@ -218,8 +237,6 @@ class DataPlane:
                         lambda: _HostInbound(self), sock=sock, backlog=1024))
             for port in entry.spec.ports:
                 self.host_ports[port] = entry.inbound
-            entry.addresses += [f"{_addr(server.sockets[0])} (host inbound for port {p})"
-                                for p in entry.spec.ports for server in self._host_inbound]
 
     def _close(self, entry: _Attached) -> None:
         for server in entry.servers:
@@ -248,7 +265,7 @@ class DataPlane:
         out = []
         for entry in sorted(self.attached.values(), key=lambda e: e.spec.key):
             item = {"workload": f"{entry.spec.namespace}/{entry.spec.name}", "kind": entry.spec.kind,
-                    "target": entry.spec.target, "listeners": list(entry.addresses)}
+                    "target": entry.spec.target, "listeners": entry.addresses(self._host_inbound)}
             if entry.tunnels:
                 item["tunnel"] = {
                     "accepted": sum(t.stats["accepted"] for t in entry.tunnels),
@@ -412,9 +429,16 @@ def _listen_host(port: int) -> socket.socket:
     return _listener(socket.AF_INET, "127.0.0.1", port, "the host namespace")
 
 
-def _addr(sock: socket.socket) -> str:
+def _addr(sock: socket.socket | None) -> str:
     try:
         host, port = sock.getsockname()[:2]
-    except OSError:
+    except (OSError, AttributeError):  # closed, or no socket left
         return "closed"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _port(sock: socket.socket | None) -> int | None:
+    try:
+        return sock.getsockname()[1]
+    except (OSError, AttributeError):
+        return None

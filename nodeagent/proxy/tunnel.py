@@ -788,7 +788,14 @@ class TunnelServer:
     streams are admitted and served by ``plane`` (an ``InboundPlane``).
     ``stats`` counts accepted/refused tunnels; ``recent`` keeps the last
     accepted peers (principal, certificate serial) for the admin API.
+
+    One per listening socket, two per pod: slots, counters as ints and the
+    ``recent`` deque made at the first accepted tunnel (an empty deque of 64
+    is ~0.7 KiB), so a pod without mesh traffic costs little here.
     """
+
+    __slots__ = ("plane", "workload", "tls", "handshake_timeout", "_ctx", "server", "accepted", "refused_count",
+                 "last_refusal", "_recent")
 
     def __init__(self, plane, workload, tls: TunnelTls, *, handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         self.plane = plane
@@ -798,9 +805,25 @@ class TunnelServer:
         plane.serve_workload(workload)
         self._ctx: ssl.SSLContext | None = None
         self.server: asyncio.AbstractServer | None = None
-        self.stats = {"accepted": 0, "refused": 0}
+        self.accepted = 0
+        self.refused_count = 0
         self.last_refusal = ""
-        self.recent: collections.deque = collections.deque(maxlen=64)
+        self._recent: collections.deque | None = None
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"accepted": self.accepted, "refused": self.refused_count}
+
+    @property
+    def recent(self) -> collections.deque | tuple:
+        """The last 64 accepted peers, oldest first: (principal, certificate serial)."""
+        return self._recent if self._recent is not None else ()
+
+    def admitted(self, principal: str, serial: int) -> None:
+        self.accepted += 1
+        if self._recent is None:
+            self._recent = collections.deque(maxlen=64)
+        self._recent.append((principal, serial))
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -860,7 +883,7 @@ class TunnelServer:
             self.server.close()
 
     def refused(self, remote, reason: str) -> None:
-        self.stats["refused"] += 1
+        self.refused_count += 1
         self.last_refusal = reason
         log.info("tunnel %s <- %s refused: %s", self.workload.ref, format_target(*remote[:2]), reason)
 
@@ -961,8 +984,7 @@ class _TunnelServerProtocol(asyncio.Protocol):
             self._reply_and_close(403, admission.reason)
             return
         self.done = True
-        self.server.stats["accepted"] += 1
-        self.server.recent.append((self.peer.principal, self.serial))
+        self.server.admitted(self.peer.principal, self.serial)
         self.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
         inner = self.inner = plane.attach(admission, self.transport)
         # From now on the TLS stream feeds the stream's protocol (this object would only

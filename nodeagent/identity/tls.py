@@ -137,6 +137,12 @@ class TunnelTls:
         self._cache[(server, identity)] = (version, ctx)
         return ctx
 
+    def cached_server_context(self, identity: SpiffeId) -> ssl.SSLContext | None:
+        """The server context ``server_context(identity)`` would hand out now, if one was made
+        (its certificate not checked again: the reloading context's SNI callback does that)."""
+        cached = self._cache.get((True, identity))
+        return cached[1] if cached is not None else None
+
     def contexts(self) -> list[tuple[str, SpiffeId]]:
         """("server" | "client", identity) of every context held now. A listener's server
         context is made at its first connection, an outbound one at the first tunnel."""

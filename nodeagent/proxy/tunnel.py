@@ -56,7 +56,7 @@ from typing import Callable
 
 from cryptography import x509
 
-from nodeagent.identity.errors import IdentityError, NoCertificate, PeerRejected
+from nodeagent.identity.errors import IdentityError, PeerRejected
 from nodeagent.identity.spiffe import SpiffeId
 from nodeagent.identity.tls import TunnelTls
 from nodeagent.proxy.upstream import direct_fd, wire_write
@@ -831,15 +831,6 @@ class TunnelServer:
             return None
         return self.server.sockets[0].getsockname()[:2]
 
-    def _server_context(self) -> ssl.SSLContext | None:
-        """TunnelTls's reloading context (the identity's own, shared, taking the current
-        certificate at each handshake); None while the workload has no certificate (a workload
-        just enrolled)."""
-        try:
-            return self.tls.server_context(self.workload.identity)
-        except NoCertificate:
-            return None
-
     async def start(self, sock: socket.socket | None = None, host: str | None = None,
                     port: int = TUNNEL_PORT) -> "TunnelServer":
         """Listen. The TLS context is made at the first connection (_accept), not here: an
@@ -866,14 +857,19 @@ class TunnelServer:
 
     def _accept(self) -> TlsStream:
         ctx = self._ctx
-        if ctx is None:  # the first connection, or no certificate until now
+        identity = self.workload.identity
+        if ctx is None or ctx is not self.tls.cached_server_context(identity):
+            # The first connection, no certificate until now, or the identity's context was
+            # replaced (a renewed certificate: the reloading context's SNI callback made the new
+            # one at a handshake): take TunnelTls's reloading context again, the current one, so
+            # the listener does not keep the first one (key, chain, trust store) for its life.
             try:
-                ctx = self._ctx = self._server_context()
-                why = f"no certificate issued yet for {self.workload.identity}"
-            except IdentityError as exc:
-                why = str(exc)
+                ctx = self.tls.server_context(identity)
+            except IdentityError as exc:  # no certificate yet (or expired), or no longer served
+                ctx = None
+                log.warning("tunnel %s: refusing a handshake: %s", self.workload.ref, exc)
+            self._ctx = ctx
             if ctx is None:
-                log.warning("tunnel %s: refusing a handshake: %s", self.workload.ref, why)
                 ctx = _refusing_context()
         return TlsStream(ctx, _TunnelServerProtocol(self), server_side=True,
                          handshake_timeout=self.handshake_timeout, on_handshake=_log_handshake_failure)

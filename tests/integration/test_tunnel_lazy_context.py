@@ -5,8 +5,10 @@ the listener's new connections. Real CA, real TLS 1.3 on loopback."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import ssl
 import time
+import weakref
 
 import pytest
 from cryptography import x509
@@ -71,6 +73,7 @@ def test_the_listener_context_is_made_at_the_first_handshake_and_follows_rotatio
             assert await tunnel_attempt(server.address, stranger, f"{ADDR}:1") == b""
 
             # Renewal (past half-life): new connections to the same listener get the new certificate.
+            first = weakref.ref(server._ctx)
             offset[0] = issued.renew_at - time.time() + 1
             await node.manager.refresh()
             renewed = node.manager.certificate(LAZY)
@@ -80,6 +83,15 @@ def test_the_listener_context_is_made_at_the_first_handshake_and_follows_rotatio
             answer = await tunnel_attempt(server.address, client, f"{ADDR}:1")
             assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
             assert server.stats["accepted"] == 2
+            # The listener moved to the identity's new context; the first one is freed.
+            assert server._ctx is node.tls.cached_server_context(LAZY) is not None
+            assert node.tls.contexts().count(("server", LAZY)) == 1
+            for _ in range(50):
+                gc.collect()
+                if first() is None:
+                    break
+                await asyncio.sleep(0.02)
+            assert first() is None, gc.get_referrers(first())
         finally:
             await mesh.close()
     run(scenario())

@@ -6,6 +6,10 @@ pod through the agent's socket, and prints Rss/Pss/private/anonymous memory of
 the agent at start and with N pods (from /proc/PID/smaps_rollup) and the
 enroll round trip p50/p95. Everything it made is removed at the end.
 
+It also measures the floor: a process of the same interpreter that only
+imports and uses the agent's dependencies (FLOOR), so that the part of the
+figure that is nodeagent's own is printed beside the total.
+
 The agent runs on compiled bytecode, as an installed agent does: a module
 whose .pyc is missing or stale (a source edited since, with
 PYTHONDONTWRITEBYTECODE set) is compiled at import, and the compiler's
@@ -38,6 +42,27 @@ WARM_UP = ("import nodeagent.cli as cli; cli.build_parser(); "
            "import nodeagent.agent.agent, nodeagent.agent.capture, nodeagent.agent.netfilter, "
            "nodeagent.proxy.server, redirect.libnft, concurrent.futures.thread, uvloop, encodings.idna, "
            "cryptography.hazmat.backends.openssl.backend")
+
+# The floor: the interpreter with only the libraries `nodeagent run` cannot do without (the
+# project's dependencies), each used once as the agent uses it (an event loop, a TLS context,
+# an EC key), and no nodeagent code. What the agent has above it is nodeagent's own.
+FLOOR = ("import asyncio, ctypes, ssl, httptools, prometheus_client, uvloop, yaml; "
+         "from cryptography import x509; from cryptography.hazmat.primitives.asymmetric import ec; "
+         "ec.generate_private_key(ec.SECP256R1()); loop = uvloop.new_event_loop(); "
+         "ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); "
+         "import os; print(open(f'/proc/{os.getpid()}/smaps_rollup').read())")
+
+
+def floor_rss(env: dict) -> float:
+    """Rss (MiB) of a process that only imports and uses the agent's dependencies (FLOOR)."""
+    out = subprocess.run([sys.executable, "-c", FLOOR], cwd=REPO, env=env, check=True, timeout=60,
+                         capture_output=True, text=True).stdout
+    return next(int(line.split()[1]) for line in out.splitlines() if line.startswith("Rss:")) / 1024
+
+
+def rss(pid: int) -> float:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Rss:")) / 1024
 
 
 def memory(pid: int) -> str:
@@ -119,6 +144,7 @@ def main(argv=None) -> int:
                     return 1
                 time.sleep(0.05)
         time.sleep(2)   # as after the pods: start-up's last work done, its free memory returned
+        start = rss(agent.pid)
         print(f"agent ready, 0 pods:     {memory(agent.pid)}")
         if args.breakdown:
             print(mappings(agent.pid))
@@ -148,6 +174,10 @@ def main(argv=None) -> int:
               f"{memory(agent.pid)}")
         if args.breakdown:
             print(mappings(agent.pid))
+        floor = floor_rss(env)
+        print(f"the dependencies alone (python, asyncio, ssl, uvloop, httptools, PyYAML, ctypes, "
+              f"prometheus_client, cryptography; no nodeagent code): Rss {floor:.1f} MiB; nodeagent's own "
+              f"share: {start - floor:.1f} MiB at start, {rss(agent.pid) - floor:.1f} MiB with {args.pods} pods")
         print(f"enroll round trip: p50 {took[len(took) // 2]:.1f} ms, p95 {took[int(len(took) * 0.95) - 1]:.1f} ms")
         for k, what in enumerate(("registry (persisted)", "capture (netns listeners, rules)",
                                   "certificate wait")):

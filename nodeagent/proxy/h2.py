@@ -47,8 +47,8 @@ from policy import retry as retry_mod
 
 from nodeagent.proxy.context import RequestInfo
 from nodeagent.proxy.http import (
-    Exchange, LocalReply, apply_header_ops, connect_failure_body, header_map as _header_map, path_str as _path_str,
-    pick_endpoint, request_id_str as _request_id_str, retire_endpoint, take_retry_slot,
+    Exchange, LocalReply, apply_header_ops, connect_failure_body, header_map as _header_map, note_forwarded_id,
+    path_str as _path_str, pick_endpoint, request_id_str as _request_id_str, retire_endpoint, take_retry_slot,
 )
 from nodeagent.proxy.requestid import new_request_id
 from nodeagent.proxy.response_hook import wants_cors_headers
@@ -737,6 +737,7 @@ class H2Stream:
         headers = self.headers
         if plan.request_ops is not None:
             headers = [(n.lower(), v) for n, v in apply_header_ops(list(headers), plan.request_ops)]
+            note_forwarded_id(self, headers)
         return headers
 
     # --- HTTP/1.1 upstream (UpstreamConnection callbacks) ----------------

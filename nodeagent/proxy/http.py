@@ -503,6 +503,16 @@ def request_id(exchange) -> bytes:
     return rid
 
 
+def note_forwarded_id(exchange, headers) -> None:
+    """After route header operations: an x-request-id they set is the request's id from now on,
+    as Envoy's router sets it in the request's own headers (so the access log, and the next
+    agent, show the value forwarded). One they removed leaves the id the request had."""
+    for name, value in headers:
+        if len(name) == 12 and name.lower() == b"x-request-id":
+            exchange.request_id = value
+            return
+
+
 def request_id_str(exchange) -> str:
     """request_id() as the access log writes it."""
     return request_id(exchange).decode("latin-1")
@@ -787,6 +797,7 @@ class Exchange:
             if self.id_line is not None:
                 self._own_id_header()  # route header operations see the id (and may set or remove it)
             headers = apply_header_ops(list(self.headers), plan.request_ops)
+            note_forwarded_id(self, headers)
         else:
             headers = self.headers
         parts = [self.method, b" ", plan.path or self.path, b" HTTP/1.1\r\nhost: ", plan.authority or self.authority, b"\r\n"]

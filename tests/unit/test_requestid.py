@@ -86,9 +86,12 @@ def test_ids_cross_the_pool_boundary(mod):
 
 
 @MODES
-def test_a_forked_child_does_not_repeat_its_parents_ids(mod):
+@pytest.mark.parametrize("parent_refills", [False, True], ids=["parent-pool", "both-refill"])
+def test_a_forked_child_does_not_repeat_its_parents_ids(mod, parent_refills):
     """The child inherits the parent's buffer of random bytes: without the fork hook both would
-    hand out the same ids next."""
+    hand out the same ids next. With both fetching new bytes right after the fork, the random
+    source itself must not repeat in the child what the parent gets (OpenSSL reseeds a forked
+    child's generator)."""
     mod.new_request_id()  # the pool is filled and partly used before the fork
     r, w = os.pipe()
     pid = os.fork()
@@ -112,5 +115,7 @@ def test_a_forked_child_does_not_repeat_its_parents_ids(mod):
     assert os.waitstatus_to_exitcode(status) == 0
     theirs = {child[i:i + 36] for i in range(0, len(child), 36)}
     assert len(theirs) == 8 and all(UUID4.fullmatch(i) for i in theirs), child
+    if parent_refills:
+        mod._forget_pool()
     mine = {mod.new_request_id() for _ in range(8)}
     assert not mine & theirs

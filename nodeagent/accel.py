@@ -30,6 +30,7 @@ MODULES = (
     "nodeagent.proxy.runtime",
     "nodeagent.proxy.tunnel",
     "nodeagent.proxy.upstream",
+    "nodeagent.proxy.requestid",
     "nodeagent.telemetry",
     "policy.routing",
     "policy.lb",

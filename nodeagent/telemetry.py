@@ -241,7 +241,7 @@ class AccessLog:
             "source_namespace": src.namespace if src is not None else None,
             "destination_service": dest[5] if len(dest) > 5 else None,
             "user_agent": exchange.header_map().get("user-agent"),
-            "request_id": exchange.header_map().get("x-request-id"),
+            "request_id": exchange.request_id_str(),
             "attempts": exchange.attempt,
             "worker": os.getpid(),
         })

@@ -47,9 +47,10 @@ from policy import retry as retry_mod
 
 from nodeagent.proxy.context import RequestInfo
 from nodeagent.proxy.http import (
-    Exchange, LocalReply, apply_header_ops, connect_failure_body, header_map as _header_map, path_str as _path_str,
-    pick_endpoint, retire_endpoint, take_retry_slot,
+    Exchange, LocalReply, apply_header_ops, connect_failure_body, header_map as _header_map, note_forwarded_id,
+    path_str as _path_str, pick_endpoint, request_id_str as _request_id_str, retire_endpoint, take_retry_slot,
 )
+from nodeagent.proxy.requestid import new_request_id
 from nodeagent.proxy.response_hook import wants_cors_headers
 from nodeagent.proxy.upstream import UNLIMITED, transport_failure_reason
 
@@ -451,7 +452,7 @@ class H2Stream:
         "upstream", "up_sid", "h1", "status", "grpc_status", "flags", "req_bytes", "resp_bytes", "t0",
         "timer", "try_timer", "dest", "upstream_host", "_hmap", "out", "out_q", "out_end", "out_trailers",
         "unacked_up", "unacked_down", "idle_age", "body_mode", "version",
-        "held", "up_paused", "eof_body", "retry_slot", "failure_reason",
+        "held", "up_paused", "eof_body", "retry_slot", "failure_reason", "request_id",
     )
 
     def __init__(self, down: H2Downstream, sid: int, raw_headers) -> None:
@@ -461,6 +462,7 @@ class H2Stream:
         method = path = authority = b""
         headers = []
         grpc = False
+        request_id = None
         for name, value in raw_headers:
             if name[:1] == b":":
                 if name == b":method":
@@ -476,7 +478,18 @@ class H2Stream:
                 continue
             if name == b"content-type" and value[:16] == b"application/grpc":
                 grpc = True
+            elif name == b"x-request-id":
+                if not value:
+                    continue  # an empty one is dropped and replaced, as on HTTP/1.1
+                if request_id is None:
+                    request_id = value
             headers.append((name, value))
+        if request_id is None:
+            # as Exchange: generated once, before authorization and routing (local replies,
+            # retries and the access log carry it)
+            request_id = new_request_id()
+            headers.append((b"x-request-id", request_id))
+        self.request_id = request_id
         self.method = method
         self.path = path
         self.authority = authority
@@ -531,6 +544,7 @@ class H2Stream:
     # --- what routing and the access log read (the same as an HTTP/1.1 exchange's) ---
     header_map = _header_map
     path_str = _path_str
+    request_id_str = _request_id_str
 
     # --- request side -------------------------------------------------
     def start(self) -> None:
@@ -723,6 +737,7 @@ class H2Stream:
         headers = self.headers
         if plan.request_ops is not None:
             headers = [(n.lower(), v) for n, v in apply_header_ops(list(headers), plan.request_ops)]
+            note_forwarded_id(self, headers)
         return headers
 
     # --- HTTP/1.1 upstream (UpstreamConnection callbacks) ----------------

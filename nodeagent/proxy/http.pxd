@@ -1,5 +1,6 @@
 from nodeagent.proxy.runtime cimport ForwardPlan
 from nodeagent.proxy.upstream cimport wire_write
+from nodeagent.proxy.requestid cimport new_request_id_line
 
 cdef class Exchange
 
@@ -97,6 +98,8 @@ cdef class Exchange:
     cdef public bint eof_body
     cdef public long retry_slot
     cdef public object failure_reason
+    cdef public bytes request_id
+    cdef public object id_line
 
     cpdef start(self)
     cpdef _attempt(self)

@@ -23,6 +23,7 @@ from httptools import (
 )
 
 from nodeagent.proxy.context import RequestInfo
+from nodeagent.proxy.requestid import new_request_id_line
 from nodeagent.proxy.response_hook import wants_cors_headers
 from nodeagent.proxy.upstream import HOP_HEADERS, direct_fd, wire_write
 
@@ -42,8 +43,9 @@ DELAYED_CLOSE = 1.0
 _PAUSE_PIPELINE, _PAUSE_BUFFER, _PAUSE_UPSTREAM = 1, 2, 4
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP reset
 
-# Headers that describe one hop; never forwarded as they are.
-_HOP = HOP_HEADERS
+# Headers that describe one hop (never forwarded as they are), and x-request-id: the request
+# head's headers the Exchange looks at, found with the one set lookup every header costs anyway.
+_SPECIAL = HOP_HEADERS | {b"x-request-id"}
 
 _REASONS = {
     100: b"Continue", 101: b"Switching Protocols", 200: b"OK", 201: b"Created", 204: b"No Content",
@@ -491,6 +493,31 @@ def header_map(exchange) -> RequestHeaders:
     return hmap
 
 
+def request_id(exchange) -> bytes:
+    """An exchange's (HTTP/1.1 or HTTP/2 stream's) x-request-id value: the client's, or the one
+    the proxy generated (an HTTP/1.1 exchange keeps a generated one as its header line,
+    ``id_line``, until it is needed on its own)."""
+    rid = exchange.request_id
+    if rid is None:
+        rid = exchange.id_line[14:50]  # b"x-request-id: " is 14 bytes, the id 36
+    return rid
+
+
+def note_forwarded_id(exchange, headers) -> None:
+    """After route header operations: an x-request-id they set is the request's id from now on,
+    as Envoy's router sets it in the request's own headers (so the access log, and the next
+    agent, show the value forwarded). One they removed leaves the id the request had."""
+    for name, value in headers:
+        if len(name) == 12 and name.lower() == b"x-request-id":
+            exchange.request_id = value
+            return
+
+
+def request_id_str(exchange) -> str:
+    """request_id() as the access log writes it."""
+    return request_id(exchange).decode("latin-1")
+
+
 def path_str(exchange) -> str:
     return exchange.path.decode("latin-1")
 
@@ -505,7 +532,7 @@ class Exchange:
         "tried", "attempt", "response_started", "out_chunked", "close_delimited",
         "status", "flags", "req_bytes", "resp_bytes", "t0", "abandoned", "timer", "try_timer",
         "finished", "tunneling", "dest", "upstream_host", "cluster", "_hmap", "mirrored", "out", "eof_body",
-        "retry_slot", "failure_reason",
+        "retry_slot", "failure_reason", "request_id", "id_line",
     )
 
     def __init__(self, down: HttpDownstream, method, url, headers, version, keep_alive, upgrade) -> None:
@@ -559,15 +586,23 @@ class Exchange:
         keep = []
         connection = False  # a Connection or Proxy-Connection header
         upgrade_header = None
+        request_id = None
         for h in headers:
             name = h[0].lower()
-            if name in _HOP:
+            if name in _SPECIAL:
                 if name == b"host":
                     authority = h[1]
                 elif name == b"content-length":
                     if h[1] != b"0":
                         self.body_mode = 1
                         keep.append((b"content-length", h[1]))
+                elif name == b"x-request-id":
+                    # kept as the client sent it (the first one is the request's id); an empty
+                    # one is dropped and replaced
+                    if h[1]:
+                        if request_id is None:
+                            request_id = h[1]
+                        keep.append(h)
                 elif name == b"transfer-encoding":
                     self.body_mode = 2
                 elif name == b"expect":
@@ -578,6 +613,12 @@ class Exchange:
                     connection = True
                 continue
             keep.append(h)
+        # x-request-id: Envoy's HTTP connection manager (generate_request_id) gives every request
+        # one, here before authorization and routing, so local replies, retries and mirrors carry
+        # it too. A generated one is the ready header line ``id_line`` (request_id None meanwhile:
+        # see request_id()) until something needs the headers as pairs (_own_id_header).
+        self.request_id = request_id
+        self.id_line = new_request_id_line() if request_id is None else None
         if upgrade is None:
             # httptools' upgrade flag needs an Upgrade header (with Connection: upgrade) or CONNECT
             upgrade = (upgrade_header is not None or method == b"CONNECT") and down.parser.should_upgrade()
@@ -609,10 +650,24 @@ class Exchange:
 
     def header_map(self) -> RequestHeaders:
         """Request headers as a lower-case str Mapping (decoded lazily, once)."""
+        if self.id_line is not None:
+            self._own_id_header()
         return header_map(self)
+
+    def _own_id_header(self) -> None:
+        """A generated x-request-id joins the (name, value) pairs of ``headers`` instead of being
+        forwarded as the ready line ``id_line``: for what reads the headers as pairs (the header
+        map, route header operations, a mirror's copy). Once: from then on every try sends it
+        as a pair."""
+        rid = self.request_id = request_id(self)
+        self.id_line = None
+        self.headers.append((b"x-request-id", rid))
 
     def path_str(self) -> str:
         return self.path.decode("latin-1")
+
+    def request_id_str(self) -> str:
+        return request_id_str(self)
 
     # --- request side -------------------------------------------------
     def start(self) -> None:
@@ -663,6 +718,8 @@ class Exchange:
         # Only a complete, replayable request is copied (bodies are streamed, not kept).
         if not self.mirrored and self.replay is not None:
             self.mirrored = True
+            if self.id_line is not None:
+                self._own_id_header()  # the shadow copy carries the request's id (Envoy's does)
             self.runtime.mirror(self, self.plan)
 
     def _attempt(self) -> None:
@@ -736,13 +793,20 @@ class Exchange:
             return
         self.upstream = conn
         plan = self.plan
-        headers = self.headers
         if plan.request_ops is not None:
-            headers = apply_header_ops(list(headers), plan.request_ops)
+            if self.id_line is not None:
+                self._own_id_header()  # route header operations see the id (and may set or remove it)
+            headers = apply_header_ops(list(self.headers), plan.request_ops)
+            note_forwarded_id(self, headers)
+        else:
+            headers = self.headers
         parts = [self.method, b" ", plan.path or self.path, b" HTTP/1.1\r\nhost: ", plan.authority or self.authority, b"\r\n"]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")  # cheaper than joining each line first
         append = parts.append
+        id_line = self.id_line
+        if id_line is not None:
+            append(id_line)  # a generated x-request-id, in one piece
         body_mode = self.body_mode
         if body_mode == 2:
             append(b"transfer-encoding: chunked\r\n")

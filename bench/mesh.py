@@ -16,6 +16,13 @@ ratios in one run. Then, unless ``--latency-duration 0``, the unloaded latency: 
 direct pod-to-pod path (no proxy), the mesh and the chain, and the p50 each path adds over
 direct (under closed-loop wrk with 16 connections p50 is only connections / throughput).
 Setup runs the real agents and CA service; nothing leaves the machine.
+
+``--counts`` adds what does not depend on the machine's load, per request of a wrk -c1 run of
+each path: the system calls of each proxy (``perf stat`` on the syscall tracepoints, when perf
+is installed) and, in every namespace the path crosses, the IP packets received and forwarded and
+the TCP segments in and out (``nstat``). The mesh's tunnel runs between the pods' own namespaces
+(as ztunnel's in-pod mode), so each of its packets is also forwarded by both node namespaces,
+which the chain's node-to-node hop is not.
 """
 from __future__ import annotations
 
@@ -40,6 +47,9 @@ def main(argv=None) -> int:
                    help="how the agents capture the pods' traffic (default nftables)")
     p.add_argument("--latency-duration", type=int, default=4,
                    help="seconds of the unloaded latency runs (wrk -c1; default 4; 0: skip them)")
+    p.add_argument("--counts", action="store_true",
+                   help="also count, per request of a wrk -c1 run of each path, each proxy's system calls "
+                        "(perf) and the packets and TCP segments of every namespace on the path (nstat)")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure both paths this many times, interleaved, and keep each one's best run "
                         "(highest req/s; lowest p50 unloaded): a shared machine only ever makes a run "
@@ -77,6 +87,8 @@ def main(argv=None) -> int:
         problems = lab.teardown()
         if problems:
             print(f"bench mesh: teardown left {problems}", file=sys.stderr)
+    counted = [r for r in results if "counts" in r]
+    results = [r for r in results if "counts" not in r]
     rounds = f", best of {args.rounds} interleaved rounds" if args.rounds > 1 else ""
     print(f"\nwrk -t1 -c{args.connections} in the client pod, {args.duration}s per path after "
           f"{args.warmup}s warm-up{rounds}; capture {args.capture}; CPU = both proxies of the path; "
@@ -98,6 +110,8 @@ def main(argv=None) -> int:
         am, ah = lmesh["p50"] - direct["p50"], lha["p50"] - direct["p50"]
         print(f"  added p50: mesh {am:.3f} ms, haproxy chain {ah:.3f} ms "
               f"({am / ah:.2f}x)" if ah > 0 else f"  added p50: mesh {am:.3f} ms, haproxy chain {ah:.3f} ms")
+    for r in counted:
+        print_counts(r)
     print(f"mesh path: {mesh['mtls']:.0f} requests counted by node2's agent with "
           f"connection_security_policy=mutual_tls (wrk completed {mesh['wrk_total']})")
     print(f"nodeagent/haproxy: {mesh['rps'] / ha['rps']:.2f}x req/s, {mesh['p50'] / ha['p50']:.2f}x p50, "
@@ -128,7 +142,104 @@ def run(lab, args) -> list[dict]:
                 if quiet[i] is None or r["p50"] < quiet[i]["p50"]:
                     quiet[i] = r
         results += quiet
+    if args.counts:
+        for path in paths:
+            results.append(counts(lab, args, path))
     return results
+
+
+COUNTED = ("IpInReceives", "IpForwDatagrams", "TcpInSegs", "TcpOutSegs", "TcpExtTCPPureAcks",
+           "TcpExtDelayedACKs")
+
+
+def _nstat(lab, ns: str) -> dict[str, int]:
+    """The namespace's absolute counters (``nstat -az``: no history file is read or written)."""
+    out = lab.exec(ns, ["nstat", "-az"], check=True).stdout
+    values = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[1].isdigit():
+            values[fields[0]] = int(fields[1])
+    return values
+
+
+def _syscalls(text: str) -> dict[str, int]:
+    """``perf stat -x,`` output of syscalls:sys_enter_* events -> {syscall: count} (non-zero)."""
+    calls = {}
+    for line in text.splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[0].strip().isdigit() and "sys_enter_" in fields[2]:
+            n = int(fields[0])
+            if n:
+                calls[fields[2].split("sys_enter_", 1)[1]] = n
+    return calls
+
+
+def counts(lab, args, path) -> dict:
+    """One wrk -c1 run of ``path`` with its proxies' system calls and the packet counters of the
+    namespaces it crosses, each per request."""
+    import shutil
+    import tempfile
+
+    name, pod, url, host, pids = path
+    server = "catalog-v2" if pod == "client" else "plainserver"
+    spaces = [pod, "node1", "node2", server]
+    seconds = max(2, args.latency_duration or 4)
+
+    def in_pod(argv, timeout):
+        return lab.exec(pod, argv, timeout=timeout, check=True).stdout
+
+    wrk(url, 1, 1, host, who=WHO, run=in_pod)
+    perf = shutil.which("perf")
+    tmp = tempfile.mkdtemp(prefix="bench-mesh-counts-")
+    stats = []
+    try:
+        procs = []
+        if perf:
+            for pid in pids:
+                out = os.path.join(tmp, f"{pid}.txt")
+                stats.append(out)
+                procs.append(subprocess.Popen([perf, "stat", "-x,", "-o", out, "-e", "syscalls:sys_enter_*",
+                                               "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(1.0)  # perf attaches to every tracepoint first
+        before = {ns: _nstat(lab, ns) for ns in spaces}
+        r = wrk(url, seconds, 1, host, who=WHO, run=in_pod)
+        after = {ns: _nstat(lab, ns) for ns in spaces}
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        n = max(1, r["requests"])
+        r["name"] = name
+        r["counts"] = {
+            "syscalls": [{k: v / n for k, v in _syscalls(open(f).read()).items()} if os.path.exists(f) else None
+                         for f in stats] if perf else None,
+            "packets": {ns: {k: (after[ns].get(k, 0) - before[ns].get(k, 0)) / n for k in COUNTED} for ns in spaces},
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return r
+
+
+def print_counts(r) -> None:
+    c = r["counts"]
+    print(f"\nper request, wrk -t1 -c1 ({r['requests']} requests), {r['name']}")
+    if c["syscalls"] is None:
+        print("  system calls: perf is not installed")
+    else:
+        for where, calls in zip(("node1", "node2"), c["syscalls"]):
+            if calls is None:
+                print(f"  {where} proxy: perf counted nothing")
+                continue
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v >= 0.01)
+            print(f"  {where} proxy: {sum(calls.values()):.2f} system calls: {shown}")
+    print(f"  {'namespace':<14}" + "".join(f"{k.replace('TcpExt', ''):>17}" for k in COUNTED))
+    for ns, values in c["packets"].items():
+        print(f"  {ns:<14}" + "".join(f"{values[k]:>17.2f}" for k in COUNTED))
 
 
 def unloaded(lab, args, path) -> dict:

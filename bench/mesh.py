@@ -22,7 +22,17 @@ each path: the system calls of each proxy (``perf stat`` on the syscall tracepoi
 is installed) and, in every namespace the path crosses, the IP packets received and forwarded and
 the TCP segments in and out (``nstat``). The mesh's tunnel runs between the pods' own namespaces
 (as ztunnel's in-pod mode), so each of its packets is also forwarded by both node namespaces,
-which the chain's node-to-node hop is not.
+which the chain's node-to-node hop is not. ``--pod-chain`` measures a third path with the same
+network path as the mesh: the same two HAProxys, run in the client's and the server's own pod
+namespaces (wrk -> HAProxy over loopback -> TLS pod to pod -> HAProxy -> the server over
+loopback), so what it adds over the node chain is the network path alone, and what the mesh adds
+over it is the proxies and the capture.
+
+``--pin`` runs the unloaded measurements with every process of the lab (and wrk) on one CPU. On
+this VM (2 vCPUs, no guest halt-polling) a wake-up of a process on the other, idle CPU costs
+10-20 us more than one on the waker's CPU, and where the scheduler puts the four processes of a
+path changes from run to run: unpinned, one path's added p50 moves by 2x between runs; pinned,
+it repeats to within ~1 us, and what is left is the processing of the paths themselves.
 """
 from __future__ import annotations
 
@@ -50,6 +60,12 @@ def main(argv=None) -> int:
     p.add_argument("--counts", action="store_true",
                    help="also count, per request of a wrk -c1 run of each path, each proxy's system calls "
                         "(perf) and the packets and TCP segments of every namespace on the path (nstat)")
+    p.add_argument("--pod-chain", action="store_true",
+                   help="also measure the HAProxy chain run inside the client's and server's pod namespaces "
+                        "(the mesh's network path: TLS from pod to pod, loopback at both ends)")
+    p.add_argument("--pin", action="store_true",
+                   help="run the unloaded measurements with every process of the lab and wrk on CPU 0: "
+                        "removes the cross-CPU wake-ups whose number varies from run to run")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure both paths this many times, interleaved, and keep each one's best run "
                         "(highest req/s; lowest p50 unloaded): a shared machine only ever makes a run "
@@ -87,33 +103,42 @@ def main(argv=None) -> int:
         problems = lab.teardown()
         if problems:
             print(f"bench mesh: teardown left {problems}", file=sys.stderr)
-    counted = [r for r in results if "counts" in r]
-    results = [r for r in results if "counts" not in r]
+    counted = [r for r in results if r["kind"] == "counts"]
+    loaded = [r for r in results if r["kind"] == "loaded"]
+    quiet = [r for r in results if r["kind"] == "unloaded"]
     rounds = f", best of {args.rounds} interleaved rounds" if args.rounds > 1 else ""
     print(f"\nwrk -t1 -c{args.connections} in the client pod, {args.duration}s per path after "
           f"{args.warmup}s warm-up{rounds}; capture {args.capture}; CPU = both proxies of the path; "
           f"load average at the start {load}")
     print(f"{'path':<54}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'errors':>8}")
-    for r in results[:2]:
+    for r in loaded:
         print(f"{r['name']:<54}{r['rps']:>9.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['cpu_us']:>12.1f}{r['errors']:>8}")
-    for r in results[:2]:
+    for r in loaded:
         split = ", ".join(f"{u:.1f}+{s:.1f}" for u, s in r["per_proxy"])
-        print(f"  {r['name'].split(':')[0]}: user+system us/req per proxy (node1, node2): {split}")
-    mesh, ha = results[:2]
-    if len(results) > 2:
-        direct, lmesh, lha = results[2:]
-        print(f"\nunloaded (wrk -t1 -c1, {args.latency_duration}s after 1s warm-up): p50 / p99 ms; added = "
+        print(f"  {r['name'].split(':')[0]}: user+system us/req per proxy (source side, destination side): {split}")
+    mesh, ha = loaded[:2]
+    if quiet:
+        direct, lmesh, lha = quiet[:3]
+        pinned = f", every process on CPU {PIN_CPU}" if args.pin else ""
+        print(f"\nunloaded (wrk -t1 -c1, {args.latency_duration}s after 1s warm-up{pinned}): p50 / p99 ms; added = "
               f"p50 minus the direct pod-to-pod path's (plainclient -> plainserver, no proxy)")
-        for r in (direct, lmesh, lha):
+        for r in quiet:
             added = "" if r is direct else f"   added p50 {r['p50'] - direct['p50']:.3f} ms"
             print(f"  {r['name']:<52}{r['p50']:>8.3f}{r['p99']:>8.3f}{added}")
         am, ah = lmesh["p50"] - direct["p50"], lha["p50"] - direct["p50"]
         print(f"  added p50: mesh {am:.3f} ms, haproxy chain {ah:.3f} ms "
               f"({am / ah:.2f}x)" if ah > 0 else f"  added p50: mesh {am:.3f} ms, haproxy chain {ah:.3f} ms")
+        for r in quiet[3:]:
+            ap = r["p50"] - direct["p50"]
+            print(f"  added p50: mesh {am:.3f} ms, haproxy chain in the pods {ap:.3f} ms"
+                  + (f" ({am / ap:.2f}x)" if ap > 0 else ""))
     for r in counted:
         print_counts(r)
     print(f"mesh path: {mesh['mtls']:.0f} requests counted by node2's agent with "
           f"connection_security_policy=mutual_tls (wrk completed {mesh['wrk_total']})")
+    for r in loaded[2:]:
+        print(f"nodeagent/haproxy in the pods: {mesh['rps'] / r['rps']:.2f}x req/s, {mesh['p50'] / r['p50']:.2f}x p50, "
+              f"{mesh['cpu_us'] / r['cpu_us']:.2f}x CPU per request")
     print(f"nodeagent/haproxy: {mesh['rps'] / ha['rps']:.2f}x req/s, {mesh['p50'] / ha['p50']:.2f}x p50, "
           f"{mesh['p99'] / ha['p99']:.2f}x p99, {mesh['cpu_us'] / ha['cpu_us']:.2f}x CPU per request")
     return 0
@@ -131,16 +156,22 @@ def run(lab, args) -> list[dict]:
             if "mtls" in r:
                 completed += r["requests"] + r["warmup_requests"]
                 r["wrk_total"] = completed
+            r["kind"] = "loaded"
             if loaded[i] is None or r["rps"] > loaded[i]["rps"]:
                 loaded[i] = r
     results = loaded
     if args.latency_duration > 0:
         quiet = [None] * (1 + len(paths))
-        for _ in range(max(1, args.rounds)):
-            for i, path in enumerate((direct, *paths)):
-                r = unloaded(lab, args, path)
-                if quiet[i] is None or r["p50"] < quiet[i]["p50"]:
-                    quiet[i] = r
+        restore = pin_lab(lab) if args.pin else {}
+        try:
+            for _ in range(max(1, args.rounds)):
+                for i, path in enumerate((direct, *paths)):
+                    r = unloaded(lab, args, path)
+                    r["kind"] = "unloaded"
+                    if quiet[i] is None or r["p50"] < quiet[i]["p50"]:
+                        quiet[i] = r
+        finally:
+            unpin(restore)
         results += quiet
     if args.counts:
         for path in paths:
@@ -215,6 +246,7 @@ def counts(lab, args, path) -> dict:
                 proc.wait()
         n = max(1, r["requests"])
         r["name"] = name
+        r["kind"] = "counts"
         r["counts"] = {
             "syscalls": [{k: v / n for k, v in _syscalls(open(f).read()).items()} if os.path.exists(f) else None
                          for f in stats] if perf else None,
@@ -231,7 +263,7 @@ def print_counts(r) -> None:
     if c["syscalls"] is None:
         print("  system calls: perf is not installed")
     else:
-        for where, calls in zip(("node1", "node2"), c["syscalls"]):
+        for where, calls in zip(("source-side", "destination-side"), c["syscalls"]):
             if calls is None:
                 print(f"  {where} proxy: perf counted nothing")
                 continue
@@ -248,13 +280,57 @@ def unloaded(lab, args, path) -> dict:
     p50 is the connection count over the throughput)."""
     name, pod, url, host, _ = path
 
+    pin = ["taskset", "-c", str(PIN_CPU)] if args.pin else []
+
     def in_pod(argv, timeout):
-        return lab.exec(pod, argv, timeout=timeout, check=True).stdout
+        return lab.exec(pod, pin + argv, timeout=timeout, check=True).stdout
 
     wrk(url, 1, 1, host, who=WHO, run=in_pod)
     r = wrk(url, args.latency_duration, 1, host, who=WHO, run=in_pod)
     r["name"] = name
     return r
+
+
+PIN_CPU = 0
+
+
+def lab_threads(lab) -> list[int]:
+    """Every thread of every process living in one of the lab's network namespaces."""
+    spaces = set()
+    for name in [*lab.nodes, lab.ca_node, *lab.pods]:
+        try:
+            spaces.add(os.stat(f"/run/netns/{lab.topo.netns(name)}").st_ino)
+        except (OSError, KeyError):
+            continue
+    tids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{pid}/ns/net").st_ino not in spaces:
+                continue
+            tids += [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue  # gone, or not ours to look at
+    return tids
+
+
+def pin_lab(lab) -> dict[int, set]:
+    """Put every thread of the lab on PIN_CPU; returns what to restore."""
+    restore = {}
+    for tid in lab_threads(lab):
+        try:
+            restore[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, {PIN_CPU})
+        except OSError:
+            restore.pop(tid, None)  # exited meanwhile
+    return restore
+
+
+def unpin(restore: dict[int, set]) -> None:
+    for tid, cpus in restore.items():
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError:
+            pass  # exited meanwhile
 
 
 def setup(lab, args) -> tuple[list[tuple], tuple]:
@@ -328,6 +404,22 @@ def setup(lab, args) -> tuple[list[tuple], tuple]:
         ("haproxy: client -> haproxy -> TLS -> haproxy -> pod", "plainclient", ha_url, None,
          [edge.pid, ingress.pid]),
     ]
+    if args.pod_chain:
+        # The same two HAProxys inside the pods: wrk -> 127.0.0.1 -> HAProxy -> TLS from the client pod
+        # to the server pod -> HAProxy -> 127.0.0.1 -> the server. The mesh's network path, no capture.
+        server_ip = lab.pods["plainserver"].ip
+        with open(os.path.join(d, "pod-edge.cfg"), "w") as f:
+            f.write(edge_cfg("127.0.0.1:18081", f"{server_ip}:18444", d, sni="mesh-node2"))
+        with open(os.path.join(d, "pod-ingress.cfg"), "w") as f:
+            f.write(ingress_cfg(f"{server_ip}:18444", f"127.0.0.1:{port}", d))
+        pod_ingress = lab.topo.spawn("plainserver", ["haproxy", "-db", "-f", os.path.join(d, "pod-ingress.cfg")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        pod_edge = lab.topo.spawn("plainclient", ["haproxy", "-db", "-f", os.path.join(d, "pod-edge.cfg")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        pod_url = "http://127.0.0.1:18081/newcatalog/items"
+        check("plainclient", pod_url, None)
+        paths.append(("haproxy in pods: client -> haproxy -> TLS -> haproxy", "plainclient", pod_url, None,
+                      [pod_edge.pid, pod_ingress.pid]))
     direct_url = f"http://{lab.pods['plainserver'].ip}:{port}/newcatalog/items"
     check("plainclient", direct_url, None)
     direct = ("direct: plainclient -> plainserver (no proxy)", "plainclient", direct_url, None, [])

@@ -26,9 +26,21 @@ def test_the_counts_table_names_every_namespace_and_proxy(capsys):
     mesh.print_counts({"name": "mesh", "requests": 1000, "counts": {
         "syscalls": [{"read": 2.0, "sendto": 2.0, "getpid": 0.001}, None], "packets": packets}})
     out = capsys.readouterr().out
-    assert "node1 proxy: 4.00 system calls: read 2.00, sendto 2.00" in out and "getpid" not in out
-    assert "node2 proxy: perf counted nothing" in out
-    row = next(line for line in out.splitlines() if line.split()[:1] == ["node1"] and "proxy" not in line)
+    assert "source-side proxy: 4.00 system calls: read 2.00, sendto 2.00" in out and "getpid" not in out
+    assert "destination-side proxy: perf counted nothing" in out
+    row = next(line for line in out.splitlines() if line.split()[:1] == ["node1"])
     assert row.split()[1:3] == ["0.00", "2.00"]  # IpInReceives, IpForwDatagrams
     mesh.print_counts({"name": "chain", "requests": 5, "counts": {"syscalls": None, "packets": packets}})
     assert "perf is not installed" in capsys.readouterr().out
+
+
+def test_unpin_restores_what_pin_took_and_ignores_threads_gone_meanwhile():
+    import os
+
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(mine)})
+    try:
+        mesh.unpin({os.getpid(): mine, 2 ** 22 + 12345: {0}})  # the second one does not exist
+        assert os.sched_getaffinity(0) == mine
+    finally:
+        os.sched_setaffinity(0, mine)

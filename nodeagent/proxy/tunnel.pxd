@@ -1,4 +1,9 @@
+from cpython.bytearray cimport PyByteArray_AS_STRING
+from cpython.bytes cimport PyBytes_FromStringAndSize
+
 from nodeagent.proxy.upstream cimport wire_write
+
+cdef bytes _copy_out(bytearray buf, Py_ssize_t n)
 
 cdef class _TlsCore:
     cdef public object ctx
@@ -20,7 +25,7 @@ cdef class _TlsCore:
     cdef public bint started
     cdef public bint ready
     cdef public object cipher
-    cdef public object plain
+    cdef public bytearray plain
     cdef public object bio_in
     cdef public object ssl_read
     cdef public object ssl_write

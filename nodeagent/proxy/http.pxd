@@ -1,11 +1,14 @@
-from nodeagent.proxy.runtime cimport ForwardPlan
-from nodeagent.proxy.upstream cimport wire_write
+from nodeagent.proxy.runtime cimport ForwardPlan, ClusterState, UpstreamEndpoint, ProxyRuntime
+cimport cython
+from nodeagent.proxy.upstream cimport wire_write, UpstreamConnection, ClusterPool
 from nodeagent.proxy.requestid cimport new_request_id_line
 
 cdef class Exchange
+cdef class HttpDownstream
 
 cpdef retire_endpoint(exchange, cluster)
-cpdef pick_endpoint(exchange, cluster, tried)
+@cython.locals(ep=UpstreamEndpoint)
+cpdef pick_endpoint(exchange, cluster, tried, ClusterState state=*)
 
 cdef class RequestHeaders:
     cdef public object _pairs
@@ -102,12 +105,15 @@ cdef class Exchange:
     cdef public object id_line
 
     cpdef start(self)
+    @cython.locals(pool=ClusterPool, plan=ForwardPlan, state=ClusterState, ep=UpstreamEndpoint)
     cpdef _attempt(self)
     cpdef request_complete(self)
-    cpdef upstream_ready(self, conn)
-    cpdef upstream_head(self, conn, status, parts, length, hop)
+    cpdef upstream_ready(self, UpstreamConnection conn)
+    @cython.locals(state=ClusterState)
+    cpdef upstream_head(self, UpstreamConnection conn, status, parts, length, hop)
     cpdef upstream_body(self, body)
     cpdef flush(self)
-    cpdef upstream_complete(self, conn)
+    cpdef upstream_complete(self, UpstreamConnection conn)
     cpdef local_reply(self, reply)
+    cpdef record_in(self, ProxyRuntime runtime)
     cpdef _finish(self)

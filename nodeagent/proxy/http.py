@@ -46,6 +46,10 @@ _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TC
 # Headers that describe one hop (never forwarded as they are), and x-request-id: the request
 # head's headers the Exchange looks at, found with the one set lookup every header costs anyway.
 _SPECIAL = HOP_HEADERS | {b"x-request-id"}
+# Their lengths: a request header name of another length (user-agent's 10 is one, accept's 6
+# another; x-envoy-attempt-count, cookie, ... are not) is kept without bytes.lower() (~300
+# instructions per header).
+_SPECIAL_LENGTHS = frozenset(len(h) for h in _SPECIAL)
 
 _REASONS = {
     100: b"Continue", 101: b"Switching Protocols", 200: b"OK", 201: b"Created", 204: b"No Content",
@@ -446,12 +450,26 @@ def retire_endpoint(exchange, cluster):
     return tried
 
 
-def pick_endpoint(exchange, cluster, tried):
+def pick_endpoint(exchange, cluster, tried, state=None):
     """The endpoint of this attempt: one not ``tried`` when there is one, else any; None after
-    answering 503 UH when the cluster has no healthy endpoint. Counts the attempt."""
-    endpoint = cluster.pick(exchange, tried)
-    if endpoint is None and tried:
-        endpoint = cluster.pick(exchange, None)
+    answering 503 UH when the cluster has no healthy endpoint. Counts the attempt. ``state``:
+    ``cluster`` itself when it is known to be a ClusterState (ForwardPlan.state), whose picks
+    and UpstreamEndpoints are then read as C calls and fields when compiled."""
+    if state is not None:
+        ep = state.pick(exchange, tried)
+        if ep is None and tried:
+            ep = state.pick(exchange, None)
+        if ep is not None:
+            exchange.endpoint = ep
+            exchange.dest = ep.labels
+            exchange.upstream_host = ep.host
+            exchange.attempt += 1
+            return ep
+        endpoint = None
+    else:
+        endpoint = cluster.pick(exchange, tried)
+        if endpoint is None and tried:
+            endpoint = cluster.pick(exchange, None)
     if endpoint is None:
         exchange.dest = cluster.labels_for(None)
         exchange.local_reply(LocalReply(503, "UH", b"no healthy upstream"))
@@ -588,30 +606,32 @@ class Exchange:
         upgrade_header = None
         request_id = None
         for h in headers:
-            name = h[0].lower()
-            if name in _SPECIAL:
-                if name == b"host":
-                    authority = h[1]
-                elif name == b"content-length":
-                    if h[1] != b"0":
-                        self.body_mode = 1
-                        keep.append((b"content-length", h[1]))
-                elif name == b"x-request-id":
-                    # kept as the client sent it (the first one is the request's id); an empty
-                    # one is dropped and replaced
-                    if h[1]:
-                        if request_id is None:
-                            request_id = h[1]
-                        keep.append(h)
-                elif name == b"transfer-encoding":
-                    self.body_mode = 2
-                elif name == b"expect":
-                    self.expect_continue = h[1].lower() == b"100-continue"
-                elif name == b"upgrade":
-                    upgrade_header = h
-                elif name == b"connection" or name == b"proxy-connection":
-                    connection = True
-                continue
+            name = h[0]
+            if len(name) in _SPECIAL_LENGTHS:  # only then can it be one of _SPECIAL: lower-case it
+                name = name.lower()
+                if name in _SPECIAL:
+                    if name == b"host":
+                        authority = h[1]
+                    elif name == b"content-length":
+                        if h[1] != b"0":
+                            self.body_mode = 1
+                            keep.append((b"content-length", h[1]))
+                    elif name == b"x-request-id":
+                        # kept as the client sent it (the first one is the request's id); an empty
+                        # one is dropped and replaced
+                        if h[1]:
+                            if request_id is None:
+                                request_id = h[1]
+                            keep.append(h)
+                    elif name == b"transfer-encoding":
+                        self.body_mode = 2
+                    elif name == b"expect":
+                        self.expect_continue = h[1].lower() == b"100-continue"
+                    elif name == b"upgrade":
+                        upgrade_header = h
+                    elif name == b"connection" or name == b"proxy-connection":
+                        connection = True
+                    continue
             keep.append(h)
         # x-request-id: Envoy's HTTP connection manager (generate_request_id) gives every request
         # one, here before authorization and routing, so local replies, retries and mirrors carry
@@ -723,11 +743,20 @@ class Exchange:
             self.runtime.mirror(self, self.plan)
 
     def _attempt(self) -> None:
-        cluster = self.plan.cluster
-        endpoint = pick_endpoint(self, cluster, retire_endpoint(self, cluster))
+        plan = self.plan
+        cluster = plan.cluster
+        state = plan.state  # cluster, when it is a ClusterState (typed in http.pxd)
+        endpoint = pick_endpoint(self, cluster, retire_endpoint(self, cluster), state)
         if endpoint is None:
             return
-        overflow = cluster.pool.acquire(self, endpoint.addr)
+        if state is not None:
+            ep = endpoint  # a ClusterState picks UpstreamEndpoints
+            pool = state.pool
+            addr = ep.addr
+        else:
+            pool = cluster.pool  # a ClusterPool (typed in http.pxd: acquire is a C call)
+            addr = endpoint.addr
+        overflow = pool.acquire(self, addr)
         if overflow is not None:
             self.local_reply(LocalReply(503, "UO", b"upstream connect error or disconnect/reset before headers. reset reason: overflow"))
 
@@ -893,7 +922,11 @@ class Exchange:
             self._cancel_try_timer()
         if self.retry_slot == 1:
             self._retry_end()  # this retry's attempt is over: its response head is in
-        self.cluster.record(self.endpoint, status, self.runtime.loop.time())
+        state = self.plan.state
+        if state is None or state is not self.cluster:
+            self.cluster.record(self.endpoint, status, self.runtime.loop.time())
+        elif state.outlier is not None:  # else record() does nothing: the clock is not read
+            state.record(self.endpoint, status, self.runtime.loop.time())
         if status >= self.plan.retry_floor and not self.upgrade and self._retryable_status(status):
             conn.exchange = None
             conn.keep_alive = False
@@ -1217,6 +1250,12 @@ class Exchange:
         self.keep_alive = False
         self._finish()
         self.down.close()
+
+    def record_in(self, runtime) -> None:
+        """ProxyRuntime.record_exchange of this exchange: its fields read as C fields."""
+        down = self.down
+        runtime.record_fields(self, down, down.ctx, self.dest, self.status, self.flags, self.t0,
+                              self.req_bytes, self.resp_bytes, self.endpoint, self.cluster)
 
     def _finish(self) -> None:
         if self.finished:

@@ -1,3 +1,6 @@
+cimport cython
+cdef class ClusterState
+
 cdef class ForwardPlan:
     cdef public object cluster
     cdef public object path
@@ -15,6 +18,7 @@ cdef class ForwardPlan:
     cdef public object retry_floor
     cdef public object abort_grpc
     cdef public object response_hook
+    cdef public ClusterState state
 
 cdef class _Attrs:
     cdef public object exchange
@@ -63,6 +67,10 @@ cdef class ClusterState:
     cdef public object retries
     cdef public object max_retries
 
+    cpdef pick(self, exchange, tried)
+    cpdef done(self, endpoint)
+    cpdef record(self, endpoint, status, now)
+
 cdef class ProxyRuntime:
     cdef public object snapshots
     cdef public object telemetry
@@ -79,6 +87,10 @@ cdef class ProxyRuntime:
     cdef public object _sweeper
     cdef public object cluster_class
     cdef public object h2_pools
+
+    @cython.locals(state=ClusterState)
+    cpdef record_fields(self, exchange, down, ctx, dest, status, flags, double t0, req_bytes, resp_bytes,
+                        endpoint, cluster)
 
 cdef class MirrorExchange:
     cdef public object runtime

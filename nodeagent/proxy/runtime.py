@@ -28,7 +28,7 @@ from policy.authz import InvalidPath, normalize_path
 
 from nodeagent.proxy import origination
 from nodeagent.proxy.context import ListenerContext, PeerInfo
-from nodeagent.proxy.http import LocalReply
+from nodeagent.proxy.http import Exchange as H1Exchange, LocalReply
 from nodeagent.proxy.response_hook import ResponseHook, preflight_reply
 from nodeagent.proxy.upstream import ClusterPool, PoolLimits, UNLIMITED
 
@@ -114,7 +114,7 @@ class ForwardPlan:
     __slots__ = (
         "cluster", "path", "authority", "request_ops", "response_ops", "timeout",
         "per_try_timeout", "retry", "delay", "abort", "mirror", "route_name", "mirror_authority",
-        "retry_floor", "abort_grpc", "response_hook",
+        "retry_floor", "abort_grpc", "response_hook", "state",
     )
 
     def __init__(self) -> None:
@@ -124,6 +124,9 @@ class ForwardPlan:
         # hash cookies, else None. ``abort`` is a fault's status, or the LocalReply answering a
         # CORS preflight after a fault delay.
         self.response_hook = None
+        # ``cluster`` again when it is a ClusterState (routing's plans; an inbound plan's
+        # application cluster is not): typed, so the exchange's picks and records are C calls.
+        self.state = None
 
     def backoff_delay(self, attempt: int, rand) -> float:
         """Seconds to wait before retrying after attempt number ``attempt`` (Envoy's back-off)."""
@@ -314,8 +317,12 @@ class ClusterState:
         only = self.only
         if only is not None:
             eid = only.id
-            if eid in self.ejected or (tried and any(e.id == eid for e in tried)):
+            if eid in self.ejected:
                 return None
+            if tried:
+                for e in tried:  # a loop, not any(generator): pick is cpdef (no closures)
+                    if e.id == eid:
+                        return None
             self.picker.request_started(eid)
             return only
         exclude = self.ejected
@@ -656,7 +663,7 @@ class ProxyRuntime:
     def _forward(self, result, attrs, entry, snapshot, ctx) -> ForwardPlan:
         src_ns = entry.src_ns
         plan = ForwardPlan()
-        plan.cluster = self.cluster(result.cluster, src_ns, snapshot, ctx)
+        plan.cluster = plan.state = self.cluster(result.cluster, src_ns, snapshot, ctx)
         plan.path = result.path.encode("latin-1") if result.path is not attrs.path and result.path != attrs.path else None
         plan.authority = result.authority.encode("latin-1") if result.authority != attrs.authority else None
         plan.request_ops = result.request_headers or None
@@ -703,17 +710,28 @@ class ProxyRuntime:
 
     # --- telemetry ----------------------------------------------------
     def record_exchange(self, exchange) -> None:
+        if type(exchange) is H1Exchange:
+            exchange.record_in(self)  # the same, with the exchange's fields read as C fields
+            return
         down = exchange.down
-        duration_ms = (time.monotonic() - exchange.t0) * 1000.0
-        self.telemetry.record_http(
-            down.ctx, exchange.dest or _NO_DESTINATION, exchange.status, exchange.flags, duration_ms,
-            exchange.req_bytes, exchange.resp_bytes,
-        )
-        endpoint = exchange.endpoint
-        if endpoint is not None and exchange.cluster is not None:
-            exchange.cluster.done(endpoint)
+        self.record_fields(exchange, down, down.ctx, exchange.dest, exchange.status, exchange.flags,
+                           exchange.t0, exchange.req_bytes, exchange.resp_bytes, exchange.endpoint,
+                           exchange.cluster)
+
+    def record_fields(self, exchange, down, ctx, dest, status, flags, t0, req_bytes, resp_bytes,
+                      endpoint, cluster) -> None:
+        """record_exchange, given the exchange's fields (metrics, LB bookkeeping, access log)."""
+        duration_ms = (time.monotonic() - t0) * 1000.0
+        self.telemetry.record_http(ctx, dest or _NO_DESTINATION, status, flags, duration_ms,
+                                   req_bytes, resp_bytes)
+        if endpoint is not None and cluster is not None:
+            if isinstance(cluster, ClusterState):
+                state = cluster  # typed in runtime.pxd: done() is a C call
+                state.done(endpoint)
+            else:
+                cluster.done(endpoint)
         if self.access_log is not None:
-            self.access_log.http(exchange, down, down.ctx.source, duration_ms)
+            self.access_log.http(exchange, down, ctx.source, duration_ms)
 
     def telemetry_local_error(self, down, status: int) -> None:
         self.telemetry.record_http(down.ctx, _NO_DESTINATION, status, "-", 0.0, 0, 0)

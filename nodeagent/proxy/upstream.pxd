@@ -5,8 +5,10 @@ cdef extern from "sys/socket.h" nogil:
 cpdef wire_write(transport, long fd, data)
 cdef Py_ssize_t _send(long fd, bytes data)
 
+cdef class ClusterPool
+
 cdef class UpstreamConnection:
-    cdef public object pool
+    cdef public ClusterPool pool
     cdef public object endpoint
     cdef public object transport
     cdef public object parser
@@ -34,3 +36,6 @@ cdef class ClusterPool:
     cdef public object _counted
     cdef public object retired
     cdef public object tcp_open
+
+    cpdef acquire(self, exchange, endpoint)
+    cpdef release(self, UpstreamConnection conn, reusable)

@@ -3,6 +3,9 @@ cimport cython
 from nodeagent.proxy.upstream cimport wire_write, UpstreamConnection, ClusterPool
 from nodeagent.proxy.requestid cimport new_request_id_line
 
+cdef dict _STATUS_LINES
+cdef dict _REASONS
+
 cdef class Exchange
 cdef class HttpDownstream
 
@@ -104,6 +107,7 @@ cdef class Exchange:
     cdef public bytes request_id
     cdef public object id_line
 
+    @cython.locals(plan=ForwardPlan)
     cpdef start(self)
     @cython.locals(pool=ClusterPool, plan=ForwardPlan, state=ClusterState, ep=UpstreamEndpoint)
     cpdef _attempt(self)

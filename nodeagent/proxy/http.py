@@ -704,11 +704,11 @@ class Exchange:
             if denied:
                 self.local_reply(LocalReply(403, "RBAC", b"RBAC: access denied"))
                 return
-        plan = self.runtime.plan(self)
-        if plan.__class__ is LocalReply:
-            self.local_reply(plan)
+        result = self.runtime.plan(self)
+        if type(result) is LocalReply:
+            self.local_reply(result)
             return
-        self.plan = plan
+        plan = self.plan = result  # typed (http.pxd): its fields are read as C fields
         if plan.timeout:
             self.timer = self.runtime.loop.call_later(plan.timeout, self._route_timeout)
         if plan.delay:

@@ -88,6 +88,8 @@ cdef class ProxyRuntime:
     cdef public object cluster_class
     cdef public object h2_pools
 
+    @cython.locals(entry=_RouteEntry, plan=ForwardPlan)
+    cpdef plan(self, exchange)
     @cython.locals(state=ClusterState)
     cpdef record_fields(self, exchange, down, ctx, dest, status, flags, double t0, req_bytes, resp_bytes,
                         endpoint, cluster)

@@ -542,7 +542,7 @@ class ProxyRuntime:
             entry = self._route_entry(routes, exchange.authority, down, snapshot)
         plan = entry.plan
         if plan is not None:
-            exchange.dest = plan.cluster.no_endpoint_labels
+            exchange.dest = plan.state.no_endpoint_labels  # state: the plan's cluster (_forward)
             return plan
         table = entry.table
         if table is None:
@@ -574,7 +574,7 @@ class ProxyRuntime:
                     entry.plan = plan
             else:
                 entry.plans[id(dest)] = False
-        exchange.dest = plan.cluster.no_endpoint_labels
+        exchange.dest = plan.state.no_endpoint_labels
         if route.cors is not None:  # never a static route (routing.is_static)
             return self._cors(exchange, route.cors, plan)
         return plan

@@ -29,7 +29,7 @@ cdef class ClusterPool:
     cdef public object key
     cdef public object limits
     cdef public object connector
-    cdef public object idle
+    cdef public dict idle
     cdef public object open
     cdef public object pending
     cdef public object loop

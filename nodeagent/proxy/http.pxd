@@ -9,8 +9,9 @@ cdef dict _REASONS
 cdef class Exchange
 cdef class HttpDownstream
 
+@cython.locals(x=Exchange)
 cpdef retire_endpoint(exchange, cluster)
-@cython.locals(ep=UpstreamEndpoint)
+@cython.locals(ep=UpstreamEndpoint, x=Exchange)
 cpdef pick_endpoint(exchange, cluster, tried, ClusterState state=*)
 
 cdef class RequestHeaders:

@@ -437,6 +437,19 @@ def retire_endpoint(exchange, cluster):
     """The start of a (re)try, for HTTP/1.1 exchanges and HTTP/2 streams: the previous
     attempt's endpoint is released (LB bookkeeping) and remembered in ``exchange.tried``;
     ``cluster`` becomes the exchange's. Returns the endpoints tried so far (None: none)."""
+    if type(exchange) is Exchange:
+        x = exchange  # the same steps, on C fields (typed in http.pxd)
+        tried = x.tried
+        previous = x.endpoint
+        if previous is not None:
+            x.cluster.done(previous)
+            x.endpoint = None
+            if tried is None:
+                tried = x.tried = [previous]
+            else:
+                tried.append(previous)
+        x.cluster = cluster
+        return tried
     tried = exchange.tried
     previous = exchange.endpoint
     if previous is not None:
@@ -456,16 +469,9 @@ def pick_endpoint(exchange, cluster, tried, state=None):
     ``cluster`` itself when it is known to be a ClusterState (ForwardPlan.state), whose picks
     and UpstreamEndpoints are then read as C calls and fields when compiled."""
     if state is not None:
-        ep = state.pick(exchange, tried)
-        if ep is None and tried:
-            ep = state.pick(exchange, None)
-        if ep is not None:
-            exchange.endpoint = ep
-            exchange.dest = ep.labels
-            exchange.upstream_host = ep.host
-            exchange.attempt += 1
-            return ep
-        endpoint = None
+        endpoint = state.pick(exchange, tried)
+        if endpoint is None and tried:
+            endpoint = state.pick(exchange, None)
     else:
         endpoint = cluster.pick(exchange, tried)
         if endpoint is None and tried:
@@ -474,10 +480,24 @@ def pick_endpoint(exchange, cluster, tried, state=None):
         exchange.dest = cluster.labels_for(None)
         exchange.local_reply(LocalReply(503, "UH", b"no healthy upstream"))
         return None
-    exchange.endpoint = endpoint
-    exchange.dest = endpoint.labels
-    exchange.upstream_host = endpoint.host
-    exchange.attempt += 1
+    if state is not None:
+        ep = endpoint  # a ClusterState picks UpstreamEndpoints
+        labels = ep.labels
+        host = ep.host
+    else:
+        labels = endpoint.labels
+        host = endpoint.host
+    if type(exchange) is Exchange:
+        x = exchange  # C fields (typed in http.pxd)
+        x.endpoint = endpoint
+        x.dest = labels
+        x.upstream_host = host
+        x.attempt += 1
+    else:
+        exchange.endpoint = endpoint
+        exchange.dest = labels
+        exchange.upstream_host = host
+        exchange.attempt += 1
     return endpoint
 
 

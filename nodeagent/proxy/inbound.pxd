@@ -1,3 +1,6 @@
+cimport cython
+from nodeagent.proxy.http cimport Exchange
+
 cdef class _AppEndpoint:
     cdef public object id
     cdef public object addr
@@ -30,7 +33,7 @@ cdef class _HttpDecision:
     cdef public object l7
     cdef public object verdict
     cdef public object conn
-    cdef public object cluster
+    cdef public AppCluster cluster
     cdef public object plan
     cdef public object memo
 
@@ -49,7 +52,10 @@ cdef class InboundPlane:
     cdef public object _contexts
     cdef public object _watch
     cdef public object _checked_version
-    cdef public object _paths
+    cdef public dict _paths
     cdef public object _verdicts_version
     cdef public object _verdict_tokens
-    cdef public object _verdicts
+    cdef public dict _verdicts
+
+    @cython.locals(x=Exchange, d=_HttpDecision, cluster=AppCluster)
+    cpdef plan(self, exchange)

@@ -46,7 +46,7 @@ from policy.peerauthn import PeerAuthenticationIndex, accepts
 
 from nodeagent.identity.spiffe import SpiffeId
 from nodeagent.proxy.context import ListenerContext, PeerInfo, PlainConnector, WorkloadIdentity
-from nodeagent.proxy.http import HttpDownstream, LocalReply, reset_transport
+from nodeagent.proxy.http import Exchange, HttpDownstream, LocalReply, reset_transport
 from nodeagent.proxy.runtime import ForwardPlan
 from nodeagent.proxy.tcp import TcpRelay, port_kind, sniff_http
 from nodeagent.proxy.upstream import ClusterPool, PoolLimits
@@ -551,18 +551,34 @@ class InboundPlane:
 
     def plan(self, exchange):
         """Per request on an inbound HTTP stream: PeerAuthentication, AuthorizationPolicy, then the app."""
-        down = exchange.down
+        if type(exchange) is Exchange:
+            x = exchange  # an HTTP/1.1 exchange: C fields (typed in inbound.pxd)
+            down = x.down
+            path = x.path
+            method = x.method
+            authority = x.authority
+            headers = x.headers
+        else:  # an HTTP/2 stream
+            x = None
+            down = exchange.down
+            path = exchange.path
+            method = exchange.method
+            authority = exchange.authority
+            headers = exchange.headers
         snapshot = self.snapshots()
         d = down.decision
         if d is None or d.version != snapshot.version:
             d = down.decision = self._decide(down, snapshot, self.policies()[1])
-        exchange.dest = d.cluster.no_endpoint_labels
+        cluster = d.cluster
+        if x is not None:
+            x.dest = cluster.no_endpoint_labels
+        else:
+            exchange.dest = cluster.no_endpoint_labels
         if d.refusal is not None:  # the policy changed under a live plaintext connection
             log.info("inbound %s: %s", down.ctx.workload.ref, d.refusal)
             reset_transport(down.transport)
             down.close()
             return LocalReply(503, "-")
-        path = exchange.path
         try:
             target_path = self._paths.get(path, _UNSEEN)  # _normalized's memo, inline: every request
             if target_path is _UNSEEN:
@@ -570,22 +586,22 @@ class InboundPlane:
             if not d.l7:
                 verdict = d.verdict
             elif d.memo is not None:
-                verdict = self._verdicts.get((d.memo, exchange.method, path, exchange.authority))
+                verdict = self._verdicts.get((d.memo, method, path, authority))
                 if verdict is None:
                     verdict = self._memo_verdict(d, exchange)
             else:
-                verdict = evaluate(d.policies, Request(d.conn, host=exchange.authority.decode("latin-1"),
-                                                       method=exchange.method.decode("latin-1"),
-                                                       path=exchange.path.decode("latin-1"),
+                verdict = evaluate(d.policies, Request(d.conn, host=authority.decode("latin-1"),
+                                                       method=method.decode("latin-1"),
+                                                       path=path.decode("latin-1"),
                                                        headers=exchange.header_map()))
         except InvalidPath:
             return LocalReply(400, "-", b"Bad Request")
         if not verdict.allowed:
             log.info("inbound %s <- %s %s denied: %s", down.ctx.workload.ref,
-                     down.peer.peer_principal or down.peer.remote[0], exchange.path.decode("latin-1"), verdict.reason)
+                     down.peer.peer_principal or down.peer.remote[0], path.decode("latin-1"), verdict.reason)
             return LocalReply(RBAC_DENIED_STATUS, RBAC_RESPONSE_FLAG, RBAC_DENIED_BODY)
         strip = False
-        for name, _ in exchange.headers:
+        for name, _ in headers:
             if len(name) == _IDENTITY_HEADER_LEN and name.lower() in _IDENTITY_HEADERS:
                 strip = True
                 break

@@ -1,18 +1,13 @@
 cimport cython
 from nodeagent.proxy.http cimport Exchange
+from nodeagent.proxy.runtime cimport ClusterState
 
-cdef class _AppEndpoint:
-    cdef public object id
-    cdef public object addr
-    cdef public object host
-    cdef public object labels
-
-cdef class AppCluster:
-    cdef public object key
-    cdef public object pool
+cdef class AppCluster(ClusterState):
     cdef public object endpoint
-    cdef public object no_endpoint_labels
-    cdef public object version
+
+    cpdef pick(self, exchange, tried)
+    cpdef done(self, endpoint)
+    cpdef record(self, endpoint, status, now)
 
 cdef class _Policies:
     cdef public object version

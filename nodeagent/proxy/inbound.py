@@ -47,9 +47,8 @@ from policy.peerauthn import PeerAuthenticationIndex, accepts
 from nodeagent.identity.spiffe import SpiffeId
 from nodeagent.proxy.context import ListenerContext, PeerInfo, PlainConnector, WorkloadIdentity
 from nodeagent.proxy.http import Exchange, HttpDownstream, LocalReply, reset_transport
-from nodeagent.proxy.runtime import ForwardPlan
+from nodeagent.proxy.runtime import ClusterState, ForwardPlan, UpstreamEndpoint
 from nodeagent.proxy.tcp import TcpRelay, port_kind, sniff_http
-from nodeagent.proxy.upstream import ClusterPool, PoolLimits
 from nodeagent.telemetry import AccessLog
 
 log = logging.getLogger(__name__)
@@ -126,25 +125,31 @@ class Admission:
     kind: str = "tcp"  # "http" | "sniff" | "tcp"
 
 
-class _AppEndpoint:
-    __slots__ = ("id", "addr", "host", "labels")
+def _app_endpoint(target: tuple[str, int], labels: tuple) -> UpstreamEndpoint:
+    """The application's one endpoint: an UpstreamEndpoint (the engine reads its fields as C
+    fields) with no cluster endpoint behind it."""
+    endpoint = UpstreamEndpoint.__new__(UpstreamEndpoint)
+    endpoint.addr = target
+    endpoint.id = endpoint.host = "%s:%d" % target
+    endpoint.labels = labels
+    endpoint.cluster_endpoint = None
+    return endpoint
 
-    def __init__(self, target: tuple[str, int], labels: tuple) -> None:
-        self.addr = target
-        self.id = self.host = "%s:%d" % target
-        self.labels = labels
 
-
-class AppCluster:
+class AppCluster(ClusterState):
     """The local application behind one (workload, target): what the engine's
-    exchanges and relays need from a cluster (pick/done/record/pool/labels)."""
+    exchanges and relays need from a cluster (pick/done/record/pool/labels).
 
-    __slots__ = ("key", "pool", "endpoint", "no_endpoint_labels", "version")
+    A ClusterState (no LB policy, no outlier detection, no service) so that an inbound plan
+    carries it as ``ForwardPlan.state``: the engine's picks, pool and outcome records of an
+    HTTP/1.1 exchange are then C calls and fields, as for a routed cluster."""
+
+    __slots__ = ("endpoint",)
 
     def __init__(self, workload: InboundWorkload, target: tuple[str, int]) -> None:
-        self.key = ClusterKey(f"inbound.{workload.name}.{workload.namespace}", None, target[1])
-        self.pool = ClusterPool(self.key, PoolLimits(), workload.connector)
-        self.endpoint = _AppEndpoint(target, ())
+        key = ClusterKey(f"inbound.{workload.name}.{workload.namespace}", None, target[1])
+        ClusterState.__init__(self, key, None, workload.connector, None)  # its pool: ClusterPool(key, ...)
+        self.endpoint = _app_endpoint(target, ())
         self.no_endpoint_labels = ()
         self.version = None
 
@@ -528,6 +533,7 @@ class InboundPlane:
         plan.mirror = None
         plan.mirror_authority = None
         plan.route_name = ""
+        plan.state = d.cluster  # a ClusterState (AppCluster): the engine's C calls and fields
         d.plan = plan
         return d
 
@@ -611,6 +617,7 @@ class InboundPlane:
         shared = d.plan
         for name in _PLAN_FIELDS:
             setattr(plan, name, getattr(shared, name))
+        plan.state = shared.state
         plan.path = target_path.encode("latin-1") if target_path is not None else None
         plan.request_ops = _STRIP_IDENTITY if strip else None
         return plan

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import signal
@@ -206,6 +207,26 @@ class ProxyProcess:
             self.proc.kill()
             self.proc.wait(5)
             raise
+
+    def access_log(self) -> list[dict]:
+        """The JSON access-log records written to stdout so far (other lines skipped)."""
+        out = []
+        for line in list(self.stdout):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def wait_access_log(self, predicate, want: int = 1, timeout: float = 3.0) -> list[dict]:
+        """The records satisfying ``predicate``, once at least ``want`` are there (polled;
+        what there is at ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [rec for rec in self.access_log() if predicate(rec)]
+            if len(found) >= want or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.02)
 
     def __enter__(self):
         return self.start()

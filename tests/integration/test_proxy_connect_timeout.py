@@ -22,7 +22,6 @@ What Envoy/Istio do and what we check from the outside:
 """
 from __future__ import annotations
 
-import json
 import select
 import socket
 import time
@@ -142,23 +141,6 @@ spec:
         hole.close()
 
 
-def log_lines(proxy, predicate, want: int = 1, timeout: float = 3.0) -> list[dict]:
-    """The access-log records satisfying ``predicate``, once at least ``want`` are there (polled)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = []
-        for line in list(proxy.stdout):
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if predicate(rec):
-                found.append(rec)
-        if len(found) >= want or time.monotonic() >= deadline:
-            return found
-        time.sleep(0.02)
-
-
 def timed_request(proxy, name: str, path: str):
     started = time.monotonic()
     status, headers, body = proxy.request(path, host=fqdn(name), timeout=15)
@@ -172,7 +154,7 @@ def test_connect_timeout_gives_503_uf_after_the_rules_timeout(env, name, timeout
     assert status == 503, body
     assert body.startswith(b"upstream connect error or disconnect/reset before headers"), body
     assert timeout - EARLY <= elapsed <= timeout + LATE, f"{name}: answered after {elapsed:.3f} s, connectTimeout {timeout} s"
-    [rec] = log_lines(proxy, lambda r: r.get("path") == f"/ct-{name}")
+    [rec] = proxy.wait_access_log(lambda r: r.get("path") == f"/ct-{name}")
     assert rec["response_code"] == 503 and rec["response_flags"] == "UF", rec
     assert rec["attempts"] == 1, rec
     assert rec["upstream_host"] == "%s:%d" % hole.address, rec
@@ -188,7 +170,7 @@ def test_default_retry_policy_retries_a_connect_timeout_twice(env):
     assert body.startswith(b"upstream connect error or disconnect/reset before headers"), body
     # three tries (the only endpoint is tried again once no other is left), each ending at its timeout
     assert 3 * (RETRIED - EARLY) <= elapsed <= 3 * RETRIED + LATE, f"answered after {elapsed:.3f} s"
-    [rec] = log_lines(proxy, lambda r: r.get("path") == "/ct-retried")
+    [rec] = proxy.wait_access_log(lambda r: r.get("path") == "/ct-retried")
     assert rec["response_flags"] == "UF" and rec["attempts"] == 3, rec
 
 
@@ -199,7 +181,7 @@ def test_a_connect_timeout_is_retried_on_the_other_endpoint(env):
     proxy, hole, good = env
     results = [timed_request(proxy, "mixed", f"/ct-mixed-{i}") for i in range(4)]
     assert [(s, h["x-instance"]) for s, h, _, _ in results] == [(200, "good")] * 4
-    recs = log_lines(proxy, lambda r: str(r.get("path", "")).startswith("/ct-mixed-"), want=4)
+    recs = proxy.wait_access_log(lambda r: str(r.get("path", "")).startswith("/ct-mixed-"), want=4)
     assert len(recs) == 4
     by_path = {r["path"]: r for r in recs}
     slow = 0
@@ -229,7 +211,7 @@ def test_tcp_relay_closes_the_client_after_the_connect_timeout(env):
         sock.close()
     assert data == b""
     assert TCP - EARLY <= elapsed <= TCP + LATE, f"closed after {elapsed:.3f} s, connectTimeout {TCP} s"
-    [rec] = log_lines(proxy, lambda r: r.get("protocol") == "TCP" and r.get("upstream_cluster") ==
+    [rec] = proxy.wait_access_log(lambda r: r.get("protocol") == "TCP" and r.get("upstream_cluster") ==
                       f"outbound|5432||{fqdn('db')}")
     assert rec["response_flags"] == "UF", rec
     assert rec["upstream_host"] == "%s:%d" % hole.address, rec
@@ -246,7 +228,7 @@ def test_client_leaving_during_the_connect_is_dc_not_uf(env):
     time.sleep(0.2)
     sock.close()
     closed = time.monotonic()
-    [rec] = log_lines(proxy, lambda r: r.get("path") == "/ct-dc", timeout=SLOW)
+    [rec] = proxy.wait_access_log(lambda r: r.get("path") == "/ct-dc", timeout=SLOW)
     assert time.monotonic() - closed < SLOW - 0.2, "logged when the client left, not at the connect timeout"
     assert rec["response_code"] == 0 and rec["response_flags"] == "DC", rec
     assert (0.2 - EARLY) * 1000 <= rec["duration"] < SLOW * 1000, rec

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import json
 import threading
-import time
 
 from tests.integration.istio_yaml import FRONTEND, destination_rule, fqdn, service, virtual_service
 from tests.integration.proxy_harness import ProxyProcess
@@ -108,19 +106,7 @@ def burst(n: int, call) -> list:
 
 def access_log(proxy: ProxyProcess, name: str, count: int) -> list[dict]:
     """The access log entries of the requests to ``name`` (waits for ``count`` of them)."""
-    deadline = time.monotonic() + 5
-    while True:
-        entries = []
-        for line in list(proxy.stdout):
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("authority") == fqdn(name):
-                entries.append(entry)
-        if len(entries) >= count or time.monotonic() > deadline:
-            return entries
-        time.sleep(0.05)
+    return proxy.wait_access_log(lambda entry: entry.get("authority") == fqdn(name), want=count, timeout=5)
 
 
 def test_max_retries_limits_retries_outstanding_to_the_cluster(tmp_path):

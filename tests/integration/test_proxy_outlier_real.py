@@ -26,7 +26,6 @@ runs every ``SWEEP_TICK`` (0.25 s) and sweeps whenever the interval is up.
 from __future__ import annotations
 
 import http.client
-import json
 import socket
 import time
 
@@ -347,22 +346,12 @@ def test_ejection_time_is_base_times_the_number_of_ejections(env, client):
     refused = {f"/grow/{i}" for i, t in enumerate(timeline) if t[3] is None}
     deadline = time.monotonic() + 3
     while True:
-        flagged = {r["path"] for r in access_log(env[0])
+        flagged = {r["path"] for r in env[0].access_log()
                    if r.get("response_flags") == "UH" and str(r.get("path")).startswith("/grow/")}
         if flagged >= refused or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert flagged == refused and refused, (len(flagged), len(refused))
-
-
-def access_log(proxy) -> list[dict]:
-    out = []
-    for line in list(proxy.stdout):
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
 
 
 def test_an_ejection_survives_an_unrelated_configuration_change(env, client):
@@ -401,7 +390,7 @@ def test_tcp_connect_failures_eject_the_endpoint_of_a_relay(env):
     def flags(me: str) -> str:
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
-            for rec in access_log(proxy):
+            for rec in proxy.access_log():
                 if rec.get("downstream_remote_address") == me:
                     return rec["response_flags"]
             time.sleep(0.02)

@@ -16,7 +16,6 @@ What is checked, as Envoy/Istio behave:
 from __future__ import annotations
 
 import http.client
-import json
 import socket
 import time
 from concurrent import futures
@@ -86,20 +85,10 @@ def get(proxy, host: str, path: str = "/", timeout: float = 10.0) -> tuple[int, 
         conn.close()
 
 
-def access_lines(proxy) -> list[dict]:
-    out = []
-    for line in list(proxy.stdout):
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
-
-
 def flags_for(proxy, authority: str, count: int) -> list[str]:
     """The response flags of the access-log lines for ``authority`` once ``count`` are there."""
     def lines():
-        return [l["response_flags"] for l in access_lines(proxy) if l.get("authority") == authority]
+        return [l["response_flags"] for l in proxy.access_log() if l.get("authority") == authority]
     wait_for(lambda: len(lines()) >= count)
     return lines()
 
@@ -410,7 +399,7 @@ def test_ca_crl_without_a_list_from_the_server_certificates_issuer_refuses_it(en
 def access_line(proxy, authority: str | None = None, protocol: str | None = None) -> dict:
     """The latest access-log line for ``authority`` (HTTP) or ``protocol`` (TCP), once there."""
     def lines():
-        return [l for l in access_lines(proxy)
+        return [l for l in proxy.access_log()
                 if (authority is None or l.get("authority") == authority)
                 and (protocol is None or l.get("protocol") == protocol)]
     assert wait_for(lambda: lines()), f"no access-log line for {authority or protocol}"
@@ -453,7 +442,7 @@ def test_a_refused_connection_has_no_transport_failure_reason(env):
 
 def test_a_tcp_relay_logs_its_tls_failure_reason(env):
     proxy, server = env["proxy"], env["up"]["tcpbad"]
-    before = len([l for l in access_lines(proxy) if l.get("protocol") == "TCP"])
+    before = len([l for l in proxy.access_log() if l.get("protocol") == "TCP"])
     with socket.create_connection(("127.0.0.1", proxy.ports[2]), timeout=5) as s:
         s.sendall(b"never sent in plaintext")
         s.settimeout(5)
@@ -464,7 +453,7 @@ def test_a_tcp_relay_logs_its_tls_failure_reason(env):
     assert_refused_without_plaintext(server)
 
     def failed_lines():
-        return [l for l in access_lines(proxy) if l.get("protocol") == "TCP"
+        return [l for l in proxy.access_log() if l.get("protocol") == "TCP"
                 and l.get("upstream_transport_failure_reason")]
     assert wait_for(lambda: failed_lines()), f"no TCP line with a failure reason after {before}"
     line = failed_lines()[-1]

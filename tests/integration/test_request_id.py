@@ -215,20 +215,9 @@ def request(proxy, host: str, path: str, headers: dict | None = None, method: st
 
 def log_line(proxy, path: str, timeout: float = 5.0) -> dict:
     """The one access-log line of the request for ``path`` (each test uses its own paths)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = []
-        for line in list(proxy.stdout):
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("path") == path:
-                found.append(rec)
-        if found or time.monotonic() >= deadline:
-            assert len(found) == 1, found
-            return found[0]
-        time.sleep(0.02)
+    found = proxy.wait_access_log(lambda rec: rec.get("path") == path, timeout=timeout)
+    assert len(found) == 1, found
+    return found[0]
 
 
 def wait_for(check, timeout: float = 5.0):
